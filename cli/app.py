@@ -29,7 +29,6 @@ def _root(
     version: bool = typer.Option(
         False,
         "--version",
-        is_flag=True,
         callback=_print_version,
         is_eager=True,
         help="Print the version and exit.",

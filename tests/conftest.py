@@ -1,0 +1,68 @@
+"""Session fixtures of the offline test world: a conda channel, a PyPI index, an S3 server.
+
+Each is real: the channel holds real conda packages (built once per set of inputs and cached),
+the index is an HTTP server over real wheels, and S3 is SeaweedFS on loopback.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixtures.conda_channel import copy_channel
+from fixtures.pypi_index import PypiIndexServer
+from fixtures.s3_server import RunningS3, launch
+from fixtures.wheels import fetch_wheels
+
+
+@dataclass(frozen=True)
+class CondaChannel:
+    path: Path
+
+    @property
+    def url(self) -> str:
+        return self.path.as_uri()
+
+
+@pytest.fixture(scope="session")
+def conda_channel(tmp_path_factory: pytest.TempPathFactory) -> CondaChannel:
+    """A private copy of the fixture channel (package files hardlinked from the cache)."""
+    return CondaChannel(copy_channel(tmp_path_factory.mktemp("conda") / "channel"))
+
+
+@pytest.fixture(scope="session")
+def pypi_index() -> Iterator[PypiIndexServer]:
+    """The fixture wheelhouse behind a PEP 691/503 index; use ``.behaving(...)`` to degrade it."""
+    server = PypiIndexServer(fetch_wheels()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS3]:
+    """SeaweedFS on loopback for the whole session; stopped (and checked) at the end."""
+    with launch(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: RunningS3) -> Iterator[str]:
+    """A fresh, empty bucket for one test, emptied and removed afterwards."""
+    client: Any = s3_server.client()
+    name = f"t-{uuid.uuid4().hex[:20]}"
+    client.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=name, Key=item["Key"])
+        client.delete_bucket(Bucket=name)
