@@ -63,7 +63,9 @@ def _venv_with_outer_deps(path: Path) -> Path:
 def test_pip_install_gives_the_three_import_names(tmp_path, editable):
     source = tmp_path / "src"
     for item in ("envmgr", "cli", "cache"):
-        shutil.copytree(ROOT / item, source / item, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / item, source / item, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
     for item in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / item, source / item)
     python = _venv_with_outer_deps(tmp_path / "venv")
@@ -82,8 +84,12 @@ def test_pip_install_gives_the_three_import_names(tmp_path, editable):
     install += ["-e", str(source)] if editable else [str(source)]
     subprocess.run(install, check=True, capture_output=True, cwd=tmp_path)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, check=False)
+    def run(*args: str, cwd: Path = tmp_path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, capture_output=True, text=True, cwd=cwd, check=False)
+
+    # From the checkout itself the source tree shadows the install: it must import the same.
+    in_checkout = run(str(python), "-c", "import envmgr.cli, envmgr.cache", cwd=source)
+    assert in_checkout.returncode == 0, in_checkout.stderr
 
     ok = run(str(python), "-c", "import envmgr, envmgr.cli, envmgr.cache; print(envmgr.__file__)")
     assert ok.returncode == 0, ok.stderr
