@@ -1,11 +1,48 @@
 """envmgr: locked, built-once, relocatable environments for workflow steps.
 
-Importing this package has no side effects: it sits on every task's start path, so it neither
-probes the host nor imports the resolvers.
+Importing this package has no side effects and stays cheap: it sits on every task's start
+path, so the public names below are loaded on first use.
 """
 
-from envmgr.errors import EnvmgrError
+from __future__ import annotations
 
-__all__ = ["EnvmgrError", "__version__"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from envmgr.errors import EnvmgrError, SpecError
+
+if TYPE_CHECKING:
+    from envmgr.decorators import conda, conda_base, pypi, pypi_base
+    from envmgr.discover import discover
+    from envmgr.spec import EnvSpec
+
+__all__ = [
+    "EnvSpec",
+    "EnvmgrError",
+    "SpecError",
+    "__version__",
+    "conda",
+    "conda_base",
+    "discover",
+    "pypi",
+    "pypi_base",
+]
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "conda": "envmgr.decorators",
+    "conda_base": "envmgr.decorators",
+    "pypi": "envmgr.decorators",
+    "pypi_base": "envmgr.decorators",
+    "discover": "envmgr.discover",
+    "EnvSpec": "envmgr.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'envmgr' has no attribute {name!r}")

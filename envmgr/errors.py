@@ -7,7 +7,10 @@ and what to do next.
 
 from __future__ import annotations
 
-__all__ = ["EnvmgrError"]
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["EnvmgrError", "Problem", "SpecError"]
 
 
 class EnvmgrError(Exception):
@@ -28,3 +31,33 @@ class EnvmgrError(Exception):
         if self.hint:
             return f"{self.message} ({self.hint})"
         return self.message
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Problem:
+    """One thing wrong in an input: where (a step, or a file and line), which key, what."""
+
+    where: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.key}: {self.message}"
+
+
+class SpecError(EnvmgrError):
+    """An environment spec (decorators, environment.yml, requirements.txt, ...) is invalid.
+
+    Carries every problem found in the input, not just the first, in ``problems``.
+    """
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[Problem], *, hint: str | None = None) -> None:
+        self.problems = tuple(problems)
+        if len(self.problems) == 1:
+            message = f"invalid environment spec: {self.problems[0]}"
+        else:
+            lines = "".join(f"\n  {problem}" for problem in self.problems)
+            message = f"{len(self.problems)} problems in environment specs:{lines}"
+        super().__init__(message, hint=hint)
