@@ -13,7 +13,7 @@ from envmgr.errors import EnvmgrError, SpecError
 
 if TYPE_CHECKING:
     from envmgr.decorators import conda, conda_base, pypi, pypi_base
-    from envmgr.discover import discover
+    from envmgr.discovery import discover
     from envmgr.spec import EnvSpec
 
 __all__ = [
@@ -35,7 +35,7 @@ _LAZY = {
     "conda_base": "envmgr.decorators",
     "pypi": "envmgr.decorators",
     "pypi_base": "envmgr.decorators",
-    "discover": "envmgr.discover",
+    "discover": "envmgr.discovery",
     "EnvSpec": "envmgr.spec",
 }
 

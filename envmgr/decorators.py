@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args
 from envmgr.errors import Problem, SpecError
 from envmgr.platforms import PLATFORMS, is_platform
 from envmgr.spec import (
+    CONDA_NAME,
     CondaDep,
     EnvSpec,
     PypiDep,
@@ -209,6 +210,14 @@ class _Layer:
             seen: dict[str, str] = {}
             for argument, name, version in self.conda_packages():
                 key = f"{argument}[{name!r}]"
+                bare = name.rpartition("::")[2].strip()
+                if bare and not CONDA_NAME.match(bare):
+                    self.bad(
+                        key,
+                        f"{bare!r} is not a conda package name (letters, digits, "
+                        "'_', '-', '.', '+'); put versions in the value",
+                    )
+                    continue
                 try:
                     dep = CondaDep.parse(_conda_text(name, version))
                 except ValueError as exc:

@@ -66,6 +66,9 @@ _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)*$")
 _URL_SCHEMES = ("http", "https", "file", "s3")
 _BARE_VERSION = re.compile(r"^\d+(\.\d+)*$")
 _VIRTUAL_NAME = re.compile(r"^__[a-z][a-z0-9_]*$")
+_VIRTUAL_VERSION = re.compile(r"^\d+(\.[0-9A-Za-z_]+)*$")
+#: A conda package name as a dict key (``libraries={"name": ...}``), without the channel.
+CONDA_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
 
 
 def _rattler() -> Any:
@@ -125,20 +128,26 @@ def parse_python(text: str) -> str:
     canonical = str(spec)
     if not canonical.startswith("python ") or spec.channel is not None:
         raise ValueError(f"bad python version {text!r}: give a version spec, not a package spec")
-    return canonical[len("python ") :]
+    version = str(spec.version) if spec.version is not None else ""
+    return canonical[len("python ") :].replace(version, _sorted_conjunction(version), 1)
 
 
 def parse_system_package(name: str, version: str) -> tuple[str, str]:
     """Validate a system (virtual) package such as ``("__cuda", "12.1")``."""
     if not _VIRTUAL_NAME.match(name):
         raise ValueError(f"system package {name!r} must be a virtual package name like '__cuda'")
-    try:
-        _rattler().Version(version.strip())
-    except Exception as exc:
+    if not _VIRTUAL_VERSION.match(version.strip()):
         raise ValueError(
-            f"bad version {version!r} for system package {name!r}: {_first_line(exc)}"
-        ) from None
+            f"bad version {version!r} for system package {name!r}: use digits and dots, like '12.1'"
+        )
     return name, version.strip()
+
+
+def _sorted_conjunction(version: str) -> str:
+    """``<2,>=1.26`` and ``>=1.26,<2`` mean the same: spell a plain conjunction one way."""
+    if "," in version and not any(c in version for c in "|()"):
+        return ",".join(sorted(version.split(",")))
+    return version
 
 
 def _first_line(exc: BaseException) -> str:
@@ -184,7 +193,10 @@ class CondaDep:
         name = spec.name.normalized if spec.name is not None else ""
         if not name:
             raise ValueError(f"no package name in {text!r}")
-        return cls(name=name, spec=str(spec), channel=channel)
+        canonical = str(spec)
+        version = str(spec.version) if spec.version is not None else ""
+        canonical = canonical.replace(version, _sorted_conjunction(version), 1)
+        return cls(name=name, spec=canonical, channel=channel)
 
     def __str__(self) -> str:
         return self.spec

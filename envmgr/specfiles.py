@@ -96,19 +96,19 @@ def _read_requirement_lines(
 ) -> None:
     for number, line in lines:
         where = f"{where_file}:{number}"
-        try:
-            tokens = shlex.split(line, posix=True)
-        except ValueError as exc:
-            acc.bad(where, line, f"cannot split the line: {exc}")
-            continue
-        head = tokens[0]
-        if head.startswith("-"):
+        if line.startswith("-"):
+            try:
+                tokens = shlex.split(line, posix=True)
+            except ValueError as exc:
+                acc.bad(where, line, f"cannot split the line: {exc}")
+                continue
             _read_option(tokens, where, base_dir, acc, constraint=constraint, seen=seen)
             continue
-        split = next((i for i, t in enumerate(tokens) if t.startswith("--")), len(tokens))
-        requirement = " ".join(tokens[:split])
+        # Not shlex: quotes inside markers are part of the requirement.
+        requirement, *option_parts = re.split(r"\s+(?=--)", line)
+        options = " ".join(option_parts).replace("--hash ", "--hash=").split()
         hashes: list[str] = []
-        for option in tokens[split:]:
+        for option in options:
             if option.startswith("--hash="):
                 hashes.append(option.split("=", 1)[1])
             else:

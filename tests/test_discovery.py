@@ -1,0 +1,186 @@
+"""envmgr.discover reads every step's merged spec from a flow file without running it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import envmgr
+from envmgr.decorators import ATTRIBUTE
+from envmgr.discovery import discover_source
+from envmgr.errors import SpecError
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOW = ROOT / "fixtures" / "flows" / "envflow.py"
+
+_DISCOVER = """
+import json, sys
+{block}
+import envmgr
+specs = envmgr.discover(sys.argv[1])
+print(json.dumps({{k: v.to_dict() for k, v in specs.items()}}, sort_keys=True))
+"""
+
+
+def _discover_in_subprocess(block: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _DISCOVER.format(block=block), str(FLOW)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    return json.loads(out.stdout)
+
+
+def test_flow_with_base_and_conda_pypi_mixed_steps():
+    specs = envmgr.discover(FLOW)
+    assert sorted(specs) == ["end", "fetch", "prepare", "report", "start"]
+    kinds = {name: spec.kind for name, spec in specs.items()}
+    assert kinds == {
+        "start": "conda",
+        "prepare": "conda",
+        "fetch": "mixed",
+        "report": "mixed",
+        "end": "conda",
+    }
+    assert all(spec.python == "3.11.*" for spec in specs.values())
+    assert [str(d) for d in specs["prepare"].conda] == ["numpy 1.26.*", "python-dateutil 2.9.*"]
+    assert [str(d) for d in specs["fetch"].conda] == ["numpy <2,>=1.26"]
+    assert [str(d) for d in specs["fetch"].pypi] == ["requests[socks]>=2.31", "six==1.17.0"]
+    assert [str(d) for d in specs["report"].conda] == ["numpy <2,>=1.26", "tabulate 0.9.*"]
+    assert [str(d) for d in specs["report"].pypi] == ["colorama"]
+    assert specs["start"].spec_id == specs["end"].spec_id
+
+
+def test_same_specs_with_and_without_metaflow_installed():
+    assert importlib.util.find_spec("metaflow") is not None  # the test extra installs it
+    with_metaflow = _discover_in_subprocess("import metaflow")
+    # A None entry in sys.modules makes every `import metaflow` fail, as if not installed.
+    without = _discover_in_subprocess("sys.modules['metaflow'] = None")
+    assert with_metaflow == without
+    assert with_metaflow == {k: v.to_dict() for k, v in envmgr.discover(FLOW).items()}
+
+
+def test_example_flow_is_a_real_metaflow_flow(tmp_path):
+    env = {**os.environ, "USER": "envmgr-test", "METAFLOW_HOME": str(tmp_path)}
+    shown = subprocess.run(
+        [sys.executable, str(FLOW), "--environment=conda", "show"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "Step report" in shown.stdout + shown.stderr
+
+
+def test_plain_module_of_decorated_functions():
+    path = ROOT / "fixtures" / "flows" / "plain_steps.py"
+    specs = envmgr.discover(path)
+    assert sorted(specs) == ["parse", "summarize"]
+    assert specs["summarize"].kind == "conda" and specs["parse"].kind == "pypi"
+
+    from fixtures.flows import plain_steps
+
+    # The decorators attach the spec and change nothing else.
+    assert plain_steps.summarize([1, 2]) == 2 and plain_steps.parse(" x ") == "x"
+    assert plain_steps.summarize.__name__ == "summarize"
+    assert [c.kind for c in getattr(plain_steps.parse, ATTRIBUTE)] == ["pypi"]
+    assert not hasattr(plain_steps.helper, ATTRIBUTE)
+
+
+def test_runtime_decorators_on_classes_methods_and_bare_use():
+    @envmgr.conda_base(python="3.11")
+    class Flow:
+        @envmgr.conda
+        def step_a(self):
+            return "a"
+
+    assert Flow().step_a() == "a"
+    assert getattr(Flow, ATTRIBUTE)[0].kwargs == {"python": "3.11"}
+    assert getattr(Flow.step_a, ATTRIBUTE)[0].kwargs == {}
+    with pytest.raises(TypeError):
+        envmgr.pypi("not-a-function")
+
+
+def test_aliases_constants_and_dict_calls():
+    source = """
+import metaflow as mf
+from envmgr import pypi as pip_deps
+BASE = {"numpy": "1.26.*"}
+CHANNELS = ["conda-forge", "pytorch"]
+
+@mf.conda_base(libraries=BASE, channels=CHANNELS)
+class F(mf.FlowSpec):
+    @mf.step
+    def start(self):
+        pass
+
+    @pip_deps(packages=dict(requests=">=2"))
+    @mf.step
+    def fetch(self):
+        pass
+"""
+    specs = discover_source(source, "f.py")
+    assert specs["start"].channels == ("conda-forge", "pytorch")
+    assert [str(d) for d in specs["fetch"].pypi] == ["requests>=2"]
+
+
+def test_unrelated_decorators_are_not_steps():
+    source = """
+from functools import cache
+def conda(**kw):
+    return lambda f: f
+
+@conda(libraries={"x": "1"})
+def not_ours():
+    pass
+
+@cache
+def other():
+    pass
+"""
+    assert discover_source(source, "f.py") == {}
+
+
+def test_every_problem_of_a_flow_file_at_once():
+    source = """
+from metaflow import FlowSpec, step, conda, pypi, conda_base
+import os
+
+@conda_base(python=os.environ["PY"])
+class F(FlowSpec):
+    @conda(libraries={"numpy": ">>1"})
+    @conda(libraries={"pandas": ""})
+    @step
+    def start(self):
+        pass
+
+    @pypi(packages={"requests": 2})
+    @step
+    def end(self):
+        pass
+"""
+    with pytest.raises(SpecError) as info:
+        discover_source(source, "flow.py")
+    text = str(info.value)
+    assert "line 5: not a literal" in text and "@conda_base python" in text
+    assert "step 'start': @conda: given twice" in text
+    assert "step 'end': @pypi packages['requests']" in text
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read flow file"):
+        envmgr.discover(tmp_path / "missing.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def broken(:\n")
+    with pytest.raises(SpecError, match=r"bad.py:1.*not valid Python"):
+        envmgr.discover(bad)
