@@ -4,8 +4,32 @@ This folder installs as ``envmgr.cache`` only. Importing it under its folder nam
 cache`` from a checkout) is refused, so nothing ever depends on a generic top-level ``cache``.
 """
 
+from __future__ import annotations
+
 if __name__ != "envmgr.cache":
     raise ImportError(
         f"the package {__name__!r} is envmgr's store layer: import it as 'envmgr.cache'",
         name=__name__,
+    )
+
+from urllib.parse import urlsplit  # noqa: E402 - after the guard above
+
+from envmgr.cache.store import Store, StoreError  # noqa: E402
+
+__all__ = ["Store", "StoreError", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """The store named by *url*: ``file:///path`` or a plain path (S3 arrives with the store
+    issue). Raises ``StoreError`` for other schemes."""
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file"):
+        from pathlib import Path  # noqa: PLC0415
+
+        from envmgr.cache.local import LocalStore  # noqa: PLC0415
+
+        path = parts.path if parts.scheme == "file" else url
+        return LocalStore(Path(path))
+    raise StoreError(
+        url, "-", f"unsupported store URL scheme {parts.scheme!r}", hint="use file:///path"
     )

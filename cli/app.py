@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 import typer
 
 from envmgr import __version__
+from envmgr.cli._common import STATE
+from envmgr.cli.resolve import resolve
 from envmgr.errors import EnvmgrError
 
 __all__ = ["app", "main"]
@@ -33,8 +38,17 @@ def _root(
         is_eager=True,
         help="Print the version and exit.",
     ),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More detail; tracebacks on errors."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ) -> None:
     """Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps."""
+    STATE.verbose = verbose
+    STATE.quiet = quiet
+
+
+app.command()(resolve)
 
 
 def main() -> None:
@@ -43,5 +57,10 @@ def main() -> None:
         # Standalone mode: usage errors print one line and exit 2; our errors pass through.
         app()
     except EnvmgrError as exc:
+        if STATE.verbose:
+            traceback.print_exc()
+            explanation = getattr(exc, "explanation", "")
+            if explanation:
+                print(explanation, file=sys.stderr)
         typer.echo(f"envmgr: error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None

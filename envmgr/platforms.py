@@ -1,17 +1,121 @@
-"""Target platforms: the closed set of conda subdirs envmgr locks and builds for."""
+"""Target platforms and the virtual packages a solve for each one assumes.
+
+A lock is made for a *target*, not for the host: :func:`virtual_packages` gives the default
+virtual packages of each platform (``__unix``/``__linux`` with ``__glibc`` 2.28, ``__osx``,
+``__win``, ``__archspec``), then applies the spec's system packages, ``--cuda`` and
+``CONDA_OVERRIDE_*`` variables. The host's detected packages are used only when the target is
+the host, and then only for ``__cuda``: ``__glibc``, ``__linux`` and ``__osx`` keep portable
+defaults unless overridden, so a lock made on a new laptop still installs on older workers.
+"""
 
 from __future__ import annotations
 
+import os
+import platform as _platform
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal, TypeGuard, get_args
 
-__all__ = ["PLATFORMS", "Platform", "is_platform"]
+__all__ = [
+    "DEFAULT_GLIBC",
+    "PLATFORMS",
+    "Platform",
+    "VirtualPackage",
+    "host_platform",
+    "is_platform",
+    "virtual_packages",
+]
 
 Platform = Literal["linux-64", "linux-aarch64", "osx-64", "osx-arm64", "win-64"]
 
 #: Every supported target, in a stable order.
 PLATFORMS: tuple[Platform, ...] = get_args(Platform)
 
+#: The glibc a linux lock assumes unless told otherwise (manylinux_2_28, RHEL 8 and newer).
+DEFAULT_GLIBC = "2.28"
+
+_ARCH: Mapping[Platform, str] = {
+    "linux-64": "x86_64",
+    "linux-aarch64": "aarch64",
+    "osx-64": "x86_64",
+    "osx-arm64": "arm64",
+    "win-64": "x86_64",
+}
+_DEFAULT_OSX: Mapping[Platform, str] = {"osx-64": "10.15", "osx-arm64": "11.0"}
+_LINUX_KERNEL = "5.10"
+
 
 def is_platform(value: object) -> TypeGuard[Platform]:
     """True when *value* names a supported target platform."""
     return isinstance(value, str) and value in PLATFORMS
+
+
+def host_platform() -> Platform:
+    """The conda subdir of this machine; raises ``ValueError`` on an unsupported one."""
+    machine = _platform.machine().lower()
+    arches = {
+        "linux": {"x86_64": "64", "amd64": "64", "aarch64": "aarch64", "arm64": "aarch64"},
+        "osx": {"x86_64": "64", "arm64": "arm64", "aarch64": "arm64"},
+        "win": {"amd64": "64", "x86_64": "64"},
+    }
+    name = {"linux": "linux", "darwin": "osx", "win32": "win"}.get(sys.platform, "")
+    candidate = f"{name}-{arches.get(name, {}).get(machine, machine)}"
+    if not is_platform(candidate):
+        raise ValueError(f"this host ({sys.platform}, {machine}) is not a supported platform")
+    return candidate
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, order=True)
+class VirtualPackage:
+    """A virtual package the solver assumes present: ``__glibc 2.28 0``."""
+
+    name: str
+    version: str
+    build: str = "0"
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.version}={self.build}"
+
+
+def virtual_packages(
+    target: Platform,
+    *,
+    system: Mapping[str, str] | None = None,
+    cuda: str | None = None,
+    env: Mapping[str, str] | None = None,
+    host: Mapping[str, str] | None = None,
+) -> tuple[VirtualPackage, ...]:
+    """The virtual packages to solve *target* with, sorted by name.
+
+    Precedence, lowest first: the platform defaults; *host* (detected versions by name, given
+    only when the target is the host); ``CONDA_OVERRIDE_<NAME>`` in *env*; the spec's *system*
+    packages; *cuda* (the ``--cuda`` flag). An empty override value removes the package, as
+    conda does. Only ``__cuda`` is taken from *host*: see the module docstring.
+    """
+    env = os.environ if env is None else env
+    os_name = target.split("-")[0]
+    found: dict[str, str] = {}
+    if os_name in ("linux", "osx"):
+        found["__unix"] = "0"
+    if os_name == "linux":
+        found["__linux"] = _LINUX_KERNEL
+        found["__glibc"] = DEFAULT_GLIBC
+    elif os_name == "osx":
+        found["__osx"] = _DEFAULT_OSX[target]
+    else:
+        found["__win"] = "0"
+    # From the host only __cuda: the others would tie the lock to this machine's glibc,
+    # kernel or macOS release, and older workers could not install it.
+    if host and "__cuda" in host:
+        found["__cuda"] = host["__cuda"]
+    for name in ("__glibc", "__cuda", "__osx", "__linux"):
+        override = env.get(f"CONDA_OVERRIDE_{name[2:].upper()}")
+        if override is not None:
+            found[name] = override
+    found.update(system or {})
+    if cuda is not None:
+        found["__cuda"] = cuda
+    packages = [VirtualPackage(name=n, version=v) for n, v in found.items() if v.strip()]
+    packages.append(VirtualPackage(name="__archspec", version="1", build=_ARCH[target]))
+    return tuple(sorted(packages))

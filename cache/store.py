@@ -1,0 +1,58 @@
+"""The ``Store`` interface: a flat key space of immutable-once-published objects.
+
+Keys are ``/``-separated relative paths (see :mod:`envmgr.cache.layout`). Writes are atomic:
+readers see a whole object or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from envmgr.errors import EnvmgrError
+
+__all__ = ["Store", "StoreError", "check_key"]
+
+
+class StoreError(EnvmgrError):
+    """A store could not be reached, read or written; names the store URL and the key."""
+
+    def __init__(self, url: str, key: str, cause: str, *, hint: str | None = None) -> None:
+        super().__init__(f"store {url}: {key}: {cause}", hint=hint)
+        self.url = url
+        self.key = key
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the store root (absolute, ``..``, empty parts)."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid store key {key!r}")
+    return key
+
+
+class Store(Protocol):
+    """What envmgr needs from a store; a local directory and S3 implement it."""
+
+    @property
+    def url(self) -> str:
+        """The store's URL (``file:///…`` or ``s3://bucket/prefix``), without credentials."""
+        ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None`` when it does not exist."""
+        ...
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write the object atomically, replacing any previous version."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; absent objects are fine."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under *prefix* (a ``/``-terminated folder or a key prefix), sorted."""
+        ...

@@ -1,0 +1,192 @@
+"""Resolve specs into locks, through the resolution cache in the store.
+
+:func:`resolve_specs` takes ``{step: EnvSpec}`` (a flow, or one spec under a name), groups
+steps with equal specs, and for each distinct spec and target platform either reads the cached
+lock (``locks/<spec_id>/<platform>.json``) or solves, all platforms and specs concurrently.
+
+The ``spec_id`` used as the cache key is that of the *effective* spec: the channels it will be
+solved against are filled in (the spec's, else the configured defaults). A cached entry is used
+only if it was solved with the same virtual packages; ``force`` re-solves; ``check`` re-solves
+without writing and reports which locks drifted from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from envmgr.cache import Store
+from envmgr.cache.layout import lock_key
+from envmgr.errors import EnvmgrError
+from envmgr.lock import LockError, PlatformLock, dumps
+from envmgr.platforms import Platform, host_platform, virtual_packages
+from envmgr.resolvers.conda import CondaTarget, make_gateway, solve
+from envmgr.spec import EnvSpec
+
+__all__ = ["ResolveOptions", "Resolved", "resolve_specs"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResolveOptions:
+    """How to resolve: targets, channel defaults, cache behaviour. Travels down the layers."""
+
+    store: Store
+    cache_dir: Path
+    platforms: tuple[Platform, ...] = ()  # overrides the specs' platforms when given
+    default_channels: tuple[str, ...] = ("conda-forge",)
+    cuda: str | None = None
+    force: bool = False
+    check: bool = False
+    steps_are_steps: bool = True  # False: the names are inputs (a file, "command line")
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resolved:
+    """One (spec, platform) result: which steps share it, its lock, and how it was obtained."""
+
+    steps: tuple[str, ...]
+    spec: EnvSpec
+    platform: Platform
+    lock: PlatformLock
+    cached: bool
+    seconds: float
+    drifted: bool = False  # check mode: the fresh lock differs from the cached one
+
+    @property
+    def spec_id(self) -> str:
+        return self.spec.spec_id
+
+
+def _effective(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
+    return replace(spec, channels=spec.channels or options.default_channels)
+
+
+def _targets(spec: EnvSpec, options: ResolveOptions) -> tuple[Platform, ...]:
+    return options.platforms or spec.platforms or (host_platform(),)
+
+
+def _host_virtuals() -> dict[str, str]:
+    import rattler  # noqa: PLC0415
+
+    detected = {}
+    for package in rattler.VirtualPackage.detect():
+        generic = package.into_generic()
+        detected[generic.name.normalized] = str(generic.version)
+    return detected
+
+
+def _cached(
+    store: Store, spec_id: str, platform: Platform, vps: tuple[str, ...]
+) -> PlatformLock | None:
+    key = lock_key(spec_id, platform)
+    raw = store.get(key)
+    if raw is None:
+        return None
+    import json  # noqa: PLC0415
+
+    try:
+        lock = PlatformLock.from_dict(json.loads(raw), where=f"{store.url}/{key}")
+    except (LockError, ValueError):
+        return None  # a damaged entry is re-solved and replaced
+    return lock if lock.virtual_packages == vps else None
+
+
+def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list[Resolved]:
+    """Locks for every distinct spec in *specs* and each of its target platforms.
+
+    Raises ``EnvmgrError`` subclasses: ``SolveError`` (unsatisfiable, unknown package,
+    unreachable channel) naming the steps, or an error for specs that need PyPI resolution.
+    Results come in the order of *specs* (by first step), then by platform.
+    """
+    groups: dict[str, tuple[EnvSpec, list[str]]] = {}
+    for step, spec in specs.items():
+        effective = _effective(spec, options)
+        groups.setdefault(effective.spec_id, (effective, []))[1].append(step)
+    for effective, steps in groups.values():
+        if effective.pypi or effective.pypi_constraints:
+            names = ", ".join(d.name for d in effective.pypi)
+            label = f"step {steps[0]!r}" if options.steps_are_steps else steps[0]
+            raise EnvmgrError(
+                f"{label}: PyPI packages ({names}) cannot be locked yet: envmgr's "
+                "PyPI resolver is not built",
+                hint="lock the conda part only for now",
+            )
+    host = host_platform()
+    host_vps: dict[str, str] | None = None
+    jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]] = []
+    for effective, steps in groups.values():
+        for platform in _targets(effective, options):
+            if platform == host and host_vps is None:
+                host_vps = _host_virtuals()
+            vps = virtual_packages(
+                platform,
+                system=dict(effective.system),
+                cuda=options.cuda,
+                env=options.env,
+                host=host_vps if platform == host else None,
+            )
+            target = CondaTarget(
+                platform=platform, channels=effective.channels, virtual_packages=vps
+            )
+            jobs.append((effective, tuple(steps), target))
+    results = asyncio.run(_run(jobs, options))
+    order = {step: i for i, step in enumerate(specs)}
+    return sorted(results, key=lambda r: (order[r.steps[0]], r.platform))
+
+
+async def _run(
+    jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]], options: ResolveOptions
+) -> list[Resolved]:
+    gateway = make_gateway(options.cache_dir / "repodata")
+    tasks = [_one(spec, steps, target, gateway, options) for spec, steps, target in jobs]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        first = next((e for e in errors if isinstance(e, EnvmgrError)), errors[0])
+        raise first
+    return [o for o in outcomes if isinstance(o, Resolved)]
+
+
+async def _one(
+    spec: EnvSpec,
+    steps: tuple[str, ...],
+    target: CondaTarget,
+    gateway: Any,
+    options: ResolveOptions,
+) -> Resolved:
+    start = time.monotonic()
+    vps = tuple(str(v) for v in target.virtual_packages)
+    cached = _cached(options.store, spec.spec_id, target.platform, vps)
+    if cached is not None and not options.force and not options.check:
+        return Resolved(
+            steps=steps,
+            spec=spec,
+            platform=target.platform,
+            lock=cached,
+            cached=True,
+            seconds=time.monotonic() - start,
+        )
+    where = (
+        ("step " + ", ".join(repr(s) for s in steps))
+        if options.steps_are_steps
+        else ", ".join(steps)
+    )
+    lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
+    drifted = options.check and (cached is None or cached.env_id != lock.env_id)
+    if not options.check:
+        options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
+    return Resolved(
+        steps=steps,
+        spec=spec,
+        platform=target.platform,
+        lock=lock,
+        cached=False,
+        seconds=time.monotonic() - start,
+        drifted=drifted,
+    )
