@@ -12,9 +12,9 @@ if __name__ != "envmgr.cache":
         name=__name__,
     )
 
-from urllib.parse import urlsplit  # noqa: E402 - after the guard above
+from urllib.parse import urlsplit
 
-from envmgr.cache.store import Store, StoreError  # noqa: E402
+from envmgr.cache.store import Store, StoreError
 
 __all__ = ["Store", "StoreError", "open_store"]
 

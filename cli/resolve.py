@@ -12,11 +12,11 @@ from envmgr import __version__
 from envmgr.cache import open_store
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.config import cache_dir, default_channels, default_store_url
-from envmgr.errors import Problem, SpecError
 from envmgr.discovery import discover
+from envmgr.errors import Problem, SpecError
 from envmgr.lock import Lock, write_conda_lock
 from envmgr.platforms import PLATFORMS, Platform, is_platform
-from envmgr.resolution import ResolveOptions, Resolved, resolve_specs
+from envmgr.resolution import Resolved, ResolveOptions, resolve_specs
 from envmgr.spec import CondaDep, EnvSpec, merge, parse_python
 from envmgr.specfiles import read_spec_file
 

@@ -153,12 +153,12 @@ class PlatformLock:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "lock") -> PlatformLock:
         """Read :meth:`to_dict` output; raises ``LockError`` if it is not that."""
+        if data.get("format") != LOCK_FORMAT:
+            raise LockError(f"{where}: lock format {data.get('format')!r}, want {LOCK_FORMAT}")
+        platform = data.get("platform")
+        if not is_platform(platform):
+            raise LockError(f"{where}: unknown platform {platform!r}")
         try:
-            if data.get("format") != LOCK_FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, want {LOCK_FORMAT}")
-            platform = data["platform"]
-            if not is_platform(platform):
-                raise ValueError(f"unknown platform {platform!r}")
             lock = cls(
                 platform=platform,
                 packages=tuple(LockedPackage.from_dict(p) for p in data["packages"]),

@@ -13,6 +13,7 @@ without writing and reports which locks drifted from the cache.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Mapping
@@ -146,9 +147,16 @@ async def _run(
     gateway = make_gateway(options.cache_dir / "repodata")
     tasks = [_one(spec, steps, target, gateway, options) for spec, steps, target in jobs]
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    del tasks, gateway
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     if errors:
         first = next((e for e in errors if isinstance(e, EnvmgrError)), errors[0])
+        # The tracebacks hold frames that hold the gateway; py-rattler's runtime must be gone
+        # before the interpreter shuts down, or it may crash on exit.
+        for error in errors:
+            error.__traceback__ = None
+        del errors, outcomes
+        gc.collect()
         raise first
     return [o for o in outcomes if isinstance(o, Resolved)]
 

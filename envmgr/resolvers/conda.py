@@ -39,7 +39,7 @@ _TREE = re.compile(r"^[\s│├└─]+")
 class SolveError(EnvmgrError):
     """The solver could not produce a lock; ``explanation`` has the solver's full text."""
 
-    def __init__(self, message: str, *, explanation: str = "", hint: str | None = None):
+    def __init__(self, message: str, *, explanation: str = "", hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.explanation = explanation
 
