@@ -17,7 +17,7 @@ from envmgr.errors import Problem, SpecError
 from envmgr.lock import Lock, write_conda_lock
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.resolution import Resolved, ResolveOptions, resolve_specs
-from envmgr.spec import CondaDep, EnvSpec, merge, parse_python
+from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
 from envmgr.specfiles import read_spec_file
 
 __all__ = ["resolve"]
@@ -33,7 +33,9 @@ def _platforms(values: list[str]) -> tuple[Platform, ...]:
     return tuple(out)
 
 
-def _single_spec(files: list[Path], conda: list[str], python: str | None) -> EnvSpec:
+def _single_spec(
+    files: list[Path], conda: list[str], pypi: list[str], python: str | None
+) -> EnvSpec:
     spec = EnvSpec()
     for path in files:
         spec = merge(spec, read_spec_file(path))
@@ -51,6 +53,12 @@ def _single_spec(files: list[Path], conda: list[str], python: str | None) -> Env
             python = python or dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
             continue
         deps.append(dep)
+    pypi_deps: list[PypiDep] = []
+    for text in pypi:
+        try:
+            pypi_deps.append(PypiDep.parse(text))
+        except ValueError as exc:
+            problems.append(Problem(where="command line", key=f"--pypi {text!r}", message=str(exc)))
     parsed_python = None
     if python:
         try:
@@ -59,7 +67,7 @@ def _single_spec(files: list[Path], conda: list[str], python: str | None) -> Env
             problems.append(Problem(where="command line", key="--python", message=str(exc)))
     if problems:
         raise SpecError(problems)
-    return merge(spec, EnvSpec(python=parsed_python, conda=tuple(deps)))
+    return merge(spec, EnvSpec(python=parsed_python, conda=tuple(deps), pypi=tuple(pypi_deps)))
 
 
 def _write_lockfile(path: Path, results: list[Resolved], sources: list[str]) -> None:
@@ -81,6 +89,7 @@ def resolve(
         [], "-r", "--requirements", help="requirements.txt (repeatable)"
     ),
     conda: list[str] = typer.Option([], "--conda", help="A conda match spec (repeatable)."),
+    pypi: list[str] = typer.Option([], "--pypi", help="A PEP 508 requirement (repeatable)."),
     python: str | None = typer.Option(None, "--python", help="Python version, e.g. 3.11"),
     platform: list[str] = typer.Option([], "--platform", help="Target platform (repeatable)."),
     channel: list[str] = typer.Option(
@@ -96,6 +105,12 @@ def resolve(
     lock_dir: Path | None = typer.Option(
         None, "--lock-dir", help="Write <step>.conda-lock.yml per step of a flow."
     ),
+    index_url: str | None = typer.Option(
+        None, "--index-url", help="PyPI index (default: pip's configured index)."
+    ),
+    extra_index_url: list[str] = typer.Option(
+        [], "--extra-index-url", help="Another PyPI index (repeatable)."
+    ),
     store: str | None = typer.Option(
         None, "--store", help="Store URL (default ENVMGR_STORE or the local store)."
     ),
@@ -107,10 +122,17 @@ def resolve(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
 ) -> None:
     """Resolve specs into locks for each target platform; unchanged specs come from the cache."""
-    if flow is not None and (env_file or requirements or conda or python):
-        fail("give a flow file or -f/-r/--conda/--python, not both")
-    if flow is None and not (env_file or requirements or conda or python):
-        fail("nothing to resolve: give a flow file, -f, -r, --conda or --python")
+    singles = env_file or requirements or conda or pypi or python
+    if flow is not None and singles:
+        fail("give a flow file or -f/-r/--conda/--pypi/--python, not both")
+    if flow is None and not singles:
+        fail("nothing to resolve: give a flow file, -f, -r, --conda, --pypi or --python")
+    try:
+        indexes = [
+            parse_index_url(u) for u in ([index_url] if index_url else []) + list(extra_index_url)
+        ]
+    except ValueError as exc:
+        fail(str(exc))
     if lockfile is not None and lock_dir is not None:
         fail("give -o/--lockfile or --lock-dir, not both")
     if flow is not None:
@@ -121,7 +143,7 @@ def resolve(
     else:
         files = [*env_file, *requirements]
         name = files[0].name if files else "command line"
-        specs = {name: _single_spec(files, conda, python)}
+        specs = {name: _single_spec(files, conda, pypi, python)}
         sources = [str(f) for f in files]
     options = ResolveOptions(
         store=open_store(store or default_store_url()),
@@ -131,6 +153,8 @@ def resolve(
         cuda=cuda,
         force=force,
         check=check,
+        index_url=indexes[0] if index_url else None,
+        extra_index_urls=tuple(indexes[1:] if index_url else indexes),
         steps_are_steps=flow is not None,
         env=dict(os.environ),
     )

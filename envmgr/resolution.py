@@ -27,7 +27,7 @@ from envmgr.errors import EnvmgrError
 from envmgr.lock import LockError, PlatformLock, dumps
 from envmgr.platforms import Platform, host_platform, virtual_packages
 from envmgr.resolvers.conda import CondaTarget, make_gateway, solve
-from envmgr.spec import EnvSpec
+from envmgr.spec import EnvSpec, parse_index_url
 
 __all__ = ["ResolveOptions", "Resolved", "resolve_specs"]
 
@@ -40,6 +40,8 @@ class ResolveOptions:
     cache_dir: Path
     platforms: tuple[Platform, ...] = ()  # overrides the specs' platforms when given
     default_channels: tuple[str, ...] = ("conda-forge",)
+    index_url: str | None = None  # overrides pip's configured index for specs naming none
+    extra_index_urls: tuple[str, ...] = ()
     cuda: str | None = None
     force: bool = False
     check: bool = False
@@ -65,7 +67,23 @@ class Resolved:
 
 
 def _effective(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
-    return replace(spec, channels=spec.channels or options.default_channels)
+    """*spec* with the channels and indexes it will be resolved against filled in."""
+    spec = replace(spec, channels=spec.channels or options.default_channels)
+    if not (spec.pypi or spec.pypi_constraints):
+        return spec
+    index_url = spec.index_url or options.index_url
+    extra = (*spec.extra_index_urls, *options.extra_index_urls)
+    if index_url is None:
+        from envmgr.resolvers.pypi.index import pip_index_urls  # noqa: PLC0415
+
+        index_url, pip_extra = pip_index_urls()
+        # A file:// index from pip.conf would put machine-local paths into the lock.
+        extra = (*extra, *(u for u in pip_extra if not u.startswith("file:")))
+    return replace(
+        spec,
+        index_url=parse_index_url(index_url),
+        extra_index_urls=tuple(parse_index_url(u) for u in extra),
+    )
 
 
 def _targets(spec: EnvSpec, options: ResolveOptions) -> tuple[Platform, ...]:
@@ -109,15 +127,6 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
     for step, spec in specs.items():
         effective = _effective(spec, options)
         groups.setdefault(effective.spec_id, (effective, []))[1].append(step)
-    for effective, steps in groups.values():
-        if effective.pypi or effective.pypi_constraints:
-            names = ", ".join(d.name for d in effective.pypi)
-            label = f"step {steps[0]!r}" if options.steps_are_steps else steps[0]
-            raise EnvmgrError(
-                f"{label}: PyPI packages ({names}) cannot be locked yet: envmgr's "
-                "PyPI resolver is not built",
-                hint="lock the conda part only for now",
-            )
     host = host_platform()
     host_vps: dict[str, str] | None = None
     jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]] = []
@@ -145,7 +154,8 @@ async def _run(
     jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]], options: ResolveOptions
 ) -> list[Resolved]:
     gateway = make_gateway(options.cache_dir / "repodata")
-    tasks = [_one(spec, steps, target, gateway, options) for spec, steps, target in jobs]
+    clients: dict[tuple[str, ...], Any] = {}
+    tasks = [_one(spec, steps, target, gateway, options, clients) for spec, steps, target in jobs]
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     del tasks, gateway
     errors = [o for o in outcomes if isinstance(o, BaseException)]
@@ -167,6 +177,7 @@ async def _one(
     target: CondaTarget,
     gateway: Any,
     options: ResolveOptions,
+    clients: dict[tuple[str, ...], Any],
 ) -> Resolved:
     start = time.monotonic()
     vps = tuple(str(v) for v in target.virtual_packages)
@@ -186,6 +197,8 @@ async def _one(
         else ", ".join(steps)
     )
     lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
+    if spec.pypi:
+        lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
     drifted = options.check and (cached is None or cached.env_id != lock.env_id)
     if not options.check:
         options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
@@ -198,3 +211,31 @@ async def _one(
         seconds=time.monotonic() - start,
         drifted=drifted,
     )
+
+
+def _add_pypi(
+    spec: EnvSpec,
+    lock: PlatformLock,
+    target: CondaTarget,
+    options: ResolveOptions,
+    clients: dict[tuple[str, ...], Any],
+    where: str,
+) -> PlatformLock:
+    """The conda lock plus the PyPI packages resolved on top of it."""
+    from envmgr.resolvers.pypi.index import IndexClient  # noqa: PLC0415
+    from envmgr.resolvers.pypi.resolve import fixed_from_conda, resolve_pypi  # noqa: PLC0415
+    from envmgr.resolvers.pypi.target import PythonTarget  # noqa: PLC0415
+
+    python = lock.names().get("python")
+    if python is None:
+        raise EnvmgrError(f"{where}: the conda solve has no python for the PyPI packages")
+    indexes = tuple(u for u in (spec.index_url, *spec.extra_index_urls) if u)
+    client = clients.get(indexes)
+    if client is None:
+        client = clients.setdefault(indexes, IndexClient(indexes, options.cache_dir / "pypi"))
+    virtual = {v.name: v.version for v in target.virtual_packages}
+    python_target = PythonTarget.from_virtual_packages(target.platform, python.version, virtual)
+    pypi = resolve_pypi(
+        spec, python_target, client=client, fixed=fixed_from_conda(lock.packages), where=where
+    )
+    return replace(lock, packages=(*lock.packages, *pypi))

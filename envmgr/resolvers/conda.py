@@ -74,12 +74,15 @@ def make_gateway(cache_dir: Path) -> Any:
 
 
 def conda_specs(spec: EnvSpec) -> list[str]:
-    """The match specs to solve: python (when asked for, or needed by PyPI packages) and the
-    conda dependencies."""
+    """The match specs to solve: python (when asked for, or needed by PyPI packages), pip (for
+    PyPI packages) and the conda dependencies."""
     specs = [str(d) for d in spec.conda]
+    names = {d.name for d in spec.conda}
+    if spec.pypi and "pip" not in names:
+        specs.insert(0, "pip")  # as in Metaflow: PyPI packages install with the env's pip
     if spec.python is not None:
         specs.insert(0, f"python {spec.python}")
-    elif spec.pypi and not any(d.name == "python" for d in spec.conda):
+    elif spec.pypi and "python" not in names:
         specs.insert(0, "python")
     return specs
 

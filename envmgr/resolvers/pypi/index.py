@@ -1,0 +1,483 @@
+"""A client for simple package indexes: PEP 691 JSON first, PEP 503 HTML as the fallback.
+
+One ``requests`` session (pooled connections, retries with backoff) serves every index; a URL's
+user info, ``${VAR}`` references and ``~/.netrc`` supply credentials, which never appear in
+errors or logs. Project pages are cached on disk and revalidated with ``ETag`` /
+``Last-Modified`` (or reused while ``Cache-Control: max-age`` says they are fresh); ``file://``
+indexes (a directory per project with an ``index.html``) are read directly.
+
+Metadata comes from the fastest source that works (:meth:`IndexClient.metadata`): a PEP 658/714
+``.metadata`` file (when advertised, or when the URL answers); else the wheel's ``METADATA``
+read with HTTP range requests (the zip's central directory, then one member); else the whole
+wheel, checked against its sha256. Metadata is cached forever by the file's sha256.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.parser
+import hashlib
+import html.parser
+import io
+import json
+import os
+import re
+import struct
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+
+from envmgr.errors import EnvmgrError
+from envmgr.lock import strip_credentials
+
+__all__ = ["DistFile", "IndexClient", "PackageIndexError", "pip_index_urls"]
+
+JSON_TYPE = "application/vnd.pypi.simple.v1+json"
+_ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_TAIL = 64 * 1024
+_METADATA_PROBES = 3  # unadvertised .metadata 404s on an index before we stop asking it
+
+
+class PackageIndexError(EnvmgrError):
+    """An index could not be read or served something unusable; names the (clean) URL."""
+
+
+def expand(url: str) -> str:
+    """``${VAR}`` references in *url* replaced from the environment (empty when unset)."""
+    return _VAR.sub(lambda m: os.environ.get(m.group(1), ""), url)
+
+
+def pip_index_urls() -> tuple[str, tuple[str, ...]]:
+    """The index URL and extra index URLs pip would use here (env vars, pip.conf, defaults).
+
+    pip's own configuration loader and default are used, so envmgr agrees with pip.
+    """
+    from pip._internal.configuration import Configuration  # noqa: PLC0415
+    from pip._internal.models.index import PyPI  # noqa: PLC0415
+
+    config = Configuration(isolated=False)
+    config.load()
+
+    def value(key: str) -> str:
+        for section in (":env:", "install", "global"):
+            try:
+                found = config.get_value(f"{section}.{key}")
+            except Exception:  # pip raises ConfigurationError for a missing key  # noqa: S112
+                continue
+            if found:
+                return str(found)
+        return ""
+
+    index = value("index-url") or PyPI.simple_url
+    extra = tuple(value("extra-index-url").split())
+    return index, extra
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistFile:
+    """One file of a project on an index."""
+
+    project: str
+    version: str
+    filename: str
+    url: str  # absolute, credentials included if the index URL had them
+    sha256: str
+    requires_python: str | None
+    yanked: str | None  # the reason ("" when none was given), or None when not yanked
+    metadata_sha256: str | None  # PEP 658/714: None when not advertised, "" when no hash
+    size: int = 0
+
+    @property
+    def is_wheel(self) -> bool:
+        return self.filename.endswith(".whl")
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[dict[str, str | None]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.links.append(dict(attrs))
+
+
+def _parse_filename(name: str) -> tuple[str, str] | None:
+    try:
+        if name.endswith(".whl"):
+            project, version, _build, _tags = parse_wheel_filename(name)
+        elif name.endswith((".tar.gz", ".zip")):
+            project, version = parse_sdist_filename(name)
+        else:
+            return None
+    except (InvalidWheelFilename, InvalidSdistFilename, ValueError):
+        return None
+    return canonicalize_name(project), str(version)
+
+
+def _files_from_json(data: dict[str, Any], base: str) -> list[DistFile]:
+    out = []
+    for entry in data.get("files", []):
+        parsed = _parse_filename(entry.get("filename", ""))
+        sha256 = (entry.get("hashes") or {}).get("sha256")
+        if parsed is None or not sha256:
+            continue  # envmgr locks only files it can verify
+        meta = entry.get("core-metadata", entry.get("data-dist-info-metadata", False))
+        yanked = entry.get("yanked", False)
+        out.append(
+            DistFile(
+                project=parsed[0],
+                version=parsed[1],
+                filename=entry["filename"],
+                url=urljoin(base, entry["url"]),
+                sha256=sha256.lower(),
+                requires_python=entry.get("requires-python") or None,
+                yanked=(yanked if isinstance(yanked, str) else "") if yanked else None,
+                metadata_sha256=(meta.get("sha256", "") if isinstance(meta, dict) else "")
+                if meta
+                else None,
+                size=int(entry.get("size") or 0),
+            )
+        )
+    return out
+
+
+def _files_from_html(text: str, base: str) -> list[DistFile]:
+    parser = _Links()
+    parser.feed(text)
+    out = []
+    for attrs in parser.links:
+        href = attrs.get("href") or ""
+        url, _, fragment = urljoin(base, href).partition("#")
+        filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        parsed = _parse_filename(filename)
+        algo, _, digest = fragment.partition("=")
+        if parsed is None or algo != "sha256" or not digest:
+            continue
+        meta = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
+        yanked = attrs.get("data-yanked")
+        out.append(
+            DistFile(
+                project=parsed[0],
+                version=parsed[1],
+                filename=filename,
+                url=url,
+                sha256=digest.lower(),
+                requires_python=attrs.get("data-requires-python") or None,
+                yanked=yanked if yanked is not None else None,
+                metadata_sha256=(meta.partition("=")[2] if meta and meta != "true" else "")
+                if meta is not None
+                else None,
+            )
+        )
+    return out
+
+
+def _parse_metadata(data: bytes) -> email.message.Message:
+    return email.parser.BytesParser().parsebytes(data)
+
+
+class IndexClient:
+    """Reads project pages and metadata from one or more indexes (all equal, as in pip).
+
+    Thread-safe: the resolver's prefetcher calls it from a pool.
+    """
+
+    def __init__(
+        self,
+        index_urls: Iterable[str],
+        cache_dir: Path,
+        *,
+        timeout: float = 30.0,
+        pool_size: int = 16,
+    ) -> None:
+        import requests  # noqa: PLC0415
+        from requests.adapters import HTTPAdapter  # noqa: PLC0415
+        from urllib3.util.retry import Retry  # noqa: PLC0415
+
+        self.index_urls = tuple(dict.fromkeys(u.rstrip("/") + "/" for u in index_urls))
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.session = requests.Session()
+        retry = Retry(
+            total=4,
+            backoff_factor=0.25,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=("GET", "HEAD"),
+            raise_on_status=False,
+        )
+        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self._lock = threading.Lock()
+        self._pages: dict[str, list[DistFile]] = {}
+        self._metadata_misses: dict[str, int] = {}
+        self.requests_made = 0
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _get(self, url: str, headers: dict[str, str] | None = None) -> Any:
+        import requests  # noqa: PLC0415
+
+        real = expand(url)
+        parts = urlsplit(real)
+        auth = None
+        if parts.username:
+            auth = (unquote(parts.username), unquote(parts.password or ""))
+            real = urlunsplit(
+                (
+                    parts.scheme,
+                    parts.netloc.rsplit("@", 1)[-1],
+                    parts.path,
+                    parts.query,
+                    parts.fragment,
+                )
+            )
+        with self._lock:
+            self.requests_made += 1
+        try:
+            return self.session.get(
+                real, headers=headers or {}, timeout=self.timeout, auth=auth, stream=False
+            )
+        except requests.RequestException as exc:
+            cause = type(exc).__name__
+            raise PackageIndexError(
+                f"cannot reach {strip_credentials(url)}: {cause}",
+                hint="check the index URL and the network",
+            ) from None
+
+    # -- project pages -----------------------------------------------------------------------
+
+    def project_files(self, project: str) -> list[DistFile]:
+        """Every verifiable file of *project* on every index (empty if none has it)."""
+        name = canonicalize_name(project)
+        with self._lock:
+            if name in self._pages:
+                return self._pages[name]
+        files: list[DistFile] = []
+        for index in self.index_urls:
+            files += self._page(index, name)
+        with self._lock:
+            self._pages[name] = files
+        return files
+
+    def _cache_path(self, kind: str, key: str) -> Path:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.cache_dir / kind / digest[:2] / digest
+
+    def _page(self, index: str, name: str) -> list[DistFile]:
+        url = f"{index}{name}/"
+        if urlsplit(index).scheme == "file":
+            path = Path(unquote(urlsplit(expand(url)).path)) / "index.html"
+            if not path.is_file():
+                return []
+            return _files_from_html(path.read_text(encoding="utf-8", errors="replace"), url)
+        cache = self._cache_path("pages", strip_credentials(url))
+        cached: dict[str, Any] | None = None
+        if cache.is_file():
+            try:
+                cached = json.loads(cache.read_text())
+            except ValueError:
+                cached = None
+        if cached and cached.get("fresh_until", 0) > time.time():
+            return self._decode_page(cached, url)
+        headers = {"Accept": _ACCEPT}
+        if cached and cached.get("etag"):
+            headers["If-None-Match"] = cached["etag"]
+        if cached and cached.get("last_modified"):
+            headers["If-Modified-Since"] = cached["last_modified"]
+        answer = self._get(url, headers)
+        if answer.status_code == 304 and cached:
+            cached["fresh_until"] = time.time() + _max_age(answer.headers)
+            _write_atomic(cache, json.dumps(cached).encode())
+            return self._decode_page(cached, url)
+        if answer.status_code == 404:
+            return []
+        if answer.status_code != 200:
+            raise PackageIndexError(f"{strip_credentials(url)} answered HTTP {answer.status_code}")
+        entry = {
+            "content_type": answer.headers.get("Content-Type", "").split(";")[0].strip(),
+            "body": answer.text,
+            "etag": answer.headers.get("ETag"),
+            "last_modified": answer.headers.get("Last-Modified"),
+            "fresh_until": time.time() + _max_age(answer.headers),
+            "url": strip_credentials(answer.url),
+        }
+        _write_atomic(cache, json.dumps(entry).encode())
+        return self._decode_page(entry, url)
+
+    @staticmethod
+    def _decode_page(entry: dict[str, Any], url: str) -> list[DistFile]:
+        base = url if "@" in urlsplit(url).netloc else entry.get("url") or url
+        if entry.get("content_type") == JSON_TYPE:
+            try:
+                return _files_from_json(json.loads(entry["body"]), base)
+            except ValueError:
+                raise PackageIndexError(f"{strip_credentials(url)}: malformed JSON page") from None
+        return _files_from_html(entry["body"], base)
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def metadata(self, dist: DistFile) -> email.message.Message:
+        """The core metadata of a wheel, from the fastest source that works (see module doc)."""
+        cache = self.cache_dir / "metadata" / dist.sha256[:2] / f"{dist.sha256}.metadata"
+        if cache.is_file():
+            return _parse_metadata(cache.read_bytes())
+        if not dist.is_wheel:
+            raise PackageIndexError(
+                f"{dist.filename}: metadata of source distributions needs a build"
+            )
+        data = self._metadata_file(dist)
+        if data is None:
+            data = self._metadata_by_range(dist)
+        if data is None:
+            data = self._metadata_by_download(dist)
+        _write_atomic(cache, data)
+        return _parse_metadata(data)
+
+    def _index_of(self, dist: DistFile) -> str:
+        return urlsplit(dist.url).netloc
+
+    def _metadata_file(self, dist: DistFile) -> bytes | None:
+        if dist.metadata_sha256 is None:
+            with self._lock:
+                if self._metadata_misses.get(self._index_of(dist), 0) >= _METADATA_PROBES:
+                    return None
+        answer = self._get(f"{dist.url}.metadata")
+        if answer.status_code != 200:
+            if dist.metadata_sha256 is None:
+                with self._lock:
+                    key = self._index_of(dist)
+                    self._metadata_misses[key] = self._metadata_misses.get(key, 0) + 1
+            return None
+        data: bytes = answer.content
+        if dist.metadata_sha256 and hashlib.sha256(data).hexdigest() != dist.metadata_sha256:
+            raise PackageIndexError(
+                f"{dist.filename}.metadata does not match its advertised sha256"
+            )
+        return data
+
+    def _metadata_by_range(self, dist: DistFile) -> bytes | None:
+        tail = self._get(dist.url, {"Range": f"bytes=-{_TAIL}"})
+        if tail.status_code == 200:
+            return _metadata_from_wheel(tail.content, dist)  # no range support: whole file
+        if tail.status_code != 206:
+            return None
+        total = int(tail.headers.get("Content-Range", "*/0").rsplit("/", 1)[-1] or 0)
+        data = tail.content
+        start = total - len(data)
+        try:
+            cd_offset, cd_size = _central_directory(data)
+        except ValueError:
+            return None
+        if cd_offset < start:
+            extra = self._get(dist.url, {"Range": f"bytes={cd_offset}-{start - 1}"})
+            if extra.status_code != 206:
+                return None
+            data = extra.content + data
+            start = cd_offset
+        member = _find_member(data[cd_offset - start : cd_offset - start + cd_size])
+        if member is None:
+            return None
+        local_offset, compressed, method = member
+        end = local_offset + 30 + 1024 + compressed  # header, name and extra fit in 1 KiB
+        chunk = self._get(dist.url, {"Range": f"bytes={local_offset}-{min(end, total) - 1}"})
+        if chunk.status_code != 206:
+            return None
+        return _read_local_member(chunk.content, compressed, method)
+
+    def _metadata_by_download(self, dist: DistFile) -> bytes:
+        answer = self._get(dist.url)
+        if answer.status_code != 200:
+            raise PackageIndexError(
+                f"{strip_credentials(dist.url)} answered HTTP {answer.status_code}"
+            )
+        return _metadata_from_wheel(answer.content, dist)
+
+
+def _metadata_from_wheel(data: bytes, dist: DistFile) -> bytes:
+    if hashlib.sha256(data).hexdigest() != dist.sha256:
+        raise PackageIndexError(
+            f"{dist.filename}: download does not match its sha256 ({strip_credentials(dist.url)})"
+        )
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = [
+            n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
+        ]
+        if not names:
+            raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
+        return archive.read(names[0])
+
+
+def _central_directory(tail: bytes) -> tuple[int, int]:
+    """(offset, size) of the zip central directory from the file's last bytes."""
+    pos = tail.rfind(b"PK\x05\x06")
+    if pos < 0 or len(tail) - pos < 22:
+        raise ValueError("no end of central directory")
+    size, offset = struct.unpack("<II", tail[pos + 12 : pos + 20])
+    if offset == 0xFFFFFFFF:  # zip64
+        loc = tail.rfind(b"PK\x06\x07", 0, pos)
+        if loc < 0:
+            raise ValueError("zip64 without locator")
+        rel = tail.rfind(b"PK\x06\x06", 0, loc)
+        if rel < 0:
+            raise ValueError("zip64 record not in the tail")
+        size, offset = struct.unpack("<QQ", tail[rel + 40 : rel + 56])
+    return offset, size
+
+
+def _find_member(directory: bytes) -> tuple[int, int, int] | None:
+    """(local header offset, compressed size, method) of ``*.dist-info/METADATA``."""
+    pos = 0
+    while directory.startswith(b"PK\x01\x02", pos):
+        (method,) = struct.unpack("<H", directory[pos + 10 : pos + 12])
+        (compressed,) = struct.unpack("<I", directory[pos + 20 : pos + 24])
+        name_len, extra_len, comment_len = struct.unpack("<HHH", directory[pos + 28 : pos + 34])
+        (offset,) = struct.unpack("<I", directory[pos + 42 : pos + 46])
+        name = directory[pos + 46 : pos + 46 + name_len].decode("utf-8", "replace")
+        if name.count("/") == 1 and name.endswith(".dist-info/METADATA"):
+            return offset, compressed, method
+        pos += 46 + name_len + extra_len + comment_len
+    return None
+
+
+def _read_local_member(chunk: bytes, compressed: int, method: int) -> bytes | None:
+    if not chunk.startswith(b"PK\x03\x04"):
+        return None
+    name_len, extra_len = struct.unpack("<HH", chunk[26:30])
+    start = 30 + name_len + extra_len
+    raw = chunk[start : start + compressed]
+    if len(raw) < compressed:
+        return None
+    if method == 0:
+        return raw
+    if method == 8:
+        return zlib.decompress(raw, -15)
+    return None
+
+
+def _max_age(headers: Any) -> float:
+    match = re.search(r"max-age=(\d+)", headers.get("Cache-Control", ""))
+    return float(match.group(1)) if match else 0.0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)

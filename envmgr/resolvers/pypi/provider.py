@@ -1,0 +1,315 @@
+"""A resolvelib provider over an :class:`IndexClient`, for a :class:`PythonTarget`.
+
+Candidates are versions with a wheel the target accepts (best tag first), that satisfy the
+target's Python through ``requires-python``; yanked files only when pinned with ``==``/``===``;
+pre-releases only when a specifier asks for one (or when nothing else exists, as in pip).
+Markers are evaluated for the target's environment. Extras are separate identifiers
+(``name[extra]``) that depend on their base at the same version, as in pip.
+
+*Fixed* distributions (installed by conda in a mixed env) have exactly one candidate, their
+conda version, with no dependencies to follow: the PyPI layer never replaces them.
+"""
+
+from __future__ import annotations
+
+import email.message
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.tags import Tag
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+from resolvelib import AbstractProvider
+
+from envmgr.resolvers.pypi.index import DistFile, IndexClient
+from envmgr.resolvers.pypi.target import PythonTarget
+
+__all__ = ["Candidate", "PypiProvider", "Req"]
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """A requirement on one identifier (``name`` or ``name[extra]``)."""
+
+    name: str
+    specifier: SpecifierSet
+    extras: frozenset[str] = frozenset()
+    url: str | None = None
+    text: str = ""
+
+    @property
+    def identifier(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.text or f"{self.name}{self.specifier}"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One version of a project (with extras, if any), backed by one file or fixed by conda."""
+
+    name: str
+    version: Version
+    extras: frozenset[str] = frozenset()
+    dist: DistFile | None = None
+    fixed: bool = False  # installed by conda: no file, no dependencies of its own
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def identifier(self) -> str:
+        if self.extras:
+            return f"{self.name}[{','.join(sorted(self.extras))}]"
+        return self.name
+
+    def __str__(self) -> str:
+        suffix = " (from conda)" if self.fixed else ""
+        return f"{self.identifier} {self.version}{suffix}"
+
+
+def _pinned(specifier: SpecifierSet) -> bool:
+    return any(s.operator in ("==", "===") and "*" not in s.version for s in specifier)
+
+
+class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
+    """The provider resolvelib asks; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        client: IndexClient,
+        target: PythonTarget,
+        *,
+        fixed: Mapping[str, Version] | None = None,
+        constraints: Mapping[str, SpecifierSet] | None = None,
+        user_requested: Iterable[str] = (),
+        prefetch_workers: int = 8,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.fixed = dict(fixed or {})
+        self.constraints = dict(constraints or {})
+        self.user_requested: dict[str, int] = {
+            canonicalize_name(n): i for i, n in enumerate(user_requested)
+        }
+        self.hashes: dict[str, set[str]] = {}  # name -> allowed sha256 (requirements' --hash)
+        self.markers = target.markers()
+        self.python = Version(target.python)
+        self.rank = target.tag_rank()
+        self.pool = ThreadPoolExecutor(
+            max_workers=prefetch_workers, thread_name_prefix="envmgr-pypi"
+        )
+        self._pages: dict[str, Future[list[DistFile]]] = {}
+        self._meta: dict[str, Future[email.message.Message]] = {}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- prefetching ---------------------------------------------------------------------------
+
+    def page(self, name: str) -> Future[list[DistFile]]:
+        if name not in self._pages:
+            self._pages[name] = self.pool.submit(self.client.project_files, name)
+        return self._pages[name]
+
+    def metadata(self, dist: DistFile) -> Future[email.message.Message]:
+        if dist.sha256 not in self._meta:
+            self._meta[dist.sha256] = self.pool.submit(self.client.metadata, dist)
+        return self._meta[dist.sha256]
+
+    # -- requirements ----------------------------------------------------------------------------
+
+    def make_requirement(self, text: str, extras_env: Iterable[str] = ("",)) -> list[Req]:
+        """Requirements (base and one per extra) from a PEP 508 line, if its marker applies."""
+        req = Requirement(text)
+        if req.marker is not None and not any(
+            req.marker.evaluate({**self.markers, "extra": e}) for e in extras_env
+        ):
+            return []
+        name = canonicalize_name(req.name)
+        extras = frozenset(canonicalize_name(e) for e in req.extras)
+        out = [Req(name=name, specifier=req.specifier, url=req.url, text=str(req))]
+        out += [
+            Req(
+                name=f"{name}[{e}]",
+                specifier=req.specifier,
+                extras=frozenset({e}),
+                url=req.url,
+                text=str(req),
+            )
+            for e in sorted(extras)
+        ]
+        self.page(name)
+        return out
+
+    # -- the resolvelib interface ----------------------------------------------------------------
+
+    def identify(self, requirement_or_candidate: Req | Candidate) -> str:
+        return requirement_or_candidate.identifier
+
+    def get_preference(
+        self,
+        identifier: str,
+        resolutions: Mapping[str, Candidate],
+        candidates: Mapping[str, Iterator[Candidate]],
+        information: Mapping[str, Iterator[Any]],
+        backtrack_causes: Sequence[Any],
+    ) -> Any:
+        infos = list(information[identifier])
+        base = identifier.split("[")[0]
+        pinned = any(_pinned(i.requirement.specifier) for i in infos)
+        direct = any(i.parent is None for i in infos)
+        causes = {c.requirement.name for c in backtrack_causes} | {
+            c.parent.name for c in backtrack_causes if c.parent is not None
+        }
+        return (
+            base not in self.fixed,
+            base not in causes,
+            not pinned,
+            not direct,
+            self.user_requested.get(base, len(self.user_requested)),
+            identifier,
+        )
+
+    def find_matches(
+        self,
+        identifier: str,
+        requirements: Mapping[str, Iterator[Req]],
+        incompatibilities: Mapping[str, Iterator[Candidate]],
+    ) -> list[Candidate]:
+        reqs = list(requirements[identifier])
+        bad = {c.version for c in incompatibilities[identifier]}
+        name = identifier.split("[")[0]
+        extras = frozenset().union(*(r.extras for r in reqs)) if reqs else frozenset()
+        specifier = SpecifierSet()
+        for req in reqs:
+            specifier &= req.specifier
+        if name in self.constraints:
+            specifier &= self.constraints[name]
+        if name in self.fixed:
+            version = self.fixed[name]
+            if version in bad or not specifier.contains(version, prereleases=True):
+                return []
+            return [Candidate(name=name, version=version, extras=extras, fixed=True)]
+        urls = {r.url for r in reqs if r.url}
+        by_version = self.best_files(name)
+        allow_yanked = any(_pinned(r.specifier) for r in reqs)
+        explicit_pre = any(s.prereleases for s in (r.specifier for r in reqs))
+        found: list[Candidate] = []
+        for version, dist in sorted(by_version.items(), reverse=True):
+            if version in bad or (dist.yanked is not None and not allow_yanked):
+                continue
+            if urls and dist.url.split("#")[0] not in urls:
+                continue
+            if not specifier.contains(version, prereleases=True):
+                continue
+            found.append(Candidate(name=name, version=version, extras=extras, dist=dist))
+        finals = [c for c in found if not c.version.is_prerelease]
+        if not explicit_pre and finals:
+            found = finals
+        for candidate in found[:2]:  # the resolver will ask about these first
+            if candidate.dist is not None:
+                self.metadata(candidate.dist)
+        return found
+
+    def best_files(self, name: str) -> dict[Version, DistFile]:
+        """Per version, the wheel whose tag the target prefers most (that fits its Python)."""
+        best: dict[Version, tuple[int, DistFile]] = {}
+        allowed = self.hashes.get(name)
+        for dist in self.page(name).result():
+            if not dist.is_wheel or (allowed and dist.sha256 not in allowed):
+                continue
+            try:
+                _n, version, _b, tags = parse_wheel_filename(dist.filename)
+            except ValueError:
+                continue
+            rank = min((self.rank.get(t, len(self.rank)) for t in tags), default=len(self.rank))
+            if rank >= len(self.rank) or not self._python_ok(dist):
+                continue
+            if version not in best or rank < best[version][0]:
+                best[version] = (rank, dist)
+        return {v: d for v, (_, d) in best.items()}
+
+    def _python_ok(self, dist: DistFile) -> bool:
+        if not dist.requires_python:
+            return True
+        try:
+            return SpecifierSet(dist.requires_python).contains(self.python, prereleases=True)
+        except InvalidSpecifier:
+            return False
+
+    def is_satisfied_by(self, requirement: Req, candidate: Candidate) -> bool:
+        if requirement.url and (
+            candidate.dist is None or candidate.dist.url.split("#")[0] != requirement.url
+        ):
+            return candidate.fixed
+        return requirement.specifier.contains(candidate.version, prereleases=True)
+
+    def dependencies_of(self, candidate: Candidate) -> list[str]:
+        """The applicable ``Requires-Dist`` lines of *candidate* (without extras' own)."""
+        if candidate.fixed or candidate.dist is None:
+            return []
+        meta = self.metadata(candidate.dist).result()
+        out = []
+        for line in meta.get_all("Requires-Dist") or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate({**self.markers, "extra": ""}):
+                out.append(line)
+        return out
+
+    def get_dependencies(self, candidate: Candidate) -> list[Req]:
+        if candidate.fixed:
+            return []
+        if candidate.extras:
+            # name[extra] needs name at exactly this version, plus what the extra adds.
+            deps = [
+                Req(
+                    name=candidate.name,
+                    specifier=SpecifierSet(f"=={candidate.version}"),
+                    text=f"{candidate.name}=={candidate.version}",
+                )
+            ]
+            if candidate.dist is None:
+                return deps
+            meta = self.metadata(candidate.dist).result()
+            for line in meta.get_all("Requires-Dist") or []:
+                try:
+                    req = Requirement(line)
+                except InvalidRequirement:
+                    continue
+                if (
+                    req.marker is not None
+                    and any(
+                        req.marker.evaluate({**self.markers, "extra": e}) for e in candidate.extras
+                    )
+                    and not req.marker.evaluate({**self.markers, "extra": ""})
+                ):
+                    deps += self.make_requirement(line, candidate.extras)
+            return deps
+        if candidate.dist is None:
+            return []
+        deps = []
+        for line in self.dependencies_of(candidate):
+            deps += self.make_requirement(line)
+        return deps
+
+    def requires_python_of(self, candidate: Candidate) -> str | None:
+        return candidate.dist.requires_python if candidate.dist else None
+
+
+def parse_version(text: str) -> Version | None:
+    """*text* as a PEP 440 version, or None (conda versions are not always PEP 440)."""
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def tag_of(dist: DistFile) -> tuple[Tag, ...]:
+    return tuple(parse_wheel_filename(dist.filename)[3])
