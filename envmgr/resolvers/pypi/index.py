@@ -226,7 +226,8 @@ class IndexClient:
         self.session.mount("https://", adapter)
         self._lock = threading.Lock()
         self._pages: dict[str, list[DistFile]] = {}
-        self._metadata_misses: dict[str, int] = {}
+        # Per index host: unadvertised .metadata probes made, and whether one ever answered.
+        self._probes: dict[str, list[int]] = {}
         self.requests_made = 0
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -354,17 +355,16 @@ class IndexClient:
         return urlsplit(dist.url).netloc
 
     def _metadata_file(self, dist: DistFile) -> bytes | None:
+        probe = self._probes.setdefault(self._index_of(dist), [0, 0])
         if dist.metadata_sha256 is None:
-            with self._lock:
-                if self._metadata_misses.get(self._index_of(dist), 0) >= _METADATA_PROBES:
+            with self._lock:  # reserve a probe before asking: the prefetcher runs in parallel
+                if not probe[1] and probe[0] >= _METADATA_PROBES:
                     return None
+                probe[0] += 1
         answer = self._get(f"{dist.url}.metadata")
         if answer.status_code != 200:
-            if dist.metadata_sha256 is None:
-                with self._lock:
-                    key = self._index_of(dist)
-                    self._metadata_misses[key] = self._metadata_misses.get(key, 0) + 1
             return None
+        probe[1] = 1
         data: bytes = answer.content
         if dist.metadata_sha256 and hashlib.sha256(data).hexdigest() != dist.metadata_sha256:
             raise PackageIndexError(

@@ -1,0 +1,288 @@
+"""PyPI resolution on the fixture index: tags, markers, extras, yanked, pre-releases,
+requires-python, backtracking, conflicts, metadata fallbacks and mixed conda + PyPI envs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from envmgr.cache.local import LocalStore
+from envmgr.errors import EnvmgrError
+from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.resolvers.pypi.resolve import PypiConflictError
+from envmgr.spec import CondaDep, EnvSpec, PypiDep
+from fixtures.pypi_index import PypiIndexServer
+from fixtures.wheelmaker import make_wheel
+from fixtures.wheels import fetch_wheels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    house = tmp_path_factory.mktemp("wheelhouse")
+    for wheel in fetch_wheels().glob("*.whl"):
+        os.link(wheel, house / wheel.name)
+    w = lambda *a, **k: make_wheel(house, *a, **k)  # noqa: E731
+    w(
+        "app",
+        "1.0",
+        requires=[
+            "linux-helper; sys_platform == 'linux'",
+            "mac-helper; sys_platform == 'darwin'",
+            "tabulate",
+        ],
+    )
+    w("linux-helper", "1.0")
+    w("mac-helper", "1.0")
+    w("yank-me", "1.0")
+    w("yank-me", "2.0")
+    w("pre", "1.0")
+    w("pre", "2.0b1")
+    w("newpy", "1.0", requires_python=">=3.8")
+    w("newpy", "2.0", requires_python=">=3.12")
+    w("bt-a", "1.0")
+    w("bt-a", "2.0", requires=["bt-c<2"])
+    w("bt-b", "1.0", requires=["bt-c>=2"])
+    w("bt-c", "1.0")
+    w("bt-c", "2.0")
+    w("cf-a", "1.0", requires=["cf-c<2"])
+    w("cf-b", "1.0", requires=["cf-c>=2"])
+    w("cf-c", "1.0")
+    w("cf-c", "2.0")
+    w("binpkg", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
+    w("binpkg", "1.0", tag="cp311-cp311-macosx_11_0_arm64")
+    w("newglibc", "1.0", tag="cp311-cp311-manylinux_2_34_x86_64")
+    w("needs-numpy", "1.0", requires=["numpy>=1.20"])
+    w("old-numpy-user", "1.0", requires=["numpy<2"])
+    w("extra-host", "1.0", extras=["fast"], requires=["six", "colorama; extra == 'fast'"])
+    server = PypiIndexServer(house).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def resolve(index, conda_channel, tmp_path):
+    """Resolve one spec (PyPI lines, optional conda specs) and return {name: package}."""
+    index.reset()
+
+    def run(pypi, conda=(), platform="linux-64", env=None, python="3.11"):
+        options = ResolveOptions(
+            store=LocalStore(tmp_path / "store"),
+            cache_dir=tmp_path / "cache",
+            platforms=(platform,),
+            default_channels=(conda_channel.url,),
+            index_url=index.url,
+            env=env or {},
+            force=True,
+        )
+        spec = EnvSpec(
+            python=f"{python}.*",
+            pypi=tuple(PypiDep.parse(p) for p in pypi),
+            conda=tuple(CondaDep.parse(c) for c in conda),
+        )
+        lock = resolve_specs({"train": spec}, options)[0].lock
+        return {(p.name if p.manager == "pypi" else f"conda:{p.name}"): p for p in lock.packages}
+
+    return run
+
+
+def versions(found):
+    return {name: p.version for name, p in found.items() if not name.startswith("conda:")}
+
+
+def test_requests_with_socks_extra(resolve):
+    found = resolve(["requests[socks]>=2.31", "python-dateutil"])
+    assert versions(found) == {
+        "requests": "2.32.3",
+        "pysocks": "1.7.1",
+        "certifi": "2024.8.30",
+        "charset-normalizer": "3.4.0",
+        "idna": "3.10",
+        "urllib3": "2.2.3",
+        "python-dateutil": "2.9.0.post0",
+        "six": "1.17.0",
+    }
+    assert {"conda:python", "conda:pip"} <= set(found)
+    assert all(
+        len(p.sha256) == 64 and p.url.startswith("http://127.0.0.1")
+        for p in found.values()
+        if p.manager == "pypi"
+    )
+    assert "six >=1.5" in found["python-dateutil"].depends
+
+
+def test_extras_only_when_asked(resolve):
+    assert "colorama" in resolve(["extra-host[fast]"])
+    plain = resolve(["extra-host"])
+    assert "colorama" not in plain and "six" in plain
+
+
+@pytest.mark.parametrize(
+    ("platform", "kept", "dropped"),
+    [
+        ("linux-64", "linux-helper", "mac-helper"),
+        ("osx-arm64", "mac-helper", "linux-helper"),
+    ],
+)
+def test_markers_are_evaluated_for_the_target(resolve, platform, kept, dropped):
+    found = resolve(["app"], platform=platform)
+    assert kept in found and dropped not in found and "tabulate" in found
+
+
+def test_yanked_only_when_pinned(resolve, index):
+    with index.behaving(yanked={"yank_me-2.0-py3-none-any.whl": "broken build"}):
+        assert versions(resolve(["yank-me"]))["yank-me"] == "1.0"
+        assert versions(resolve(["yank-me==2.0"]))["yank-me"] == "2.0"
+    assert versions(resolve(["yank-me"]))["yank-me"] == "2.0"
+
+
+def test_prereleases_only_when_asked(resolve):
+    assert versions(resolve(["pre"]))["pre"] == "1.0"
+    assert versions(resolve(["pre>=2.0b1"]))["pre"] == "2.0b1"
+
+
+def test_requires_python_follows_the_target_python(resolve):
+    assert versions(resolve(["newpy"]))["newpy"] == "1.0"
+
+
+def test_backtracking(resolve):
+    assert versions(resolve(["bt-a", "bt-b"])) == {"bt-a": "1.0", "bt-b": "1.0", "bt-c": "2.0"}
+
+
+def test_conflict_is_explained(resolve):
+    with pytest.raises(PypiConflictError) as info:
+        resolve(["cf-a", "cf-b"])
+    text = str(info.value)
+    assert "step 'train'" in text and "linux-64" in text
+    assert "cf-c<2 (required by cf-a 1.0)" in text and "cf-c>=2 (required by cf-b 1.0)" in text
+
+
+def test_wheels_are_chosen_by_target_tags(resolve):
+    assert "manylinux_2_17_x86_64" in resolve(["binpkg"])["binpkg"].url
+    assert "macosx_11_0_arm64" in resolve(["binpkg"], platform="osx-arm64")["binpkg"].url
+    with pytest.raises(PypiConflictError, match="no wheel of newglibc fits linux-64"):
+        resolve(["newglibc"])
+    assert "newglibc" in resolve(["newglibc"], env={"CONDA_OVERRIDE_GLIBC": "2.34"})
+
+
+def test_unknown_project(resolve):
+    with pytest.raises(PypiConflictError, match="no project named 'no-such-dist'"):
+        resolve(["no-such-dist"])
+
+
+def test_metadata_from_ranges_when_no_metadata_files(resolve, index, tmp_path):
+    expected = versions(resolve(["requests", "python-dateutil"]))
+    shutil.rmtree(tmp_path / "cache" / "pypi")
+    with index.behaving(metadata=False):
+        assert versions(resolve(["requests", "python-dateutil"])) == expected
+        files = [r for r in index.requests if r.path.startswith("/files/")]
+        probes = [r for r in files if r.path.endswith(".metadata")]
+        wheel_gets = [r for r in files if not r.path.endswith(".metadata")]
+        # A few unadvertised .metadata probes, then only ranged reads of the wheels.
+        assert len(probes) <= 3 and all(r.status == 404 for r in probes)
+        assert wheel_gets and all(r.range is not None and r.status == 206 for r in wheel_gets)
+
+
+def test_metadata_from_downloads_when_no_ranges(resolve, index, tmp_path):
+    expected = versions(resolve(["requests", "python-dateutil"]))
+    shutil.rmtree(tmp_path / "cache" / "pypi")
+    with index.behaving(metadata=False, ranges=False):
+        assert versions(resolve(["requests", "python-dateutil"])) == expected
+        downloads = [
+            r
+            for r in index.requests
+            if r.path.startswith("/files/") and not r.path.endswith(".metadata")
+        ]
+        assert downloads and all(r.status == 200 for r in downloads)
+
+
+def test_mixed_env_takes_numpy_from_conda_once(resolve):
+    found = resolve(["needs-numpy"], conda=["numpy"])
+    assert "conda:numpy" in found and "numpy" not in found
+    assert found["conda:numpy"].version == "2.1.3" and "needs-numpy" in found
+    pypi_only = resolve(["needs-numpy"])
+    assert pypi_only["numpy"].manager == "pypi"
+
+
+def test_mixed_conflict_names_both_sides(resolve):
+    with pytest.raises(PypiConflictError) as info:
+        resolve(["old-numpy-user"], conda=["numpy"])
+    text = str(info.value)
+    assert "conda provides numpy 2.1.3" in text
+    assert "numpy<2 (required by old-numpy-user 1.0)" in text
+
+
+def test_index_failures_are_retried_then_reported(resolve, index):
+    with index.behaving(fail_next=2, fail_status=503):
+        assert "tabulate" in resolve(["tabulate"])
+    with index.behaving(fail_next=100, fail_status=500), pytest.raises(EnvmgrError) as info:
+        resolve(["tabulate"])
+    assert "127.0.0.1" in str(info.value)
+
+
+def test_cli_requirements_file_and_flow(index, conda_channel, tmp_path, monkeypatch):
+    monkeypatch.setenv("ENVMGR_STORE", (tmp_path / "store").as_uri())
+    monkeypatch.setenv("ENVMGR_CACHE_DIR", str(tmp_path / "cache"))
+    index.reset()
+    req = tmp_path / "requirements.txt"
+    req.write_text("tabulate<0.9\nrequests[socks]\n")
+    cmd = [sys.executable, "-c", "from envmgr.cli.app import main; main()", "resolve"]
+    common = ["--channel", conda_channel.url, "--index-url", index.url]
+    out = tmp_path / "lock.yml"
+    result = subprocess.run(
+        [*cmd, "-r", str(req), "--python", "3.11", *common, "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "manager: pip" in text and "tabulate-0.8.10-py3-none-any.whl" in text
+    flow = subprocess.run(
+        [*cmd, str(ROOT / "fixtures" / "flows" / "envflow.py"), *common, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert flow.returncode == 0, flow.stderr
+    assert '"fetch"' in flow.stdout and '"report"' in flow.stdout
+    shutil.rmtree(tmp_path / "store")
+
+
+@pytest.mark.online
+def test_real_data_science_set_against_the_configured_index(conda_channel, tmp_path):
+    options = ResolveOptions(
+        store=LocalStore(tmp_path / "store"),
+        cache_dir=tmp_path / "cache",
+        platforms=("linux-64",),
+        default_channels=(conda_channel.url,),
+        env={},
+    )
+    spec = EnvSpec(
+        python="3.11.*",
+        pypi=tuple(
+            PypiDep.parse(p)
+            for p in (
+                "pandas>=2.2",
+                "scikit-learn",
+                "scipy",
+                "matplotlib",
+                "seaborn",
+                "statsmodels",
+            )
+        ),
+    )
+    lock = resolve_specs({"online": spec}, options)[0].lock
+    names = {p.name for p in lock.packages if p.manager == "pypi"}
+    assert {"pandas", "numpy", "scikit-learn", "scipy", "matplotlib"} <= names
+    assert all(
+        "manylinux" in p.url or p.url.endswith("-none-any.whl")
+        for p in lock.packages
+        if p.manager == "pypi"
+    )
