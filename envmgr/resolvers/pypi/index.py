@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.message
 import email.parser
+import functools
 import hashlib
 import html.parser
 import io
@@ -33,13 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
-from packaging.utils import (
-    InvalidSdistFilename,
-    InvalidWheelFilename,
-    canonicalize_name,
-    parse_sdist_filename,
-    parse_wheel_filename,
-)
+from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
 
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
@@ -50,6 +45,8 @@ JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 _ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TAIL = 64 * 1024
+_DEFAULT_TTL = "600"
+_PAGE_FORMAT = 1
 _METADATA_PROBES = 3  # unadvertised .metadata 404s on an index before we stop asking it
 
 
@@ -118,16 +115,25 @@ class _Links(html.parser.HTMLParser):
 
 
 def _parse_filename(name: str) -> tuple[str, str] | None:
-    try:
-        if name.endswith(".whl"):
-            project, version, _build, _tags = parse_wheel_filename(name)
-        elif name.endswith((".tar.gz", ".zip")):
-            project, version = parse_sdist_filename(name)
-        else:
+    """(project, version) of a wheel or sdist file name; a cheap split, since pages of big
+    projects list thousands of files (wheel tags are parsed later, only for candidates)."""
+    if name.endswith(".whl"):
+        parts = name[:-4].split("-")
+        if len(parts) not in (5, 6):
             return None
-    except (InvalidWheelFilename, InvalidSdistFilename, ValueError):
-        return None
-    return canonicalize_name(project), str(version)
+        return _canonical(parts[0]), parts[1]
+    if name.endswith((".tar.gz", ".zip")):
+        try:
+            project, version = parse_sdist_filename(name)
+        except (InvalidSdistFilename, ValueError):
+            return None
+        return canonicalize_name(project), str(version)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(name: str) -> str:
+    return str(canonicalize_name(name))
 
 
 def _files_from_json(data: dict[str, Any], base: str) -> list[DistFile]:
@@ -188,6 +194,39 @@ def _files_from_html(text: str, base: str) -> list[DistFile]:
     return out
 
 
+def _file_to_row(dist: DistFile) -> list[Any]:
+    return [
+        dist.filename,
+        dist.url,
+        dist.sha256,
+        dist.requires_python,
+        dist.yanked,
+        dist.metadata_sha256,
+        dist.size,
+    ]
+
+
+def _rows_to_files(rows: list[list[Any]]) -> list[DistFile]:
+    out = []
+    for filename, url, sha256, requires_python, yanked, metadata_sha256, size in rows:
+        parsed = _parse_filename(filename)
+        if parsed is not None:
+            out.append(
+                DistFile(
+                    project=parsed[0],
+                    version=parsed[1],
+                    filename=filename,
+                    url=url,
+                    sha256=sha256,
+                    requires_python=requires_python,
+                    yanked=yanked,
+                    metadata_sha256=metadata_sha256,
+                    size=size,
+                )
+            )
+    return out
+
+
 def _parse_metadata(data: bytes) -> email.message.Message:
     return email.parser.BytesParser().parsebytes(data)
 
@@ -232,23 +271,25 @@ class IndexClient:
 
     # -- HTTP --------------------------------------------------------------------------------
 
+    def _auth_for(self, url: str) -> tuple[str, tuple[str, str] | None]:
+        """*url* without user info, and the credentials to send with it: its own, or those of
+        an index on the same host (file URLs in pages are stored without credentials)."""
+        parts = urlsplit(expand(url))
+        bare = urlunsplit(
+            (parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, parts.fragment)
+        )
+        if parts.username:
+            return bare, (unquote(parts.username), unquote(parts.password or ""))
+        for index in self.index_urls:
+            ip = urlsplit(expand(index))
+            if ip.username and ip.hostname == parts.hostname and ip.port == parts.port:
+                return bare, (unquote(ip.username), unquote(ip.password or ""))
+        return bare, None  # requests falls back to ~/.netrc
+
     def _get(self, url: str, headers: dict[str, str] | None = None) -> Any:
         import requests  # noqa: PLC0415
 
-        real = expand(url)
-        parts = urlsplit(real)
-        auth = None
-        if parts.username:
-            auth = (unquote(parts.username), unquote(parts.password or ""))
-            real = urlunsplit(
-                (
-                    parts.scheme,
-                    parts.netloc.rsplit("@", 1)[-1],
-                    parts.path,
-                    parts.query,
-                    parts.fragment,
-                )
-            )
+        real, auth = self._auth_for(url)
         with self._lock:
             self.requests_made += 1
         try:
@@ -288,15 +329,19 @@ class IndexClient:
             if not path.is_file():
                 return []
             return _files_from_html(path.read_text(encoding="utf-8", errors="replace"), url)
+        # The cache holds parsed rows with credential-free absolute URLs, not the page body:
+        # decoding thousands of rows is what a warm resolution costs.
         cache = self._cache_path("pages", strip_credentials(url))
         cached: dict[str, Any] | None = None
         if cache.is_file():
             try:
-                cached = json.loads(cache.read_text())
+                cached = json.loads(cache.read_bytes())
             except ValueError:
                 cached = None
+        if cached and cached.get("format") != _PAGE_FORMAT:
+            cached = None
         if cached and cached.get("fresh_until", 0) > time.time():
-            return self._decode_page(cached, url)
+            return _rows_to_files(cached["rows"])
         headers = {"Accept": _ACCEPT}
         if cached and cached.get("etag"):
             headers["If-None-Match"] = cached["etag"]
@@ -306,31 +351,28 @@ class IndexClient:
         if answer.status_code == 304 and cached:
             cached["fresh_until"] = time.time() + _max_age(answer.headers)
             _write_atomic(cache, json.dumps(cached).encode())
-            return self._decode_page(cached, url)
+            return _rows_to_files(cached["rows"])
         if answer.status_code == 404:
             return []
         if answer.status_code != 200:
             raise PackageIndexError(f"{strip_credentials(url)} answered HTTP {answer.status_code}")
+        base = strip_credentials(answer.url)
+        if answer.headers.get("Content-Type", "").split(";")[0].strip() == JSON_TYPE:
+            try:
+                files = _files_from_json(answer.json(), base)
+            except ValueError:
+                raise PackageIndexError(f"{strip_credentials(url)}: malformed JSON page") from None
+        else:
+            files = _files_from_html(answer.text, base)
         entry = {
-            "content_type": answer.headers.get("Content-Type", "").split(";")[0].strip(),
-            "body": answer.text,
+            "format": _PAGE_FORMAT,
             "etag": answer.headers.get("ETag"),
             "last_modified": answer.headers.get("Last-Modified"),
             "fresh_until": time.time() + _max_age(answer.headers),
-            "url": strip_credentials(answer.url),
+            "rows": [_file_to_row(f) for f in files],
         }
-        _write_atomic(cache, json.dumps(entry).encode())
-        return self._decode_page(entry, url)
-
-    @staticmethod
-    def _decode_page(entry: dict[str, Any], url: str) -> list[DistFile]:
-        base = url if "@" in urlsplit(url).netloc else entry.get("url") or url
-        if entry.get("content_type") == JSON_TYPE:
-            try:
-                return _files_from_json(json.loads(entry["body"]), base)
-            except ValueError:
-                raise PackageIndexError(f"{strip_credentials(url)}: malformed JSON page") from None
-        return _files_from_html(entry["body"], base)
+        _write_atomic(cache, json.dumps(entry, separators=(",", ":")).encode())
+        return files
 
     # -- metadata ----------------------------------------------------------------------------
 
@@ -472,8 +514,16 @@ def _read_local_member(chunk: bytes, compressed: int, method: int) -> bytes | No
 
 
 def _max_age(headers: Any) -> float:
-    match = re.search(r"max-age=(\d+)", headers.get("Cache-Control", ""))
-    return float(match.group(1)) if match else 0.0
+    """How long a project page stays fresh: ``Cache-Control: max-age``; a server that sends
+    no caching headers at all gets PyPI's own policy (``ENVMGR_INDEX_TTL``, default 600 s), as
+    there would be nothing to revalidate with; ``no-cache``/``no-store`` mean zero."""
+    control = headers.get("Cache-Control", "")
+    match = re.search(r"max-age=(\d+)", control)
+    if match:
+        return float(match.group(1))
+    if control or headers.get("ETag") or headers.get("Last-Modified"):
+        return 0.0
+    return float(os.environ.get("ENVMGR_INDEX_TTL", _DEFAULT_TTL))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -12,7 +12,10 @@ conda version, with no dependencies to follow: the PyPI layer never replaces the
 
 from __future__ import annotations
 
+import contextlib
 import email.message
+import functools
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.tags import Tag
+from packaging.tags import Tag, parse_tag
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 from resolvelib import AbstractProvider
@@ -86,7 +89,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         fixed: Mapping[str, Version] | None = None,
         constraints: Mapping[str, SpecifierSet] | None = None,
         user_requested: Iterable[str] = (),
-        prefetch_workers: int = 8,
+        prefetch_workers: int = 16,
     ) -> None:
         self.client = client
         self.target = target
@@ -103,22 +106,61 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             max_workers=prefetch_workers, thread_name_prefix="envmgr-pypi"
         )
         self._pages: dict[str, Future[list[DistFile]]] = {}
+        self._prefetch_lock = threading.RLock()
+        self._closed = False
+        self._best: dict[str, dict[Version, DistFile]] = {}
+        self._match_cache: dict[tuple[str, str], frozenset[Version]] = {}
+        self._order: dict[str, list[Version]] = {}
+        self._candidates: dict[tuple[str, Version, frozenset[str]], Candidate] = {}
         self._meta: dict[str, Future[email.message.Message]] = {}
 
     def close(self) -> None:
+        self._closed = True
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- prefetching ---------------------------------------------------------------------------
 
     def page(self, name: str) -> Future[list[DistFile]]:
-        if name not in self._pages:
-            self._pages[name] = self.pool.submit(self.client.project_files, name)
-        return self._pages[name]
+        """The project page, fetched in the pool; on arrival the newest fitting wheel's
+        metadata is fetched too, and on *its* arrival the pages of its dependencies: the
+        prefetcher walks the likely dependency tree ahead of the resolver, in parallel."""
+        with self._prefetch_lock:
+            future = self._pages.get(name)
+            if future is None:
+                future = self.pool.submit(self.client.project_files, name)
+                self._pages[name] = future
+                future.add_done_callback(functools.partial(self._ahead_of_page, name))
+        return future
 
     def metadata(self, dist: DistFile) -> Future[email.message.Message]:
-        if dist.sha256 not in self._meta:
-            self._meta[dist.sha256] = self.pool.submit(self.client.metadata, dist)
-        return self._meta[dist.sha256]
+        with self._prefetch_lock:
+            future = self._meta.get(dist.sha256)
+            if future is None:
+                future = self.pool.submit(self.client.metadata, dist)
+                self._meta[dist.sha256] = future
+                future.add_done_callback(self._ahead_of_metadata)
+        return future
+
+    def _ahead_of_page(self, name: str, future: Future[list[DistFile]]) -> None:
+        if future.cancelled() or future.exception() is not None or self._closed:
+            return
+        files = self.best_files(name)
+        finals = [v for v in files if not v.is_prerelease] or list(files)
+        if finals and name not in self.fixed:
+            with contextlib.suppress(RuntimeError):  # the pool closed meanwhile
+                self.metadata(files[max(finals)])
+
+    def _ahead_of_metadata(self, future: Future[email.message.Message]) -> None:
+        if future.cancelled() or future.exception() is not None or self._closed:
+            return
+        for line in future.result().get_all("Requires-Dist") or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or req.marker.evaluate({**self.markers, "extra": ""}):
+                with contextlib.suppress(RuntimeError):  # the pool closed meanwhile
+                    self.page(canonicalize_name(req.name))
 
     # -- requirements ----------------------------------------------------------------------------
 
@@ -198,48 +240,92 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         by_version = self.best_files(name)
         allow_yanked = any(_pinned(r.specifier) for r in reqs)
         explicit_pre = any(s.prereleases for s in (r.specifier for r in reqs))
+        # Backtracking asks the same questions thousands of times: each specifier's matching
+        # versions are computed once per project, then intersected.
+        allowed: frozenset[Version] | None = None
+        for spec in [r.specifier for r in reqs] + [self.constraints.get(name, SpecifierSet())]:
+            if not str(spec):
+                continue
+            matching = self._matching(name, spec)
+            allowed = matching if allowed is None else allowed & matching
         found: list[Candidate] = []
-        for version, dist in sorted(by_version.items(), reverse=True):
-            if version in bad or (dist.yanked is not None and not allow_yanked):
+        for version in self._newest_first(name):
+            dist = by_version[version]
+            if version in bad or (allowed is not None and version not in allowed):
+                continue
+            if dist.yanked is not None and not allow_yanked:
                 continue
             if urls and dist.url.split("#")[0] not in urls:
                 continue
-            if not specifier.contains(version, prereleases=True):
-                continue
-            found.append(Candidate(name=name, version=version, extras=extras, dist=dist))
+            found.append(self._candidate(name, version, extras, dist))
         finals = [c for c in found if not c.version.is_prerelease]
         if not explicit_pre and finals:
             found = finals
-        for candidate in found[:2]:  # the resolver will ask about these first
+        # The resolver asks about the first candidate next; when it is backtracking it will
+        # likely walk down the list, so fetch a few more ahead.
+        for candidate in found[: 4 if bad else 1]:
             if candidate.dist is not None:
                 self.metadata(candidate.dist)
         return found
 
+    def _matching(self, name: str, specifier: SpecifierSet) -> frozenset[Version]:
+        key = (name, str(specifier))
+        found = self._match_cache.get(key)
+        if found is None:
+            found = frozenset(
+                v for v in self.best_files(name) if specifier.contains(v, prereleases=True)
+            )
+            self._match_cache[key] = found
+        return found
+
+    def _newest_first(self, name: str) -> list[Version]:
+        order = self._order.get(name)
+        if order is None:
+            order = sorted(self.best_files(name), reverse=True)
+            self._order[name] = order
+        return order
+
+    def _candidate(
+        self, name: str, version: Version, extras: frozenset[str], dist: DistFile
+    ) -> Candidate:
+        key = (name, version, extras)
+        found = self._candidates.get(key)
+        if found is None:
+            found = Candidate(name=name, version=version, extras=extras, dist=dist)
+            self._candidates[key] = found
+        return found
+
     def best_files(self, name: str) -> dict[Version, DistFile]:
         """Per version, the wheel whose tag the target prefers most (that fits its Python)."""
+        known = self._best.get(name)
+        if known is not None:
+            return known
         best: dict[Version, tuple[int, DistFile]] = {}
         allowed = self.hashes.get(name)
         for dist in self.page(name).result():
             if not dist.is_wheel or (allowed and dist.sha256 not in allowed):
                 continue
-            try:
-                _n, version, _b, tags = parse_wheel_filename(dist.filename)
-            except ValueError:
-                continue
-            rank = min((self.rank.get(t, len(self.rank)) for t in tags), default=len(self.rank))
-            if rank >= len(self.rank) or not self._python_ok(dist):
+            parts = dist.filename[:-4].split("-")
+            rank = self._tag_rank("-".join(parts[-3:]))
+            version = _version(parts[1])
+            if rank >= len(self.rank) or version is None or not self._python_ok(dist):
                 continue
             if version not in best or rank < best[version][0]:
                 best[version] = (rank, dist)
-        return {v: d for v, (_, d) in best.items()}
+        found = {v: d for v, (_, d) in best.items()}
+        self._best[name] = found
+        return found
+
+    @functools.cache  # noqa: B019 - one provider per resolution; tag strings repeat a lot
+    def _tag_rank(self, tags: str) -> int:
+        try:
+            parsed = parse_tag(tags)
+        except ValueError:
+            return len(self.rank)
+        return min((self.rank.get(t, len(self.rank)) for t in parsed), default=len(self.rank))
 
     def _python_ok(self, dist: DistFile) -> bool:
-        if not dist.requires_python:
-            return True
-        try:
-            return SpecifierSet(dist.requires_python).contains(self.python, prereleases=True)
-        except InvalidSpecifier:
-            return False
+        return not dist.requires_python or _python_allows(dist.requires_python, self.python)
 
     def is_satisfied_by(self, requirement: Req, candidate: Candidate) -> bool:
         if requirement.url and (
@@ -301,6 +387,22 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
 
     def requires_python_of(self, candidate: Candidate) -> str | None:
         return candidate.dist.requires_python if candidate.dist else None
+
+
+@functools.lru_cache(maxsize=8192)
+def _python_allows(requires_python: str, python: Version) -> bool:
+    try:
+        return SpecifierSet(requires_python).contains(python, prereleases=True)
+    except InvalidSpecifier:
+        return False
+
+
+@functools.lru_cache(maxsize=65536)
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
 
 
 def parse_version(text: str) -> Version | None:
