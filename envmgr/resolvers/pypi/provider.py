@@ -263,7 +263,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             found = finals
         # The resolver asks about the first candidate next; when it is backtracking it will
         # likely walk down the list, so fetch a few more ahead.
-        for candidate in found[: 4 if bad else 1]:
+        for candidate in found[: 10 if bad else 1]:
             if candidate.dist is not None:
                 self.metadata(candidate.dist)
         return found
