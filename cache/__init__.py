@@ -20,16 +20,24 @@ __all__ = ["Store", "StoreError", "open_store"]
 
 
 def open_store(url: str) -> Store:
-    """The store named by *url*: ``file:///path`` or a plain path (S3 arrives with the store
-    issue). Raises ``StoreError`` for other schemes."""
+    """The store named by *url*: ``file:///path``, a plain path, or ``s3://bucket/prefix``.
+
+    Raises ``StoreError`` for other schemes.
+    """
     parts = urlsplit(url)
     if parts.scheme in ("", "file"):
         from pathlib import Path  # noqa: PLC0415
 
         from envmgr.cache.local import LocalStore  # noqa: PLC0415
 
-        path = parts.path if parts.scheme == "file" else url
-        return LocalStore(Path(path))
+        return LocalStore(Path(parts.path if parts.scheme == "file" else url))
+    if parts.scheme == "s3":
+        from envmgr.cache.s3 import S3Store  # noqa: PLC0415
+
+        return S3Store(url)
     raise StoreError(
-        url, "-", f"unsupported store URL scheme {parts.scheme!r}", hint="use file:///path"
+        url,
+        "-",
+        f"unsupported store URL scheme {parts.scheme!r}",
+        hint="use file:///path or s3://bucket/prefix",
     )

@@ -1,13 +1,15 @@
 """A store in a local directory: ``file:///path``.
 
 Every write goes to a temp file in the same directory and is renamed into place, so a reader
-never sees half an object and a crash leaves at most a stray ``.tmp-*`` file.
+never sees half an object and a crash leaves at most a stray ``.tmp-*`` file; ``put_if_absent``
+links the temp file to the key, which fails if the key exists (atomic on POSIX filesystems).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,31 +32,72 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as handle:
+                if byte_range is None:
+                    return handle.read()
+                handle.seek(byte_range[0])
+                return handle.read(byte_range[1] - byte_range[0] + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
 
-    def put(self, key: str, data: bytes) -> None:
+    def _temp(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    def _write(self, key: str, data: bytes | Path, *, exclusive: bool) -> bool:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            tmp = self._temp(path)
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
+                if isinstance(data, Path):
+                    shutil.copyfile(data, tmp)
+                else:
+                    tmp.write_bytes(data)
+                with tmp.open("rb") as handle:
                     os.fsync(handle.fileno())
-                Path(tmp).replace(path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
-                raise
+                if exclusive:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                else:
+                    tmp.replace(path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
         except OSError as exc:
             raise StoreError(self.url, key, f"cannot write: {exc.strerror}") from None
+        return True
+
+    def put(self, key: str, data: bytes) -> None:
+        self._write(key, data, exclusive=False)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        return self._write(key, data, exclusive=True)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._write(key, path, exclusive=False)
+
+    def get_file(self, key: str, path: Path) -> bool:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
+        return True
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -67,10 +110,12 @@ class LocalStore:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return
+        found = []
         for dirpath, _dirnames, filenames in os.walk(base):
             for name in filenames:
                 if ".tmp-" in name:
                     continue
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield key
+                    found.append(key)
+        yield from sorted(found)

@@ -1,12 +1,13 @@
-"""The ``Store`` interface: a flat key space of immutable-once-published objects.
+"""The ``Store`` interface: a flat key space of objects, each written once and atomically.
 
-Keys are ``/``-separated relative paths (see :mod:`envmgr.cache.layout`). Writes are atomic:
-readers see a whole object or none.
+Keys are ``/``-separated relative paths (see :mod:`envmgr.cache.layout`). Readers see a whole
+object or none; the manifest of an env is written last and is the only thing readers trust.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 from envmgr.errors import EnvmgrError
@@ -39,12 +40,28 @@ class Store(Protocol):
         """The store's URL (``file:///…`` or ``s3://bucket/prefix``), without credentials."""
         ...
 
-    def get(self, key: str) -> bytes | None:
-        """The object's bytes, or ``None`` when it does not exist."""
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+        """The object's bytes (or the inclusive *byte_range* of them); ``None`` if absent."""
         ...
 
     def put(self, key: str, data: bytes) -> None:
         """Write the object atomically, replacing any previous version."""
+        ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object only if no object has the key; ``False`` when one does."""
+        ...
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload a (large) file atomically (multipart where the store has it)."""
+        ...
+
+    def get_file(self, key: str, path: Path) -> bool:
+        """Download to *path* (parallel ranges where the store has them); ``False`` if absent."""
+        ...
+
+    def size(self, key: str) -> int | None:
+        """The object's size in bytes, or ``None`` when it does not exist."""
         ...
 
     def exists(self, key: str) -> bool: ...
@@ -54,5 +71,5 @@ class Store(Protocol):
         ...
 
     def list(self, prefix: str) -> Iterator[str]:
-        """Keys under *prefix* (a ``/``-terminated folder or a key prefix), sorted."""
+        """Keys starting with *prefix*, sorted."""
         ...

@@ -9,6 +9,7 @@ import typer
 
 from envmgr import __version__
 from envmgr.cli._common import STATE
+from envmgr.cli.build import build
 from envmgr.cli.resolve import resolve
 from envmgr.errors import EnvmgrError
 
@@ -49,6 +50,7 @@ def _root(
 
 
 app.command()(resolve)
+app.command()(build)
 
 
 def main() -> None:

@@ -72,6 +72,7 @@ class LockedPackage:
     md5: str = ""
     depends: tuple[str, ...] = ()
     size: int = 0
+    noarch: str = ""  # conda: "python" or "generic" for noarch packages
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "url", strip_credentials(self.url))
@@ -91,7 +92,7 @@ class LockedPackage:
             "url": self.url,
             "sha256": self.sha256,
         }
-        for key in ("build", "subdir", "md5"):
+        for key in ("build", "subdir", "md5", "noarch"):
             if getattr(self, key):
                 data[key] = getattr(self, key)
         if self.depends:
@@ -113,6 +114,7 @@ class LockedPackage:
             md5=data.get("md5", ""),
             depends=tuple(data.get("depends", ())),
             size=int(data.get("size", 0)),
+            noarch=str(data.get("noarch", "")),
         )
 
 
@@ -297,10 +299,11 @@ def read_conda_lock(path: Path) -> Lock:
                 sha256=dep.hash.sha256,
                 md5=dep.hash.md5 or "",
                 build=dep.build or "",
-                subdir=_subdir_of(dep.url),
+                subdir=_subdir_of(dep.url) if dep.manager == "conda" else "",
                 depends=tuple(
                     f"{k} {v}".strip() if v != "*" else k for k, v in dep.dependencies.items()
                 ),
+                noarch=_noarch_of(dep) if dep.manager == "conda" else "",
             )
         )
     custom = content.metadata.custom_metadata or {}
@@ -326,6 +329,13 @@ def read_conda_lock(path: Path) -> Lock:
         envmgr_version=custom.get("envmgr_version", ""),
         created=created,
     )
+
+
+def _noarch_of(dep: Any) -> str:
+    """conda-lock files do not say; a noarch package depending on python is noarch: python."""
+    if _subdir_of(dep.url) != "noarch":
+        return ""
+    return "python" if "python" in dep.dependencies else "generic"
 
 
 def _subdir_of(url: str) -> str:

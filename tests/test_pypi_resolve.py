@@ -288,13 +288,19 @@ def test_real_data_science_set_against_the_configured_index(conda_channel, tmp_p
     )
 
 
-def test_index_credentials_never_reach_the_lock_or_the_store(index, conda_channel, tmp_path,
-                                                               monkeypatch):
+def test_index_credentials_never_reach_the_lock_or_the_store(
+    index, conda_channel, tmp_path, monkeypatch
+):
     monkeypatch.setenv("INDEX_TOKEN", "tok-s3cret")
     url = index.url.replace("http://", "http://user:${INDEX_TOKEN}@")
-    options = ResolveOptions(store=LocalStore(tmp_path / "store"), cache_dir=tmp_path / "cache",
-                             platforms=("linux-64",), default_channels=(conda_channel.url,),
-                             index_url=url, env={})
+    options = ResolveOptions(
+        store=LocalStore(tmp_path / "store"),
+        cache_dir=tmp_path / "cache",
+        platforms=("linux-64",),
+        default_channels=(conda_channel.url,),
+        index_url=url,
+        env={},
+    )
     spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("six"),))
     lock = resolve_specs({"s": spec}, options)[0].lock
     assert lock.names()["six"].url.startswith("http://127.0.0.1")

@@ -327,6 +327,7 @@ def test_credentials_never_reach_lock_files(tmp_path):
         sha256="0" * 64,
         md5="0" * 32,
         subdir="noarch",
+        noarch="generic",
     )
     lock = Lock(
         platforms=(

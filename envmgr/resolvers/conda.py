@@ -208,6 +208,9 @@ async def solve(
                 sha256=record.sha256.hex(),
                 md5=record.md5.hex() if record.md5 else "",
                 depends=tuple(record.depends),
+                noarch="python"
+                if record.noarch.python
+                else ("generic" if record.noarch.generic else ""),
                 size=int(record.size or 0),
             )
         )

@@ -1,0 +1,162 @@
+"""A store on S3 (or anything speaking its API): ``s3://bucket/prefix``.
+
+boto3 with the default credential chain; the endpoint comes from ``AWS_ENDPOINT_URL_S3``,
+``AWS_ENDPOINT_URL`` (both read by boto3 itself) or the explicit *endpoint_url*. Large files
+go up as multipart uploads and come down as parallel ranged GETs; requests are retried with
+backoff (botocore's ``standard`` mode). ``put_if_absent`` is a conditional ``PutObject`` with
+``If-None-Match: *``, which S3 and SeaweedFS enforce atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from envmgr.cache.store import StoreError, check_key
+
+__all__ = ["S3Store"]
+
+_MiB = 1024 * 1024
+
+
+class S3Store:
+    """The :class:`~envmgr.cache.store.Store` interface over an S3 bucket and prefix."""
+
+    def __init__(
+        self, url: str, *, endpoint_url: str | None = None, client: Any = None, threads: int = 8
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise StoreError(url, "-", "not an s3://bucket/prefix URL")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self._url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.threads = threads
+        self._client = client
+        self._endpoint = endpoint_url
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3  # noqa: PLC0415
+            from botocore.config import Config  # noqa: PLC0415
+
+            config = Config(
+                retries={"max_attempts": 8, "mode": "standard"},
+                max_pool_connections=max(10, self.threads * 2),
+                s3={"addressing_style": os.environ.get("ENVMGR_S3_ADDRESSING", "path")},
+            )
+            self._client = boto3.client("s3", endpoint_url=self._endpoint, config=config)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, key: str, exc: Exception) -> StoreError:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        hint = None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            hint = "check the credentials and their permissions on this bucket"
+        elif code in ("NoSuchBucket",):
+            hint = "create the bucket or fix the store URL"
+        return StoreError(self.url, key, f"S3 error {code}", hint=hint)
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("NoSuchKey", "404", "NotFound")
+
+    def _transfer(self) -> Any:
+        from boto3.s3.transfer import TransferConfig  # noqa: PLC0415
+
+        return TransferConfig(
+            multipart_threshold=16 * _MiB,
+            multipart_chunksize=16 * _MiB,
+            max_concurrency=self.threads,
+            use_threads=True,
+        )
+
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+        extra = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+            return bytes(answer["Body"].read())
+        except Exception as exc:
+            if self._missing(exc):
+                return None
+            raise self._fail(key, exc) from None
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except Exception as exc:
+            raise self._fail(key, exc) from None
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+            )
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._fail(key, exc) from None
+        return True
+
+    def put_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
+        except Exception as exc:
+            raise self._fail(key, exc) from None
+
+    def get_file(self, key: str, path: Path) -> bool:
+        try:
+            self.client.download_file(
+                self.bucket, self._key(key), str(path), Config=self._transfer()
+            )
+        except Exception as exc:
+            if self._missing(exc):
+                return False
+            raise self._fail(key, exc) from None
+        return True
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+            )
+        except Exception as exc:
+            if self._missing(exc):
+                return None
+            raise self._fail(key, exc) from None
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:
+            if not self._missing(exc):
+                raise self._fail(key, exc) from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full
+            )
+            keys = [item["Key"][strip:] for page in pages for item in page.get("Contents", [])]
+        except Exception as exc:
+            raise self._fail(prefix, exc) from None
+        yield from sorted(keys)

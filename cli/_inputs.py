@@ -1,0 +1,167 @@
+"""The inputs ``resolve`` and ``build`` share: where specs come from and how to resolve them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from envmgr.cache import open_store
+from envmgr.cli._common import fail
+from envmgr.config import cache_dir, default_channels, default_store_url
+from envmgr.discovery import discover
+from envmgr.errors import Problem, SpecError
+from envmgr.platforms import PLATFORMS, Platform, is_platform
+from envmgr.resolution import ResolveOptions
+from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
+from envmgr.specfiles import read_spec_file
+
+__all__ = ["Inputs", "gather"]
+
+FlowArg = Annotated[Path | None, typer.Argument(help="A flow file: every step is used.")]
+EnvFiles = Annotated[list[Path], typer.Option("-f", "--file", help="environment.yml (repeatable)")]
+ReqFiles = Annotated[
+    list[Path], typer.Option("-r", "--requirements", help="requirements.txt (repeatable)")
+]
+CondaSpecs = Annotated[list[str], typer.Option("--conda", help="A conda match spec (repeatable).")]
+PypiSpecs = Annotated[list[str], typer.Option("--pypi", help="A PEP 508 requirement (repeatable).")]
+PythonOpt = Annotated[str | None, typer.Option("--python", help="Python version, e.g. 3.11")]
+PlatformOpt = Annotated[list[str], typer.Option("--platform", help="Target platform (repeatable).")]
+ChannelOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--channel",
+        "-c",
+        help="Channel for specs that name none (repeatable; default "
+        "ENVMGR_CHANNELS or conda-forge).",
+    ),
+]
+IndexOpt = Annotated[
+    str | None, typer.Option("--index-url", help="PyPI index (default: pip's configured index).")
+]
+ExtraIndexOpt = Annotated[
+    list[str], typer.Option("--extra-index-url", help="Another PyPI index (repeatable).")
+]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store URL: file:///path or s3://bucket/prefix (default ENVMGR_STORE "
+        "or the local store).",
+    ),
+]
+CudaOpt = Annotated[str | None, typer.Option("--cuda", help="Assume this CUDA version (__cuda).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Inputs:
+    specs: dict[str, EnvSpec]
+    sources: list[str]
+    options: ResolveOptions
+
+
+def _single_spec(
+    files: list[Path], conda: list[str], pypi: list[str], python: str | None
+) -> EnvSpec:
+    spec = EnvSpec()
+    for path in files:
+        spec = merge(spec, read_spec_file(path))
+    problems: list[Problem] = []
+    deps: list[CondaDep] = []
+    for text in conda:
+        try:
+            dep = CondaDep.parse(text)
+        except ValueError as exc:
+            problems.append(
+                Problem(where="command line", key=f"--conda {text!r}", message=str(exc))
+            )
+            continue
+        if dep.name == "python" and dep.channel is None:
+            python = python or dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
+            continue
+        deps.append(dep)
+    pypi_deps: list[PypiDep] = []
+    for text in pypi:
+        try:
+            pypi_deps.append(PypiDep.parse(text))
+        except ValueError as exc:
+            problems.append(Problem(where="command line", key=f"--pypi {text!r}", message=str(exc)))
+    parsed_python = None
+    if python:
+        try:
+            parsed_python = parse_python(python)
+        except ValueError as exc:
+            problems.append(Problem(where="command line", key="--python", message=str(exc)))
+    if problems:
+        raise SpecError(problems)
+    return merge(spec, EnvSpec(python=parsed_python, conda=tuple(deps), pypi=tuple(pypi_deps)))
+
+
+def _platforms(values: list[str]) -> tuple[Platform, ...]:
+    out: list[Platform] = []
+    for value in values:
+        if not is_platform(value):
+            fail(f"--platform {value!r}: unknown platform; known: {', '.join(PLATFORMS)}")
+        else:
+            out.append(value)
+    return tuple(out)
+
+
+def gather(
+    *,
+    flow: Path | None,
+    env_file: list[Path],
+    requirements: list[Path],
+    conda: list[str],
+    pypi: list[str],
+    python: str | None,
+    platform: list[str],
+    channel: list[str],
+    index_url: str | None,
+    extra_index_url: list[str],
+    store: str | None,
+    cuda: str | None,
+    force: bool = False,
+    check: bool = False,
+) -> Inputs:
+    """The specs named on the command line and the options to resolve them with; usage
+    problems exit 2, spec problems raise ``SpecError``."""
+    singles = env_file or requirements or conda or pypi or python
+    if flow is not None and singles:
+        fail("give a flow file or -f/-r/--conda/--pypi/--python, not both")
+    if flow is None and not singles:
+        fail("nothing to do: give a flow file, -f, -r, --conda, --pypi or --python")
+    try:
+        indexes = [
+            parse_index_url(u) for u in ([index_url] if index_url else []) + list(extra_index_url)
+        ]
+    except ValueError as exc:
+        fail(str(exc))
+    if flow is not None:
+        specs = discover(flow)
+        if not specs:
+            fail(f"{flow}: no step has an environment (@conda, @pypi, @conda_base, @pypi_base)")
+        sources = [str(flow)]
+    else:
+        files = [*env_file, *requirements]
+        name = files[0].name if files else "command line"
+        specs = {name: _single_spec(files, conda, pypi, python)}
+        sources = [str(f) for f in files]
+    options = ResolveOptions(
+        store=open_store(store or default_store_url()),
+        cache_dir=cache_dir(),
+        platforms=_platforms(platform),
+        default_channels=tuple(channel) or default_channels(),
+        cuda=cuda,
+        force=force,
+        check=check,
+        index_url=indexes[0] if index_url else None,
+        extra_index_urls=tuple(indexes[1:] if index_url else indexes),
+        steps_are_steps=flow is not None,
+        env=dict(os.environ),
+    )
+    return Inputs(specs=specs, sources=sources, options=options)

@@ -1,0 +1,360 @@
+"""Pack an environment prefix into a relocatable archive, and unpack it safely elsewhere.
+
+:func:`pack` streams a deterministic tar (members sorted, owner root, fixed mtime, no pax
+timestamps) through multi-threaded zstd (or gzip) into any binary writer, hashing as it goes:
+no temporary copy of the env. :func:`scan_relocations` lists every file that contains the
+build prefix (text or binary) and every symlink pointing into it; the :class:`Manifest` carries
+that list with the archive's size and sha256.
+
+:func:`unpack` refuses members that would escape the target (absolute paths, ``..``, links
+pointing outside, devices) and more bytes than the manifest declares; :func:`relocate`
+rewrites the listed files for the new prefix: text files by replacement, binary files by
+replacing inside each NUL-terminated string and padding with NULs (so the new prefix must not be
+longer than the build prefix; the build prefix is long on purpose).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal, cast
+
+from envmgr.errors import EnvmgrError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "ArchiveError",
+    "Codec",
+    "Manifest",
+    "PackResult",
+    "Relocation",
+    "pack",
+    "relocate",
+    "scan_relocations",
+    "unpack",
+]
+
+MANIFEST_FORMAT = 1
+Codec = Literal["zst", "gz"]
+RelocationMode = Literal["text", "binary", "symlink"]
+
+#: Every member's mtime: a fixed point, so packing the same tree twice gives the same bytes.
+ARCHIVE_MTIME = 946684800  # 2000-01-01T00:00:00Z
+_CHUNK = 1 << 20
+
+
+class ArchiveError(EnvmgrError):
+    """An archive is unsafe, damaged or cannot be relocated to the asked prefix."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, order=True)
+class Relocation:
+    path: str  # relative to the prefix, POSIX separators
+    mode: RelocationMode
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Manifest:
+    """What readers of a stored env trust; written to the store after the archive."""
+
+    env_id: str
+    platform: str
+    build_prefix: str
+    codec: Codec
+    size: int
+    sha256: str
+    files: int
+    unpacked_size: int
+    relocations: tuple[Relocation, ...]
+    envmgr_version: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "env_id": self.env_id,
+            "platform": self.platform,
+            "build_prefix": self.build_prefix,
+            "codec": self.codec,
+            "size": self.size,
+            "sha256": self.sha256,
+            "files": self.files,
+            "unpacked_size": self.unpacked_size,
+            "relocations": [[r.path, r.mode] for r in self.relocations],
+            "envmgr_version": self.envmgr_version,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "manifest") -> Manifest:
+        """Read :meth:`to_dict` output; raises ``ArchiveError`` on anything else."""
+        try:
+            if data["format"] != MANIFEST_FORMAT:
+                raise ValueError(f"format {data['format']!r}, want {MANIFEST_FORMAT}")
+            codec = data["codec"]
+            if codec not in ("zst", "gz"):
+                raise ValueError(f"unknown codec {codec!r}")
+            relocations = []
+            for path, mode in data["relocations"]:
+                if mode not in ("text", "binary", "symlink"):
+                    raise ValueError(f"unknown relocation mode {mode!r}")
+                relocations.append(Relocation(path=_safe_name(str(path)), mode=mode))
+            manifest = cls(
+                env_id=str(data["env_id"]),
+                platform=str(data["platform"]),
+                build_prefix=str(data["build_prefix"]),
+                codec=codec,
+                size=int(data["size"]),
+                sha256=str(data["sha256"]),
+                files=int(data["files"]),
+                unpacked_size=int(data["unpacked_size"]),
+                relocations=tuple(relocations),
+                envmgr_version=str(data.get("envmgr_version", "")),
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError, ArchiveError) as exc:
+            raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None
+        if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256) or manifest.size < 0:
+            raise ArchiveError(f"{where}: bad sha256 or size")
+        if not manifest.build_prefix.startswith("/"):
+            raise ArchiveError(f"{where}: build prefix must be absolute")
+        return manifest
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PackResult:
+    size: int
+    sha256: str
+    files: int
+    unpacked_size: int
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes what passes through to *target*."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        self.target = target
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        self.target.write(chunk)
+        return len(chunk)
+
+
+def _walk(prefix: Path) -> Iterator[Path]:
+    """Every path under *prefix*, directories before their contents, in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(prefix):
+        real = [d for d in dirnames if not Path(dirpath, d).is_symlink()]
+        links = [d for d in dirnames if Path(dirpath, d).is_symlink()]
+        dirnames[:] = sorted(real)
+        for name in sorted(filenames + links):
+            yield Path(dirpath, name)
+        for name in dirnames:
+            yield Path(dirpath, name)
+
+
+def _members(prefix: Path) -> list[Path]:
+    return sorted(_walk(prefix), key=lambda p: p.relative_to(prefix).as_posix())
+
+
+def scan_relocations(prefix: Path) -> tuple[Relocation, ...]:
+    """Files containing *prefix*: ``text`` if they hold no NUL byte, else ``binary``
+    (``.pyc`` files excepted: see below)."""
+    needle = str(prefix).encode()
+    found = []
+    for path in _members(prefix):
+        rel = path.relative_to(prefix).as_posix()
+        if path.is_symlink():
+            continue  # pack makes links into the prefix relative
+        if path.suffix == ".pyc":
+            # The prefix in a .pyc is only co_filename (for tracebacks), stored as a
+            # length-prefixed string: NUL padding would corrupt it; the bytecode stays valid.
+            continue
+        if path.is_file():
+            data = path.read_bytes()
+            if needle in data:
+                found.append(Relocation(path=rel, mode="binary" if b"\0" in data else "text"))
+    return tuple(found)
+
+
+def pack(
+    prefix: Path, out: IO[bytes], *, codec: Codec = "zst", level: int = 3, threads: int = 0
+) -> PackResult:
+    """Stream a deterministic archive of *prefix* into *out*; returns size and sha256.
+
+    *threads* is zstd's worker count (0: all cores). Cost: one read of every file.
+    """
+    hashing = _HashingWriter(out)
+    if codec == "zst":
+        import zstandard  # noqa: PLC0415
+
+        compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1)
+        stream: Any = compressor.stream_writer(cast(IO[bytes], hashing), closefd=False)
+    else:
+        stream = gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=min(level, 9), mtime=0)
+    files = unpacked = 0
+    with stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for path in _members(prefix):
+            rel = path.relative_to(prefix).as_posix()
+            info = tarfile.TarInfo(rel)
+            info.mtime = ARCHIVE_MTIME
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                info.type = tarfile.SYMTYPE
+                target = str(path.readlink())
+                if target.startswith(str(prefix)):  # keep links inside the env relative
+                    target = os.path.relpath(target, path.parent)
+                info.linkname = target
+                info.mode = 0o777
+                tar.addfile(info)
+            elif stat.S_ISDIR(st.st_mode):
+                info.type = tarfile.DIRTYPE
+                info.mode = stat.S_IMODE(st.st_mode) | 0o700
+                tar.addfile(info)
+            elif stat.S_ISREG(st.st_mode):
+                info.size = st.st_size
+                info.mode = stat.S_IMODE(st.st_mode) | 0o600
+                with path.open("rb") as handle:
+                    tar.addfile(info, handle)
+                files += 1
+                unpacked += st.st_size
+            else:
+                raise ArchiveError(f"{path}: not a file, directory or symlink; cannot pack it")
+    return PackResult(
+        size=hashing.size, sha256=hashing.digest.hexdigest(), files=files, unpacked_size=unpacked
+    )
+
+
+def _safe_name(name: str) -> str:
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise ArchiveError(f"unsafe member name {name!r}")
+    return pure.as_posix()
+
+
+def _inside(dest: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(dest.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
+    """Extract the archive stream *source* into the empty or new directory *dest*.
+
+    Raises ``ArchiveError`` for unsafe members (absolute or ``..`` names, links pointing out
+    of *dest*, devices, FIFOs), and when the members exceed the manifest's declared size.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    if manifest.codec == "zst":
+        import zstandard  # noqa: PLC0415
+
+        stream: Any = zstandard.ZstdDecompressor().stream_reader(source, closefd=False)
+    else:
+        stream = gzip.GzipFile(fileobj=source, mode="rb")
+    budget = manifest.unpacked_size
+    deferred_dirs: list[tuple[Path, int]] = []
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                name = _safe_name(member.name)
+                target = dest / name
+                if not _inside(dest, target.parent):
+                    raise ArchiveError(f"member {name!r} would be written outside the env")
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    deferred_dirs.append((target, member.mode & 0o777))
+                elif member.issym():
+                    link = member.linkname
+                    if link.startswith("/") or not _inside(dest, target.parent / link):
+                        raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.symlink_to(link)
+                elif member.isfile():
+                    budget -= member.size
+                    if budget < 0:
+                        raise ArchiveError("archive holds more data than its manifest declares")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    handle = tar.extractfile(member)
+                    if handle is None:
+                        raise ArchiveError(f"cannot read member {name!r}")
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as out:
+                        while chunk := handle.read(_CHUNK):
+                            out.write(chunk)
+                    os.chmod(target, member.mode & 0o777)  # noqa: PTH101 - fd already closed
+                else:
+                    raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if isinstance(exc, FileExistsError):
+            raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
+        raise ArchiveError(f"damaged archive: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("zstd"):
+            raise ArchiveError(f"damaged archive: {exc}") from None
+        raise
+    for directory, mode in reversed(deferred_dirs):
+        directory.chmod(mode | 0o700)
+
+
+def _replace_binary(data: bytes, old: bytes, new: bytes) -> bytes:
+    """Replace *old* by *new* inside NUL-terminated strings, padding each with NULs."""
+    pattern = re.compile(re.escape(old) + rb"([^\0]*?)\0")
+
+    def swap(match: re.Match[bytes]) -> bytes:
+        whole = match.group(0)
+        inner = whole[:-1].replace(old, new)
+        return inner + b"\0" * (len(whole) - len(inner))
+
+    return pattern.sub(swap, data)
+
+
+def relocate(dest: Path, manifest: Manifest, new_prefix: str | None = None) -> None:
+    """Rewrite the manifest's relocation list for the env now at *dest* (or *new_prefix*,
+    where it will be published). Raises ``ArchiveError`` if binary files cannot hold it."""
+    new = (new_prefix or str(dest)).encode()
+    old = manifest.build_prefix.encode()
+    binary = [r for r in manifest.relocations if r.mode == "binary"]
+    if binary and len(new) > len(old):
+        raise ArchiveError(
+            f"cannot relocate env {manifest.env_id} to {new.decode()}: {len(binary)} binary "
+            f"files hold the {len(old)}-character build prefix and the new prefix is longer",
+            hint="use a shorter ENVMGR_CACHE_DIR",
+        )
+    for item in manifest.relocations:
+        path = dest / item.path
+        if not _inside(dest, path.parent):
+            raise ArchiveError(f"relocation entry {item.path!r} points outside the env")
+        if item.mode == "symlink":
+            if path.is_symlink():
+                target = str(path.readlink()).replace(old.decode(), new.decode())
+                path.unlink()
+                path.symlink_to(target)
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise ArchiveError(f"relocation entry {item.path!r} is not a file in the env")
+        data = path.read_bytes()
+        changed = data.replace(old, new) if item.mode == "text" else _replace_binary(data, old, new)
+        if changed != data:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            path.chmod(mode | 0o200)
+            path.write_bytes(changed)
+            path.chmod(mode)

@@ -1,0 +1,428 @@
+"""Build an env from its lock once, pack it, and store it; other builders wait for it.
+
+:func:`create_prefix` installs a :class:`~envmgr.lock.PlatformLock` of the host platform into a
+prefix: conda packages with py-rattler's installer (shared package cache, hardlinks where it
+can), then the PyPI wheels (downloaded once into a cache by sha256, hashes checked) with PyPA's
+``installer``, scripts pointing at the env's python. The build prefix is long (240 characters)
+so the env can be relocated to any shorter path.
+
+:func:`build_and_store` makes that happen once across machines: a lease object taken with a
+conditional put (``If-None-Match: *``) names the builder and an expiry; others poll for the
+manifest instead of building, take over an expired lease, and a failed build releases its
+lease. The archive is uploaded first, then the env's conda-lock file, then the manifest, which
+is the only thing readers trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from envmgr import __version__
+from envmgr.archive import Codec, Manifest, pack, scan_relocations
+from envmgr.cache import Store
+from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
+from envmgr.errors import EnvmgrError
+from envmgr.lock import Lock, PlatformLock, strip_credentials, write_conda_lock
+from envmgr.platforms import host_platform
+
+__all__ = [
+    "BUILD_PREFIX_LENGTH",
+    "BuildError",
+    "BuildOptions",
+    "BuildOutcome",
+    "build_and_store",
+    "build_prefix",
+    "create_prefix",
+    "read_manifest",
+]
+
+#: Length of every build prefix; envs relocate to any path up to this long.
+BUILD_PREFIX_LENGTH = 240
+DEFAULT_BUILD_ROOT = "/tmp/envmgr-builds"  # noqa: S108 - shared on purpose, see build_prefix
+_SITE = "lib/python{xy}/site-packages"
+_NOARCH: dict[str, Literal["python", "generic"]] = {"python": "python", "generic": "generic"}
+
+
+class BuildError(EnvmgrError):
+    """An env could not be built, packed or stored; names the env and what failed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildOptions:
+    """How to build: where, with which codec, and how long to wait for other builders."""
+
+    store: Store
+    cache_dir: Path
+    codec: Codec = "zst"
+    level: int = 3
+    lease_seconds: float = 3600.0
+    wait_timeout: float = 3600.0
+    poll_seconds: float = 0.5
+    holder: str = ""
+    on_progress: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildOutcome:
+    env_id: str
+    platform: str
+    status: Literal["built", "present", "waited"]
+    manifest: Manifest
+    seconds: float
+
+
+def build_prefix(env_id: str, root: str | None = None) -> Path:
+    """``<root>/<env_id>_ppp…``, exactly :data:`BUILD_PREFIX_LENGTH` characters.
+
+    The root is the same on every machine (``ENVMGR_BUILD_ROOT``, default
+    ``/tmp/envmgr-builds``): the build prefix is written into the env's files, so a
+    machine-independent prefix makes two builds of one lock give the same archive.
+    """
+    root = root or os.environ.get("ENVMGR_BUILD_ROOT") or DEFAULT_BUILD_ROOT
+    base = f"{root.rstrip('/')}/{env_id}_"
+    if not root.startswith("/") or len(base) >= BUILD_PREFIX_LENGTH:
+        raise BuildError(
+            f"build root {root!r} must be an absolute path shorter than "
+            f"{BUILD_PREFIX_LENGTH - 34} characters",
+            hint="set ENVMGR_BUILD_ROOT",
+        )
+    return Path(base + "p" * (BUILD_PREFIX_LENGTH - len(base)))
+
+
+def _records(lock: PlatformLock) -> list[Any]:
+    import rattler  # noqa: PLC0415
+
+    records = []
+    for pkg in lock.packages:
+        if pkg.manager != "conda":
+            continue
+        build_number = pkg.build.rsplit("_", 1)[-1]
+        record = rattler.PackageRecord(
+            name=pkg.name,
+            version=pkg.version,
+            build=rattler.BuildString(pkg.build),
+            build_number=int(build_number) if build_number.isdigit() else 0,
+            subdir=pkg.subdir,
+            noarch=_NOARCH.get(pkg.noarch),
+            depends=list(pkg.depends),
+            sha256=bytes.fromhex(pkg.sha256),
+            md5=bytes.fromhex(pkg.md5) if pkg.md5 else None,
+            size=pkg.size or None,
+        )
+        channel = pkg.url.rsplit("/", 2)[0] + "/"
+        records.append(rattler.RepoDataRecord(record, pkg.url.rsplit("/", 1)[-1], pkg.url, channel))
+    return records
+
+
+def _python_xy(lock: PlatformLock) -> str | None:
+    python = lock.names().get("python")
+    if python is None or python.manager != "conda":
+        return None
+    return ".".join(python.version.split(".")[:2])
+
+
+def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
+    """The wheel at *url*, from the wheel cache or downloaded and checked against *sha256*."""
+    import hashlib  # noqa: PLC0415
+    from urllib.parse import unquote, urlsplit  # noqa: PLC0415
+
+    import requests  # noqa: PLC0415
+
+    # installer needs the real file name (it carries the wheel's tags).
+    target = cache / sha256 / unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".dl-")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if url.startswith("file://"):
+                with Path(unquote(urlsplit(url).path)).open("rb") as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+            else:
+                with requests.get(url, stream=True, timeout=60) as answer:
+                    if answer.status_code != 200:
+                        raise BuildError(
+                            f"download {strip_credentials(url)}: HTTP {answer.status_code}"
+                        )
+                    for chunk in answer.iter_content(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise BuildError(
+                f"{strip_credentials(url)} does not match its locked sha256",
+                hint="the index serves a different file than when it was locked",
+            )
+        Path(tmp).replace(target)
+    except requests.RequestException as exc:
+        raise BuildError(f"download {strip_credentials(url)}: {type(exc).__name__}") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _install_wheels(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
+    from installer import install  # noqa: PLC0415
+    from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
+    from installer.sources import WheelFile  # noqa: PLC0415
+
+    wheels = [p for p in lock.packages if p.manager == "pypi"]
+    if not wheels:
+        return
+    xy = _python_xy(lock)
+    if xy is None:
+        raise BuildError(f"env {lock.env_id}: PyPI packages need a conda python in the lock")
+    site = prefix / _SITE.format(xy=xy)
+    scheme = {
+        "purelib": str(site),
+        "platlib": str(site),
+        "scripts": str(prefix / "bin"),
+        "data": str(prefix),
+        "headers": str(prefix / "include" / f"python{xy}"),
+    }
+    host_xy = f"{sys.version_info.major}.{sys.version_info.minor}"
+    destination = SchemeDictionaryDestination(
+        scheme,
+        interpreter=str(prefix / "bin" / f"python{xy}"),
+        script_kind="posix",
+        # Byte-compile only with a matching interpreter; otherwise the env compiles on use.
+        bytecode_optimization_levels=(0,) if xy == host_xy else (),
+    )
+    for wheel in wheels:
+        path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
+        try:
+            with WheelFile.open(path) as source:
+                install(source, destination, additional_metadata={"INSTALLER": b"envmgr\n"})
+        except Exception as exc:
+            raise BuildError(
+                f"env {lock.env_id}: installing {wheel.name} {wheel.version} failed: {exc}"
+            ) from None
+
+
+def _normalise_metadata(prefix: Path) -> None:
+    """Drop machine-specific paths (the package cache) from conda-meta, for a reproducible
+    archive; ``conda``/``rattler`` do not need them to read the env."""
+    meta = prefix / "conda-meta"
+    for path in sorted(meta.glob("*.json")):
+        data = json.loads(path.read_text())
+        for key in ("extracted_package_dir", "package_tarball_full_path"):
+            data.pop(key, None)
+        if isinstance(data.get("link"), dict):
+            data["link"].pop("source", None)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def create_prefix(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
+    """Install *lock* (which must be for this host's platform) into the new *prefix*."""
+    import rattler  # noqa: PLC0415
+
+    if lock.platform != host_platform():
+        raise BuildError(
+            f"env {lock.env_id} is for {lock.platform}; this host builds "
+            f"{host_platform()} envs only",
+            hint="the first worker of that platform builds it",
+        )
+    # Checked-hash .pyc files do not depend on file times: the archive stays reproducible
+    # and the unpacked env's bytecode stays valid.
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "946684800")
+    try:
+        asyncio.run(
+            rattler.install(
+                _records(lock),
+                target_prefix=prefix,
+                cache_dir=cache_dir / "pkgs",
+                show_progress=False,
+            )
+        )
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:500]
+        raise BuildError(
+            f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
+        ) from None
+    _install_wheels(lock, prefix, cache_dir)
+    _normalise_metadata(prefix)
+
+
+def read_manifest(store: Store, platform: str, env_id: str) -> Manifest | None:
+    """The stored manifest of an env, or ``None``; raises if it is there but unreadable."""
+    key = manifest_key(platform, env_id)
+    raw = store.get(key)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise BuildError(f"{store.url}/{key} is not JSON") from None
+    return Manifest.from_dict(data, where=f"{store.url}/{key}")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _take_lease(store: Store, env_id: str, options: BuildOptions) -> bool:
+    """Take the build lease (True), or find it held and unexpired (False)."""
+    key = lease_key(env_id)
+    holder = options.holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    body = json.dumps(
+        {"holder": holder, "expires": time.time() + options.lease_seconds, "taken": _now()}
+    ).encode()
+    if store.put_if_absent(key, body):
+        return True
+    raw = store.get(key)
+    try:
+        expires = float(json.loads(raw or b"{}").get("expires", 0))
+    except ValueError:
+        expires = 0.0
+    if raw is not None and expires > time.time():
+        return False
+    # Expired (its holder died) or vanished: remove it and race for it once more.
+    store.delete(key)
+    return store.put_if_absent(key, body)
+
+
+def _wait_for_manifest(lock: PlatformLock, options: BuildOptions) -> Manifest | None:
+    """Poll (with backoff) until the manifest appears or the lease is gone; ``None`` means the
+    builder gave up and the caller should try to build."""
+    deadline = time.monotonic() + options.wait_timeout
+    delay = options.poll_seconds
+    while time.monotonic() < deadline:
+        manifest = read_manifest(options.store, lock.platform, lock.env_id)
+        if manifest is not None:
+            return manifest
+        if not options.store.exists(lease_key(lock.env_id)):
+            return read_manifest(options.store, lock.platform, lock.env_id)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 10.0)
+    raise BuildError(
+        f"env {lock.env_id}: waited {options.wait_timeout:.0f}s for another builder's manifest",
+        hint=f"check {options.store.url}/"
+        f"{lease_key(lock.env_id)}; delete it if its builder is gone",
+    )
+
+
+def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
+    """Make sure the store has the packed env of *lock*, building it here only if no one else
+    has or is. Raises ``BuildError`` (or a store error)."""
+    start = time.monotonic()
+    store = options.store
+
+    def done(status: Literal["built", "present", "waited"], manifest: Manifest) -> BuildOutcome:
+        return BuildOutcome(
+            env_id=lock.env_id,
+            platform=lock.platform,
+            status=status,
+            manifest=manifest,
+            seconds=time.monotonic() - start,
+        )
+
+    while True:
+        manifest = read_manifest(store, lock.platform, lock.env_id)
+        if manifest is not None:
+            return done("present", manifest)
+        if _take_lease(store, lock.env_id, options):
+            break
+        if options.on_progress:
+            options.on_progress(f"env {lock.env_id}: another builder holds the lease; waiting")
+        manifest = _wait_for_manifest(lock, options)
+        if manifest is not None:
+            return done("waited", manifest)
+    try:
+        manifest = read_manifest(store, lock.platform, lock.env_id)  # built while we raced
+        if manifest is not None:
+            return done("present", manifest)
+        return done("built", _build(lock, options))
+    finally:
+        store.delete(lease_key(lock.env_id))
+
+
+def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
+    prefix = build_prefix(lock.env_id)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(
+            f"cannot create the build root {prefix.parent}: {exc.strerror}",
+            hint="set ENVMGR_BUILD_ROOT to a writable absolute path",
+        ) from None
+    # Two builders of one env on one host (different stores) share the prefix path: take
+    # turns. The kernel drops the lock if the holder dies.
+    with _host_lock(prefix.parent / f"{lock.env_id}.lock"):
+        return _build_in(lock, options, prefix)
+
+
+@contextlib.contextmanager
+def _host_lock(path: Path) -> Iterator[None]:
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manifest:
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    try:
+        if options.on_progress:
+            options.on_progress(f"env {lock.env_id}: installing {len(lock.packages)} packages")
+        create_prefix(lock, prefix, options.cache_dir)
+        relocations = scan_relocations(prefix)
+        with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".pack-") as tmp:
+            archive = Path(tmp) / f"env.tar.{options.codec}"
+            with archive.open("wb") as out:
+                result = pack(prefix, out, codec=options.codec, level=options.level)
+            manifest = Manifest(
+                env_id=lock.env_id,
+                platform=lock.platform,
+                build_prefix=str(prefix),
+                codec=options.codec,
+                size=result.size,
+                sha256=result.sha256,
+                files=result.files,
+                unpacked_size=result.unpacked_size,
+                relocations=relocations,
+                envmgr_version=__version__,
+                created=_now(),
+            )
+            if options.on_progress:
+                options.on_progress(f"env {lock.env_id}: uploading {result.size} bytes")
+            options.store.put_file(archive_key(lock.platform, lock.env_id, options.codec), archive)
+            lock_file = Path(tmp) / "conda-lock.yml"
+            write_conda_lock(
+                Lock(
+                    platforms=(lock,),
+                    spec_id=lock.spec_id,
+                    envmgr_version=__version__,
+                    created=manifest.created,
+                ),
+                lock_file,
+            )
+            options.store.put_file(env_lock_key(lock.platform, lock.env_id), lock_file)
+            # The manifest goes last: it is the commit point readers trust.
+            options.store.put(
+                manifest_key(lock.platform, lock.env_id),
+                json.dumps(manifest.to_dict(), sort_keys=True).encode(),
+            )
+        return manifest
+    finally:
+        shutil.rmtree(prefix, ignore_errors=True)
