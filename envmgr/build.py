@@ -225,8 +225,10 @@ def _normalise_metadata(prefix: Path) -> None:
         data = json.loads(path.read_text())
         for key in ("extracted_package_dir", "package_tarball_full_path"):
             data.pop(key, None)
-        if isinstance(data.get("link"), dict):
-            data["link"].pop("source", None)
+        link = data.get("link")
+        if isinstance(link, dict) and "source" in link:
+            # Where the package cache was on the build machine; conda-pack needs the key.
+            link["source"] = f"pkgs/{Path(str(link['source'])).name}"
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

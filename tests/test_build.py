@@ -296,6 +296,12 @@ def test_cli_build_twice_and_other_platforms(conda_channel, tmp_path):
     second = _cli(*args, "--json", env=env)
     rows = json.loads(second.stdout)["envs"]
     assert [r["status"] for r in rows] == ["present", "deferred"]
+    lock_file = tmp_path / "x.conda-lock.yml"
+    resolved = _cli("resolve", *args[1:], "-o", str(lock_file), env=env)
+    assert resolved.returncode == 0, resolved.stderr
+    from_lock = _cli("build", "--from-lock", str(lock_file), "--json", env=env)
+    assert from_lock.returncode == 0, from_lock.stderr
+    assert [r["status"] for r in json.loads(from_lock.stdout)["envs"]] == ["present", "deferred"]
 
 
 def test_two_processes_build_once_on_s3(s3_server, s3_bucket, conda_channel, tmp_path):

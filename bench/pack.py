@@ -1,0 +1,151 @@
+"""Packing, side by side on one env: envmgr (tar.zst, tar.gz) vs conda-pack (tar.zst, tar.gz)
+vs plain ``tar | zstd``, then unpacking (envmgr's safe unpack + relocation vs plain untar).
+
+    python bench/pack.py [--packages numpy,tabulate,...]
+
+The env is installed from the offline fixture channel with envmgr's builder. Needs
+``conda-pack`` (``pip install conda-pack``) and the ``tar`` and ``zstd`` commands where
+available; missing peers are reported, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.monotonic()
+    action()
+    return time.monotonic() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    from envmgr.archive import Manifest, pack, relocate, scan_relocations, unpack
+    from envmgr.build import build_prefix, create_prefix
+    from envmgr.cache.local import LocalStore
+    from envmgr.resolution import ResolveOptions, resolve_specs
+    from envmgr.spec import CondaDep, EnvSpec
+    from fixtures.conda_channel import cached_channel
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packages", default="numpy,tabulate,python-dateutil,requests,pip")
+    args = parser.parse_args(argv)
+    rows: list[tuple[str, float, int, str]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
+        work = Path(tmp)
+        options = ResolveOptions(
+            store=LocalStore(work / "store"),
+            cache_dir=work / "cache",
+            platforms=("linux-64",),
+            default_channels=(cached_channel().as_uri(),),
+            env={},
+        )
+        spec = EnvSpec(
+            python="3.11.*", conda=tuple(CondaDep.parse(p) for p in args.packages.split(","))
+        )
+        lock = resolve_specs({"bench": spec}, options)[0].lock
+        prefix = build_prefix(lock.env_id, str(work / "b"))
+        create_prefix(lock, prefix, work / "cache")
+        size = sum(
+            p.stat().st_size for p in prefix.rglob("*") if p.is_file() and not p.is_symlink()
+        )
+        print(f"env: {len(lock.packages)} packages, {size / 1e6:.1f} MB on disk")
+
+        outputs: dict[str, Path] = {}
+        for codec, level in (("zst", 3), ("gz", 6)):
+            out = work / f"envmgr.tar.{codec}"
+            outputs[f"envmgr {codec}"] = out
+
+            def run(out: Path = out, codec: str = codec, level: int = level) -> None:
+                with out.open("wb") as handle:
+                    pack(prefix, handle, codec=codec, level=level)  # type: ignore[arg-type]
+                scan_relocations(prefix)
+
+            rows.append(
+                (
+                    f"envmgr pack tar.{codec} (+ relocation scan)",
+                    _timed(run),
+                    out.stat().st_size,
+                    "",
+                )
+            )
+        conda_pack = shutil.which("conda-pack") or str(Path(sys.executable).parent / "conda-pack")
+        for ext in ("tar.zst", "tar.gz"):
+            out = work / f"conda-pack.{ext}"
+            cmd = [
+                conda_pack,
+                "-p",
+                str(prefix),
+                "-o",
+                str(out),
+                "--quiet",
+                "--n-threads",
+                "-1",
+                "--ignore-missing-files",
+            ]
+            seconds = _timed(lambda cmd=cmd: subprocess.run(cmd, check=False, capture_output=True))
+            note = "" if out.exists() else "failed"
+            rows.append(
+                (f"conda-pack {ext}", seconds, out.stat().st_size if out.exists() else 0, note)
+            )
+        if shutil.which("tar") and shutil.which("zstd"):
+            out = work / "plain.tar.zst"
+            seconds = _timed(
+                lambda: subprocess.run(
+                    f"tar -C {prefix} -cf - . | zstd -q -3 -T0 -o {out}", shell=True, check=True
+                )
+            )
+            rows.append(("plain tar | zstd -3 -T0", seconds, out.stat().st_size, ""))
+        else:
+            rows.append(("plain tar | zstd", 0.0, 0, "zstd command not installed"))
+
+        manifest = Manifest(
+            env_id=lock.env_id,
+            platform="linux-64",
+            build_prefix=str(prefix),
+            codec="zst",
+            size=0,
+            sha256="0" * 64,
+            files=0,
+            unpacked_size=size * 2,
+            relocations=scan_relocations(prefix),
+        )
+        dest = work / "u"
+
+        def unpack_envmgr() -> None:
+            with outputs["envmgr zst"].open("rb") as handle:
+                unpack(handle, dest, manifest)
+            relocate(dest, manifest)
+
+        rows.append(("envmgr unpack + relocate (zst)", _timed(unpack_envmgr), 0, "unpack"))
+        plain = work / "plain-u"
+        plain.mkdir()
+        if shutil.which("zstd"):
+            seconds = _timed(
+                lambda: subprocess.run(
+                    f"zstd -dc -T0 {outputs['envmgr zst']} | tar -C {plain} -xf -",
+                    shell=True,
+                    check=True,
+                )
+            )
+            rows.append(("plain zstd -d | tar -x (same archive)", seconds, 0, "unpack"))
+    base = next(r[1] for r in rows if r[0].startswith("envmgr pack tar.zst"))
+    print(f"{'what':<42}{'seconds':>9}{'MB':>8}{'vs envmgr zst':>15}")
+    for what, seconds, nbytes, note in rows:
+        size = f"{nbytes / 1e6:.1f}" if nbytes else "-"
+        print(f"{what:<42}{seconds:>9.2f}{size:>8}{seconds / base:>14.2f}x  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
