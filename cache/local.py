@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from envmgr.cache.store import StoreError, check_key
 
@@ -92,6 +93,14 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
         return True
+
+    def open(self, key: str) -> IO[bytes] | None:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
 
     def size(self, key: str) -> int | None:
         try:

@@ -9,10 +9,13 @@ backoff (botocore's ``standard`` mode). ``put_if_absent`` is a conditional ``Put
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 from envmgr.cache.store import StoreError, check_key
@@ -129,6 +132,12 @@ class S3Store:
             raise self._fail(key, exc) from None
         return True
 
+    def open(self, key: str) -> IO[bytes] | None:
+        size = self.size(key)
+        if size is None:
+            return None
+        return cast(IO[bytes], _RangedReader(self, key, size))
+
     def size(self, key: str) -> int | None:
         try:
             return int(
@@ -160,3 +169,63 @@ class S3Store:
         except Exception as exc:
             raise self._fail(prefix, exc) from None
         yield from sorted(keys)
+
+
+class _RangedReader(io.RawIOBase):
+    """Reads an object in order while a pool fetches the next parts with ranged GETs.
+
+    At most ``window`` parts are in flight or buffered, so memory stays bounded; each part is
+    retried by botocore. Closing it cancels what is still pending.
+    """
+
+    def __init__(
+        self, store: S3Store, key: str, size: int, *, part: int = 8 * _MiB, window: int = 0
+    ) -> None:
+        super().__init__()
+        self.store, self.key, self.total, self.part = store, key, size, part
+        self.window = window or store.threads * 2
+        self.pool = ThreadPoolExecutor(
+            max_workers=store.threads, thread_name_prefix="envmgr-s3-get"
+        )
+        self.parts = [(start, min(start + part, size) - 1) for start in range(0, size, part)]
+        self.pending: dict[int, Future[bytes]] = {}
+        self.next_submit = 0
+        self.next_read = 0
+        self.buffer = memoryview(b"")
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, index: int) -> bytes:
+        data = self.store.get(self.key, self.parts[index])
+        if data is None or len(data) != self.parts[index][1] - self.parts[index][0] + 1:
+            raise StoreError(self.store.url, self.key, "object changed or vanished while read")
+        return data
+
+    def _fill(self) -> None:
+        while (
+            self.next_submit < len(self.parts) and self.next_submit - self.next_read < self.window
+        ):
+            self.pending[self.next_submit] = self.pool.submit(self._fetch, self.next_submit)
+            self.next_submit += 1
+
+    def readinto(self, target: Any) -> int:
+        if not self.buffer:
+            if self.next_read >= len(self.parts):
+                return 0
+            self._fill()
+            self.buffer = memoryview(self.pending.pop(self.next_read).result())
+            self.next_read += 1
+            self._fill()
+        count = min(len(target), len(self.buffer))
+        target[:count] = self.buffer[:count]
+        self.buffer = self.buffer[count:]
+        return count
+
+    def close(self) -> None:
+        if not self.closed:
+            for future in self.pending.values():
+                future.cancel()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        super().close()

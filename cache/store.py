@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from envmgr.errors import EnvmgrError
 
@@ -58,6 +58,11 @@ class Store(Protocol):
 
     def get_file(self, key: str, path: Path) -> bool:
         """Download to *path* (parallel ranges where the store has them); ``False`` if absent."""
+        ...
+
+    def open(self, key: str) -> IO[bytes] | None:
+        """A sequential reader of the object (parallel ranged reads where the store has
+        them), or ``None`` when it does not exist. The caller closes it."""
         ...
 
     def size(self, key: str) -> int | None:

@@ -10,6 +10,7 @@ import typer
 from envmgr import __version__
 from envmgr.cli._common import STATE
 from envmgr.cli.build import build
+from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
 from envmgr.cli.resolve import resolve
 from envmgr.errors import EnvmgrError
 
@@ -51,6 +52,10 @@ def _root(
 
 app.command()(resolve)
 app.command()(build)
+app.command("hydrate")(hydrate_command)
+app.command("run")(run_command)
+app.command("ls")(ls_command)
+app.command("gc")(gc_command)
 
 
 def main() -> None:

@@ -265,9 +265,7 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     """
     dest.mkdir(parents=True, exist_ok=True)
     if manifest.codec == "zst":
-        import zstandard  # noqa: PLC0415
-
-        stream: Any = zstandard.ZstdDecompressor().stream_reader(source, closefd=False)
+        stream: Any = _zstd_reader(source)
     else:
         stream = gzip.GzipFile(fileobj=source, mode="rb")
     budget = manifest.unpacked_size
@@ -313,6 +311,65 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
         raise
     for directory, mode in reversed(deferred_dirs):
         directory.chmod(mode | 0o700)
+
+
+def _zstd_reader(source: IO[bytes]) -> Any:
+    """A decompressing reader: the zstandard module, else the ``zstd`` program (workers
+    may bootstrap with the standard library and boto3 only)."""
+    try:
+        import zstandard  # noqa: PLC0415
+    except ImportError:
+        return _ZstdProcess(source)
+    return zstandard.ZstdDecompressor().stream_reader(source, closefd=False)
+
+
+class _ZstdProcess:
+    """``zstd -dc`` fed from *source* by a thread; reads its stdout."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        import shutil as _shutil  # noqa: PLC0415
+        import subprocess  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        program = _shutil.which("zstd")
+        if program is None:
+            raise ArchiveError(
+                "cannot decompress a .tar.zst: neither the zstandard module nor "
+                "the zstd program is installed",
+                hint="pip install zstandard",
+            )
+        self.process = subprocess.Popen(
+            [program, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        stdin = self.process.stdin
+        self.error: BaseException | None = None
+
+        def feed() -> None:
+            try:
+                while chunk := source.read(_CHUNK):
+                    stdin.write(chunk)  # type: ignore[union-attr]
+            except BaseException as exc:  # reported when the reader finishes
+                self.error = exc
+            finally:
+                stdin.close()  # type: ignore[union-attr]
+
+        self.thread = threading.Thread(target=feed, daemon=True)
+        self.thread.start()
+
+    def read(self, size: int = -1) -> bytes:
+        return self.process.stdout.read(size)  # type: ignore[union-attr]
+
+    def __enter__(self) -> _ZstdProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stdout.read()  # type: ignore[union-attr]
+        self.thread.join()
+        code = self.process.wait()
+        if self.error is not None:
+            raise self.error
+        if code != 0:
+            raise ArchiveError(f"zstd failed with exit code {code} (damaged archive?)")
 
 
 def _replace_binary(data: bytes, old: bytes, new: bytes) -> bytes:

@@ -1,0 +1,229 @@
+"""``envmgr hydrate``, ``run``, ``ls`` and ``gc``: envs on this machine."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._inputs import ChannelOpt, ExtraIndexOpt, IndexOpt, JsonOpt, StoreOpt
+from envmgr.config import cache_dir, default_channels, default_store_url
+
+__all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
+
+_ENV_ID = re.compile(r"^[0-9a-f]{32}$")
+
+TargetArg = Annotated[str, typer.Argument(help="An env id, a conda-lock file, or FLOW.py:step.")]
+
+
+def _resolve_target(
+    target: str,
+    store_url: str,
+    channel: list[str],
+    index_url: str | None,
+    extra_index_url: list[str],
+) -> tuple[str, tuple[str, ...]]:
+    """The env id of *target* for this host, building it into the store when needed."""
+    if _ENV_ID.match(target):
+        return target, ()
+    from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.platforms import host_platform  # noqa: PLC0415
+
+    store = open_store(store_url)
+    if ":" in target and target.rsplit(":", 1)[0].endswith(".py"):
+        from envmgr.cli._inputs import gather  # noqa: PLC0415
+        from envmgr.resolution import resolve_specs  # noqa: PLC0415
+
+        flow, step = target.rsplit(":", 1)
+        inputs = gather(
+            flow=Path(flow),
+            env_file=[],
+            requirements=[],
+            conda=[],
+            pypi=[],
+            python=None,
+            platform=[host_platform()],
+            channel=channel,
+            index_url=index_url,
+            extra_index_url=extra_index_url,
+            store=store_url,
+            cuda=None,
+        )
+        if step not in inputs.specs:
+            fail(
+                f"{flow}: no step {step!r} with an environment (steps with one: "
+                f"{', '.join(inputs.specs) or 'none'})"
+            )
+        result = resolve_specs({step: inputs.specs[step]}, inputs.options)[0]
+        lock = result.lock
+        steps: tuple[str, ...] = (step,)
+    elif Path(target).is_file():
+        from envmgr.lock import read_conda_lock  # noqa: PLC0415
+
+        lock = read_conda_lock(Path(target)).for_platform(host_platform())
+        steps = ()
+    else:
+        fail(f"{target!r} is not an env id (32 hex digits), a lock file or FLOW.py:step")
+    build_and_store(lock, BuildOptions(store=store, cache_dir=cache_dir()))
+    return lock.env_id, steps
+
+
+def _hydrate(
+    target: str,
+    store: str | None,
+    channel: list[str],
+    index_url: str | None,
+    extra_index_url: list[str],
+) -> tuple[Path, bool, tuple[str, ...]]:
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.hydrate import hydrate  # noqa: PLC0415
+    from envmgr.local_envs import record_steps  # noqa: PLC0415
+
+    store_url = store or default_store_url()
+    env_id, steps = _resolve_target(
+        target, store_url, channel or list(default_channels()), index_url, extra_index_url
+    )
+    result = hydrate(env_id, open_store(store_url), cache_dir())
+    if steps:
+        record_steps(cache_dir(), env_id, steps)
+    return result.prefix, result.downloaded, steps
+
+
+def hydrate_command(
+    target: TargetArg,
+    store: StoreOpt = None,
+    channel: ChannelOpt = [],
+    index_url: IndexOpt = None,
+    extra_index_url: ExtraIndexOpt = [],
+    as_json: JsonOpt = False,
+) -> None:
+    """Make the env available in the local cache and print its python."""
+    start = time.monotonic()
+    prefix, downloaded, _steps = _hydrate(target, store, channel, index_url, extra_index_url)
+    if as_json:
+        emit_json(
+            {
+                "env_id": prefix.name,
+                "prefix": str(prefix),
+                "python": str(prefix / "bin" / "python"),
+                "downloaded": downloaded,
+                "seconds": round(time.monotonic() - start, 3),
+            }
+        )
+    else:
+        typer.echo(prefix / "bin" / "python")
+
+
+def run_command(
+    target: TargetArg,
+    command: Annotated[list[str], typer.Argument(help="The command, after --.")],
+    store: StoreOpt = None,
+    channel: ChannelOpt = [],
+    index_url: IndexOpt = None,
+    extra_index_url: ExtraIndexOpt = [],
+) -> None:
+    """Hydrate TARGET, then run COMMAND inside the env (its bin first on PATH)."""
+    from envmgr.local_envs import hold_for_use  # noqa: PLC0415
+
+    if not command:
+        fail("give the command to run after --, e.g. envmgr run ID -- python -V")
+    prefix, _downloaded, _steps = _hydrate(target, store, channel, index_url, extra_index_url)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "PYTHONPATH",
+            "PYTHONHOME",
+            "VIRTUAL_ENV",
+            "CONDA_PREFIX",
+            "CONDA_DEFAULT_ENV",
+            "PYTHONSTARTUP",
+        )
+    }
+    env.update(
+        {
+            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "CONDA_PREFIX": str(prefix),
+            "CONDA_DEFAULT_ENV": prefix.name,
+            "PYTHONNOUSERSITE": "1",
+            "ENVMGR_ENV_ID": prefix.name,
+        }
+    )
+    program = command[0]
+    if "/" not in program and (prefix / "bin" / program).exists():
+        program = str(prefix / "bin" / program)
+    with hold_for_use(cache_dir(), prefix.name) as fd:
+        os.set_inheritable(fd, True)  # the command keeps the env from being collected
+        sys.stdout.flush()
+        try:
+            os.execvpe(program, [program, *command[1:]], env)  # noqa: S606
+        except OSError as exc:
+            fail(f"cannot run {command[0]!r} in env {prefix.name}: {exc.strerror}", code=127)
+
+
+def ls_command(as_json: JsonOpt = False) -> None:
+    """List the envs in the local cache, most recently used first."""
+    from envmgr.local_envs import list_envs  # noqa: PLC0415
+
+    envs = list_envs(cache_dir())
+    if as_json:
+        emit_json(
+            {
+                "cache_dir": str(cache_dir()),
+                "envs": [
+                    {
+                        "env_id": e.env_id,
+                        "prefix": str(e.prefix),
+                        "size": e.size,
+                        "last_used": e.last_used,
+                        "steps": list(e.steps),
+                    }
+                    for e in envs
+                ],
+            }
+        )
+        return
+    for e in envs:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        typer.echo(f"{e.env_id}  {e.size / 1e6:9.1f} MB  {used}  {', '.join(e.steps)}")
+
+
+def gc_command(
+    max_size: Annotated[str | None, typer.Option("--max-size", help="e.g. 20G")] = None,
+    older_than: Annotated[str | None, typer.Option("--older-than", help="e.g. 7d")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove least recently used envs from the local cache (never ones in use)."""
+    from envmgr.local_envs import gc, parse_age, parse_size  # noqa: PLC0415
+
+    if max_size is None and older_than is None:
+        fail("give --max-size and/or --older-than")
+    try:
+        size = parse_size(max_size) if max_size else None
+        age = parse_age(older_than) if older_than else None
+    except ValueError as exc:
+        fail(str(exc))
+    removed, busy = gc(cache_dir(), max_size=size, older_than=age, dry_run=dry_run)
+    if as_json:
+        emit_json(
+            {
+                "removed": [e.env_id for e in removed],
+                "in_use": [e.env_id for e in busy],
+                "freed": sum(e.size for e in removed),
+            }
+        )
+    elif not STATE.quiet:
+        verb = "would remove" if dry_run else "removed"
+        for e in removed:
+            typer.echo(f"{verb} {e.env_id} ({e.size / 1e6:.1f} MB)")
+        for e in busy:
+            typer.echo(f"kept {e.env_id}: in use by a running command")

@@ -1,0 +1,81 @@
+"""The worker entry point: ``python -m envmgr.bootstrap --store URL --env-id ID``.
+
+Hydrates the env (see :mod:`envmgr.hydrate`) and prints its python's path, or with
+``--json`` the prefix, the python and whether this call downloaded the archive. It imports only
+the standard library, boto3 (for ``s3://`` stores, on a cold call) and zstandard (else the
+``zstd`` program is used): no resolver, no conda-lock, no typer. Exit codes: 0 ok, 1 the env
+could not be hydrated (one line on stderr says why), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cache_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("ENVMGR_CACHE_DIR"):
+        return Path(os.environ["ENVMGR_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "envmgr"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m envmgr.bootstrap", description="Hydrate an env and print its python."
+    )
+    parser.add_argument("--env-id", required=True, help="the env to hydrate")
+    parser.add_argument(
+        "--store", default=os.environ.get("ENVMGR_STORE"), help="store URL (default ENVMGR_STORE)"
+    )
+    parser.add_argument("--cache-dir", default=None, help="default ENVMGR_CACHE_DIR")
+    parser.add_argument("--platform", default=None, help="default: this host's")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    args = parser.parse_args(argv)
+    cache_dir = _cache_dir(args.cache_dir)
+
+    from envmgr.hydrate import COMPLETE, env_dir, touch  # noqa: PLC0415
+
+    final = env_dir(cache_dir, args.env_id)
+    if (final / COMPLETE).is_file():  # warm: nothing else to import
+        touch(final)
+        downloaded = False
+    else:
+        if not args.store:
+            parser.error("--store or ENVMGR_STORE is required when the env is not cached")
+        from envmgr.cache import open_store  # noqa: PLC0415
+        from envmgr.errors import EnvmgrError  # noqa: PLC0415
+        from envmgr.hydrate import hydrate  # noqa: PLC0415
+
+        try:
+            result = hydrate(args.env_id, open_store(args.store), cache_dir, platform=args.platform)
+        except EnvmgrError as exc:
+            print(f"envmgr: error: {exc}", file=sys.stderr)
+            return 1
+        downloaded = result.downloaded
+    python = final / "bin" / "python"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "env_id": args.env_id,
+                    "prefix": str(final),
+                    "python": str(python),
+                    "downloaded": downloaded,
+                }
+            )
+        )
+    else:
+        print(python)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""Hydrate an env at task start: from the store to ``<cache>/envs/<env_id>``, once per host.
+
+A warm call is one ``stat``: the env directory exists only when complete, because it is
+published by renaming a finished temp directory into place. A cold call takes a per-env
+``flock`` (the kernel releases it if the holder dies), streams the archive once through sha256
+and the decompressor into a safe extractor writing a temp directory beside the final one,
+checks the hash, relocates the listed files for the final path, writes the completion marker
+and renames the directory into place. Concurrent callers wait on the lock and return the
+published env; temp directories of killed callers are removed by the next one.
+
+If the store has the env's lock but no archive for this platform, this worker builds it (the
+build-once lease keeps other workers waiting); only that path imports the builder.
+
+This module imports only the standard library (and, lazily, the store and archive modules);
+it sits on every task's start path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from envmgr.errors import EnvmgrError
+
+if TYPE_CHECKING:
+    from envmgr.archive import Manifest
+    from envmgr.cache.store import Store
+
+__all__ = ["COMPLETE", "HashMismatchError", "HydrateError", "Hydrated", "env_dir", "hydrate"]
+
+#: The marker file inside a published env; it holds the manifest's sha256.
+COMPLETE = ".envmgr-complete"
+
+
+class HydrateError(EnvmgrError):
+    """An env could not be hydrated; names the env, the store and what to do."""
+
+
+class HashMismatchError(HydrateError):
+    """The downloaded archive does not match its manifest's sha256."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hydrated:
+    prefix: Path
+    env_id: str
+    downloaded: bool  # this call fetched the archive (False: it was already here)
+    seconds: float
+
+    @property
+    def python(self) -> Path:
+        return self.prefix / "bin" / "python"
+
+
+def env_dir(cache_dir: Path, env_id: str) -> Path:
+    return cache_dir / "envs" / env_id
+
+
+@contextlib.contextmanager
+def _flock(path: Path, shared: bool = False) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def lock_path(cache_dir: Path, env_id: str, kind: str = "hydrate") -> Path:
+    return cache_dir / "envs" / ".locks" / f"{env_id}.{kind}"
+
+
+def touch(prefix: Path) -> None:
+    """Record a use of the env (``envmgr gc`` removes the least recently used first)."""
+    with contextlib.suppress(OSError):
+        os.utime(prefix / COMPLETE)
+
+
+def hydrate(
+    env_id: str,
+    store: Store,
+    cache_dir: Path,
+    *,
+    platform: str | None = None,
+    build_if_missing: bool = True,
+) -> Hydrated:
+    """Return the published env *env_id* under *cache_dir*, fetching it if needed.
+
+    Raises ``HydrateError`` (no archive and no lock, relocation impossible),
+    ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
+    """
+    start = time.monotonic()
+    final = env_dir(cache_dir, env_id)
+    if (final / COMPLETE).is_file():
+        touch(final)
+        return Hydrated(
+            prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
+        )
+    with _flock(lock_path(cache_dir, env_id)):
+        if (final / COMPLETE).is_file():  # published while we waited for the lock
+            return Hydrated(
+                prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
+            )
+        _remove_leftovers(final)
+        if platform is None:
+            from envmgr.platforms import host_platform  # noqa: PLC0415
+
+            platform = host_platform()
+        manifest = _manifest(store, platform, env_id, cache_dir, build_if_missing)
+        _fetch_and_publish(store, manifest, final)
+    return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Temp dirs of callers that died, and an env dir without its marker (not ours)."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(final)
+
+
+def _manifest(
+    store: Store, platform: str, env_id: str, cache_dir: Path, build_if_missing: bool
+) -> Manifest:
+    from envmgr.archive import Manifest  # noqa: PLC0415
+    from envmgr.cache.layout import env_lock_key, manifest_key  # noqa: PLC0415
+
+    key = manifest_key(platform, env_id)
+    raw = store.get(key)
+    if raw is not None:
+        try:
+            return Manifest.from_dict(json.loads(raw), where=f"{store.url}/{key}")
+        except ValueError:
+            raise HydrateError(f"env {env_id}: {store.url}/{key} is not JSON") from None
+    lock_key = env_lock_key(platform, env_id)
+    if not store.exists(lock_key):
+        raise HydrateError(
+            f"env {env_id} has no archive and no lock for {platform} in {store.url}",
+            hint="run `envmgr build` for this platform, or check the env id and the store",
+        )
+    if not build_if_missing:
+        raise HydrateError(
+            f"env {env_id} has no archive for {platform} in {store.url}",
+            hint="run `envmgr build` on a machine of that platform",
+        )
+    built: Manifest = _build_here(store, platform, env_id, cache_dir, lock_key).manifest
+    return built
+
+
+def _build_here(store: Store, platform: str, env_id: str, cache_dir: Path, lock_key: str) -> Any:
+    """The first worker of a platform builds its env (lazily importing the builder)."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
+        from envmgr.lock import read_conda_lock  # noqa: PLC0415
+    except ImportError as exc:
+        raise HydrateError(
+            f"env {env_id} has no archive for {platform} in {store.url}, and this worker "
+            f"cannot build it ({exc.name} is not installed)",
+            hint="install envmgr with its dependencies here, or run `envmgr build` on a "
+            f"{platform} machine",
+        ) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "conda-lock.yml"
+        if not store.get_file(lock_key, path):
+            raise HydrateError(f"env {env_id}: {store.url}/{lock_key} vanished")
+        lock = read_conda_lock(path).for_platform(platform)
+    if lock.env_id != env_id:
+        raise HydrateError(f"env {env_id}: the stored lock describes env {lock.env_id}")
+    return build_and_store(lock, BuildOptions(store=store, cache_dir=cache_dir))
+
+
+class _Hashing:
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, target: Any) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+
+def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
+    from envmgr.archive import relocate, unpack  # noqa: PLC0415
+    from envmgr.cache.layout import archive_key  # noqa: PLC0415
+
+    key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
+    binary = any(r.mode == "binary" for r in manifest.relocations)
+    if binary and len(str(final)) > len(manifest.build_prefix):
+        raise HydrateError(
+            f"env {manifest.env_id}: {final} is longer than its build prefix "
+            f"({len(manifest.build_prefix)} characters)",
+            hint="use a shorter ENVMGR_CACHE_DIR",
+        )
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        source = store.open(key)
+        if source is None:
+            raise HydrateError(
+                f"env {manifest.env_id}: the manifest is in {store.url} but "
+                f"the archive {key} is not",
+                hint="run `envmgr build` again",
+            )
+        with source:
+            hashing = _Hashing(source)
+            unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
+            while hashing.read(1 << 20):  # the tar end padding the extractor left unread
+                pass
+        if hashing.digest.hexdigest() != manifest.sha256 or hashing.size != manifest.size:
+            raise HashMismatchError(
+                f"env {manifest.env_id}: the archive in {store.url} does not match its "
+                f"manifest (sha256 {hashing.digest.hexdigest()[:16]}…, want "
+                f"{manifest.sha256[:16]}…); nothing was published",
+                hint="rebuild it with `envmgr build` or restore the object",
+            )
+        relocate(tmp, manifest, str(final))
+        (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,161 @@
+"""The local env cache: which envs are here, how big, when last used; removing old ones.
+
+Envs live in ``<cache>/envs/<env_id>``; a running ``envmgr run`` holds a shared ``flock`` on
+``<cache>/envs/.locks/<env_id>.use`` for as long as its command runs, and :func:`gc` never
+removes an env whose use lock it cannot take exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from envmgr.hydrate import COMPLETE, lock_path
+
+__all__ = ["LocalEnv", "gc", "hold_for_use", "list_envs", "parse_age", "parse_size", "record_steps"]
+
+_ENV_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalEnv:
+    env_id: str
+    prefix: Path
+    size: int
+    last_used: float
+    steps: tuple[str, ...]
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += Path(dirpath, name).lstat().st_size
+    return total
+
+
+def _meta_path(cache_dir: Path, env_id: str) -> Path:
+    return cache_dir / "envs" / ".meta" / f"{env_id}.json"
+
+
+def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
+    """Remember which steps used an env (shown by ``envmgr ls``)."""
+    path = _meta_path(cache_dir, env_id)
+    known: list[str] = []
+    with contextlib.suppress(OSError, ValueError):
+        known = list(json.loads(path.read_text()).get("steps", []))
+    merged = sorted(set(known) | set(steps))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"steps": merged}))
+    tmp.replace(path)
+
+
+def list_envs(cache_dir: Path) -> list[LocalEnv]:
+    """Published envs, most recently used first."""
+    root = cache_dir / "envs"
+    found = []
+    for prefix in root.iterdir() if root.is_dir() else ():
+        marker = prefix / COMPLETE
+        if not _ENV_ID.match(prefix.name) or not marker.is_file():
+            continue
+        steps: tuple[str, ...] = ()
+        with contextlib.suppress(OSError, ValueError):
+            meta = json.loads(_meta_path(cache_dir, prefix.name).read_text())
+            steps = tuple(meta.get("steps", ()))
+        found.append(
+            LocalEnv(
+                env_id=prefix.name,
+                prefix=prefix,
+                size=_size(prefix),
+                last_used=marker.stat().st_mtime,
+                steps=steps,
+            )
+        )
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+@contextlib.contextmanager
+def hold_for_use(cache_dir: Path, env_id: str) -> Iterator[int]:
+    """A shared lock that keeps :func:`gc` away; yields its file descriptor (inheritable, so
+    a command exec'd in its place keeps holding it)."""
+    path = lock_path(cache_dir, env_id, "use")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``500M``, ``1.5T``, ``1024`` (bytes) → bytes; raises ``ValueError``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
+    if not match:
+        raise ValueError(f"bad size {text!r}: use e.g. 500M or 20G")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(match.group(1)) * scale[match.group(2).upper()])
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` → seconds; raises ``ValueError``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text, re.I)
+    if not match:
+        raise ValueError(f"bad age {text!r}: use e.g. 7d, 12h or 30m")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    return float(match.group(1)) * scale[match.group(2).lower()]
+
+
+def _try_remove(cache_dir: Path, env: LocalEnv) -> bool:
+    use = lock_path(cache_dir, env.env_id, "use")
+    use.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(use, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running `envmgr run` uses it
+        # Unpublish first (atomic rename), then delete at leisure.
+        doomed = env.prefix.with_name(f".tmp-{env.env_id}-gc-{os.getpid()}")
+        env.prefix.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def gc(
+    cache_dir: Path,
+    *,
+    max_size: int | None = None,
+    older_than: float | None = None,
+    dry_run: bool = False,
+) -> tuple[list[LocalEnv], list[LocalEnv]]:
+    """Remove envs unused for *older_than* seconds, then least recently used ones until the
+    total is at most *max_size*. Returns (removed, kept-because-in-use)."""
+    envs = list_envs(cache_dir)
+    now = time.time()
+    removed: list[LocalEnv] = []
+    busy: list[LocalEnv] = []
+    total = sum(e.size for e in envs)
+    for env in sorted(envs, key=lambda e: e.last_used):
+        too_old = older_than is not None and now - env.last_used > older_than
+        too_big = max_size is not None and total > max_size
+        if not (too_old or too_big):
+            continue
+        if dry_run or _try_remove(cache_dir, env):
+            removed.append(env)
+            total -= env.size
+        else:
+            busy.append(env)
+    return removed, busy
