@@ -32,6 +32,26 @@ from envmgr.platforms import host_platform
 __all__ = ["build"]
 
 
+def _offer_lock(store: Any, lock: PlatformLock) -> None:
+    """Store the lock of an env this host cannot build, so the first worker of its platform
+    finds it and builds it (see envmgr.hydrate)."""
+    import tempfile  # noqa: PLC0415
+
+    from envmgr import __version__  # noqa: PLC0415
+    from envmgr.cache.layout import env_lock_key  # noqa: PLC0415
+    from envmgr.lock import Lock, write_conda_lock  # noqa: PLC0415
+
+    key = env_lock_key(lock.platform, lock.env_id)
+    if store.exists(key):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "conda-lock.yml"
+        write_conda_lock(
+            Lock(platforms=(lock,), spec_id=lock.spec_id, envmgr_version=__version__), path
+        )
+        store.put_file(key, path)
+
+
 def _say(message: str) -> None:
     if STATE.verbose:
         typer.echo(message, err=True)
@@ -102,6 +122,7 @@ def build(
     for steps, lock in jobs:
         key = (lock.platform, lock.env_id)
         if lock.platform != host:
+            _offer_lock(store_obj, lock)
             rows.append(
                 {
                     "steps": list(steps),

@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -301,16 +302,22 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                     os.chmod(target, member.mode & 0o777)  # noqa: PTH101 - fd already closed
                 else:
                     raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except _stream_errors() as exc:
         if isinstance(exc, FileExistsError):
             raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
         raise ArchiveError(f"damaged archive: {exc}") from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("zstd"):
-            raise ArchiveError(f"damaged archive: {exc}") from None
-        raise
     for directory, mode in reversed(deferred_dirs):
         directory.chmod(mode | 0o700)
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged stream raises while it is decompressed and read as a tar."""
+    errors: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
+    try:
+        import zstandard  # noqa: PLC0415
+    except ImportError:
+        return errors
+    return (*errors, zstandard.ZstdError)
 
 
 def _zstd_reader(source: IO[bytes]) -> Any:

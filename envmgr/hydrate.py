@@ -200,7 +200,7 @@ class _Hashing:
 
 
 def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
-    from envmgr.archive import relocate, unpack  # noqa: PLC0415
+    from envmgr.archive import ArchiveError, relocate, unpack  # noqa: PLC0415
     from envmgr.cache.layout import archive_key  # noqa: PLC0415
 
     key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
@@ -223,7 +223,15 @@ def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
             )
         with source:
             hashing = _Hashing(source)
-            unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
+            try:
+                unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
+            except ArchiveError:
+                # A damaged download usually breaks the stream first: say so if the bytes
+                # do not match, which is the actionable cause.
+                while hashing.read(1 << 20):
+                    pass
+                if hashing.digest.hexdigest() == manifest.sha256:
+                    raise
             while hashing.read(1 << 20):  # the tar end padding the extractor left unread
                 pass
         if hashing.digest.hexdigest() != manifest.sha256 or hashing.size != manifest.size:

@@ -1,0 +1,324 @@
+"""Hydrate at task start: remote workers, concurrency, kill -9, corruption, hostile archives,
+the first worker of a platform building, envmgr run / ls / gc."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from envmgr.archive import ArchiveError, Manifest
+from envmgr.build import BuildOptions, build_and_store
+from envmgr.cache.layout import archive_key, env_lock_key, manifest_key
+from envmgr.cache.local import LocalStore
+from envmgr.hydrate import COMPLETE, HashMismatchError, HydrateError, env_dir, hydrate
+from envmgr.local_envs import gc, hold_for_use, list_envs
+from envmgr.lock import Lock, write_conda_lock
+from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.spec import CondaDep, EnvSpec, PypiDep
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = (
+    "import json, sys, numpy, tabulate, dateutil, colorama; print(json.dumps({'prefix': "
+    "sys.prefix, 'numpy': numpy.__version__, 'tabulate': tabulate.__version__, "
+    "'dateutil': dateutil.__version__, 'colorama': colorama.__version__}))"
+)
+
+
+@pytest.fixture(scope="module")
+def lock(conda_channel, pypi_index, tmp_path_factory):
+    home = tmp_path_factory.mktemp("hlock")
+    options = ResolveOptions(
+        store=LocalStore(home / "store"),
+        cache_dir=home / "cache",
+        platforms=("linux-64",),
+        default_channels=(conda_channel.url,),
+        index_url=pypi_index.url,
+        env={},
+    )
+    spec = EnvSpec(
+        python="3.11.*",
+        conda=(CondaDep.parse("numpy"), CondaDep.parse("tabulate")),
+        pypi=(PypiDep.parse("python-dateutil"), PypiDep.parse("colorama")),
+    )
+    return resolve_specs({"train": spec}, options)[0].lock
+
+
+@pytest.fixture(scope="module")
+def local_store(lock, tmp_path_factory):
+    home = tmp_path_factory.mktemp("hstore")
+    store = LocalStore(home / "store")
+    build_and_store(lock, BuildOptions(store=store, cache_dir=home / "cache"))
+    return store
+
+
+def _bootstrap(store_url: str, env_id: str, cache: Path, env: dict | None = None, **kwargs):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "envmgr.bootstrap",
+            "--store",
+            store_url,
+            "--env-id",
+            env_id,
+            "--cache-dir",
+            str(cache),
+            "--json",
+        ],
+        env=env or dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _versions(python: Path, env: dict | None = None) -> dict:
+    out = subprocess.run(
+        [str(python), "-c", CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env or {"PATH": "/usr/bin:/bin"},
+    )
+    return json.loads(out.stdout)
+
+
+def _expected(lock) -> dict:
+    names = lock.names()
+    return {
+        k: names[n].version
+        for k, n in (
+            ("numpy", "numpy"),
+            ("tabulate", "tabulate"),
+            ("dateutil", "python-dateutil"),
+            ("colorama", "colorama"),
+        )
+    }
+
+
+def test_remote_worker_with_only_s3(lock, s3_server, s3_bucket, tmp_path):
+    url = f"s3://{s3_bucket}/prod"
+    from envmgr.cache.s3 import S3Store
+
+    build_and_store(
+        lock,
+        BuildOptions(store=S3Store(url, client=s3_server.client()), cache_dir=tmp_path / "builder"),
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    worker_env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # Everything but S3 is unreachable: channels and indexes point at closed ports.
+        "ENVMGR_CHANNELS": "http://127.0.0.1:9/conda",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "127.0.0.1",
+    }
+    probe = (
+        "import sys, runpy; sys.argv = ['bootstrap', *sys.argv[1:]]; "
+        "runpy.run_module('envmgr.bootstrap', run_name='__main__', alter_sys=True)"
+    )
+    del probe
+    proc = _bootstrap(url, lock.env_id, tmp_path / "cache", env=worker_env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["downloaded"] is True
+    seen = _versions(Path(result["python"]))
+    assert seen.pop("prefix") == result["prefix"] == str(env_dir(tmp_path / "cache", lock.env_id))
+    assert seen == _expected(lock)
+
+
+def test_bootstrap_imports_no_resolver_cold_or_warm(local_store, lock, tmp_path):
+    code = (
+        "import sys; from envmgr.bootstrap import main; main(sys.argv[1:]); "
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'rattler', 'conda_lock', "
+        "'typer', 'resolvelib', 'requests', 'packaging', 'installer', 'yaml', 'pydantic'}); "
+        "print('HEAVY', heavy)"
+    )
+    args = ["--store", local_store.url, "--env-id", lock.env_id, "--cache-dir", str(tmp_path / "c")]
+    for _ in ("cold", "warm"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+        ).stdout
+        assert "HEAVY []" in out, out
+
+
+def test_sixteen_concurrent_hydrates_download_once(lock, s3_server, s3_bucket, tmp_path):
+    url = f"s3://{s3_bucket}/many"
+    from envmgr.cache.s3 import S3Store
+
+    build_and_store(
+        lock,
+        BuildOptions(store=S3Store(url, client=s3_server.client()), cache_dir=tmp_path / "builder"),
+    )
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    procs = [_bootstrap(url, lock.env_id, tmp_path / "cache", env=env) for _ in range(16)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out))
+    assert sum(r["downloaded"] for r in results) == 1
+    assert len({r["prefix"] for r in results}) == 1
+    assert _versions(Path(results[0]["python"]))["numpy"] == lock.names()["numpy"].version
+
+
+def test_kill_minus_nine_never_leaves_an_incomplete_env(local_store, lock, tmp_path):
+    cache = tmp_path / "cache"
+    final = env_dir(cache, lock.env_id)
+    rng = random.Random(1234)  # noqa: S311 - kill timings, not secrets
+    for _trial in range(20):
+        shutil.rmtree(final, ignore_errors=True)
+        proc = _bootstrap(local_store.url, lock.env_id, cache)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        # Whatever was killed, a published env is complete, and the next hydrate works.
+        if final.exists():
+            assert (final / COMPLETE).is_file()
+        result = hydrate(lock.env_id, local_store, cache)
+        assert (result.prefix / COMPLETE).is_file()
+    assert _versions(final / "bin" / "python")["numpy"] == lock.names()["numpy"].version
+    assert not list(final.parent.glob(".tmp-*"))
+
+
+def test_flipped_byte_is_a_hash_mismatch_and_publishes_nothing(local_store, lock, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for key in local_store.list("envs/"):
+        store.put(key, local_store.get(key))
+    key = archive_key("linux-64", lock.env_id)
+    good = store.get(key)
+    for position in (len(good) // 2, 100):
+        bad = bytearray(good)
+        bad[position] ^= 0xFF
+        store.put(key, bytes(bad))
+        with pytest.raises(HashMismatchError, match=lock.env_id):
+            hydrate(lock.env_id, store, tmp_path / "cache")
+        assert not env_dir(tmp_path / "cache", lock.env_id).exists()
+        assert not list((tmp_path / "cache" / "envs").glob(".tmp-*"))
+    store.put(key, good)
+    assert hydrate(lock.env_id, store, tmp_path / "cache").downloaded
+
+
+def _store_with_archive(tmp_path, members) -> tuple[LocalStore, str]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, link in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = link
+            data = b"x" if kind == tarfile.REGTYPE else b""
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    packed = zstandard.ZstdCompressor().compress(raw.getvalue())
+    import hashlib
+
+    env_id = "f" * 32
+    store = LocalStore(tmp_path / "evil")
+    manifest = Manifest(
+        env_id=env_id,
+        platform="linux-64",
+        build_prefix="/b" * 100,
+        codec="zst",
+        size=len(packed),
+        sha256=hashlib.sha256(packed).hexdigest(),
+        files=len(members),
+        unpacked_size=100,
+        relocations=(),
+    )
+    store.put(archive_key("linux-64", env_id), packed)
+    store.put(manifest_key("linux-64", env_id), json.dumps(manifest.to_dict()).encode())
+    return store, env_id
+
+
+@pytest.mark.parametrize(
+    ("members", "named"),
+    [
+        ([("../../outside", tarfile.REGTYPE, "")], "../../outside"),
+        ([("/etc/cron.d/evil", tarfile.REGTYPE, "")], "/etc/cron.d/evil"),
+        ([("bin/escape", tarfile.SYMTYPE, "../../../etc")], "bin/escape"),
+        ([("lib/abs", tarfile.SYMTYPE, "/usr/lib")], "lib/abs"),
+    ],
+)
+def test_hostile_archives_are_rejected_naming_the_member(tmp_path, members, named):
+    store, env_id = _store_with_archive(tmp_path, members)
+    with pytest.raises(ArchiveError, match=named.replace(".", r"\.")):
+        hydrate(env_id, store, tmp_path / "cache")
+    assert not env_dir(tmp_path / "cache", env_id).exists()
+    assert not (tmp_path / "outside").exists()
+
+
+def test_first_worker_of_a_platform_builds_from_the_stored_lock(lock, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    lock_file = tmp_path / "l.yml"
+    write_conda_lock(Lock(platforms=(lock,), spec_id=lock.spec_id), lock_file)
+    store.put_file(env_lock_key("linux-64", lock.env_id), lock_file)
+    result = hydrate(lock.env_id, store, tmp_path / "cache")
+    assert result.downloaded and store.exists(manifest_key("linux-64", lock.env_id))
+    assert _versions(result.python)["tabulate"] == lock.names()["tabulate"].version
+    with pytest.raises(HydrateError, match="no archive and no lock"):
+        hydrate("0" * 32, store, tmp_path / "cache")
+
+
+def _cli(*args, env):
+    return subprocess.run(
+        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+
+
+def test_run_ls_and_gc(local_store, lock, tmp_path):
+    env = {
+        **os.environ,
+        "ENVMGR_STORE": local_store.url,
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": "/leaky/host/path",
+    }
+    probe = (
+        "import os, sys, numpy; print(sys.prefix); print(os.environ.get('PYTHONPATH')); "
+        "print(os.environ['CONDA_PREFIX']); print(sys.flags.no_user_site)"
+    )
+    ran = _cli("run", lock.env_id, "--", "python", "-c", probe, env=env)
+    assert ran.returncode == 0, ran.stderr
+    prefix, pythonpath, conda_prefix, no_user_site = ran.stdout.split()
+    assert prefix == conda_prefix == str(env_dir(tmp_path / "cache", lock.env_id))
+    assert pythonpath == "None" and no_user_site == "1"
+    failing = _cli("run", lock.env_id, "--", "python", "-c", "raise SystemExit(7)", env=env)
+    assert failing.returncode == 7
+    listed = json.loads(_cli("ls", "--json", env=env).stdout)["envs"]
+    assert [e["env_id"] for e in listed] == [lock.env_id] and listed[0]["size"] > 10_000_000
+    with hold_for_use(tmp_path / "cache", lock.env_id):
+        removed, busy = gc(tmp_path / "cache", max_size=0)
+        assert removed == [] and [e.env_id for e in busy] == [lock.env_id]
+    collected = json.loads(_cli("gc", "--max-size", "1M", "--json", env=env).stdout)
+    assert collected["removed"] == [lock.env_id]
+    assert list_envs(tmp_path / "cache") == []
