@@ -24,6 +24,7 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, cast
@@ -50,6 +51,8 @@ RelocationMode = Literal["text", "binary", "symlink"]
 #: Every member's mtime: a fixed point, so packing the same tree twice gives the same bytes.
 ARCHIVE_MTIME = 946684800  # 2000-01-01T00:00:00Z
 _CHUNK = 1 << 20
+_SMALL = 4 << 20  # files up to this size are written by the unpack pool
+_IN_FLIGHT = 256  # at most this many files (so at most 1 GiB) wait for the pool
 
 
 class ArchiveError(EnvmgrError):
@@ -271,8 +274,13 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
         stream = gzip.GzipFile(fileobj=source, mode="rb")
     budget = manifest.unpacked_size
     deferred_dirs: list[tuple[Path, int]] = []
+    writes: list[Future[None]] = []
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        with (
+            ThreadPoolExecutor(max_workers=8, thread_name_prefix="envmgr-unpack") as pool,
+            stream,
+            tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
+        ):
             for member in tar:
                 name = _safe_name(member.name)
                 target = dest / name
@@ -295,19 +303,39 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                     handle = tar.extractfile(member)
                     if handle is None:
                         raise ArchiveError(f"cannot read member {name!r}")
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as out:
-                        while chunk := handle.read(_CHUNK):
-                            out.write(chunk)
-                    os.chmod(target, member.mode & 0o777)  # noqa: PTH101 - fd already closed
+                    if member.size <= _SMALL:
+                        # File creation is slow on many filesystems and releases the GIL:
+                        # small files are written by a pool while the stream goes on.
+                        writes.append(
+                            pool.submit(_write_file, target, handle.read(), member.mode & 0o777)
+                        )
+                        if len(writes) >= _IN_FLIGHT:  # bound the memory held by the pool
+                            for write in writes:
+                                write.result()
+                            writes.clear()
+                    else:
+                        _write_file(target, handle, member.mode & 0o777)
                 else:
                     raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
+        for write in writes:
+            write.result()
     except _stream_errors() as exc:
         if isinstance(exc, FileExistsError):
             raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
         raise ArchiveError(f"damaged archive: {exc}") from None
     for directory, mode in reversed(deferred_dirs):
         directory.chmod(mode | 0o700)
+
+
+def _write_file(target: Path, data: bytes | IO[bytes], mode: int) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        if isinstance(data, bytes):
+            out.write(data)
+        else:
+            while chunk := data.read(_CHUNK):
+                out.write(chunk)
+    os.chmod(target, mode)  # noqa: PTH101 - plain fd-free call on a path we just wrote
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
