@@ -37,7 +37,7 @@ from envmgr.archive import Codec, Manifest, pack, scan_relocations
 from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.errors import EnvmgrError
-from envmgr.lock import Lock, PlatformLock, strip_credentials, write_conda_lock
+from envmgr.lock import Lock, LockedPackage, PlatformLock, strip_credentials, write_conda_lock
 from envmgr.platforms import host_platform
 
 __all__ = [
@@ -179,7 +179,39 @@ def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
     return target
 
 
-def _install_wheels(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
+def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -> Path:
+    """The wheel built from a locked sdist: from the store's ``wheels/``, else built here."""
+    from envmgr.resolvers.pypi.index import DistFile  # noqa: PLC0415
+    from envmgr.resolvers.pypi.sdist import SdistBuilder, stored_wheel  # noqa: PLC0415
+
+    if store is None:
+        raise BuildError(
+            f"{package.name} {package.version} is locked as a source "
+            "distribution; building it needs the store its wheel is kept in"
+        )
+    local = cache_dir / "pypi" / "built" / package.sha256
+    local.mkdir(parents=True, exist_ok=True)
+    found = stored_wheel(store, package.sha256, local)
+    if found is not None:
+        return found
+    filename = package.url.split("#")[0].rsplit("/", 1)[-1]
+    dist = DistFile(
+        project=package.name,
+        version=package.version,
+        filename=filename,
+        url=package.url,
+        sha256=package.sha256,
+        requires_python=None,
+        yanked=None,
+        metadata_sha256=None,
+    )
+    builder = SdistBuilder(store=store, cache_dir=cache_dir / "pypi", index_urls=())
+    return builder.wheel_for(dist)
+
+
+def _install_wheels(
+    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None = None
+) -> None:
     from installer import install  # noqa: PLC0415
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
     from installer.sources import WheelFile  # noqa: PLC0415
@@ -207,7 +239,10 @@ def _install_wheels(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
         bytecode_optimization_levels=(0,) if xy == host_xy else (),
     )
     for wheel in wheels:
-        path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
+        if wheel.url.split("#")[0].endswith(".whl"):
+            path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
+        else:
+            path = _built_wheel(wheel, store, cache_dir)
         try:
             with WheelFile.open(path) as source:
                 install(source, destination, additional_metadata={"INSTALLER": b"envmgr\n"})
@@ -232,7 +267,9 @@ def _normalise_metadata(prefix: Path) -> None:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def create_prefix(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
+def create_prefix(
+    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None = None
+) -> None:
     """Install *lock* (which must be for this host's platform) into the new *prefix*."""
     import rattler  # noqa: PLC0415
 
@@ -259,7 +296,7 @@ def create_prefix(lock: PlatformLock, prefix: Path, cache_dir: Path) -> None:
         raise BuildError(
             f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
         ) from None
-    _install_wheels(lock, prefix, cache_dir)
+    _install_wheels(lock, prefix, cache_dir, store)
     _normalise_metadata(prefix)
 
 
@@ -387,7 +424,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
     try:
         if options.on_progress:
             options.on_progress(f"env {lock.env_id}: installing {len(lock.packages)} packages")
-        create_prefix(lock, prefix, options.cache_dir)
+        create_prefix(lock, prefix, options.cache_dir, options.store)
         relocations = scan_relocations(prefix)
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".pack-") as tmp:
             archive = Path(tmp) / f"env.tar.{options.codec}"

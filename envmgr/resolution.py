@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -235,7 +236,19 @@ def _add_pypi(
         client = clients.setdefault(indexes, IndexClient(indexes, options.cache_dir / "pypi"))
     virtual = {v.name: v.version for v in target.virtual_packages}
     python_target = PythonTarget.from_virtual_packages(target.platform, python.version, virtual)
+    sdists = None
+    if target.platform == host_platform() and python_target.python_xy == sys.version_info[:2]:
+        from envmgr.resolvers.pypi.sdist import SdistBuilder  # noqa: PLC0415
+
+        sdists = SdistBuilder(
+            store=options.store, cache_dir=options.cache_dir / "pypi", index_urls=indexes
+        )
     pypi = resolve_pypi(
-        spec, python_target, client=client, fixed=fixed_from_conda(lock.packages), where=where
+        spec,
+        python_target,
+        client=client,
+        fixed=fixed_from_conda(lock.packages),
+        where=where,
+        sdists=sdists,
     )
     return replace(lock, packages=(*lock.packages, *pypi))

@@ -17,7 +17,7 @@ from envmgr.resolution import ResolveOptions, resolve_specs
 from envmgr.resolvers.pypi.resolve import PypiConflictError
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.pypi_index import PypiIndexServer
-from fixtures.wheelmaker import make_wheel
+from fixtures.wheelmaker import make_sdist, make_wheel
 from fixtures.wheels import fetch_wheels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,9 @@ def index(tmp_path_factory):
     w("needs-numpy", "1.0", requires=["numpy>=1.20"])
     w("old-numpy-user", "1.0", requires=["numpy<2"])
     w("extra-host", "1.0", extras=["fast"], requires=["six", "colorama; extra == 'fast'"])
+    make_sdist(house, "sdist-only", "1.0", requires=["six"])
+    w("mixedpkg", "1.0")
+    make_sdist(house, "mixedpkg", "2.0")
     server = PypiIndexServer(house).start()
     yield server
     server.stop()
@@ -307,3 +310,53 @@ def test_index_credentials_never_reach_the_lock_or_the_store(
     for path in [*(tmp_path / "store").rglob("*"), *(tmp_path / "cache").rglob("*")]:
         if path.is_file():
             assert b"tok-s3cret" not in path.read_bytes(), path
+
+
+def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
+    index, conda_channel, tmp_path
+):
+    from envmgr.build import BuildOptions, build_and_store
+
+    store = LocalStore(tmp_path / "store")
+    options = ResolveOptions(
+        store=store,
+        cache_dir=tmp_path / "cache",
+        platforms=("linux-64",),
+        default_channels=(conda_channel.url,),
+        index_url=index.url,
+        env={},
+    )
+    spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("sdist-only"),))
+    lock = resolve_specs({"train": spec}, options)[0].lock
+    names = lock.names()
+    assert names["sdist-only"].url.endswith("sdist_only-1.0.tar.gz") and "six" in names
+    stored = list(store.list(f"wheels/{names['sdist-only'].sha256}/"))
+    assert len(stored) == 1 and stored[0].rsplit("/", 1)[1].startswith("sdist_only-1.0-")
+    assert stored[0].endswith("-none-any.whl")
+    built = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "builder"))
+    from envmgr.archive import relocate, unpack
+    from envmgr.cache.layout import archive_key
+
+    with (store.root / archive_key("linux-64", lock.env_id)).open("rb") as handle:
+        unpack(handle, tmp_path / "env", built.manifest)
+    relocate(tmp_path / "env", built.manifest)
+    out = subprocess.run(
+        [
+            str(tmp_path / "env" / "bin" / "python"),
+            "-c",
+            "import sdist_only, six; print(sdist_only.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert out == "1.0"
+
+
+def test_sdists_are_not_built_for_another_platform(resolve):
+    assert versions(resolve(["mixedpkg"], platform="osx-arm64"))["mixedpkg"] == "1.0"
+    with pytest.raises(PypiConflictError) as info:
+        resolve(["mixedpkg>=2"], platform="osx-arm64")
+    text = str(info.value)
+    assert "mixedpkg 2.0 has only a source distribution" in text
+    assert "newest version with a wheel: 1.0" in text

@@ -29,6 +29,7 @@ from packaging.version import InvalidVersion, Version
 from resolvelib import AbstractProvider
 
 from envmgr.resolvers.pypi.index import DistFile, IndexClient
+from envmgr.resolvers.pypi.sdist import SdistBuilder
 from envmgr.resolvers.pypi.target import PythonTarget
 
 __all__ = ["Candidate", "PypiProvider", "Req"]
@@ -90,6 +91,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         constraints: Mapping[str, SpecifierSet] | None = None,
         user_requested: Iterable[str] = (),
         prefetch_workers: int = 16,
+        sdists: SdistBuilder | None = None,
     ) -> None:
         self.client = client
         self.target = target
@@ -99,6 +101,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             canonicalize_name(n): i for i, n in enumerate(user_requested)
         }
         self.hashes: dict[str, set[str]] = {}  # name -> allowed sha256 (requirements' --hash)
+        self.sdists: SdistBuilder | None = sdists
         self.markers = target.markers()
         self.python = Version(target.python)
         self.rank = target.tag_rank()
@@ -136,7 +139,10 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         with self._prefetch_lock:
             future = self._meta.get(dist.sha256)
             if future is None:
-                future = self.pool.submit(self.client.metadata, dist)
+                if dist.is_wheel or self.sdists is None:
+                    future = self.pool.submit(self.client.metadata, dist)
+                else:
+                    future = self.pool.submit(self.sdists.metadata, dist)
                 self._meta[dist.sha256] = future
                 future.add_done_callback(self._ahead_of_metadata)
         return future
@@ -146,7 +152,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             return
         files = self.best_files(name)
         finals = [v for v in files if not v.is_prerelease] or list(files)
-        if finals and name not in self.fixed:
+        if finals and name not in self.fixed and files[max(finals)].is_wheel:
             with contextlib.suppress(RuntimeError):  # the pool closed meanwhile
                 self.metadata(files[max(finals)])
 
@@ -312,6 +318,15 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
                 continue
             if version not in best or rank < best[version][0]:
                 best[version] = (rank, dist)
+        if self.sdists is not None:
+            # No wheel fits these versions: their sdists can be built here (last choice).
+            for dist in self.page(name).result():
+                version = _version(dist.version)
+                if dist.is_wheel or version is None or version in best:
+                    continue
+                if (allowed and dist.sha256 not in allowed) or not self._python_ok(dist):
+                    continue
+                best[version] = (len(self.rank), dist)
         found = {v: d for v, (_, d) in best.items()}
         self._best[name] = found
         return found

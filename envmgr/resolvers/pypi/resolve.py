@@ -14,6 +14,7 @@ from envmgr.lock import LockedPackage, strip_credentials
 from envmgr.resolvers.conda import SolveError
 from envmgr.resolvers.pypi.index import IndexClient
 from envmgr.resolvers.pypi.provider import Candidate, PypiProvider, Req, parse_version
+from envmgr.resolvers.pypi.sdist import SdistBuilder
 from envmgr.resolvers.pypi.target import PythonTarget
 from envmgr.spec import EnvSpec
 
@@ -60,25 +61,31 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
     indexes = ", ".join(strip_credentials(u) for u in provider.client.index_urls)
     if not files:
         return f"no project named {name!r} on {indexes}"
-    wheels = [f for f in files if f.is_wheel]
-    newest = max(files, key=lambda f: Version(f.version))
-    if not wheels:
-        return (
-            f"{name} has only source distributions (newest {newest.version}); envmgr "
-            "installs wheels"
-        )
     fitting = sorted(provider.best_files(name), reverse=True)
-    if not fitting:
+    wheels = [f for f in files if f.is_wheel]
+    if fitting:
+        text = f"available versions of {name} for {target.platform}: " + ", ".join(
+            str(v) for v in fitting[:8]
+        )
+    else:
         seen = sorted(
             {str(t.platform) for w in wheels for t in parse_wheel_filename(w.filename)[3]}
         )[:6]
-        return (
-            f"no wheel of {name} fits {target.platform} with CPython {target.python} "
-            f"(its wheels are for: {', '.join(seen)})"
-        )
-    return f"available versions of {name} for {target.platform}: " + ", ".join(
-        str(v) for v in fitting[:8]
+        text = f"no wheel of {name} fits {target.platform} with CPython {target.python}"
+        if seen:
+            text += f" (its wheels are for: {', '.join(seen)})"
+    sdist_only = sorted(
+        {Version(f.version) for f in files} - {Version(f.version) for f in wheels} - set(fitting),
+        reverse=True,
     )
+    if sdist_only and provider.sdists is None:
+        newest_wheel = max((Version(w.version) for w in wheels), default=None)
+        text += (
+            f"; {name} {sdist_only[0]} has only a source distribution, which envmgr "
+            "builds only when locking for this host's platform and Python; newest "
+            f"version with a wheel: {newest_wheel or 'none'}"
+        )
+    return text
 
 
 def _explain(exc: Any, provider: PypiProvider, target: PythonTarget, where: str) -> str:
@@ -108,6 +115,7 @@ def resolve_pypi(
     client: IndexClient,
     fixed: Mapping[str, Version],
     where: str,
+    sdists: SdistBuilder | None = None,
 ) -> tuple[LockedPackage, ...]:
     """Lock the PyPI requirements of *spec* for *target*; conda-installed *fixed* distributions
     are taken as they are. Raises :class:`PypiConflictError` or an index error."""
@@ -115,7 +123,9 @@ def resolve_pypi(
     from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep  # noqa: PLC0415
 
     constraints: dict[str, SpecifierSet] = {}
-    provider = PypiProvider(client, target, fixed=fixed, user_requested=[d.name for d in spec.pypi])
+    provider = PypiProvider(
+        client, target, fixed=fixed, sdists=sdists, user_requested=[d.name for d in spec.pypi]
+    )
     for dep in spec.pypi_constraints:
         for req in provider.make_requirement(dep.requirement()):
             constraints[req.name] = constraints.get(req.name, SpecifierSet()) & req.specifier
