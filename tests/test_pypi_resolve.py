@@ -54,6 +54,7 @@ def index(tmp_path_factory):
     w("cf-a", "1.0", requires=["cf-c<2"])
     w("cf-b", "1.0", requires=["cf-c>=2"])
     w("cf-c", "1.0")
+    w("chain-top", "1.0", requires=["cf-a"])
     w("cf-c", "2.0")
     w("binpkg", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
     w("binpkg", "1.0", tag="cp311-cp311-macosx_11_0_arm64")
@@ -163,7 +164,11 @@ def test_conflict_is_explained(resolve):
         resolve(["cf-a", "cf-b"])
     text = str(info.value)
     assert "step 'train'" in text and "linux-64" in text
-    assert "cf-c<2 (required by cf-a 1.0)" in text and "cf-c>=2 (required by cf-b 1.0)" in text
+    assert "cf-c<2 (required by cf-a 1.0 ← the step)" in text
+    assert "cf-c>=2 (required by cf-b 1.0 ← the step)" in text
+    with pytest.raises(PypiConflictError) as deep:
+        resolve(["chain-top", "cf-b"])
+    assert "cf-c<2 (required by cf-a 1.0 ← chain-top 1.0 ← the step)" in str(deep.value)
 
 
 def test_wheels_are_chosen_by_target_tags(resolve):
@@ -218,7 +223,7 @@ def test_mixed_conflict_names_both_sides(resolve):
         resolve(["old-numpy-user"], conda=["numpy"])
     text = str(info.value)
     assert "conda provides numpy 2.1.3" in text
-    assert "numpy<2 (required by old-numpy-user 1.0)" in text
+    assert "numpy<2 (required by old-numpy-user 1.0 ← the step)" in text
 
 
 def test_index_failures_are_retried_then_reported(resolve, index):

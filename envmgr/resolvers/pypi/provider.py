@@ -102,6 +102,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         }
         self.hashes: dict[str, set[str]] = {}  # name -> allowed sha256 (requirements' --hash)
         self.sdists: SdistBuilder | None = sdists
+        self.required_by: dict[str, str] = {}
         self.markers = target.markers()
         self.python = Version(target.python)
         self.rank = target.tag_rank()
@@ -398,6 +399,8 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         deps = []
         for line in self.dependencies_of(candidate):
             deps += self.make_requirement(line)
+        for dep in deps:  # who first asked for each project, for conflict explanations
+            self.required_by.setdefault(dep.name.split("[")[0], str(candidate))
         return deps
 
     def requires_python_of(self, candidate: Candidate) -> str | None:

@@ -88,13 +88,22 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
     return text
 
 
+def _chain(provider: PypiProvider, parent: Candidate | None) -> str:
+    """``required by a 1.0 ← b 2.0 ← the step``: who asked, back to the step."""
+    links: list[str] = []
+    current = str(parent) if parent is not None else None
+    while current is not None and len(links) < 6 and current not in links:
+        links.append(current)
+        current = provider.required_by.get(current.split(" ")[0].split("[")[0])
+    return "required by " + " ← ".join([*links, "the step"])
+
+
 def _explain(exc: Any, provider: PypiProvider, target: PythonTarget, where: str) -> str:
     by_name: dict[str, list[str]] = {}
     for cause in exc.causes:
         req: Req = cause.requirement
         base = req.name.split("[")[0]
-        parent = f"{cause.parent}" if cause.parent is not None else "the step"
-        by_name.setdefault(base, []).append(f"{req} (required by {parent})")
+        by_name.setdefault(base, []).append(f"{req} ({_chain(provider, cause.parent)})")
     sentences = []
     for name, needs in by_name.items():
         if name in provider.fixed:
