@@ -265,6 +265,11 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             if urls and dist.url.split("#")[0] not in urls:
                 continue
             found.append(self._candidate(name, version, extras, dist))
+        wheels = [c for c in found if c.dist is None or c.dist.is_wheel]
+        if wheels:
+            # An sdist is a candidate only when no wheel satisfies the requirements: reading
+            # its metadata means building it, which backtracking could do dozens of times.
+            found = wheels
         finals = [c for c in found if not c.version.is_prerelease]
         if not explicit_pre and finals:
             found = finals
