@@ -16,9 +16,7 @@ is the only thing readers trust.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
-import fcntl
 import json
 import os
 import shutil
@@ -27,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +35,7 @@ from envmgr.archive import Codec, Manifest, pack, scan_relocations
 from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.errors import EnvmgrError
+from envmgr.hydrate import file_lock
 from envmgr.lock import Lock, LockedPackage, PlatformLock, strip_credentials, write_conda_lock
 from envmgr.platforms import host_platform
 
@@ -404,18 +403,8 @@ def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
         ) from None
     # Two builders of one env on one host (different stores) share the prefix path: take
     # turns. The kernel drops the lock if the holder dies.
-    with _host_lock(prefix.parent / f"{lock.env_id}.lock"):
+    with file_lock(prefix.parent / f"{lock.env_id}.lock"):
         return _build_in(lock, options, prefix)
-
-
-@contextlib.contextmanager
-def _host_lock(path: Path) -> Iterator[None]:
-    with path.open("a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manifest:

@@ -35,7 +35,15 @@ if TYPE_CHECKING:
     from envmgr.archive import Manifest
     from envmgr.cache.store import Store
 
-__all__ = ["COMPLETE", "HashMismatchError", "HydrateError", "Hydrated", "env_dir", "hydrate"]
+__all__ = [
+    "COMPLETE",
+    "HashMismatchError",
+    "HydrateError",
+    "Hydrated",
+    "env_dir",
+    "file_lock",
+    "hydrate",
+]
 
 #: The marker file inside a published env; it holds the manifest's sha256.
 COMPLETE = ".envmgr-complete"
@@ -66,7 +74,8 @@ def env_dir(cache_dir: Path, env_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def _flock(path: Path, shared: bool = False) -> Iterator[None]:
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on *path* (created if needed); the kernel drops it if we die."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -106,7 +115,7 @@ def hydrate(
         return Hydrated(
             prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
         )
-    with _flock(lock_path(cache_dir, env_id)):
+    with file_lock(lock_path(cache_dir, env_id)):
         if (final / COMPLETE).is_file():  # published while we waited for the lock
             return Hydrated(
                 prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
