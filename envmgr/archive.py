@@ -281,25 +281,24 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
             stream,
             tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
         ):
+            tree = _Tree(dest)
             for member in tar:
                 name = _safe_name(member.name)
                 target = dest / name
-                if not _inside(dest, target.parent):
-                    raise ArchiveError(f"member {name!r} would be written outside the env")
+                tree.make_parent(target, name)
                 if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
+                    tree.make_dir(target)
                     deferred_dirs.append((target, member.mode & 0o777))
                 elif member.issym():
                     link = member.linkname
                     if link.startswith("/") or not _inside(dest, target.parent / link):
                         raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     target.symlink_to(link)
+                    tree.links.append(str(target))
                 elif member.isfile():
                     budget -= member.size
                     if budget < 0:
                         raise ArchiveError("archive holds more data than its manifest declares")
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     handle = tar.extractfile(member)
                     if handle is None:
                         raise ArchiveError(f"cannot read member {name!r}")
@@ -325,6 +324,41 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
         raise ArchiveError(f"damaged archive: {exc}") from None
     for directory, mode in reversed(deferred_dirs):
         directory.chmod(mode | 0o700)
+
+
+class _Tree:
+    """Directories made while unpacking, so each is made (and checked) once.
+
+    Member names are already free of ``..`` and absolute paths, so only a path through a
+    symlink made by an earlier member can lead outside: only those are resolved.
+    """
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.dirs = {str(dest)}
+        self.links: list[str] = []
+
+    def _through_link(self, path: str) -> bool:
+        return any(path == link or path.startswith(link + "/") for link in self.links)
+
+    def make_dir(self, directory: Path) -> None:
+        key = str(directory)
+        if key in self.dirs:
+            return
+        if self._through_link(key) and not _inside(self.dest, directory):
+            raise ArchiveError(f"directory {key!r} would be made outside the env")
+        directory.mkdir(parents=True, exist_ok=True)
+        while key not in self.dirs and key != "/":
+            self.dirs.add(key)
+            key = os.path.dirname(key)  # noqa: PTH120 - a str op, for thousands of members
+
+    def make_parent(self, target: Path, name: str) -> None:
+        parent = target.parent
+        if str(parent) in self.dirs:
+            return
+        if self._through_link(str(parent)) and not _inside(self.dest, parent):
+            raise ArchiveError(f"member {name!r} would be written outside the env")
+        self.make_dir(parent)
 
 
 def _write_file(target: Path, data: bytes | IO[bytes], mode: int) -> None:
