@@ -133,11 +133,6 @@ def test_remote_worker_with_only_s3(lock, s3_server, s3_bucket, tmp_path):
         "HTTP_PROXY": "http://127.0.0.1:9",
         "NO_PROXY": "127.0.0.1",
     }
-    probe = (
-        "import sys, runpy; sys.argv = ['bootstrap', *sys.argv[1:]]; "
-        "runpy.run_module('envmgr.bootstrap', run_name='__main__', alter_sys=True)"
-    )
-    del probe
     proc = _bootstrap(url, lock.env_id, tmp_path / "cache", env=worker_env)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
