@@ -122,7 +122,6 @@ def test_remote_worker_with_only_s3(lock, s3_server, s3_bucket, tmp_path):
     worker_env = {
         "PATH": "/usr/bin:/bin",
         "HOME": str(home),
-        "PYTHONPATH": str(ROOT),
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
