@@ -62,7 +62,7 @@ def _venv_with_outer_deps(path: Path) -> Path:
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
 def test_pip_install_gives_the_three_import_names(tmp_path, editable):
     source = tmp_path / "src"
-    for item in ("envmgr", "cli", "cache"):
+    for item in ("envmgr", "cli", "cache", "metaflow_extensions"):
         shutil.copytree(
             ROOT / item, source / item, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -103,3 +103,7 @@ def test_pip_install_gives_the_three_import_names(tmp_path, editable):
         site = Path(ok.stdout.strip()).parent.parent
         assert not (site / "cli").exists() and not (site / "cache").exists()
         assert (site / "envmgr" / "cli" / "app.py").is_file()
+        # Metaflow discovers the extension among installed files.
+        assert (
+            site / "metaflow_extensions" / "envmgr" / "plugins" / "mfextinit_envmgr.py"
+        ).is_file()

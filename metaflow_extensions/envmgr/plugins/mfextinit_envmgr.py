@@ -1,0 +1,17 @@
+"""envmgr behind Metaflow's @conda, @pypi, @conda_base, @pypi_base and --environment=conda/pypi.
+
+Plugins named like Metaflow's own override them (Metaflow takes the latest entry per name).
+"""
+
+STEP_DECORATORS_DESC = [
+    ("conda", ".envmgr_decorators.CondaStepDecorator"),
+    ("pypi", ".envmgr_decorators.PypiStepDecorator"),
+]
+FLOW_DECORATORS_DESC = [
+    ("conda_base", ".envmgr_decorators.CondaFlowDecorator"),
+    ("pypi_base", ".envmgr_decorators.PypiFlowDecorator"),
+]
+ENVIRONMENTS_DESC = [
+    ("conda", ".envmgr_environment.CondaEnvironment"),
+    ("pypi", ".envmgr_environment.PypiEnvironment"),
+]

@@ -1,0 +1,122 @@
+"""Real Metaflow flows with envmgr behind @conda / @pypi (the metaflow_extensions package)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOW = ROOT / "fixtures" / "flows" / "mixedflow.py"
+SEEN = re.compile(r"SEEN (\w+) (\(.*\))$")
+
+
+@pytest.fixture(scope="module")
+def runs(conda_channel, pypi_index, tmp_path_factory):
+    """Run the flow twice (the second time unchanged) and return both outputs."""
+    home = tmp_path_factory.mktemp("mf")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(home),
+        "ENVMGR_STORE": (home / "store").as_uri(),
+        "ENVMGR_CACHE_DIR": str(home / "cache"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "PIP_INDEX_URL": pypi_index.url,
+    }
+    outputs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4"],
+            capture_output=True,
+            text=True,
+            cwd=home,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    return home, env, outputs
+
+
+def _seen(output: str) -> dict[str, list[tuple[str, dict]]]:
+    found: dict[str, list[tuple[str, dict]]] = {}
+    for line in output.splitlines():
+        match = SEEN.search(line)
+        if match:
+            prefix, versions = ast.literal_eval(match.group(2))
+            found.setdefault(match.group(1), []).append((prefix, versions))
+    return found
+
+
+def _env_locks(home: Path, env: dict) -> dict[str, dict]:
+    """Per step, the versions in the lock of the env the task recorded in its metadata."""
+    code = (
+        "import json; from metaflow import Flow, namespace; namespace(None); "
+        "run = Flow('EnvmgrFlow').latest_run; out = {}\n"
+        "for step in run:\n"
+        "    task = next(iter(step))\n"
+        "    meta = {m.name: m.value for m in task.metadata}\n"
+        "    out[step.id] = meta.get('envmgr_env_id')\n"
+        "print(json.dumps(out))"
+    )
+    ids = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=home,
+            env=env,
+            check=True,
+        ).stdout
+    )
+    from envmgr.lock import read_conda_lock
+
+    locks = {}
+    for step, env_id in ids.items():
+        if env_id:
+            path = home / "store" / "envs" / "linux-64" / env_id / "conda-lock.yml"
+            packages = read_conda_lock(path).for_platform("linux-64").packages
+            locks[step] = {p.name: p.version for p in packages}
+    return locks
+
+
+def test_every_step_sees_its_locked_versions(runs):
+    home, env, (first, _second) = runs
+    seen = _seen(first)
+    assert sorted(seen) == ["end", "fan", "fetch", "mixed", "off", "start"]
+    locks = _env_locks(home, env)
+    for step, tasks in seen.items():
+        if step == "off":
+            continue
+        for prefix, versions in tasks:
+            assert prefix.startswith(str(home / "cache" / "envs")), (step, prefix)
+            for name, version in versions.items():
+                assert locks[step][name] == version, (step, name)
+    assert seen["fan"][0][1]["tabulate"] == "0.9.0" and seen["fetch"][0][1]["six"] == "1.17.0"
+    assert {"python-dateutil", "colorama"} <= set(seen["mixed"][0][1])
+    assert "off" not in locks  # @conda(disabled=True) runs with the host's python
+    assert not seen["off"][0][0].startswith(str(home / "cache"))
+
+
+def test_a_foreach_of_twenty_tasks_hydrates_once(runs):
+    home, _env, (first, _second) = runs
+    fans = _seen(first)["fan"]
+    assert len(fans) == 20 and len({prefix for prefix, _ in fans}) == 1
+    envs = [p for p in (home / "cache" / "envs").iterdir() if len(p.name) == 32]
+    assert len(envs) == 4  # start/join/end share the base env; fan, fetch, mixed
+
+
+def test_second_run_solves_and_builds_nothing(runs):
+    _home, _env, (first, second) = runs
+    lines = [line for line in second.splitlines() if "envmgr:" in line and ": env " in line]
+    assert len(lines) == 4
+    assert all("(cached lock, stored already)" in line for line in lines), lines
+    assert any("solved, built" in line for line in first.splitlines())
