@@ -120,3 +120,111 @@ def test_second_run_solves_and_builds_nothing(runs):
     assert len(lines) == 4
     assert all("(cached lock, stored already)" in line for line in lines), lines
     assert any("solved, built" in line for line in first.splitlines())
+
+
+_ENVIRONMENT = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("userflow", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from metaflow.plugins import ENVIRONMENTS
+flow = module.EnvmgrFlow(use_cli=False)
+environment = [e for e in ENVIRONMENTS if e.TYPE == "conda"][0](flow)
+environment.init_environment(lambda line: None)
+step = sys.argv[2]
+print(json.dumps({"commands": environment.bootstrap_commands(step, "s3"),
+                  "executable": environment.executable(step)}))
+"""
+
+
+def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
+    conda_channel, pypi_index, s3_server, s3_bucket, tmp_path
+):
+    aws = {
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    env = {
+        **os.environ,
+        **aws,
+        "PYTHONPATH": str(ROOT),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_STORE": f"s3://{s3_bucket}/mf",
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop-cache"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "PIP_INDEX_URL": pypi_index.url,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _ENVIRONMENT, str(FLOW), "fetch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    remote = json.loads(out.stdout.strip().splitlines()[-1])
+    # The worker: an empty directory and HOME, no channel, no index; only S3 answers.
+    sandbox, home = tmp_path / "pod", tmp_path / "home"
+    sandbox.mkdir()
+    home.mkdir()
+    worker = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        **aws,
+        "ENVMGR_CHANNELS": "http://127.0.0.1:9/",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",
+    }
+    script = " && ".join(
+        [
+            *remote["commands"],
+            f"{remote['executable']} -c 'import six, sys; print(sys.prefix, six.__version__)'",
+        ]
+    )
+    ran = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=sandbox, env=worker, check=False
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    prefix, version = ran.stdout.strip().splitlines()[-1].split()
+    assert prefix.startswith(str(sandbox / ".envmgr" / "envs")) and version == "1.17.0"
+
+
+def test_a_bad_spec_stops_the_run_before_any_task(conda_channel, tmp_path):
+    flow = tmp_path / "badflow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, step, conda\n"
+        "class BadFlow(FlowSpec):\n"
+        "    @conda(libraries={'numpy': '>>1'})\n"
+        "    @step\n"
+        "    def start(self):\n"
+        "        self.next(self.end)\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n"
+        "if __name__ == '__main__':\n"
+        "    BadFlow()\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+    }
+    result = subprocess.run(
+        [sys.executable, str(flow), "--environment=conda", "run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "step 'start'" in output and "numpy >>1" in output
+    assert "Traceback" not in output and "Task is starting" not in output

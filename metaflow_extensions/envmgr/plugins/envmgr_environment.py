@@ -95,6 +95,18 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         return out
 
     def init_environment(self, echo: Any, only_steps: Any = None) -> None:
+        from metaflow.exception import MetaflowException
+
+        from envmgr.errors import EnvmgrError
+
+        try:
+            self._init_environment(echo, only_steps)
+        except EnvmgrError as exc:
+            # A bad spec or an unreachable store stops the run before any task starts,
+            # as one message (Metaflow prints MetaflowException without a traceback).
+            raise MetaflowException(f"envmgr: {exc}") from None
+
+    def _init_environment(self, echo: Any, only_steps: Any) -> None:
         from envmgr.build import BuildOptions, build_and_store
         from envmgr.cache import open_store
         from envmgr.config import cache_dir, default_channels
