@@ -56,7 +56,7 @@ def _seen(output: str) -> dict[str, list[tuple[str, dict]]]:
     return found
 
 
-def _env_locks(home: Path, env: dict) -> dict[str, dict]:
+def _env_locks(home: Path, env: dict, store=None) -> dict[str, dict]:
     """Per step, the versions in the lock of the env the task recorded in its metadata."""
     code = (
         "import json; from metaflow import Flow, namespace; namespace(None); "
@@ -77,12 +77,16 @@ def _env_locks(home: Path, env: dict) -> dict[str, dict]:
             check=True,
         ).stdout
     )
+    from envmgr.cache.layout import env_lock_key
     from envmgr.lock import read_conda_lock
 
     locks = {}
     for step, env_id in ids.items():
         if env_id:
             path = home / "store" / "envs" / "linux-64" / env_id / "conda-lock.yml"
+            if store is not None:
+                path = home / f"{env_id}.yml"
+                store.get_file(env_lock_key("linux-64", env_id), path)
             packages = read_conda_lock(path).for_platform("linux-64").packages
             locks[step] = {p.name: p.version for p in packages}
     return locks
@@ -228,3 +232,46 @@ def test_a_bad_spec_stops_the_run_before_any_task(conda_channel, tmp_path):
     assert result.returncode != 0
     assert "step 'start'" in output and "numpy >>1" in output
     assert "Traceback" not in output and "Task is starting" not in output
+
+
+def test_s3_datastore_flow_stores_envs_under_the_datastore(
+    conda_channel, pypi_index, s3_server, s3_bucket, tmp_path
+):
+    from envmgr.cache.s3 import S3Store
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "PIP_INDEX_URL": pypi_index.url,
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DEFAULT_METADATA": "local",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    env.pop("ENVMGR_STORE", None)
+    result = subprocess.run(
+        [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"store s3://{s3_bucket}/metaflow/envmgr" in output
+    store = S3Store(f"s3://{s3_bucket}/metaflow/envmgr", client=s3_server.client())
+    locks = _env_locks(tmp_path, env, store)
+    seen = _seen(output)
+    for step in ("start", "fetch", "mixed", "end"):
+        for _prefix, versions in seen[step]:
+            for name, version in versions.items():
+                assert locks[step][name] == version, (step, name)
+    assert len(seen["fan"]) == 20

@@ -63,6 +63,12 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         self.envmgr_envs: dict[str, dict[str, str]] = {}
         self._pythons: dict[str, str] = {}
         self._package_file: str | None = None
+        self._datastore = ""
+
+    def validate_environment(self, echo: Any, datastore_type: str) -> None:
+        # Tasks of an S3 datastore need boto3 inside their env.
+        self._datastore = datastore_type
+        super().validate_environment(echo, datastore_type)
 
     def decospecs(self) -> tuple[str, ...]:
         # Every step gets @conda, so its hooks run (a step without one uses the base env).
@@ -86,7 +92,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             if spec.disabled:
                 continue
             present = {d.name for d in spec.conda} | {d.name for d in spec.pypi}
-            missing = [n for n in _METAFLOW_NEEDS if n not in present]
+            needs = (*_METAFLOW_NEEDS, *(("boto3",) if self._datastore == "s3" else ()))
+            missing = [n for n in needs if n not in present]
             if missing and spec.pypi and not spec.conda:
                 spec = merge(spec, type(spec)(pypi=tuple(PypiDep.parse(n) for n in missing)))
             elif missing:
