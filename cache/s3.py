@@ -60,17 +60,43 @@ class S3Store:
         return self._client
 
     def _key(self, key: str) -> str:
+        """The object key under the prefix; called before any request, so that an invalid
+        key raises ``ValueError`` rather than looking like a store failure."""
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, key: str, exc: Exception) -> StoreError:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
         hint = None
-        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        if code in (
+            "AccessDenied",
+            "403",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "NoCredentialsError",
+        ):
             hint = "check the credentials and their permissions on this bucket"
         elif code in ("NoSuchBucket",):
             hint = "create the bucket or fix the store URL"
-        return StoreError(self.url, key, f"S3 error {code}", hint=hint)
+        elif code in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+            hint = "the S3 endpoint did not answer; check AWS_ENDPOINT_URL and the network"
+        endpoint = getattr(getattr(self._client, "meta", None), "endpoint_url", "?")
+        return StoreError(
+            self.url,
+            key,
+            f"S3 error {code} (endpoint {endpoint}, credentials from {self._credential_source()})",
+            hint=hint,
+        )
+
+    def _credential_source(self) -> str:
+        """Which link of boto3's credential chain answered (never the secret itself)."""
+        try:
+            credentials = self.client._request_signer._credentials
+        except AttributeError:
+            return "unknown"
+        if credentials is None:
+            return "nowhere (no credentials found)"
+        return str(getattr(credentials, "method", "unknown"))
 
     @staticmethod
     def _missing(exc: Exception) -> bool:
@@ -88,9 +114,10 @@ class S3Store:
         )
 
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+        full = self._key(key)
         extra = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+            answer = self.client.get_object(Bucket=self.bucket, Key=full, **extra)
             return bytes(answer["Body"].read())
         except Exception as exc:
             if self._missing(exc):
@@ -98,16 +125,16 @@ class S3Store:
             raise self._fail(key, exc) from None
 
     def put(self, key: str, data: bytes) -> None:
+        full = self._key(key)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
         except Exception as exc:
             raise self._fail(key, exc) from None
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
+        full = self._key(key)
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
-            )
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
         except Exception as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
@@ -116,16 +143,16 @@ class S3Store:
         return True
 
     def put_file(self, key: str, path: Path) -> None:
+        full = self._key(key)
         try:
-            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer())
+            self.client.upload_file(str(path), self.bucket, full, Config=self._transfer())
         except Exception as exc:
             raise self._fail(key, exc) from None
 
     def get_file(self, key: str, path: Path) -> bool:
+        full = self._key(key)
         try:
-            self.client.download_file(
-                self.bucket, self._key(key), str(path), Config=self._transfer()
-            )
+            self.client.download_file(self.bucket, full, str(path), Config=self._transfer())
         except Exception as exc:
             if self._missing(exc):
                 return False
@@ -139,10 +166,9 @@ class S3Store:
         return cast(IO[bytes], _RangedReader(self, key, size))
 
     def size(self, key: str) -> int | None:
+        full = self._key(key)
         try:
-            return int(
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
-            )
+            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
         except Exception as exc:
             if self._missing(exc):
                 return None
@@ -152,8 +178,9 @@ class S3Store:
         return self.size(key) is not None
 
     def delete(self, key: str) -> None:
+        full = self._key(key)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            self.client.delete_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
             if not self._missing(exc):
                 raise self._fail(key, exc) from None
