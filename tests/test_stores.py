@@ -54,10 +54,14 @@ def test_open_store_by_url(tmp_path):
 
 
 def test_unreachable_s3_names_url_endpoint_and_credentials():
-    client = boto3.client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
-                          aws_access_key_id="a", aws_secret_access_key="b",
-                          config=Config(retries={"max_attempts": 1},
-                                        connect_timeout=1, read_timeout=1))
+    client = boto3.client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",  # noqa: S106
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=1),
+    )
     with pytest.raises(StoreError) as info:
         S3Store("s3://bucket/prefix", client=client).get("locks/a")
     text = str(info.value)
