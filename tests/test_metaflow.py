@@ -6,8 +6,10 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -137,7 +139,8 @@ environment = [e for e in ENVIRONMENTS if e.TYPE == "conda"][0](flow)
 environment.init_environment(lambda line: None)
 step = sys.argv[2]
 print(json.dumps({"commands": environment.bootstrap_commands(step, "s3"),
-                  "executable": environment.executable(step)}))
+                  "executable": environment.executable(step),
+                  "package": [[src, arc] for src, arc, _ in environment.add_to_package()]}))
 """
 
 
@@ -171,17 +174,35 @@ def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
     )
     assert out.returncode == 0, out.stderr[-2000:]
     remote = json.loads(out.stdout.strip().splitlines()[-1])
-    # The worker: an empty directory and HOME, no channel, no index; only S3 answers.
+    # The worker: an empty directory and HOME, no channel, no index; only S3 answers. Its
+    # python has boto3 and zstandard but not envmgr: the bootstrap comes in the code package.
     sandbox, home = tmp_path / "pod", tmp_path / "home"
     sandbox.mkdir()
     home.mkdir()
+    for source, arcname in remote["package"]:  # what the code package holds
+        (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, sandbox / arcname)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "image")], check=True
+    )
+    image_site = next((tmp_path / "image" / "lib").glob("python3*/site-packages"))
+    (image_site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     worker = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PATH": f"{tmp_path / 'image' / 'bin'}:/usr/bin:/bin",
         "HOME": str(home),
         **aws,
         "ENVMGR_CHANNELS": "http://127.0.0.1:9/",
         "PIP_INDEX_URL": "http://127.0.0.1:9/",
     }
+    assert (
+        subprocess.run(
+            [str(tmp_path / "image" / "bin" / "python"), "-c", "import envmgr"],
+            cwd=tmp_path,
+            capture_output=True,
+            check=False,
+        ).returncode
+        != 0
+    )
     script = " && ".join(
         [
             *remote["commands"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from metaflow.metaflow_environment import MetaflowEnvironment
@@ -52,6 +53,30 @@ def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
         }
         calls.append(DecoratorCall(kind=deco.name, kwargs=kwargs))
     return calls
+
+
+#: What ``python -m envmgr.bootstrap`` imports on a worker: shipped in the code package, so a
+#: worker needs only Python, boto3 (for S3) and zstandard or the zstd program.
+_BOOTSTRAP_MODULES = (
+    "envmgr/__init__.py", "envmgr/errors.py", "envmgr/bootstrap.py", "envmgr/hydrate.py",
+    "envmgr/archive.py", "envmgr/platforms.py", "envmgr/config.py",
+    "envmgr/cache/__init__.py", "envmgr/cache/store.py", "envmgr/cache/layout.py",
+    "envmgr/cache/local.py", "envmgr/cache/s3.py",
+)
+
+
+def _bootstrap_sources() -> list[tuple[str, str, Any]]:
+    import envmgr
+
+    root = Path(envmgr.__file__).resolve().parent
+    out = []
+    for arcname in _BOOTSTRAP_MODULES:
+        relative = arcname.split("/", 1)[1]
+        source = root / relative
+        if not source.is_file() and relative.startswith("cache/"):
+            source = root.parent / relative  # a checkout keeps cache/ beside envmgr/
+        out.append((str(source), arcname, ContentType.OTHER_CONTENT))
+    return out
 
 
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
@@ -161,6 +186,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         files = list(super().add_to_package())
         if self._package_file:
             files.append((self._package_file, _PACKAGE_FILE, ContentType.OTHER_CONTENT))
+            files += _bootstrap_sources()
         return files
 
     def envmgr_python(self, step_name: str) -> str:
