@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -60,6 +61,23 @@ app.command("gc")(gc_command)
 
 def main() -> None:
     """Run the CLI; an ``EnvmgrError`` becomes one line on stderr and its exit code."""
+    code: int | str | None = 0
+    try:
+        _run_app()
+    except SystemExit as exc:
+        code = exc.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    # py-rattler 0.28's runtime threads can abort the interpreter while it finalizes (seen
+    # under load: "Fatal Python error ... finalizing", exit -6): the command is complete
+    # here, so flush and leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def _run_app() -> None:
     try:
         # Standalone mode: usage errors print one line and exit 2; our errors pass through.
         app()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from _helpers import run_envmgr
 
 from envmgr.archive import ArchiveError, Manifest, Relocation, relocate, unpack
 from envmgr.build import BUILD_PREFIX_LENGTH, BuildError, BuildOptions, build_and_store
@@ -260,16 +261,6 @@ def test_relocation_refuses_a_longer_prefix(tmp_path):
         relocate(tmp_path, manifest, "/a/much/longer/prefix")
 
 
-def _cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env=env or dict(os.environ),
-        check=False,
-    )
-
-
 def test_cli_build_twice_and_other_platforms(conda_channel, tmp_path):
     env = {
         **os.environ,
@@ -289,17 +280,17 @@ def test_cli_build_twice_and_other_platforms(conda_channel, tmp_path):
         "--platform",
         "osx-arm64",
     ]
-    first = _cli(*args, env=env)
+    first = run_envmgr(*args, env=env)
     assert first.returncode == 0, first.stderr
     assert "built and uploaded" in first.stdout
     assert "will be built by the first worker of osx-arm64" in first.stdout
-    second = _cli(*args, "--json", env=env)
+    second = run_envmgr(*args, "--json", env=env)
     rows = json.loads(second.stdout)["envs"]
     assert [r["status"] for r in rows] == ["present", "deferred"]
     lock_file = tmp_path / "x.conda-lock.yml"
-    resolved = _cli("resolve", *args[1:], "-o", str(lock_file), env=env)
+    resolved = run_envmgr("resolve", *args[1:], "-o", str(lock_file), env=env)
     assert resolved.returncode == 0, resolved.stderr
-    from_lock = _cli("build", "--from-lock", str(lock_file), "--json", env=env)
+    from_lock = run_envmgr("build", "--from-lock", str(lock_file), "--json", env=env)
     assert from_lock.returncode == 0, from_lock.stderr
     assert [r["status"] for r in json.loads(from_lock.stdout)["envs"]] == ["present", "deferred"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from _helpers import run_envmgr
 
 from envmgr.archive import ArchiveError, Manifest
 from envmgr.build import BuildOptions, build_and_store
@@ -280,16 +281,6 @@ def test_first_worker_of_a_platform_builds_from_the_stored_lock(lock, tmp_path):
         hydrate("0" * 32, store, tmp_path / "cache")
 
 
-def _cli(*args, env):
-    return subprocess.run(
-        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-
-
 def test_run_ls_and_gc(local_store, lock, tmp_path):
     env = {
         **os.environ,
@@ -301,18 +292,18 @@ def test_run_ls_and_gc(local_store, lock, tmp_path):
         "import os, sys, numpy; print(sys.prefix); print(os.environ.get('PYTHONPATH')); "
         "print(os.environ['CONDA_PREFIX']); print(sys.flags.no_user_site)"
     )
-    ran = _cli("run", lock.env_id, "--", "python", "-c", probe, env=env)
+    ran = run_envmgr("run", lock.env_id, "--", "python", "-c", probe, env=env)
     assert ran.returncode == 0, ran.stderr
     prefix, pythonpath, conda_prefix, no_user_site = ran.stdout.split()
     assert prefix == conda_prefix == str(env_dir(tmp_path / "cache", lock.env_id))
     assert pythonpath == "None" and no_user_site == "1"
-    failing = _cli("run", lock.env_id, "--", "python", "-c", "raise SystemExit(7)", env=env)
+    failing = run_envmgr("run", lock.env_id, "--", "python", "-c", "raise SystemExit(7)", env=env)
     assert failing.returncode == 7
-    listed = json.loads(_cli("ls", "--json", env=env).stdout)["envs"]
+    listed = json.loads(run_envmgr("ls", "--json", env=env).stdout)["envs"]
     assert [e["env_id"] for e in listed] == [lock.env_id] and listed[0]["size"] > 10_000_000
     with hold_for_use(tmp_path / "cache", lock.env_id):
         removed, busy = gc(tmp_path / "cache", max_size=0)
         assert removed == [] and [e.env_id for e in busy] == [lock.env_id]
-    collected = json.loads(_cli("gc", "--max-size", "1M", "--json", env=env).stdout)
+    collected = json.loads(run_envmgr("gc", "--max-size", "1M", "--json", env=env).stdout)
     assert collected["removed"] == [lock.env_id]
     assert list_envs(tmp_path / "cache") == []

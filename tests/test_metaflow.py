@@ -19,20 +19,25 @@ FLOW = ROOT / "fixtures" / "flows" / "mixedflow.py"
 SEEN = re.compile(r"SEEN (\w+) (\(.*\))$")
 
 
-@pytest.fixture(scope="module")
-def runs(conda_channel, pypi_index, tmp_path_factory):
-    """Run the flow twice (the second time unchanged) and return both outputs."""
-    home = tmp_path_factory.mktemp("mf")
-    env = {
+def _flow_env(home: Path, channel_url: str, **extra: str) -> dict[str, str]:
+    """What a user's shell has: the extension on the path, envmgr pointed at the fixtures."""
+    return {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "USER": "envmgr-test",
         "METAFLOW_HOME": str(home),
         "ENVMGR_STORE": (home / "store").as_uri(),
         "ENVMGR_CACHE_DIR": str(home / "cache"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "PIP_INDEX_URL": pypi_index.url,
+        "ENVMGR_CHANNELS": channel_url,
+        **extra,
     }
+
+
+@pytest.fixture(scope="module")
+def runs(conda_channel, pypi_index, tmp_path_factory):
+    """Run the flow twice (the second time unchanged) and return both outputs."""
+    home = tmp_path_factory.mktemp("mf")
+    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
     outputs = []
     for _ in range(2):
         result = subprocess.run(
@@ -58,11 +63,12 @@ def _seen(output: str) -> dict[str, list[tuple[str, dict]]]:
     return found
 
 
-def _env_locks(home: Path, env: dict, store=None) -> dict[str, dict]:
+def _env_locks(home: Path, env: dict, output: str, store=None) -> dict[str, dict]:
     """Per step, the versions in the lock of the env the task recorded in its metadata."""
+    run_id = re.search(r"run-id (\d+)", output).group(1)
     code = (
-        "import json; from metaflow import Flow, namespace; namespace(None); "
-        "run = Flow('EnvmgrFlow').latest_run; out = {}\n"
+        "import json; from metaflow import Run, namespace; namespace(None); "
+        f"run = Run('EnvmgrFlow/{run_id}'); out = {{}}\n"
         "for step in run:\n"
         "    task = next(iter(step))\n"
         "    meta = {m.name: m.value for m in task.metadata}\n"
@@ -98,7 +104,7 @@ def test_every_step_sees_its_locked_versions(runs):
     home, env, (first, _second) = runs
     seen = _seen(first)
     assert sorted(seen) == ["end", "fan", "fetch", "mixed", "off", "start"]
-    locks = _env_locks(home, env)
+    locks = _env_locks(home, env, first)
     for step, tasks in seen.items():
         if step == "off":
             continue
@@ -153,17 +159,14 @@ def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    env = {
-        **os.environ,
+    env = _flow_env(
+        tmp_path,
+        conda_channel.url,
         **aws,
-        "PYTHONPATH": str(ROOT),
-        "USER": "envmgr-test",
-        "METAFLOW_HOME": str(tmp_path),
-        "ENVMGR_STORE": f"s3://{s3_bucket}/mf",
-        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop-cache"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "PIP_INDEX_URL": pypi_index.url,
-    }
+        PIP_INDEX_URL=pypi_index.url,
+        ENVMGR_STORE=f"s3://{s3_bucket}/mf",
+        ENVMGR_CACHE_DIR=str(tmp_path / "laptop-cache"),
+    )
     out = subprocess.run(
         [sys.executable, "-c", _ENVIRONMENT, str(FLOW), "fetch"],
         capture_output=True,
@@ -232,15 +235,7 @@ def test_a_bad_spec_stops_the_run_before_any_task(conda_channel, tmp_path):
         "if __name__ == '__main__':\n"
         "    BadFlow()\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "USER": "envmgr-test",
-        "METAFLOW_HOME": str(tmp_path),
-        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
-        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-    }
+    env = _flow_env(tmp_path, conda_channel.url)
     result = subprocess.run(
         [sys.executable, str(flow), "--environment=conda", "run"],
         capture_output=True,
@@ -260,22 +255,18 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
 ):
     from envmgr.cache.s3 import S3Store
 
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "USER": "envmgr-test",
-        "METAFLOW_HOME": str(tmp_path),
-        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "PIP_INDEX_URL": pypi_index.url,
-        "METAFLOW_DEFAULT_DATASTORE": "s3",
-        "METAFLOW_DEFAULT_METADATA": "local",
-        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
-        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = _flow_env(
+        tmp_path,
+        conda_channel.url,
+        PIP_INDEX_URL=pypi_index.url,
+        METAFLOW_DEFAULT_DATASTORE="s3",
+        METAFLOW_DEFAULT_METADATA="local",
+        METAFLOW_DATASTORE_SYSROOT_S3=f"s3://{s3_bucket}/metaflow",
+        METAFLOW_S3_ENDPOINT_URL=s3_server.endpoint_url,
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     env.pop("ENVMGR_STORE", None)
     result = subprocess.run(
         [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4"],
@@ -289,7 +280,7 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
     assert result.returncode == 0, output[-3000:]
     assert f"store s3://{s3_bucket}/metaflow/envmgr" in output
     store = S3Store(f"s3://{s3_bucket}/metaflow/envmgr", client=s3_server.client())
-    locks = _env_locks(tmp_path, env, store)
+    locks = _env_locks(tmp_path, env, output, store)
     seen = _seen(output)
     for step in ("start", "fetch", "mixed", "end"):
         for _prefix, versions in seen[step]:

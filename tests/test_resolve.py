@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _helpers import run_envmgr
 
 from envmgr.cache.local import LocalStore
 from envmgr.lock import (
@@ -44,26 +44,15 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def envmgr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=dict(os.environ),
-        check=False,
-    )
-
-
 def resolve_json(*args: str) -> list[dict]:
-    result = envmgr("resolve", *args, "--json")
+    result = run_envmgr("resolve", *args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["envs"]
 
 
 def test_lock_file_with_old_tabulate_that_conda_lock_renders(home, conda_channel):
     out = home / "x.yml"
-    result = envmgr(
+    result = run_envmgr(
         "resolve",
         "--conda",
         "python=3.11",
@@ -115,7 +104,7 @@ def test_second_call_is_cached_and_never_reads_the_channel(home, tmp_path):
     assert second[0]["cached"] is True
     assert second[0]["env_id"] == first[0]["env_id"]
     assert second[0]["spec_id"] == first[0]["spec_id"]
-    forced = envmgr("resolve", *args, "--force")
+    forced = run_envmgr("resolve", *args, "--force")
     assert forced.returncode == 1 and "channel-gone" not in forced.stderr
     assert str(channel) in forced.stderr and "Traceback" not in forced.stderr
 
@@ -135,7 +124,7 @@ def test_resolving_for_other_platforms(home, conda_channel, platform):
         platform,
     )
     assert envs[0]["platform"] == platform and envs[0]["packages"] == 3
-    osx_only = envmgr(
+    osx_only = run_envmgr(
         "resolve",
         "--conda",
         "fixture-osx-only",
@@ -160,7 +149,7 @@ def test_flow_steps_with_equal_specs_share_one_solve(home, conda_channel):
     store = LocalStore(home / "store")
     assert len(list(store.list("locks/"))) == 3  # one solve per distinct spec
     lock_dir = home / "locks"
-    result = envmgr(
+    result = run_envmgr(
         "resolve", str(CONDA_FLOW), "--channel", conda_channel.url, "--lock-dir", str(lock_dir)
     )
     assert result.returncode == 0, result.stderr
@@ -183,13 +172,13 @@ def test_unsatisfiable_flow_step_is_one_line_naming_step_and_packages(home, cond
         "    def start(self):\n"
         "        pass\n"
     )
-    result = envmgr("resolve", str(flow), "--channel", conda_channel.url)
+    result = run_envmgr("resolve", str(flow), "--channel", conda_channel.url)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "step 'start'" in lines[0] and "fixture-beta" in lines[0]
     assert "fixture-gamma" in lines[0] and "fixture-alpha" in lines[0]
-    verbose = envmgr("-v", "resolve", str(flow), "--channel", conda_channel.url)
+    verbose = run_envmgr("-v", "resolve", str(flow), "--channel", conda_channel.url)
     assert "Traceback" in verbose.stderr and "conflicts" in verbose.stderr
 
 
@@ -201,14 +190,14 @@ def test_unsatisfiable_flow_step_is_one_line_naming_step_and_packages(home, cond
     ],
 )
 def test_unknown_package_is_one_line(home, conda_channel, spec, needle):
-    result = envmgr("resolve", "--conda", spec, "--channel", conda_channel.url)
+    result = run_envmgr("resolve", "--conda", spec, "--channel", conda_channel.url)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and needle in result.stderr
     assert "command line" in result.stderr
 
 
 def test_unreachable_channel_names_the_url(home):
-    result = envmgr("resolve", "--conda", "tabulate", "--channel", "http://127.0.0.1:9/nowhere")
+    result = run_envmgr("resolve", "--conda", "tabulate", "--channel", "http://127.0.0.1:9/nowhere")
     assert result.returncode == 1
     assert "http://127.0.0.1:9/nowhere" in result.stderr and "Traceback" not in result.stderr
 
@@ -223,7 +212,7 @@ def test_unreachable_channel_names_the_url(home):
     ],
 )
 def test_usage_errors_exit_2(home, args):
-    result = envmgr("resolve", *args)
+    result = run_envmgr("resolve", *args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -232,7 +221,7 @@ def test_check_detects_a_newer_package(home, tmp_path):
     channel = copy_channel(tmp_path / "channel")
     args = ["--conda", "fixture-alpha", "--channel", channel.as_uri(), "--platform", "linux-64"]
     assert resolve_json(*args)[0]["cached"] is False
-    assert envmgr("resolve", *args, "--check").returncode == 0
+    assert run_envmgr("resolve", *args, "--check").returncode == 0
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "share").mkdir()
         (Path(tmp) / "share" / "VERSION").write_text("2.5\n")
@@ -244,7 +233,7 @@ def test_check_detects_a_newer_package(home, tmp_path):
             channel / "noarch",
         )
     index_channel(channel)
-    drift = envmgr("resolve", *args, "--check")
+    drift = run_envmgr("resolve", *args, "--check")
     assert drift.returncode == 1 and "differ" in drift.stderr
     # --check does not replace the cached lock; a plain resolve still returns it.
     again = resolve_json(*args)
@@ -351,7 +340,7 @@ def test_credentials_never_reach_lock_files(tmp_path):
 
 def test_lock_files_round_trip(home, conda_channel):
     out = home / "multi.yml"
-    result = envmgr(
+    result = run_envmgr(
         "resolve",
         "--conda",
         "python",
