@@ -101,6 +101,20 @@ def _single_spec(
     return merge(spec, EnvSpec(python=parsed_python, conda=tuple(deps), pypi=tuple(pypi_deps)))
 
 
+def _specs_from_json(path: Path) -> dict[str, EnvSpec]:
+    """``{"steps": {name: EnvSpec.to_dict()}}``, as the Metaflow extension writes it."""
+    import json  # noqa: PLC0415
+
+    try:
+        data = json.loads(path.read_text())
+        steps = data["steps"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{path}: not a specs file ({exc})")
+    return {
+        str(name): EnvSpec.from_dict(spec, where=f"step {name!r}") for name, spec in steps.items()
+    }
+
+
 def _platforms(values: list[str]) -> tuple[Platform, ...]:
     out: list[Platform] = []
     for value in values:
@@ -127,13 +141,16 @@ def gather(
     cuda: str | None,
     force: bool = False,
     check: bool = False,
+    specs_json: Path | None = None,
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
     problems exit 2, spec problems raise ``SpecError``."""
     singles = env_file or requirements or conda or pypi or python
     if flow is not None and singles:
         fail("give a flow file or -f/-r/--conda/--pypi/--python, not both")
-    if flow is None and not singles:
+    if specs_json is not None:
+        flow, singles = None, None
+    elif flow is None and not singles:
         fail("nothing to do: give a flow file, -f, -r, --conda, --pypi or --python")
     try:
         indexes = [
@@ -141,7 +158,10 @@ def gather(
         ]
     except ValueError as exc:
         fail(str(exc))
-    if flow is not None:
+    if specs_json is not None:
+        specs = _specs_from_json(specs_json)
+        sources = [str(specs_json)]
+    elif flow is not None:
         specs = discover(flow)
         if not specs:
             fail(f"{flow}: no step has an environment (@conda, @pypi, @conda_base, @pypi_base)")
@@ -161,7 +181,7 @@ def gather(
         check=check,
         index_url=indexes[0] if index_url else None,
         extra_index_urls=tuple(indexes[1:] if index_url else indexes),
-        steps_are_steps=flow is not None,
+        steps_are_steps=flow is not None or specs_json is not None,
         env=dict(os.environ),
     )
     return Inputs(specs=specs, sources=sources, options=options)

@@ -66,6 +66,14 @@ def build(
     python: PythonOpt = None,
     platform: PlatformOpt = [],
     channel: ChannelOpt = [],
+    specs_json: Annotated[
+        Path | None,
+        typer.Option(
+            "--specs-json",
+            hidden=True,
+            help="Steps' specs as JSON (how the Metaflow extension hands them over).",
+        ),
+    ] = None,
     from_lock: Annotated[
         Path | None,
         typer.Option("--from-lock", help="Build the envs of this conda-lock file (no resolution)."),
@@ -82,6 +90,7 @@ def build(
     if codec not in ("zst", "gz"):
         fail(f"--codec {codec!r}: use zst or gz")
     inputs = None
+    resolved: dict[str, tuple[str, bool]] = {}
     if from_lock is not None:
         if flow or env_file or requirements or conda or pypi or python:
             fail("give --from-lock or specs to resolve, not both")
@@ -109,8 +118,11 @@ def build(
             extra_index_url=extra_index_url,
             store=store,
             cuda=cuda,
+            specs_json=specs_json,
         )
-        jobs = [(r.steps, r.lock) for r in resolve_specs(inputs.specs, inputs.options)]
+        results = resolve_specs(inputs.specs, inputs.options)
+        jobs = [(r.steps, r.lock) for r in results]
+        resolved = {r.lock.env_id: (r.spec_id, r.cached) for r in results}
         store_obj, cache = inputs.options.store, inputs.options.cache_dir
     codec_value: Literal["zst", "gz"] = "gz" if codec == "gz" else "zst"
     options = BuildOptions(
@@ -144,6 +156,8 @@ def build(
                 "status": outcome.status,
                 "size": outcome.manifest.size,
                 "seconds": round(outcome.seconds, 3),
+                "spec_id": resolved.get(lock.env_id, (lock.spec_id, False))[0],
+                "lock_cached": resolved.get(lock.env_id, ("", True))[1],
             }
         )
     if as_json:

@@ -58,10 +58,18 @@ def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
 #: What ``python -m envmgr.bootstrap`` imports on a worker: shipped in the code package, so a
 #: worker needs only Python, boto3 (for S3) and zstandard or the zstd program.
 _BOOTSTRAP_MODULES = (
-    "envmgr/__init__.py", "envmgr/errors.py", "envmgr/bootstrap.py", "envmgr/hydrate.py",
-    "envmgr/archive.py", "envmgr/platforms.py", "envmgr/config.py",
-    "envmgr/cache/__init__.py", "envmgr/cache/store.py", "envmgr/cache/layout.py",
-    "envmgr/cache/local.py", "envmgr/cache/s3.py",
+    "envmgr/__init__.py",
+    "envmgr/errors.py",
+    "envmgr/bootstrap.py",
+    "envmgr/hydrate.py",
+    "envmgr/archive.py",
+    "envmgr/platforms.py",
+    "envmgr/config.py",
+    "envmgr/cache/__init__.py",
+    "envmgr/cache/store.py",
+    "envmgr/cache/layout.py",
+    "envmgr/cache/local.py",
+    "envmgr/cache/s3.py",
 )
 
 
@@ -139,44 +147,64 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             raise MetaflowException(f"envmgr: {exc}") from None
 
     def _init_environment(self, echo: Any, only_steps: Any) -> None:
-        from envmgr.build import BuildOptions, build_and_store
-        from envmgr.cache import open_store
-        from envmgr.config import cache_dir, default_channels
+        import subprocess
+        import sys
+
+        from envmgr.errors import EnvmgrError
         from envmgr.platforms import host_platform
-        from envmgr.resolution import ResolveOptions, resolve_specs
 
         specs = self._specs()
         if only_steps:
             specs = {k: v for k, v in specs.items() if k in only_steps}
         if not specs:
             return
-        store = open_store(_store_url())
-        options = ResolveOptions(
-            store=store,
-            cache_dir=cache_dir(),
-            platforms=(host_platform(),),
-            default_channels=default_channels(),
-            env=dict(os.environ),
-        )
-        echo(f"envmgr: resolving {len(specs)} step environments (store {store.url})")
-        results = resolve_specs(specs, options)
-        build = BuildOptions(store=store, cache_dir=cache_dir())
-        for result in results:
-            outcome = build_and_store(result.lock, build)
+        store_url = _store_url()
+        echo(f"envmgr: resolving {len(specs)} step environments (store {store_url})")
+        # Solving and building run in a child process: py-rattler's runtime threads must not
+        # live in Metaflow's process (they can abort an interpreter while it finalizes).
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump({"steps": {k: v.to_dict() for k, v in specs.items()}}, handle)
+        try:
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "envmgr",
+                    "build",
+                    "--specs-json",
+                    handle.name,
+                    "--platform",
+                    host_platform(),
+                    "--store",
+                    store_url,
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            Path(handle.name).unlink()
+        if result.returncode != 0:
+            lines = result.stderr.strip().splitlines()
+            message = lines[-1] if lines else f"exit code {result.returncode}"
+            raise EnvmgrError(message.removeprefix("envmgr: error: "))
+        for row in json.loads(result.stdout)["envs"]:
             state = {
                 "built": "built",
                 "present": "stored already",
                 "waited": "built by another process",
-            }[outcome.status]
+            }[row["status"]]
+            lock_state = "cached lock" if row["lock_cached"] else "solved"
             echo(
-                f"envmgr: {', '.join(result.steps)}: env {result.lock.env_id[:12]} "
-                f"({'cached lock' if result.cached else 'solved'}, {state})"
+                f"envmgr: {', '.join(row['steps'])}: env {row['env_id'][:12]} "
+                f"({lock_state}, {state})"
             )
-            for step in result.steps:
+            for step in row["steps"]:
                 self.envmgr_envs[step] = {
-                    "env_id": result.lock.env_id,
-                    "spec_id": result.spec_id,
-                    "store": store.url,
+                    "env_id": row["env_id"],
+                    "spec_id": row["spec_id"],
+                    "store": store_url,
                 }
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump(self.envmgr_envs, handle)
