@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from envmgr.cache.local import LocalStore
+from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.conda_channel import copy_channel
 from fixtures.pypi_index import PypiIndexServer
 from fixtures.s3_server import RunningS3, launch
@@ -66,3 +69,24 @@ def s3_bucket(s3_server: RunningS3) -> Iterator[str]:
             for item in page.get("Contents", []):
                 client.delete_object(Bucket=name, Key=item["Key"])
         client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def mixed_lock(conda_channel, pypi_index, tmp_path_factory):
+    """The linux-64 lock of a mixed env: conda python, numpy, tabulate, prefix-demo (text and
+    binary placeholders); PyPI colorama and python-dateutil."""
+    home = tmp_path_factory.mktemp("mixed-lock")
+    options = ResolveOptions(
+        store=LocalStore(home / "store"),
+        cache_dir=home / "cache",
+        platforms=("linux-64",),
+        default_channels=(conda_channel.url,),
+        index_url=pypi_index.url,
+        env={},
+    )
+    spec = EnvSpec(
+        python="3.11.*",
+        conda=tuple(CondaDep.parse(c) for c in ("numpy", "tabulate", "prefix-demo")),
+        pypi=(PypiDep.parse("colorama"), PypiDep.parse("python-dateutil")),
+    )
+    return resolve_specs({"train": spec}, options)[0].lock

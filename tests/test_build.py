@@ -21,37 +21,15 @@ from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_k
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.lock import LockedPackage, PlatformLock, read_conda_lock
-from envmgr.resolution import ResolveOptions, resolve_specs
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def env_lock(conda_channel, pypi_index, tmp_path_factory):
-    """A mixed env: conda python, numpy, tabulate, prefix-demo; PyPI colorama and dateutil."""
-    home = tmp_path_factory.mktemp("lock")
-    options = ResolveOptions(
-        store=LocalStore(home / "store"),
-        cache_dir=home / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=pypi_index.url,
-        env={},
-    )
-    spec = EnvSpec(
-        python="3.11.*",
-        conda=tuple(CondaDep.parse(c) for c in ("numpy", "tabulate", "prefix-demo")),
-        pypi=(PypiDep.parse("colorama"), PypiDep.parse("python-dateutil")),
-    )
-    return resolve_specs({"train": spec}, options)[0].lock
-
-
-@pytest.fixture(scope="module")
-def built(env_lock, tmp_path_factory):
+def built(mixed_lock, tmp_path_factory):
     home = tmp_path_factory.mktemp("built")
     store = LocalStore(home / "store")
-    outcome = build_and_store(env_lock, BuildOptions(store=store, cache_dir=home / "cache"))
+    outcome = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=home / "cache"))
     return store, outcome
 
 
@@ -59,36 +37,36 @@ def _archive(store, manifest):
     return io.BytesIO(store.get(archive_key(manifest.platform, manifest.env_id)))
 
 
-def test_build_stores_archive_lock_and_manifest(built, env_lock):
+def test_build_stores_archive_lock_and_manifest(built, mixed_lock):
     store, outcome = built
     assert outcome.status == "built"
     keys = set(store.list("envs/"))
     assert keys == {
-        archive_key("linux-64", env_lock.env_id),
-        env_lock_key("linux-64", env_lock.env_id),
-        manifest_key("linux-64", env_lock.env_id),
+        archive_key("linux-64", mixed_lock.env_id),
+        env_lock_key("linux-64", mixed_lock.env_id),
+        manifest_key("linux-64", mixed_lock.env_id),
     }
     manifest = outcome.manifest
     assert len(manifest.build_prefix) == BUILD_PREFIX_LENGTH
-    assert manifest.size == store.size(archive_key("linux-64", env_lock.env_id))
+    assert manifest.size == store.size(archive_key("linux-64", mixed_lock.env_id))
     assert {"bin/tabulate", "etc/prefix-demo.conf"} <= {r.path for r in manifest.relocations}
     assert any(r.mode == "binary" for r in manifest.relocations)
-    assert not store.exists(lease_key(env_lock.env_id))
-    lock_file = store.root / env_lock_key("linux-64", env_lock.env_id)
-    assert read_conda_lock(lock_file).for_platform("linux-64").env_id == env_lock.env_id
+    assert not store.exists(lease_key(mixed_lock.env_id))
+    lock_file = store.root / env_lock_key("linux-64", mixed_lock.env_id)
+    assert read_conda_lock(lock_file).for_platform("linux-64").env_id == mixed_lock.env_id
 
 
-def test_second_build_uploads_nothing(built, env_lock):
+def test_second_build_uploads_nothing(built, mixed_lock):
     store, first = built
     before = {k: store.size(k) for k in store.list("envs/")}
     again = build_and_store(
-        env_lock, BuildOptions(store=store, cache_dir=store.root.parent / "cache")
+        mixed_lock, BuildOptions(store=store, cache_dir=store.root.parent / "cache")
     )
     assert again.status == "present" and again.manifest == first.manifest
     assert {k: store.size(k) for k in store.list("envs/")} == before
 
 
-def test_unpacked_at_a_shorter_prefix_works(built, env_lock, tmp_path):
+def test_unpacked_at_a_shorter_prefix_works(built, mixed_lock, tmp_path):
     store, outcome = built
     manifest = outcome.manifest
     raw, moved = tmp_path / "raw", tmp_path / "e"
@@ -132,51 +110,51 @@ def test_unpacked_at_a_shorter_prefix_works(built, env_lock, tmp_path):
             assert manifest.build_prefix.encode() not in (moved / rel).read_bytes()
 
 
-def test_packing_is_deterministic(env_lock, built, tmp_path):
+def test_packing_is_deterministic(mixed_lock, built, tmp_path):
     _store, first = built
     other = LocalStore(tmp_path / "store")
-    again = build_and_store(env_lock, BuildOptions(store=other, cache_dir=tmp_path / "cache"))
+    again = build_and_store(mixed_lock, BuildOptions(store=other, cache_dir=tmp_path / "cache"))
     assert again.status == "built"
     assert again.manifest.sha256 == first.manifest.sha256
 
 
-def test_gzip_codec(env_lock, tmp_path):
+def test_gzip_codec(mixed_lock, tmp_path):
     store = LocalStore(tmp_path / "store")
     outcome = build_and_store(
-        env_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache", codec="gz")
+        mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache", codec="gz")
     )
     manifest = outcome.manifest
     assert manifest.codec == "gz"
-    data = store.get(archive_key("linux-64", env_lock.env_id, "gz"))
+    data = store.get(archive_key("linux-64", mixed_lock.env_id, "gz"))
     unpack(io.BytesIO(data), tmp_path / "e", manifest)
     assert (tmp_path / "e" / "bin" / "python3.11").is_file()
 
 
-def test_expired_lease_is_taken_over_and_live_one_waited_for(env_lock, built, tmp_path):
+def test_expired_lease_is_taken_over_and_live_one_waited_for(mixed_lock, built, tmp_path):
     store = LocalStore(tmp_path / "store")
     stale = json.dumps({"holder": "dead-host:1", "expires": time.time() - 10}).encode()
-    store.put(lease_key(env_lock.env_id), stale)
-    outcome = build_and_store(env_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
-    assert outcome.status == "built" and not store.exists(lease_key(env_lock.env_id))
+    store.put(lease_key(mixed_lock.env_id), stale)
+    outcome = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    assert outcome.status == "built" and not store.exists(lease_key(mixed_lock.env_id))
     live = LocalStore(tmp_path / "other")
     live.put(
-        lease_key(env_lock.env_id),
+        lease_key(mixed_lock.env_id),
         json.dumps({"holder": "busy-host:2", "expires": time.time() + 600}).encode(),
     )
     with pytest.raises(BuildError, match="waited"):
         build_and_store(
-            env_lock,
+            mixed_lock,
             BuildOptions(
                 store=live, cache_dir=tmp_path / "cache", wait_timeout=1.0, poll_seconds=0.1
             ),
         )
 
 
-def test_failed_build_releases_its_lease(env_lock, tmp_path):
+def test_failed_build_releases_its_lease(mixed_lock, tmp_path):
     broken = PlatformLock(
         platform="linux-64",
         packages=(
-            *env_lock.packages,
+            *mixed_lock.packages,
             LockedPackage(
                 manager="pypi",
                 name="ghost",

@@ -26,8 +26,6 @@ from envmgr.cache.local import LocalStore
 from envmgr.hydrate import COMPLETE, HashMismatchError, HydrateError, env_dir, hydrate
 from envmgr.local_envs import gc, hold_for_use, list_envs
 from envmgr.lock import Lock, write_conda_lock
-from envmgr.resolution import ResolveOptions, resolve_specs
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = (
@@ -38,22 +36,8 @@ CHECK = (
 
 
 @pytest.fixture(scope="module")
-def lock(conda_channel, pypi_index, tmp_path_factory):
-    home = tmp_path_factory.mktemp("hlock")
-    options = ResolveOptions(
-        store=LocalStore(home / "store"),
-        cache_dir=home / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=pypi_index.url,
-        env={},
-    )
-    spec = EnvSpec(
-        python="3.11.*",
-        conda=(CondaDep.parse("numpy"), CondaDep.parse("tabulate")),
-        pypi=(PypiDep.parse("python-dateutil"), PypiDep.parse("colorama")),
-    )
-    return resolve_specs({"train": spec}, options)[0].lock
+def lock(mixed_lock):
+    return mixed_lock
 
 
 @pytest.fixture(scope="module")
