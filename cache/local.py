@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -51,12 +51,24 @@ class LocalStore:
         os.close(fd)
         return Path(tmp)
 
-    def _write(self, key: str, data: bytes | Path, *, exclusive: bool) -> bool:
+    def _write(
+        self,
+        key: str,
+        data: bytes | Path,
+        *,
+        exclusive: bool,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> bool:
         path = self._path(key)
         try:
             tmp = self._temp(path)
             try:
-                if isinstance(data, Path):
+                if isinstance(data, Path) and on_bytes is not None:
+                    with data.open("rb") as source, tmp.open("wb") as target:
+                        while chunk := source.read(1 << 22):
+                            target.write(chunk)
+                            on_bytes(len(chunk))
+                elif isinstance(data, Path):
                     shutil.copyfile(data, tmp)
                 else:
                     tmp.write_bytes(data)
@@ -82,8 +94,8 @@ class LocalStore:
     def put_if_absent(self, key: str, data: bytes) -> bool:
         return self._write(key, data, exclusive=True)
 
-    def put_file(self, key: str, path: Path) -> None:
-        self._write(key, path, exclusive=False)
+    def put_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        self._write(key, path, exclusive=False, on_bytes=on_bytes)
 
     def get_file(self, key: str, path: Path) -> bool:
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, cast
@@ -142,10 +142,12 @@ class S3Store:
             raise self._fail(key, exc) from None
         return True
 
-    def put_file(self, key: str, path: Path) -> None:
+    def put_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
         full = self._key(key)
         try:
-            self.client.upload_file(str(path), self.bucket, full, Config=self._transfer())
+            self.client.upload_file(
+                str(path), self.bucket, full, Config=self._transfer(), Callback=on_bytes
+            )
         except Exception as exc:
             raise self._fail(key, exc) from None
 

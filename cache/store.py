@@ -6,7 +6,7 @@ object or none; the manifest of an env is written last and is the only thing rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -52,8 +52,9 @@ class Store(Protocol):
         """Create the object only if no object has the key; ``False`` when one does."""
         ...
 
-    def put_file(self, key: str, path: Path) -> None:
-        """Upload a (large) file atomically (multipart where the store has it)."""
+    def put_file(self, key: str, path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Upload a (large) file atomically (multipart where the store has it); *on_bytes*
+        is called with the size of each part sent."""
         ...
 
     def get_file(self, key: str, path: Path) -> bool:

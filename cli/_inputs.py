@@ -11,10 +11,11 @@ import typer
 
 from envmgr.cache import open_store
 from envmgr.cli._common import fail
-from envmgr.config import cache_dir, default_channels, default_store_url
+from envmgr.config import load
 from envmgr.discovery import discover
 from envmgr.errors import Problem, SpecError
 from envmgr.platforms import PLATFORMS, Platform, is_platform
+from envmgr.progress import NULL, Progress
 from envmgr.resolution import ResolveOptions
 from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
 from envmgr.specfiles import read_spec_file
@@ -142,6 +143,7 @@ def gather(
     force: bool = False,
     check: bool = False,
     specs_json: Path | None = None,
+    progress: Progress = NULL,
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
     problems exit 2, spec problems raise ``SpecError``."""
@@ -152,12 +154,26 @@ def gather(
         flow, singles = None, None
     elif flow is None and not singles:
         fail("nothing to do: give a flow file, -f, -r, --conda, --pypi or --python")
+    config = load(
+        flags={
+            "store": store,
+            "channels": channel,
+            "index_url": index_url,
+            "extra_index_urls": extra_index_url,
+        }
+    )
+    index_url = config["index_url"]
     try:
         indexes = [
-            parse_index_url(u) for u in ([index_url] if index_url else []) + list(extra_index_url)
+            parse_index_url(u)
+            for u in ([index_url] if index_url else []) + list(config["extra_index_urls"])
         ]
     except ValueError as exc:
-        fail(str(exc))
+        fail(f"{config.sources['index_url']}: {exc}")
+    default_platforms = config["platforms"]
+    bad = [p for p in default_platforms if not is_platform(p)]
+    if bad:
+        fail(f"{config.sources['platforms']}: unknown platform {bad[0]!r}")
     if specs_json is not None:
         specs = _specs_from_json(specs_json)
         sources = [str(specs_json)]
@@ -172,10 +188,11 @@ def gather(
         specs = {name: _single_spec(files, conda, pypi, python)}
         sources = [str(f) for f in files]
     options = ResolveOptions(
-        store=open_store(store or default_store_url()),
-        cache_dir=cache_dir(),
+        store=open_store(config["store"]),
+        cache_dir=Path(config["cache_dir"]),
         platforms=_platforms(platform),
-        default_channels=tuple(channel) or default_channels(),
+        default_platforms=tuple(default_platforms),
+        default_channels=tuple(config["channels"]),
         cuda=cuda,
         force=force,
         check=check,
@@ -183,5 +200,6 @@ def gather(
         extra_index_urls=tuple(indexes[1:] if index_url else indexes),
         steps_are_steps=flow is not None or specs_json is not None,
         env=dict(os.environ),
+        progress=progress,
     )
     return Inputs(specs=specs, sources=sources, options=options)

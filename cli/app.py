@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 
 import typer
 
 from envmgr import __version__
 from envmgr.cli._common import STATE
 from envmgr.cli.build import build
+from envmgr.cli.config import config_app
 from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
+from envmgr.cli.inspect import diff_command, export_command, show_command
+from envmgr.cli.names import alias_command, names_command
 from envmgr.cli.resolve import resolve
 from envmgr.errors import EnvmgrError
 
@@ -20,9 +24,12 @@ __all__ = ["app", "main"]
 app = typer.Typer(
     name="envmgr",
     help="Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps.",
+    epilog="Example: envmgr resolve --conda numpy --python 3.11 --platform linux-64",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    # Markdown joins a docstring's wrapped lines into paragraphs.
+    rich_markup_mode="markdown",
 )
 
 
@@ -51,12 +58,23 @@ def _root(
     STATE.quiet = quiet
 
 
-app.command()(resolve)
-app.command()(build)
-app.command("hydrate")(hydrate_command)
-app.command("run")(run_command)
-app.command("ls")(ls_command)
-app.command("gc")(gc_command)
+#: Each command and the example its help ends with (tests run every one).
+_COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
+    ("resolve", resolve, "envmgr resolve -f environment.yml --platform linux-64 -o env.lock.yml"),
+    ("build", build, "envmgr build flow.py --store s3://bucket/envmgr"),
+    ("hydrate", hydrate_command, "envmgr hydrate team/pandas:stable"),
+    ("run", run_command, "envmgr run flow.py:train -- python train.py"),
+    ("show", show_command, "envmgr show flow.py:train --json"),
+    ("diff", diff_command, "envmgr diff team/pandas:stable team/pandas:candidate"),
+    ("export", export_command, "envmgr export flow.py:train --format requirements.txt"),
+    ("alias", alias_command, "envmgr alias flow.py:train team/pandas:candidate"),
+    ("names", names_command, "envmgr names team/pandas"),
+    ("ls", ls_command, "envmgr ls --json"),
+    ("gc", gc_command, "envmgr gc --max-size 20G --older-than 14d"),
+)
+for _name, _function, _example in _COMMANDS:
+    app.command(_name, epilog=f"Example: {_example}")(_function)
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:

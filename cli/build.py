@@ -4,11 +4,12 @@ platform that the store does not have yet."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
-from envmgr.build import BuildOptions, BuildOutcome, build_and_store
+from envmgr.build import BuildOptions, BuildOutcome, build_and_store, offer_lock
+from envmgr.cache import Store
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -26,35 +27,74 @@ from envmgr.cli._inputs import (
     StoreOpt,
     gather,
 )
-from envmgr.lock import PlatformLock, read_conda_lock
+from envmgr.cli._progress import progress_for_cli
+from envmgr.config import load
+from envmgr.lock import PlatformLock
 from envmgr.platforms import host_platform
+from envmgr.progress import Progress
 
 __all__ = ["build"]
 
 
-def _offer_lock(store: Any, lock: PlatformLock) -> None:
-    """Store the lock of an env this host cannot build, so the first worker of its platform
-    finds it and builds it (see envmgr.hydrate)."""
-    import tempfile  # noqa: PLC0415
+def _jobs(
+    from_lock: Path | None, spec_args: dict[str, Any], progress: Progress
+) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
+    """The store, cache dir, (steps, lock) pairs to build, and env_id -> (spec_id, cached)."""
+    if from_lock is not None:
+        if (
+            any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
+            or (spec_args["python"])
+        ):
+            fail("give --from-lock or specs to resolve, not both")
+        from envmgr.cache import open_store  # noqa: PLC0415
+        from envmgr.cli._targets import read_lock_file  # noqa: PLC0415
 
-    from envmgr import __version__  # noqa: PLC0415
-    from envmgr.cache.layout import env_lock_key  # noqa: PLC0415
-    from envmgr.lock import Lock, write_conda_lock  # noqa: PLC0415
+        config = load(flags={"store": spec_args["store"]})
+        cache = Path(config["cache_dir"])
+        lock_file = read_lock_file(from_lock, cache)
+        steps: tuple[str, ...] = (from_lock.name,)
+        return open_store(config["store"]), cache, [(steps, p) for p in lock_file.platforms], {}
+    from envmgr.resolution import resolve_specs  # noqa: PLC0415
 
-    key = env_lock_key(lock.platform, lock.env_id)
-    if store.exists(key):
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "conda-lock.yml"
-        write_conda_lock(
-            Lock(platforms=(lock,), spec_id=lock.spec_id, envmgr_version=__version__), path
-        )
-        store.put_file(key, path)
+    inputs = gather(**spec_args, progress=progress)
+    results = resolve_specs(inputs.specs, inputs.options)
+    resolved = {r.lock.env_id: (r.spec_id, r.cached) for r in results}
+    jobs = [(r.steps, r.lock) for r in results]
+    return inputs.options.store, inputs.options.cache_dir, jobs, resolved
 
 
-def _say(message: str) -> None:
-    if STATE.verbose:
-        typer.echo(message, err=True)
+def _build_all(
+    jobs: list[tuple[tuple[str, ...], PlatformLock]],
+    resolved: dict[str, tuple[str, bool]],
+    options: BuildOptions,
+) -> list[dict[str, Any]]:
+    host = host_platform()
+    rows: list[dict[str, Any]] = []
+    done: dict[tuple[str, str], BuildOutcome] = {}
+    for steps, lock in jobs:
+        key = (lock.platform, lock.env_id)
+        row: dict[str, Any] = {
+            "steps": list(steps),
+            "env_id": lock.env_id,
+            "platform": lock.platform,
+            "status": "deferred",
+            "size": None,
+            "seconds": 0.0,
+            "spec_id": resolved.get(lock.env_id, (lock.spec_id, False))[0],
+            "lock_cached": resolved.get(lock.env_id, ("", True))[1],
+        }
+        if lock.platform != host:
+            offer_lock(options.store, lock)
+        else:
+            outcome = done.get(key) or build_and_store(lock, options)
+            done[key] = outcome
+            row.update(
+                status=outcome.status,
+                size=outcome.manifest.size,
+                seconds=round(outcome.seconds, 3),
+            )
+        rows.append(row)
+    return rows
 
 
 def build(
@@ -82,84 +122,44 @@ def build(
     extra_index_url: ExtraIndexOpt = [],
     store: StoreOpt = None,
     cuda: CudaOpt = None,
-    codec: Annotated[str, typer.Option("--codec", help="zst (default) or gz")] = "zst",
-    level: Annotated[int, typer.Option("--level", help="Compression level.")] = 3,
+    codec: Annotated[
+        str | None, typer.Option("--codec", help="zst (default) or gz; config: codec")
+    ] = None,
+    level: Annotated[
+        int | None, typer.Option("--level", help="Compression level (default 3); config: level")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build, pack and store each env of this host's platform once; report the others."""
-    if codec not in ("zst", "gz"):
-        fail(f"--codec {codec!r}: use zst or gz")
-    inputs = None
-    resolved: dict[str, tuple[str, bool]] = {}
-    if from_lock is not None:
-        if flow or env_file or requirements or conda or pypi or python:
-            fail("give --from-lock or specs to resolve, not both")
-        lock_file = read_conda_lock(from_lock)
-        jobs: list[tuple[tuple[str, ...], PlatformLock]] = [
-            ((from_lock.name,), p) for p in lock_file.platforms
-        ]
-        from envmgr.cache import open_store  # noqa: PLC0415
-        from envmgr.config import cache_dir, default_store_url  # noqa: PLC0415
-
-        store_obj, cache = open_store(store or default_store_url()), cache_dir()
-    else:
-        from envmgr.resolution import resolve_specs  # noqa: PLC0415
-
-        inputs = gather(
-            flow=flow,
-            env_file=env_file,
-            requirements=requirements,
-            conda=conda,
-            pypi=pypi,
-            python=python,
-            platform=platform,
-            channel=channel,
-            index_url=index_url,
-            extra_index_url=extra_index_url,
-            store=store,
-            cuda=cuda,
-            specs_json=specs_json,
-        )
-        results = resolve_specs(inputs.specs, inputs.options)
-        jobs = [(r.steps, r.lock) for r in results]
-        resolved = {r.lock.env_id: (r.spec_id, r.cached) for r in results}
-        store_obj, cache = inputs.options.store, inputs.options.cache_dir
-    codec_value: Literal["zst", "gz"] = "gz" if codec == "gz" else "zst"
-    options = BuildOptions(
-        store=store_obj, cache_dir=cache, codec=codec_value, level=level, on_progress=_say
-    )
-    host = host_platform()
-    rows: list[dict[str, Any]] = []
-    done: dict[tuple[str, str], BuildOutcome] = {}
-    for steps, lock in jobs:
-        key = (lock.platform, lock.env_id)
-        if lock.platform != host:
-            _offer_lock(store_obj, lock)
-            rows.append(
-                {
-                    "steps": list(steps),
-                    "env_id": lock.env_id,
-                    "platform": lock.platform,
-                    "status": "deferred",
-                    "size": None,
-                    "seconds": 0.0,
-                }
-            )
-            continue
-        outcome = done.get(key) or build_and_store(lock, options)
-        done[key] = outcome
-        rows.append(
+    config = load(flags={"store": store, "codec": codec, "level": level})
+    with progress_for_cli() as progress:
+        store_obj, cache, jobs, resolved = _jobs(
+            from_lock,
             {
-                "steps": list(steps),
-                "env_id": lock.env_id,
-                "platform": lock.platform,
-                "status": outcome.status,
-                "size": outcome.manifest.size,
-                "seconds": round(outcome.seconds, 3),
-                "spec_id": resolved.get(lock.env_id, (lock.spec_id, False))[0],
-                "lock_cached": resolved.get(lock.env_id, ("", True))[1],
-            }
+                "flow": flow,
+                "env_file": env_file,
+                "requirements": requirements,
+                "conda": conda,
+                "pypi": pypi,
+                "python": python,
+                "platform": platform,
+                "channel": channel,
+                "index_url": index_url,
+                "extra_index_url": extra_index_url,
+                "store": store,
+                "cuda": cuda,
+                "specs_json": specs_json,
+            },
+            progress,
         )
+        options = BuildOptions(
+            store=store_obj,
+            cache_dir=cache,
+            codec="gz" if config["codec"] == "gz" else "zst",
+            level=int(config["level"]),
+            progress=progress,
+        )
+        rows = _build_all(jobs, resolved, options)
     if as_json:
         emit_json({"store": store_obj.url, "envs": rows})
         return

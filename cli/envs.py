@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -13,66 +12,11 @@ import typer
 
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import ChannelOpt, ExtraIndexOpt, IndexOpt, JsonOpt, StoreOpt
-from envmgr.config import cache_dir, default_channels, default_store_url
+from envmgr.cli._progress import progress_for_cli
+from envmgr.cli._targets import TargetArg
+from envmgr.config import cache_dir, load
 
 __all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
-
-_ENV_ID = re.compile(r"^[0-9a-f]{32}$")
-
-TargetArg = Annotated[str, typer.Argument(help="An env id, a conda-lock file, or FLOW.py:step.")]
-
-
-def _resolve_target(
-    target: str,
-    store_url: str,
-    channel: list[str],
-    index_url: str | None,
-    extra_index_url: list[str],
-) -> tuple[str, tuple[str, ...]]:
-    """The env id of *target* for this host, building it into the store when needed."""
-    if _ENV_ID.match(target):
-        return target, ()
-    from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
-    from envmgr.cache import open_store  # noqa: PLC0415
-    from envmgr.platforms import host_platform  # noqa: PLC0415
-
-    store = open_store(store_url)
-    if ":" in target and target.rsplit(":", 1)[0].endswith(".py"):
-        from envmgr.cli._inputs import gather  # noqa: PLC0415
-        from envmgr.resolution import resolve_specs  # noqa: PLC0415
-
-        flow, step = target.rsplit(":", 1)
-        inputs = gather(
-            flow=Path(flow),
-            env_file=[],
-            requirements=[],
-            conda=[],
-            pypi=[],
-            python=None,
-            platform=[host_platform()],
-            channel=channel,
-            index_url=index_url,
-            extra_index_url=extra_index_url,
-            store=store_url,
-            cuda=None,
-        )
-        if step not in inputs.specs:
-            fail(
-                f"{flow}: no step {step!r} with an environment (steps with one: "
-                f"{', '.join(inputs.specs) or 'none'})"
-            )
-        result = resolve_specs({step: inputs.specs[step]}, inputs.options)[0]
-        lock = result.lock
-        steps: tuple[str, ...] = (step,)
-    elif Path(target).is_file():
-        from envmgr.lock import read_conda_lock  # noqa: PLC0415
-
-        lock = read_conda_lock(Path(target)).for_platform(host_platform())
-        steps = ()
-    else:
-        fail(f"{target!r} is not an env id (32 hex digits), a lock file or FLOW.py:step")
-    build_and_store(lock, BuildOptions(store=store, cache_dir=cache_dir()))
-    return lock.env_id, steps
 
 
 def _hydrate(
@@ -82,17 +26,42 @@ def _hydrate(
     index_url: str | None,
     extra_index_url: list[str],
 ) -> tuple[Path, bool, tuple[str, ...]]:
+    """Hydrate what *target* names for this host; a lock file or flow step is built into
+    the store first when the store lacks it."""
+    from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
     from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
     from envmgr.local_envs import record_steps  # noqa: PLC0415
+    from envmgr.platforms import host_platform  # noqa: PLC0415
 
-    store_url = store or default_store_url()
-    env_id, steps = _resolve_target(
-        target, store_url, channel or list(default_channels()), index_url, extra_index_url
-    )
-    result = hydrate(env_id, open_store(store_url), cache_dir())
+    config = load(flags={"store": store})
+    store_obj, cache = open_store(config["store"]), Path(config["cache_dir"])
+    host = host_platform()
+    steps: tuple[str, ...] = ()
+    with progress_for_cli() as progress:
+        if ENV_ID.match(target):
+            env_id = target  # hydrate() finds (or builds) it in the store
+        else:
+            flow_options = FlowOptions(
+                store=store,
+                channel=tuple(channel),
+                index_url=index_url,
+                extra_index_url=tuple(extra_index_url),
+                platform=(host,),
+            )
+            found = load_target(
+                target, store_obj, cache, flow_options=flow_options, progress=progress
+            )
+            lock = found.lock.for_platform(host)
+            if not found.from_store:
+                build_and_store(
+                    lock, BuildOptions(store=store_obj, cache_dir=cache, progress=progress)
+                )
+            env_id, steps = lock.env_id, found.steps
+        result = hydrate(env_id, store_obj, cache, progress=progress)
     if steps:
-        record_steps(cache_dir(), env_id, steps)
+        record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from envmgr import __version__
+from envmgr.cache import open_store
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -26,8 +28,12 @@ from envmgr.cli._inputs import (
     StoreOpt,
     gather,
 )
-from envmgr.lock import Lock, write_conda_lock
+from envmgr.cli._progress import progress_for_cli
+from envmgr.config import load
+from envmgr.lock import Lock, PlatformLock, write_conda_lock
+from envmgr.progress import Progress
 from envmgr.resolution import Resolved, resolve_specs
+from envmgr.spec import EnvSpec
 
 __all__ = ["resolve"]
 
@@ -53,9 +59,17 @@ def resolve(
     python: PythonOpt = None,
     platform: PlatformOpt = [],
     channel: ChannelOpt = [],
-    lockfile: Annotated[
+    output: Annotated[
         Path | None,
-        typer.Option("-o", "--lockfile", help="Write the conda-lock file of a single spec."),
+        typer.Option("-o", "--output", help="Write the conda-lock file of a single spec."),
+    ] = None,
+    adopt_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--lockfile",
+            help="Adopt this conda-lock or @EXPLICIT file as the lock (of the spec given "
+            "with it, if any) instead of solving.",
+        ),
     ] = None,
     lock_dir: Annotated[
         Path | None,
@@ -73,34 +87,72 @@ def resolve(
     as_json: JsonOpt = False,
 ) -> None:
     """Resolve specs into locks for each target platform; unchanged specs come from the cache."""
-    if lockfile is not None and lock_dir is not None:
-        fail("give -o/--lockfile or --lock-dir, not both")
-    inputs = gather(
-        flow=flow,
-        env_file=env_file,
-        requirements=requirements,
-        conda=conda,
-        pypi=pypi,
-        python=python,
-        platform=platform,
-        channel=channel,
-        index_url=index_url,
-        extra_index_url=extra_index_url,
-        store=store,
-        cuda=cuda,
-        force=force,
-        check=check,
-    )
-    specs, sources = inputs.specs, inputs.sources
-    results = resolve_specs(specs, inputs.options)
-    if lockfile is not None:
+    if output is not None and lock_dir is not None:
+        fail("give -o/--output or --lock-dir, not both")
+    lock_files = [f for f in env_file if _is_lock_file(f)]
+    if lock_files:
+        if adopt_file is not None or len(lock_files) > 1:
+            fail("adopt one lock file at a time (-f LOCK or --lockfile LOCK)")
+        adopt_file = lock_files[0]
+        env_file = [f for f in env_file if f != adopt_file]
+    if adopt_file is not None and (check or force):
+        fail("--lockfile adopts a lock as it is; --check and --force do not apply")
+    with progress_for_cli() as progress:
+        if adopt_file is not None:
+            results, sources = _adopt(
+                adopt_file,
+                {
+                    "flow": flow,
+                    "env_file": env_file,
+                    "requirements": requirements,
+                    "conda": conda,
+                    "pypi": pypi,
+                    "python": python,
+                    "platform": platform,
+                    "channel": channel,
+                    "index_url": index_url,
+                    "extra_index_url": extra_index_url,
+                    "store": store,
+                    "cuda": cuda,
+                },
+            )
+        else:
+            results, sources = _resolve(
+                {
+                    "flow": flow,
+                    "env_file": env_file,
+                    "requirements": requirements,
+                    "conda": conda,
+                    "pypi": pypi,
+                    "python": python,
+                    "platform": platform,
+                    "channel": channel,
+                    "index_url": index_url,
+                    "extra_index_url": extra_index_url,
+                    "store": store,
+                    "cuda": cuda,
+                    "force": force,
+                    "check": check,
+                },
+                progress,
+            )
+    if output is not None:
         if len({r.spec_id for r in results}) > 1:
-            fail("-o/--lockfile takes a single spec; this flow has several: use --lock-dir")
-        _write_lockfile(lockfile, results, sources)
+            fail("-o/--output takes a single spec; this flow has several: use --lock-dir")
+        _write_lockfile(output, results, sources)
     if lock_dir is not None:
-        for step in specs:
+        for step in dict.fromkeys(s for r in results for s in r.steps):
             mine = [r for r in results if step in r.steps]
             _write_lockfile(lock_dir / f"{step}.conda-lock.yml", mine, sources)
+    _report(results, check=check, adopted=adopt_file is not None, as_json=as_json)
+
+
+def _resolve(args: dict[str, Any], progress: Progress) -> tuple[list[Resolved], list[str]]:
+    inputs = gather(**args, progress=progress)
+    return resolve_specs(inputs.specs, inputs.options), inputs.sources
+
+
+def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: bool) -> None:
     drifted = [r for r in results if r.drifted]
     if as_json:
         emit_json(
@@ -108,11 +160,13 @@ def resolve(
                 "envs": [
                     {
                         "steps": list(r.steps),
-                        "spec_id": r.spec_id,
+                        "spec_id": (r.lock.spec_id or None) if adopted else r.spec_id,
                         "platform": r.platform,
                         "env_id": r.lock.env_id,
                         "packages": len(r.lock.packages),
                         "cached": r.cached,
+                        "adopted": adopted,
+                        "seconds": round(r.seconds, 3),
                         **({"drifted": r.drifted} if check else {}),
                     }
                     for r in results
@@ -122,6 +176,7 @@ def resolve(
     elif not STATE.quiet:
         for r in results:
             state = "cached" if r.cached else ("drifted" if r.drifted else "solved")
+            state = "adopted" if adopted else state
             for step in r.steps:
                 typer.echo(
                     f"{step:<16} {r.platform:<14} env {r.lock.env_id[:12]}  "
@@ -134,3 +189,92 @@ def resolve(
             err=True,
         )
         raise typer.Exit(1)
+
+
+def _is_lock_file(path: Path) -> bool:
+    """A conda-lock file or an @EXPLICIT list (given to -f by habit) rather than a spec."""
+    from envmgr.interop import is_explicit  # noqa: PLC0415
+
+    if is_explicit(path):
+        return True
+    if path.suffix not in (".yml", ".yaml"):
+        return False
+    try:
+        head = path.read_text(encoding="utf-8")[:20000]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "\nmetadata:" in f"\n{head}" and "\npackage:" in f"\n{head}"
+
+
+def _adopt(lock_path: Path, args: dict[str, Any]) -> tuple[list[Resolved], list[str]]:
+    """The lock file's platforms as results. With a spec, each platform's lock becomes that
+    spec's resolution-cache entry (after checking it satisfies the spec); without one, the
+    locks are only stored beside their envs so `build`, `hydrate` and `alias` find them."""
+    from envmgr.build import offer_lock  # noqa: PLC0415
+    from envmgr.cache.layout import lock_key  # noqa: PLC0415
+    from envmgr.cli._targets import read_lock_file  # noqa: PLC0415
+    from envmgr.lock import dumps  # noqa: PLC0415
+    from envmgr.resolution import effective_spec  # noqa: PLC0415
+
+    has_spec = any(args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
+    inputs = gather(**args) if has_spec or args["python"] else None
+    config = load(flags={"store": args["store"]})
+    store = inputs.options.store if inputs else open_store(config["store"])
+    lock = read_lock_file(lock_path, Path(config["cache_dir"]))
+    wanted = set(args["platform"])
+    parts = [p for p in lock.platforms if not wanted or p.platform in wanted]
+    if not parts:
+        fail(f"{lock_path}: has no {', '.join(sorted(wanted))} part")
+    specs = inputs.specs if inputs else {lock_path.name: EnvSpec()}
+    results: list[Resolved] = []
+    for step, spec in specs.items():
+        effective = effective_spec(spec, inputs.options) if inputs else spec
+        for part in parts:
+            if inputs is not None:
+                _check_satisfies(effective, part, where=f"{lock_path} for {step}")
+                part = replace(part, spec_id=effective.spec_id)
+                store.put(lock_key(effective.spec_id, part.platform), dumps(part.to_dict()))
+            offer_lock(store, part)
+            results.append(
+                Resolved(
+                    steps=(step,),
+                    spec=effective,
+                    platform=part.platform,
+                    lock=part,
+                    cached=False,
+                    seconds=0.0,
+                )
+            )
+    return results, [str(lock_path)]
+
+
+def _check_satisfies(spec: EnvSpec, lock: PlatformLock, *, where: str) -> None:
+    """Every conda and PyPI requirement of *spec* is met by *lock*; else one error naming
+    the requirements that are not."""
+    import rattler  # noqa: PLC0415
+    from packaging.specifiers import SpecifierSet  # noqa: PLC0415
+
+    from envmgr.build import conda_records  # noqa: PLC0415
+    from envmgr.lock import LockError  # noqa: PLC0415
+    from envmgr.resolvers.conda import conda_specs  # noqa: PLC0415
+
+    records = {r.name.normalized: r for r in conda_records(lock)}
+    pypi = {p.name: p for p in lock.packages if p.manager == "pypi"}
+    unmet = []
+    for text in conda_specs(spec):
+        match = rattler.MatchSpec(text)
+        name = match.name.normalized if match.name else ""
+        record = records.get(name)
+        if record is None or not match.matches(record):
+            unmet.append(text)
+    for dep in spec.pypi:
+        pkg = pypi.get(dep.name)
+        if pkg is None and (dep.name in records or dep.marker):  # conda has it / not here
+            continue
+        if pkg is None or not SpecifierSet(dep.specifier).contains(pkg.version, prereleases=True):
+            unmet.append(f"{dep.name}{dep.specifier}")
+    if unmet:
+        raise LockError(
+            f"{where}: the lock does not satisfy {', '.join(unmet)} ({lock.platform})",
+            hint="resolve the spec instead, or fix the lock file",
+        )

@@ -23,7 +23,7 @@ import re
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -197,11 +197,18 @@ def scan_relocations(prefix: Path) -> tuple[Relocation, ...]:
 
 
 def pack(
-    prefix: Path, out: IO[bytes], *, codec: Codec = "zst", level: int = 3, threads: int = 0
+    prefix: Path,
+    out: IO[bytes],
+    *,
+    codec: Codec = "zst",
+    level: int = 3,
+    threads: int = 0,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> PackResult:
     """Stream a deterministic archive of *prefix* into *out*; returns size and sha256.
 
-    *threads* is zstd's worker count (0: all cores). Cost: one read of every file.
+    *threads* is zstd's worker count (0: all cores); *on_bytes* is called with the size of
+    each file packed. Cost: one read of every file.
     """
     hashing = _HashingWriter(out)
     if codec == "zst":
@@ -239,6 +246,8 @@ def pack(
                     tar.addfile(info, handle)
                 files += 1
                 unpacked += st.st_size
+                if on_bytes is not None:
+                    on_bytes(st.st_size)
             else:
                 raise ArchiveError(f"{path}: not a file, directory or symlink; cannot pack it")
     return PackResult(

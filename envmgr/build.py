@@ -21,11 +21,11 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,8 +36,17 @@ from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.errors import EnvmgrError
 from envmgr.hydrate import file_lock
-from envmgr.lock import Lock, LockedPackage, PlatformLock, strip_credentials, write_conda_lock
+from envmgr.lock import (
+    Lock,
+    LockedPackage,
+    LockError,
+    PlatformLock,
+    read_conda_lock,
+    strip_credentials,
+    write_conda_lock,
+)
 from envmgr.platforms import host_platform
+from envmgr.progress import NULL, Progress, Task
 
 __all__ = [
     "BUILD_PREFIX_LENGTH",
@@ -46,13 +55,15 @@ __all__ = [
     "BuildOutcome",
     "build_and_store",
     "build_prefix",
+    "conda_records",
     "create_prefix",
+    "offer_lock",
     "read_manifest",
+    "read_stored_lock",
 ]
 
 #: Length of every build prefix; envs relocate to any path up to this long.
 BUILD_PREFIX_LENGTH = 240
-DEFAULT_BUILD_ROOT = "/tmp/envmgr-builds"  # noqa: S108 - shared on purpose, see build_prefix
 _SITE = "lib/python{xy}/site-packages"
 _NOARCH: dict[str, Literal["python", "generic"]] = {"python": "python", "generic": "generic"}
 
@@ -73,7 +84,7 @@ class BuildOptions:
     wait_timeout: float = 3600.0
     poll_seconds: float = 0.5
     holder: str = ""
-    on_progress: Callable[[str], None] | None = None
+    progress: Progress = NULL
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,7 +103,10 @@ def build_prefix(env_id: str, root: str | None = None) -> Path:
     ``/tmp/envmgr-builds``): the build prefix is written into the env's files, so a
     machine-independent prefix makes two builds of one lock give the same archive.
     """
-    root = root or os.environ.get("ENVMGR_BUILD_ROOT") or DEFAULT_BUILD_ROOT
+    if root is None:
+        from envmgr.config import load  # noqa: PLC0415
+
+        root = str(load()["build_root"])
     base = f"{root.rstrip('/')}/{env_id}_"
     if not root.startswith("/") or len(base) >= BUILD_PREFIX_LENGTH:
         raise BuildError(
@@ -103,7 +117,7 @@ def build_prefix(env_id: str, root: str | None = None) -> Path:
     return Path(base + "p" * (BUILD_PREFIX_LENGTH - len(base)))
 
 
-def _records(lock: PlatformLock) -> list[Any]:
+def conda_records(lock: PlatformLock) -> list[Any]:
     import rattler  # noqa: PLC0415
 
     records = []
@@ -209,7 +223,7 @@ def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -
 
 
 def _install_wheels(
-    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None = None
+    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None, task: Task
 ) -> None:
     from installer import install  # noqa: PLC0415
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
@@ -245,10 +259,34 @@ def _install_wheels(
         try:
             with WheelFile.open(path) as source:
                 install(source, destination, additional_metadata={"INSTALLER": b"envmgr\n"})
+            task.advance()
         except Exception as exc:
             raise BuildError(
                 f"env {lock.env_id}: installing {wheel.name} {wheel.version} failed: {exc}"
             ) from None
+
+
+def _install_reporter(task: Task) -> Any:
+    """py-rattler's installer callbacks, counted as installed packages."""
+    import rattler  # noqa: PLC0415
+
+    class Reporter(rattler.InstallerReporter):
+        def on_transaction_operation_complete(self, operation: int) -> None:
+            task.advance()
+
+    # The protocol's other callbacks are no-ops; mypy reads their bodies as abstract.
+    return Reporter()  # type: ignore[abstract]
+
+
+def _tree_size(prefix: Path) -> int:
+    """Bytes in the regular files under *prefix* (what :func:`pack` reports)."""
+    total = 0
+    for root, _dirs, files in os.walk(prefix):
+        for name in files:
+            info = os.lstat(os.path.join(root, name))  # noqa: PTH118 - hot loop
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
 
 
 def _normalise_metadata(prefix: Path) -> None:
@@ -267,9 +305,15 @@ def _normalise_metadata(prefix: Path) -> None:
 
 
 def create_prefix(
-    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None = None
+    lock: PlatformLock,
+    prefix: Path,
+    cache_dir: Path,
+    store: Store | None = None,
+    *,
+    progress: Progress = NULL,
 ) -> None:
-    """Install *lock* (which must be for this host's platform) into the new *prefix*."""
+    """Install *lock* (which must be for this host's platform) into the new *prefix*;
+    *progress* counts installed packages."""
     import rattler  # noqa: PLC0415
 
     if lock.platform != host_platform():
@@ -281,13 +325,15 @@ def create_prefix(
     # Checked-hash .pyc files do not depend on file times: the archive stays reproducible
     # and the unpacked env's bytecode stays valid.
     os.environ.setdefault("SOURCE_DATE_EPOCH", "946684800")
+    task = progress.task(f"install {lock.env_id[:12]}", total=len(lock.packages), unit="items")
     try:
         asyncio.run(
             rattler.install(
-                _records(lock),
+                conda_records(lock),
                 target_prefix=prefix,
                 cache_dir=cache_dir / "pkgs",
                 show_progress=False,
+                reporter=_install_reporter(task),
             )
         )
     except Exception as exc:
@@ -295,7 +341,8 @@ def create_prefix(
         raise BuildError(
             f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
         ) from None
-    _install_wheels(lock, prefix, cache_dir, store)
+    _install_wheels(lock, prefix, cache_dir, store, task)
+    task.close()
     _normalise_metadata(prefix)
 
 
@@ -310,6 +357,35 @@ def read_manifest(store: Store, platform: str, env_id: str) -> Manifest | None:
     except ValueError:
         raise BuildError(f"{store.url}/{key} is not JSON") from None
     return Manifest.from_dict(data, where=f"{store.url}/{key}")
+
+
+def read_stored_lock(store: Store, platform: str, env_id: str) -> PlatformLock | None:
+    """The lock stored beside an env (``envs/<platform>/<env_id>/conda-lock.yml``), or
+    ``None``; raises ``LockError`` if it is unreadable or describes another env."""
+    key = env_lock_key(platform, env_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "conda-lock.yml"
+        if not store.get_file(key, path):
+            return None
+        lock = read_conda_lock(path).for_platform(platform)
+    if lock.env_id != env_id:
+        raise LockError(f"{store.url}/{key} describes env {lock.env_id}, not {env_id}")
+    return lock
+
+
+def offer_lock(store: Store, lock: PlatformLock) -> bool:
+    """Store *lock* beside where its env will be, so any worker of its platform can build the
+    env (see :mod:`envmgr.hydrate`); ``False`` when it was there already."""
+    key = env_lock_key(lock.platform, lock.env_id)
+    if store.exists(key):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "conda-lock.yml"
+        write_conda_lock(
+            Lock(platforms=(lock,), spec_id=lock.spec_id, envmgr_version=__version__), path
+        )
+        store.put_file(key, path)
+    return True
 
 
 def _now() -> str:
@@ -378,8 +454,7 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
             return done("present", manifest)
         if _take_lease(store, lock.env_id, options):
             break
-        if options.on_progress:
-            options.on_progress(f"env {lock.env_id}: another builder holds the lease; waiting")
+        options.progress.note(f"env {lock.env_id}: another builder holds the lease; waiting")
         manifest = _wait_for_manifest(lock, options)
         if manifest is not None:
             return done("waited", manifest)
@@ -411,14 +486,17 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
     if prefix.exists():
         shutil.rmtree(prefix)
     try:
-        if options.on_progress:
-            options.on_progress(f"env {lock.env_id}: installing {len(lock.packages)} packages")
-        create_prefix(lock, prefix, options.cache_dir, options.store)
+        create_prefix(lock, prefix, options.cache_dir, options.store, progress=options.progress)
         relocations = scan_relocations(prefix)
+        options.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".pack-") as tmp:
             archive = Path(tmp) / f"env.tar.{options.codec}"
+            task = options.progress.task(f"pack {lock.env_id[:12]}", total=_tree_size(prefix))
             with archive.open("wb") as out:
-                result = pack(prefix, out, codec=options.codec, level=options.level)
+                result = pack(
+                    prefix, out, codec=options.codec, level=options.level, on_bytes=task.advance
+                )
+            task.close()
             manifest = Manifest(
                 env_id=lock.env_id,
                 platform=lock.platform,
@@ -432,9 +510,11 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 envmgr_version=__version__,
                 created=_now(),
             )
-            if options.on_progress:
-                options.on_progress(f"env {lock.env_id}: uploading {result.size} bytes")
-            options.store.put_file(archive_key(lock.platform, lock.env_id, options.codec), archive)
+            task = options.progress.task(f"upload {lock.env_id[:12]}", total=result.size)
+            options.store.put_file(
+                archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
+            )
+            task.close()
             lock_file = Path(tmp) / "conda-lock.yml"
             write_conda_lock(
                 Lock(

@@ -34,6 +34,7 @@ from envmgr.errors import EnvmgrError
 if TYPE_CHECKING:
     from envmgr.archive import Manifest
     from envmgr.cache.store import Store
+    from envmgr.progress import Progress, Task
 
 __all__ = [
     "COMPLETE",
@@ -102,8 +103,10 @@ def hydrate(
     *,
     platform: str | None = None,
     build_if_missing: bool = True,
+    progress: Progress | None = None,
 ) -> Hydrated:
-    """Return the published env *env_id* under *cache_dir*, fetching it if needed.
+    """Return the published env *env_id* under *cache_dir*, fetching it if needed;
+    *progress* sees the download (and a build, when this worker must build).
 
     Raises ``HydrateError`` (no archive and no lock, relocation impossible),
     ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
@@ -125,8 +128,8 @@ def hydrate(
             from envmgr.platforms import host_platform  # noqa: PLC0415
 
             platform = host_platform()
-        manifest = _manifest(store, platform, env_id, cache_dir, build_if_missing)
-        _fetch_and_publish(store, manifest, final)
+        manifest = _manifest(store, platform, env_id, cache_dir, build_if_missing, progress)
+        _fetch_and_publish(store, manifest, final, progress)
     return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
 
 
@@ -139,7 +142,12 @@ def _remove_leftovers(final: Path) -> None:
 
 
 def _manifest(
-    store: Store, platform: str, env_id: str, cache_dir: Path, build_if_missing: bool
+    store: Store,
+    platform: str,
+    env_id: str,
+    cache_dir: Path,
+    build_if_missing: bool,
+    progress: Progress | None,
 ) -> Manifest:
     from envmgr.archive import Manifest  # noqa: PLC0415
     from envmgr.cache.layout import env_lock_key, manifest_key  # noqa: PLC0415
@@ -162,17 +170,23 @@ def _manifest(
             f"env {env_id} has no archive for {platform} in {store.url}",
             hint="run `envmgr build` on a machine of that platform",
         )
-    built: Manifest = _build_here(store, platform, env_id, cache_dir, lock_key).manifest
+    built: Manifest = _build_here(store, platform, env_id, cache_dir, lock_key, progress).manifest
     return built
 
 
-def _build_here(store: Store, platform: str, env_id: str, cache_dir: Path, lock_key: str) -> Any:
+def _build_here(
+    store: Store,
+    platform: str,
+    env_id: str,
+    cache_dir: Path,
+    lock_key: str,
+    progress: Progress | None,
+) -> Any:
     """The first worker of a platform builds its env (lazily importing the builder)."""
-    import tempfile  # noqa: PLC0415
-
     try:
-        from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
-        from envmgr.lock import read_conda_lock  # noqa: PLC0415
+        from envmgr.build import BuildOptions, build_and_store, read_stored_lock  # noqa: PLC0415
+
+        lock = read_stored_lock(store, platform, env_id)
     except ImportError as exc:
         raise HydrateError(
             f"env {env_id} has no archive for {platform} in {store.url}, and this worker "
@@ -180,26 +194,27 @@ def _build_here(store: Store, platform: str, env_id: str, cache_dir: Path, lock_
             hint="install envmgr with its dependencies here, or run `envmgr build` on a "
             f"{platform} machine",
         ) from None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "conda-lock.yml"
-        if not store.get_file(lock_key, path):
-            raise HydrateError(f"env {env_id}: {store.url}/{lock_key} vanished")
-        lock = read_conda_lock(path).for_platform(platform)
-    if lock.env_id != env_id:
-        raise HydrateError(f"env {env_id}: the stored lock describes env {lock.env_id}")
-    return build_and_store(lock, BuildOptions(store=store, cache_dir=cache_dir))
+    if lock is None:
+        raise HydrateError(f"env {env_id}: {store.url}/{lock_key} vanished")
+    options = BuildOptions(store=store, cache_dir=cache_dir)
+    if progress is not None:
+        options = BuildOptions(store=store, cache_dir=cache_dir, progress=progress)
+    return build_and_store(lock, options)
 
 
 class _Hashing:
-    def __init__(self, source: IO[bytes]) -> None:
+    def __init__(self, source: IO[bytes], task: Task | None) -> None:
         self.source = source
         self.digest = hashlib.sha256()
         self.size = 0
+        self.task = task
 
     def read(self, size: int = -1) -> bytes:
         data = self.source.read(size)
         self.digest.update(data)
         self.size += len(data)
+        if self.task is not None:
+            self.task.advance(len(data))
         return data
 
     def readinto(self, target: Any) -> int:
@@ -208,7 +223,9 @@ class _Hashing:
         return len(data)
 
 
-def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
+def _fetch_and_publish(
+    store: Store, manifest: Manifest, final: Path, progress: Progress | None = None
+) -> None:
     from envmgr.archive import ArchiveError, relocate, unpack  # noqa: PLC0415
     from envmgr.cache.layout import archive_key  # noqa: PLC0415
 
@@ -230,8 +247,11 @@ def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
                 f"the archive {key} is not",
                 hint="run `envmgr build` again",
             )
+        task = None
+        if progress is not None:
+            task = progress.task(f"hydrate {manifest.env_id[:12]}", total=manifest.size)
         with source:
-            hashing = _Hashing(source)
+            hashing = _Hashing(source, task)
             try:
                 unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
             except ArchiveError:
@@ -250,6 +270,8 @@ def _fetch_and_publish(store: Store, manifest: Manifest, final: Path) -> None:
                 f"{manifest.sha256[:16]}…); nothing was published",
                 hint="rebuild it with `envmgr build` or restore the object",
             )
+        if task is not None:
+            task.close()
         relocate(tmp, manifest, str(final))
         (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
         tmp.rename(final)

@@ -20,7 +20,16 @@ from pathlib import Path
 
 from envmgr.hydrate import COMPLETE, lock_path
 
-__all__ = ["LocalEnv", "gc", "hold_for_use", "list_envs", "parse_age", "parse_size", "record_steps"]
+__all__ = [
+    "LocalEnv",
+    "gc",
+    "hold_for_use",
+    "list_envs",
+    "parse_age",
+    "parse_size",
+    "record_steps",
+    "recorded_steps",
+]
 
 _ENV_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -60,6 +69,13 @@ def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
     tmp.replace(path)
 
 
+def recorded_steps(cache_dir: Path, env_id: str) -> tuple[str, ...]:
+    """The steps :func:`record_steps` remembered for *env_id* on this machine."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return tuple(json.loads(_meta_path(cache_dir, env_id).read_text()).get("steps", ()))
+    return ()
+
+
 def list_envs(cache_dir: Path) -> list[LocalEnv]:
     """Published envs, most recently used first."""
     root = cache_dir / "envs"
@@ -68,10 +84,7 @@ def list_envs(cache_dir: Path) -> list[LocalEnv]:
         marker = prefix / COMPLETE
         if not _ENV_ID.match(prefix.name) or not marker.is_file():
             continue
-        steps: tuple[str, ...] = ()
-        with contextlib.suppress(OSError, ValueError):
-            meta = json.loads(_meta_path(cache_dir, prefix.name).read_text())
-            steps = tuple(meta.get("steps", ()))
+        steps = recorded_steps(cache_dir, prefix.name)
         found.append(
             LocalEnv(
                 env_id=prefix.name,

@@ -27,10 +27,11 @@ from envmgr.cache.layout import lock_key
 from envmgr.errors import EnvmgrError
 from envmgr.lock import LockError, PlatformLock, dumps
 from envmgr.platforms import Platform, host_platform, virtual_packages
+from envmgr.progress import NULL, Progress
 from envmgr.resolvers.conda import CondaTarget, make_gateway, solve
 from envmgr.spec import EnvSpec, parse_index_url
 
-__all__ = ["ResolveOptions", "Resolved", "resolve_specs"]
+__all__ = ["ResolveOptions", "Resolved", "effective_spec", "resolve_specs"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +41,7 @@ class ResolveOptions:
     store: Store
     cache_dir: Path
     platforms: tuple[Platform, ...] = ()  # overrides the specs' platforms when given
+    default_platforms: tuple[Platform, ...] = ()  # for specs that name none (else the host)
     default_channels: tuple[str, ...] = ("conda-forge",)
     index_url: str | None = None  # overrides pip's configured index for specs naming none
     extra_index_urls: tuple[str, ...] = ()
@@ -48,6 +50,7 @@ class ResolveOptions:
     check: bool = False
     steps_are_steps: bool = True  # False: the names are inputs (a file, "command line")
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    progress: Progress = NULL
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,7 +70,7 @@ class Resolved:
         return self.spec.spec_id
 
 
-def _effective(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
+def effective_spec(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
     """*spec* with the channels and indexes it will be resolved against filled in."""
     spec = replace(spec, channels=spec.channels or options.default_channels)
     if not (spec.pypi or spec.pypi_constraints):
@@ -88,7 +91,7 @@ def _effective(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
 
 
 def _targets(spec: EnvSpec, options: ResolveOptions) -> tuple[Platform, ...]:
-    return options.platforms or spec.platforms or (host_platform(),)
+    return options.platforms or spec.platforms or options.default_platforms or (host_platform(),)
 
 
 def _host_virtuals() -> dict[str, str]:
@@ -126,7 +129,7 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
     """
     groups: dict[str, tuple[EnvSpec, list[str]]] = {}
     for step, spec in specs.items():
-        effective = _effective(spec, options)
+        effective = effective_spec(spec, options)
         groups.setdefault(effective.spec_id, (effective, []))[1].append(step)
     host = host_platform()
     host_vps: dict[str, str] | None = None
@@ -197,9 +200,13 @@ async def _one(
         if options.steps_are_steps
         else ", ".join(steps)
     )
-    lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
-    if spec.pypi:
-        lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
+    task = options.progress.task(f"solve {', '.join(steps)[:18]} {target.platform}")
+    try:
+        lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
+        if spec.pypi:
+            lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
+    finally:
+        task.close()
     drifted = options.check and (cached is None or cached.env_id != lock.env_id)
     if not options.check:
         options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))

@@ -28,6 +28,7 @@ __all__ = [
     "UnknownPackageError",
     "UnsatisfiableError",
     "conda_specs",
+    "locked_package",
     "make_gateway",
     "solve",
 ]
@@ -197,29 +198,30 @@ async def solve(
                 f"{where}: {record.url} has no sha256 in its channel's repodata; "
                 "envmgr verifies every download and needs one"
             )
-        packages.append(
-            LockedPackage(
-                manager="conda",
-                name=record.name.normalized,
-                version=str(record.version),
-                build=str(record.build),
-                subdir=str(record.subdir),
-                url=str(record.url),
-                sha256=record.sha256.hex(),
-                md5=record.md5.hex() if record.md5 else "",
-                depends=tuple(record.depends),
-                noarch="python"
-                if record.noarch.python
-                else ("generic" if record.noarch.generic else ""),
-                size=int(record.size or 0),
-            )
-        )
+        packages.append(locked_package(record))
     return PlatformLock(
         platform=target.platform,
         packages=tuple(packages),
         spec_id=spec_id,
         channels=target.channels,
         virtual_packages=tuple(str(v) for v in target.virtual_packages),
+    )
+
+
+def locked_package(record: Any) -> LockedPackage:
+    """A py-rattler ``RepoDataRecord`` (which must have a sha256) as a locked package."""
+    return LockedPackage(
+        manager="conda",
+        name=record.name.normalized,
+        version=str(record.version),
+        build=str(record.build),
+        subdir=str(record.subdir),
+        url=str(record.url),
+        sha256=record.sha256.hex(),
+        md5=record.md5.hex() if record.md5 else "",
+        depends=tuple(record.depends),
+        noarch="python" if record.noarch.python else ("generic" if record.noarch.generic else ""),
+        size=int(record.size or 0),
     )
 
 

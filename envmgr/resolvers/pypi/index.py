@@ -45,7 +45,6 @@ JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 _ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _TAIL = 64 * 1024
-_DEFAULT_TTL = "600"
 _PAGE_FORMAT = 1
 _METADATA_PROBES = 3  # unadvertised .metadata 404s on an index before we stop asking it
 
@@ -523,7 +522,9 @@ def _max_age(headers: Any) -> float:
         return float(match.group(1))
     if control or headers.get("ETag") or headers.get("Last-Modified"):
         return 0.0
-    return float(os.environ.get("ENVMGR_INDEX_TTL", _DEFAULT_TTL))
+    from envmgr.config import load  # noqa: PLC0415
+
+    return float(load()["index_ttl"])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

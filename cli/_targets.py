@@ -1,0 +1,136 @@
+"""What a TARGET argument names: an env id, an env name, a lock file or ``FLOW.py:step``.
+
+``hydrate``, ``run``, ``show``, ``diff``, ``export`` and ``alias`` all take one. Lookups never
+build; :func:`host_env_id` builds (once, into the store) only when a lock file or a flow step
+is to be hydrated and the store has no archive for it yet.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from envmgr.cache import Store
+from envmgr.cli._common import fail
+from envmgr.lock import Lock
+from envmgr.platforms import PLATFORMS
+from envmgr.progress import NULL, Progress
+
+__all__ = ["FlowOptions", "Target", "TargetArg", "load_target", "read_lock_file"]
+
+ENV_ID = re.compile(r"^[0-9a-f]{32}$")
+
+TargetArg = Annotated[
+    str,
+    typer.Argument(
+        help="An env id, an env name[:tag], a conda-lock or @EXPLICIT file, or FLOW.py:step."
+    ),
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlowOptions:
+    """The flags that say how to resolve a ``FLOW.py:step`` target."""
+
+    store: str | None = None
+    channel: tuple[str, ...] = ()
+    index_url: str | None = None
+    extra_index_url: tuple[str, ...] = ()
+    platform: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Target:
+    text: str
+    kind: str  # "env id", "name", "lock file", "flow step"
+    lock: Lock
+    steps: tuple[str, ...] = ()
+    from_store: bool = False  # every platform's lock came from the store
+
+
+def read_lock_file(path: Path, cache_dir: Path) -> Lock:
+    """A conda-lock file or a conda ``@EXPLICIT`` file as a :class:`Lock`."""
+    from envmgr.interop import adopt, is_explicit, read_explicit  # noqa: PLC0415
+    from envmgr.lock import read_conda_lock  # noqa: PLC0415
+
+    if is_explicit(path):
+        return adopt(Lock(platforms=(read_explicit(path, cache_dir),)), where=str(path))
+    return adopt(read_conda_lock(path), where=str(path))
+
+
+def _stored(store: Store, env_ids: dict[str, str] | str, what: str) -> Lock:
+    """The stored locks of an env id (any platform) or of a name's platform → env id map."""
+    from envmgr.build import read_stored_lock  # noqa: PLC0415
+
+    pairs = [(p, env_ids) for p in PLATFORMS] if isinstance(env_ids, str) else list(env_ids.items())
+    found = [lock for p, e in pairs if (lock := read_stored_lock(store, p, e)) is not None]
+    if not found:
+        fail(
+            f"{what}: not in {store.url} (no envs/<platform>/<env_id>/conda-lock.yml)",
+            code=1,
+        )
+    return Lock(platforms=tuple(found), spec_id=found[0].spec_id)
+
+
+def load_target(
+    text: str,
+    store: Store,
+    cache_dir: Path,
+    *,
+    flow_options: FlowOptions | None = None,
+    progress: Progress = NULL,
+) -> Target:
+    """Read what *text* names; a flow step is resolved (through the resolution cache) with
+    *flow_options* (channel, index and platform flags). Exits 1/2 with one line if nothing
+    matches."""
+    from envmgr.names import is_name, lookup  # noqa: PLC0415
+
+    if ENV_ID.match(text):
+        return Target(text=text, kind="env id", lock=_stored(store, text, f"env {text}"))
+    if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
+        return _flow_step(text, flow_options or FlowOptions(), progress)
+    path = Path(text)
+    if path.is_file():
+        return Target(text=text, kind="lock file", lock=read_lock_file(path, cache_dir))
+    if is_name(text):
+        alias = lookup(store, text)
+        lock = _stored(store, dict(alias.envs), f"env {alias.ref}")
+        return Target(text=text, kind="name", lock=lock, from_store=True)
+    fail(
+        f"{text!r} is not an env id (32 hex digits), an env name[:tag], a lock file or FLOW.py:step"
+    )
+    raise AssertionError  # fail() exits
+
+
+def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
+    from envmgr.cli._inputs import gather  # noqa: PLC0415
+    from envmgr.resolution import resolve_specs  # noqa: PLC0415
+
+    flow, step = text.rsplit(":", 1)
+    inputs = gather(
+        flow=Path(flow),
+        env_file=[],
+        requirements=[],
+        conda=[],
+        pypi=[],
+        python=None,
+        platform=list(options.platform),
+        channel=list(options.channel),
+        index_url=options.index_url,
+        extra_index_url=list(options.extra_index_url),
+        store=options.store,
+        cuda=None,
+        progress=progress,
+    )
+    if step not in inputs.specs:
+        fail(
+            f"{flow}: no step {step!r} with an environment (steps with one: "
+            f"{', '.join(inputs.specs) or 'none'})"
+        )
+    results = resolve_specs({step: inputs.specs[step]}, inputs.options)
+    lock = Lock(platforms=tuple(r.lock for r in results), spec_id=results[0].spec_id)
+    return Target(text=text, kind="flow step", lock=lock, steps=(step,))

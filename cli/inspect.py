@@ -1,0 +1,244 @@
+"""``envmgr show``, ``diff`` and ``export``: look at envs and hand them to other tools."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+
+from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._inputs import JsonOpt, StoreOpt
+from envmgr.cli._targets import Target, TargetArg, load_target
+from envmgr.config import load
+from envmgr.lock import LockedPackage, PlatformLock
+
+__all__ = ["diff_command", "export_command", "show_command"]
+
+PlatformFilter = Annotated[
+    str | None, typer.Option("--platform", help="Only this platform (default: all in the target).")
+]
+
+
+def _load(target: str, store: str | None) -> tuple[Target, Any, Path]:
+    from envmgr.cache import open_store  # noqa: PLC0415
+
+    config = load(flags={"store": store})
+    store_obj, cache = open_store(config["store"]), Path(config["cache_dir"])
+    return load_target(target, store_obj, cache), store_obj, cache
+
+
+def _parts(target: Target, platform: str | None) -> list[PlatformLock]:
+    if platform is None:
+        return list(target.lock.platforms)
+    return [target.lock.for_platform(platform)]
+
+
+def _source(pkg: LockedPackage) -> str:
+    """Where a package comes from: its conda channel, or its file's host for PyPI."""
+    if pkg.manager == "conda":
+        return pkg.url.rsplit("/", 2)[0]
+    parts = urlsplit(pkg.url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else parts.scheme + ":"
+
+
+def _package_row(pkg: LockedPackage) -> dict[str, Any]:
+    return {
+        "name": pkg.name,
+        "version": pkg.version,
+        "build": pkg.build,
+        "manager": pkg.manager,
+        "source": _source(pkg),
+        "size": pkg.size or None,
+    }
+
+
+def show_command(
+    target: TargetArg,
+    platform: PlatformFilter = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show an env: platforms, python, packages, archive, cache, steps.
+
+    TARGET is looked up, never built: an env id or name in the store, a lock file, or a
+    flow step (resolved through the cache)."""
+    from envmgr.build import read_manifest  # noqa: PLC0415
+    from envmgr.hydrate import COMPLETE, env_dir  # noqa: PLC0415
+    from envmgr.local_envs import recorded_steps  # noqa: PLC0415
+
+    found, store_obj, cache = _load(target, store)
+    rows = []
+    for part in _parts(found, platform):
+        manifest = read_manifest(store_obj, part.platform, part.env_id)
+        prefix = env_dir(cache, part.env_id)
+        python = part.names().get("python")
+        rows.append(
+            {
+                "platform": part.platform,
+                "env_id": part.env_id,
+                "python": python.version if python else None,
+                "packages": [_package_row(p) for p in part.packages],
+                "archive": None
+                if manifest is None
+                else {
+                    "size": manifest.size,
+                    "unpacked_size": manifest.unpacked_size,
+                    "codec": manifest.codec,
+                    "created": manifest.created,
+                },
+                "cached_at": str(prefix) if (prefix / COMPLETE).is_file() else None,
+                "steps": sorted(set(found.steps) | set(recorded_steps(cache, part.env_id))),
+            }
+        )
+    data = {
+        "target": found.text,
+        "kind": found.kind,
+        "spec_id": found.lock.spec_id or None,
+        "store": store_obj.url,
+        "platforms": rows,
+    }
+    if as_json:
+        emit_json(data)
+        return
+    for row in rows:
+        _print_env(row)
+
+
+def _print_env(row: dict[str, Any]) -> None:
+    packages = row["packages"]
+    typer.echo(
+        f"env {row['env_id']}  {row['platform']}  python {row['python'] or '-'}  "
+        f"{len(packages)} packages"
+    )
+    archive = row["archive"]
+    if archive:
+        typer.echo(
+            f"  archive  {archive['size'] / 1e6:.1f} MB ({archive['unpacked_size'] / 1e6:.1f} MB "
+            f"unpacked, {archive['codec']}), built {archive['created']}"
+        )
+    else:
+        typer.echo("  archive  not built yet")
+    typer.echo(f"  cached   {row['cached_at'] or 'not on this machine'}")
+    typer.echo(f"  steps    {', '.join(row['steps']) or '-'}")
+    width = max((len(p["name"]) for p in packages), default=4)
+    for p in packages:
+        size = f"{p['size'] / 1e6:7.1f} MB" if p["size"] else " " * 10
+        typer.echo(
+            f"  {p['name']:<{width}}  {p['version']:<12} {p['build'][:22]:<22} "
+            f"{p['manager']:<5} {size}  {p['source']}"
+        )
+
+
+def diff_command(
+    a: Annotated[str, typer.Argument(help="The old env (same forms as TARGET).")],
+    b: Annotated[str, typer.Argument(help="The new env.")],
+    platform: PlatformFilter = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Packages added, removed and changed between two envs or lock files.
+
+    Exits 0 when the packages are the same and 1 when they differ, like diff."""
+    from envmgr.lock import diff_locks  # noqa: PLC0415
+
+    old, _store, _cache = _load(a, store)
+    new, _store, _cache = _load(b, store)
+    old_parts = {p.platform: p for p in _parts(old, platform)}
+    new_parts = {p.platform: p for p in _parts(new, platform)}
+    common = sorted(old_parts.keys() & new_parts.keys())
+    if not common:
+        fail(
+            f"{a} ({', '.join(old_parts)}) and {b} ({', '.join(new_parts)}) share no platform",
+        )
+    rows: list[dict[str, Any]] = []
+    for name in common:
+        change = diff_locks(old_parts[name], new_parts[name])
+        rows.append(
+            {
+                "platform": name,
+                "old_env_id": old_parts[name].env_id,
+                "new_env_id": new_parts[name].env_id,
+                "added": [_package_row(p) for p in change.added],
+                "removed": [_package_row(p) for p in change.removed],
+                "changed": [
+                    {
+                        "name": o.name,
+                        "manager": o.manager,
+                        "old": f"{o.version} {o.build}".strip(),
+                        "new": f"{n.version} {n.build}".strip(),
+                    }
+                    for o, n in change.changed
+                ],
+            }
+        )
+    differs = any(r["added"] or r["removed"] or r["changed"] for r in rows)
+    if as_json:
+        emit_json({"a": a, "b": b, "same": not differs, "platforms": rows})
+    elif not STATE.quiet:
+        for row in rows:
+            typer.echo(f"{row['platform']}: {row['old_env_id'][:12]} → {row['new_env_id'][:12]}")
+            for p in row["added"]:
+                typer.echo(f"  + {p['name']} {p['version']} ({p['manager']})")
+            for p in row["removed"]:
+                typer.echo(f"  - {p['name']} {p['version']} ({p['manager']})")
+            for c in row["changed"]:
+                typer.echo(f"  ~ {c['name']} {c['old']} → {c['new']}")
+            if not (row["added"] or row["removed"] or row["changed"]):
+                typer.echo("  (same packages)")
+    if differs:
+        raise typer.Exit(1)
+
+
+def export_command(
+    target: TargetArg,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-F",
+            help="conda-lock, explicit, environment.yml or requirements.txt",
+        ),
+    ] = "conda-lock",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here (default: stdout).")
+    ] = None,
+    platform: Annotated[
+        str | None,
+        typer.Option("--platform", help="For single-platform formats (default: this host's)."),
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write an env's lock in a format other tools read.
+
+    `envmgr resolve --lockfile` (conda-lock, explicit), `-f` (environment.yml) and `-r`
+    (requirements.txt) read the files back."""
+    from envmgr.interop import known_format, render  # noqa: PLC0415
+    from envmgr.lock import write_text_atomic  # noqa: PLC0415
+    from envmgr.platforms import host_platform, is_platform  # noqa: PLC0415
+
+    chosen = known_format(fmt)
+    found, _store, _cache = _load(target, store)
+    if platform is not None and not is_platform(platform):
+        fail(f"--platform {platform!r}: unknown platform")
+    wanted = platform
+    if wanted is None and chosen != "conda-lock" and len(found.lock.platforms) > 1:
+        wanted = host_platform()
+    lock = found.lock
+    if platform is not None and chosen == "conda-lock":
+        from envmgr.lock import Lock  # noqa: PLC0415
+
+        lock = Lock(platforms=(lock.for_platform(platform),), spec_id=lock.spec_id)
+    text = render(lock, chosen, wanted if is_platform(wanted) else None)
+    if chosen == "requirements.txt" and not any(
+        p.manager == "pypi" for part in lock.platforms for p in part.packages
+    ):
+        typer.echo(f"envmgr: note: {target} has no PyPI packages", err=True)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(output, text)
+        if not STATE.quiet:
+            typer.echo(f"wrote {output} ({chosen})", err=True)
