@@ -1,4 +1,5 @@
-"""The worker entry point: ``python -m envmgr.bootstrap --store URL --env-id ID``.
+"""The worker entry point: ``python -m envmgr.bootstrap --store URL --env-id ID`` (or
+``--name NAME[:TAG]``, a named env, looked up in the store).
 
 Hydrates the env (see :mod:`envmgr.hydrate`) and prints its python's path, or with
 ``--json`` the prefix, the python and whether this call downloaded the archive. It imports only
@@ -27,11 +28,29 @@ def _cache_dir(explicit: str | None) -> Path:
     return Path(xdg) / "envmgr"
 
 
+def _env_of_name(name: str, store_url: str, platform: str | None) -> str:
+    """The env id a named env points at for *platform* (default: this host's)."""
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.names import lookup  # noqa: PLC0415
+    from envmgr.platforms import host_platform  # noqa: PLC0415
+
+    alias = lookup(open_store(store_url), name)
+    platform = platform or host_platform()
+    if platform not in alias.envs:
+        raise EnvmgrError(
+            f"{alias.ref} has no {platform} env (it has {', '.join(alias.envs) or 'none'})"
+        )
+    return alias.envs[platform]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m envmgr.bootstrap", description="Hydrate an env and print its python."
     )
-    parser.add_argument("--env-id", required=True, help="the env to hydrate")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--env-id", help="the env to hydrate")
+    which.add_argument("--name", help="a named env (name[:tag]) in the store")
     parser.add_argument(
         "--store", default=os.environ.get("ENVMGR_STORE"), help="store URL (default ENVMGR_STORE)"
     )
@@ -40,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
     cache_dir = _cache_dir(args.cache_dir)
+    if args.name:
+        if not args.store:
+            parser.error("--store or ENVMGR_STORE is required with --name")
+        try:
+            args.env_id = _env_of_name(args.name, args.store, args.platform)
+        except Exception as exc:  # EnvmgrError; imported lazily to keep the warm path short
+            print(f"envmgr: error: {exc}", file=sys.stderr)
+            return 1
 
     from envmgr.hydrate import COMPLETE, env_dir, touch  # noqa: PLC0415
 

@@ -32,6 +32,24 @@ class CondaChannel:
         return self.path.as_uri()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never read the user's ~/.config/envmgr/config.toml (children inherit this)."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "ENVMGR_CONFIG")}
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    os.environ.pop("ENVMGR_CONFIG", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def conda_channel(tmp_path_factory: pytest.TempPathFactory) -> CondaChannel:
     """A private copy of the fixture channel (package files hardlinked from the cache)."""
