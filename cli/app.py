@@ -98,7 +98,7 @@ def main() -> None:
 def _run_app() -> None:
     try:
         # Standalone mode: usage errors print one line and exit 2; our errors pass through.
-        app()
+        app(prog_name="envmgr")  # also under `python -m envmgr`: completion keys on it
     except EnvmgrError as exc:
         if STATE.verbose:
             traceback.print_exc()

@@ -215,10 +215,12 @@ def export_command(
 
     `envmgr resolve --lockfile` (conda-lock, explicit), `-f` (environment.yml) and `-r`
     (requirements.txt) read the files back."""
-    from envmgr.interop import known_format, render  # noqa: PLC0415
+    from envmgr.interop import FORMATS, known_format, render  # noqa: PLC0415
     from envmgr.lock import write_text_atomic  # noqa: PLC0415
     from envmgr.platforms import host_platform, is_platform  # noqa: PLC0415
 
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     chosen = known_format(fmt)
     found, _store, _cache = _load(target, store)
     if platform is not None and not is_platform(platform):

@@ -197,8 +197,6 @@ def _is_lock_file(path: Path) -> bool:
 
     if is_explicit(path):
         return True
-    if path.suffix not in (".yml", ".yaml"):
-        return False
     try:
         head = path.read_text(encoding="utf-8")[:20000]
     except (OSError, UnicodeDecodeError):
