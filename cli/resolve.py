@@ -31,7 +31,6 @@ from envmgr.cli._inputs import (
 from envmgr.cli._progress import progress_for_cli
 from envmgr.config import load
 from envmgr.lock import Lock, PlatformLock, write_conda_lock
-from envmgr.progress import Progress
 from envmgr.resolution import Resolved, resolve_specs
 from envmgr.spec import EnvSpec
 
@@ -97,45 +96,26 @@ def resolve(
         env_file = [f for f in env_file if f != adopt_file]
     if adopt_file is not None and (check or force):
         fail("--lockfile adopts a lock as it is; --check and --force do not apply")
+    args: dict[str, Any] = {
+        "flow": flow,
+        "env_file": env_file,
+        "requirements": requirements,
+        "conda": conda,
+        "pypi": pypi,
+        "python": python,
+        "platform": platform,
+        "channel": channel,
+        "index_url": index_url,
+        "extra_index_url": extra_index_url,
+        "store": store,
+        "cuda": cuda,
+    }
     with progress_for_cli() as progress:
         if adopt_file is not None:
-            results, sources = _adopt(
-                adopt_file,
-                {
-                    "flow": flow,
-                    "env_file": env_file,
-                    "requirements": requirements,
-                    "conda": conda,
-                    "pypi": pypi,
-                    "python": python,
-                    "platform": platform,
-                    "channel": channel,
-                    "index_url": index_url,
-                    "extra_index_url": extra_index_url,
-                    "store": store,
-                    "cuda": cuda,
-                },
-            )
+            results, sources = _adopt(adopt_file, args)
         else:
-            results, sources = _resolve(
-                {
-                    "flow": flow,
-                    "env_file": env_file,
-                    "requirements": requirements,
-                    "conda": conda,
-                    "pypi": pypi,
-                    "python": python,
-                    "platform": platform,
-                    "channel": channel,
-                    "index_url": index_url,
-                    "extra_index_url": extra_index_url,
-                    "store": store,
-                    "cuda": cuda,
-                    "force": force,
-                    "check": check,
-                },
-                progress,
-            )
+            inputs = gather(**args, force=force, check=check, progress=progress)
+            results, sources = resolve_specs(inputs.specs, inputs.options), inputs.sources
     if output is not None:
         if len({r.spec_id for r in results}) > 1:
             fail("-o/--output takes a single spec; this flow has several: use --lock-dir")
@@ -145,11 +125,6 @@ def resolve(
             mine = [r for r in results if step in r.steps]
             _write_lockfile(lock_dir / f"{step}.conda-lock.yml", mine, sources)
     _report(results, check=check, adopted=adopt_file is not None, as_json=as_json)
-
-
-def _resolve(args: dict[str, Any], progress: Progress) -> tuple[list[Resolved], list[str]]:
-    inputs = gather(**args, progress=progress)
-    return resolve_specs(inputs.specs, inputs.options), inputs.sources
 
 
 def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: bool) -> None:

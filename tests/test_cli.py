@@ -68,8 +68,13 @@ def test_every_help_ends_with_an_example_and_completion_is_offered(world):
     assert "Example:" in invoke("config", "show", "--help").stdout
     top = sub("--help", env=world)
     assert top.returncode == 0 and "Example:" in top.stdout and "--install-completion" in top.stdout
-    script = sub("--show-completion", "bash", env={**world, "SHELL": "/bin/bash"})
-    assert script.returncode == 0 and "_ENVMGR_COMPLETE" in script.stdout
+    # What the installed completion script asks: the candidates for the word being typed.
+    words = {"_ENVMGR_COMPLETE": "complete_bash", "COMP_WORDS": "envmgr export x --for"}
+    completed = sub(env={**world, **words, "COMP_CWORD": "3"})
+    assert completed.returncode == 0 and completed.stdout.split() == ["--format"]
+    assert sub(
+        env={**world, **words, "COMP_WORDS": "envmgr sh", "COMP_CWORD": "1"}
+    ).stdout.split() == ["show"]
 
 
 def test_resolve_build_hydrate_ls_gc_json(world):
