@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +53,9 @@ class S3Store:
             from botocore.config import Config  # noqa: PLC0415
 
             config = Config(
-                retries={"max_attempts": 8, "mode": "standard"},
+                # Few attempts here: get() resumes broken downloads itself, and a store
+                # that is down should be reported in seconds, not minutes.
+                retries={"max_attempts": 3, "mode": "standard"},
                 max_pool_connections=max(10, self.threads * 2),
                 s3={"addressing_style": os.environ.get("ENVMGR_S3_ADDRESSING", "path")},
             )
@@ -65,8 +68,23 @@ class S3Store:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _fail(self, key: str, exc: Exception) -> StoreError:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+    @staticmethod
+    def _transient(exc: Exception) -> bool:
+        """A broken connection, a timeout, a short read or a 5xx/429 answer: worth another
+        try. Any other answer from the server (403, 404, 400, …) is not."""
+        response = getattr(exc, "response", None)
+        if not response:
+            return True
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or status == 429
+
+    @staticmethod
+    def _changed(exc: Exception) -> bool:
+        code = _code(exc, "")
+        return code in ("PreconditionFailed", "412")
+
+    def _fail(self, key: str, exc: Exception, detail: str = "") -> StoreError:
+        code = _code(exc, type(exc).__name__)
         hint = None
         if code in (
             "AccessDenied",
@@ -84,7 +102,8 @@ class S3Store:
         return StoreError(
             self.url,
             key,
-            f"S3 error {code} (endpoint {endpoint}, credentials from {self._credential_source()})",
+            f"S3 error {code}{detail} (endpoint {endpoint}, credentials from "
+            f"{self._credential_source()})",
             hint=hint,
         )
 
@@ -100,7 +119,7 @@ class S3Store:
 
     @staticmethod
     def _missing(exc: Exception) -> bool:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        code = _code(exc, "")
         return code in ("NoSuchKey", "404", "NotFound")
 
     def _transfer(self) -> Any:
@@ -114,15 +133,43 @@ class S3Store:
         )
 
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+        """The object (or bytes *byte_range*, inclusive). A transfer that breaks is resumed
+        with a ranged GET for what is still missing, pinned to the first answer's ETag, up to
+        ``ENVMGR_S3_RETRIES`` (default 5) times with backoff; then ``StoreError``."""
         full = self._key(key)
-        extra = {"Range": f"bytes={byte_range[0]}-{byte_range[1]}"} if byte_range else {}
-        try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=full, **extra)
-            return bytes(answer["Body"].read())
-        except Exception as exc:
-            if self._missing(exc):
-                return None
-            raise self._fail(key, exc) from None
+        first, last = byte_range if byte_range else (0, None)
+        got = bytearray()
+        etag: str | None = None
+        attempt = 0
+        while True:
+            start = first + len(got)
+            extra: dict[str, str] = {}
+            if start or last is not None:
+                extra["Range"] = f"bytes={start}-{'' if last is None else last}"
+            if etag:
+                extra["IfMatch"] = etag
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=full, **extra)
+                etag = etag or answer.get("ETag")
+                for chunk in answer["Body"].iter_chunks(1 << 16):
+                    got += chunk
+                if last is None or len(got) == last - first + 1:
+                    return bytes(got)
+                raise _ShortRead(f"{len(got)} of {last - first + 1} bytes")
+            except Exception as exc:
+                if self._missing(exc) and etag is None:
+                    return None
+                if self._changed(exc):
+                    raise StoreError(
+                        self.url, key, "the object changed while it was read"
+                    ) from None
+                if not self._transient(exc) or attempt >= _retries():
+                    detail = (
+                        f" after {attempt + 1} attempts ({len(got)} bytes read)" if attempt else ""
+                    )
+                    raise self._fail(key, exc, detail) from None
+                attempt += 1
+                time.sleep(min(4.0, 0.25 * 2**attempt))
 
     def put(self, key: str, data: bytes) -> None:
         full = self._key(key)
@@ -136,7 +183,7 @@ class S3Store:
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            code = _code(exc, "")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             raise self._fail(key, exc) from None
@@ -198,6 +245,23 @@ class S3Store:
         except Exception as exc:
             raise self._fail(prefix, exc) from None
         yield from sorted(keys)
+
+
+def _code(exc: Exception, default: str) -> str:
+    """The S3 error code of a botocore error (*default* when the server never answered)."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", default))
+
+
+class _ShortRead(Exception):  # noqa: N818 - internal signal, retried like a broken stream
+    """The server ended the body early."""
+
+
+def _retries() -> int:
+    try:
+        return max(0, int(os.environ.get("ENVMGR_S3_RETRIES", "5")))
+    except ValueError:
+        return 5
 
 
 class _RangedReader(io.RawIOBase):

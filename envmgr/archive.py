@@ -15,6 +15,7 @@ longer than the build prefix; the build prefix is long on purpose).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -38,6 +39,7 @@ __all__ = [
     "Manifest",
     "PackResult",
     "Relocation",
+    "WriteError",
     "pack",
     "relocate",
     "scan_relocations",
@@ -57,6 +59,21 @@ _IN_FLIGHT = 256  # at most this many files (so at most 1 GiB) wait for the pool
 
 class ArchiveError(EnvmgrError):
     """An archive is unsafe, damaged or cannot be relocated to the asked prefix."""
+
+
+class WriteError(EnvmgrError):
+    """The target filesystem refused a write (full, over quota, file too large, read-only);
+    the archive itself may be fine."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Errors that say "this disk", not "this archive".
+_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EMFILE}
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, order=True)
@@ -328,6 +345,8 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
         for write in writes:
             write.result()
     except _stream_errors() as exc:
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            raise WriteError(f"cannot write under {dest}: {exc.strerror}", code=exc.errno) from None
         if isinstance(exc, FileExistsError):
             raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
         raise ArchiveError(f"damaged archive: {exc}") from None

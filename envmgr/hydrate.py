@@ -128,7 +128,14 @@ def hydrate(
             from envmgr.platforms import host_platform  # noqa: PLC0415
 
             platform = host_platform()
-        manifest = _manifest(store, platform, env_id, cache_dir, build_if_missing, progress)
+        from envmgr.cache.store import StoreError  # noqa: PLC0415
+
+        try:
+            manifest = _manifest(store, platform, env_id, cache_dir, build_if_missing, progress)
+        except StoreError as exc:
+            raise HydrateError(
+                f"env {env_id}: cannot read it from the store: {exc.message}", hint=exc.hint
+            ) from None
         _fetch_and_publish(store, manifest, final, progress)
     return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
 
@@ -226,8 +233,9 @@ class _Hashing:
 def _fetch_and_publish(
     store: Store, manifest: Manifest, final: Path, progress: Progress | None = None
 ) -> None:
-    from envmgr.archive import ArchiveError, relocate, unpack  # noqa: PLC0415
+    from envmgr.archive import ArchiveError, WriteError, relocate, unpack  # noqa: PLC0415
     from envmgr.cache.layout import archive_key  # noqa: PLC0415
+    from envmgr.cache.store import StoreError  # noqa: PLC0415
 
     key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
     binary = any(r.mode == "binary" for r in manifest.relocations)
@@ -275,6 +283,20 @@ def _fetch_and_publish(
         relocate(tmp, manifest, str(final))
         (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
         tmp.rename(final)
+    except StoreError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HydrateError(
+            f"env {manifest.env_id}: download failed: {exc.message}; nothing was published",
+            hint=exc.hint,
+        ) from None
+    except (WriteError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) else exc.message
+        raise HydrateError(
+            f"env {manifest.env_id}: cannot write it under {final.parent}: {reason}; "
+            "nothing was published",
+            hint="free space there (`envmgr gc`) or point ENVMGR_CACHE_DIR at a larger disk",
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
