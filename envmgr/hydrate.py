@@ -203,10 +203,20 @@ def _build_here(
         ) from None
     if lock is None:
         raise HydrateError(f"env {env_id}: {store.url}/{lock_key} vanished")
+    from envmgr.cache.store import StoreError  # noqa: PLC0415
+
     options = BuildOptions(store=store, cache_dir=cache_dir)
     if progress is not None:
         options = BuildOptions(store=store, cache_dir=cache_dir, progress=progress)
-    return build_and_store(lock, options)
+    try:
+        return build_and_store(lock, options)
+    except StoreError as exc:
+        raise HydrateError(
+            f"env {env_id} has no archive for {platform} in {store.url}, so this worker must "
+            f"build it, but it cannot write to the store: {exc.message}",
+            hint="run `envmgr build` where the store is writable, or give this worker "
+            "write access",
+        ) from None
 
 
 class _Hashing:

@@ -20,6 +20,8 @@ from envmgr.hydrate import COMPLETE, HydrateError, env_dir, hydrate
 from fixtures.s3_server import RunningS3, free_port, launch
 from fixtures.tcp_proxy import FaultProxy, Faults
 
+WORKER_SECRET = "worker-secret"  # noqa: S105 - a read-only identity of a local test server
+
 
 def _client(server: RunningS3, endpoint: str) -> Any:
     import boto3
@@ -192,3 +194,64 @@ def test_a_full_disk_during_hydrate_publishes_nothing(built, s3_server, tmp_path
     )
     assert fine.returncode == 0, fine.stderr
     assert Path(fine.stdout.strip()).is_file()
+
+
+def test_read_only_credentials_hydrate_but_cannot_build(mixed_lock, conda_channel, tmp_path):
+    """A private SeaweedFS with identities: the admin builds; a worker with read-and-list
+    credentials hydrates that env, and says clearly that it cannot build one that is missing."""
+    from envmgr.build import offer_lock
+    from envmgr.lock import PlatformLock
+    from fixtures.s3_server import write_identities
+
+    identities = write_identities(tmp_path / "identities.json", {"worker": WORKER_SECRET})
+    with launch(tmp_path / "weed", identities=identities) as server:
+        admin = server.client()
+        admin.create_bucket(Bucket="readonly")
+        url = "s3://readonly/envs"
+        admin_store = S3Store(url, client=admin)
+        build_and_store(mixed_lock, BuildOptions(store=admin_store, cache_dir=tmp_path / "b"))
+        # A second env whose lock is stored but whose archive is not: its first worker builds.
+        smaller = PlatformLock(
+            platform=mixed_lock.platform,
+            packages=tuple(p for p in mixed_lock.packages if p.manager == "conda"),
+            channels=mixed_lock.channels,
+        )
+        offer_lock(admin_store, smaller)
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": server.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "worker",
+            "AWS_SECRET_ACCESS_KEY": WORKER_SECRET,
+            "AWS_DEFAULT_REGION": server.region,
+        }
+        import boto3
+
+        read_only = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint_url,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=server.region,
+        )
+        with pytest.raises(Exception, match="AccessDenied"):
+            read_only.put_object(Bucket="readonly", Key="envs/x", Body=b"x")  # really read-only
+
+        def bootstrap(env_id: str) -> subprocess.CompletedProcess[str]:
+            args = ["--store", url, "--env-id", env_id, "--cache-dir", str(tmp_path / "w")]
+            return subprocess.run(
+                [sys.executable, "-m", "envmgr.bootstrap", *args],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+
+        fine = bootstrap(mixed_lock.env_id)
+        assert fine.returncode == 0, fine.stderr
+        assert Path(fine.stdout.strip()).is_file()
+        refused = bootstrap(smaller.env_id)
+        assert refused.returncode == 1
+        assert "must build it, but it cannot write to the store" in refused.stderr
+        assert "AccessDenied" in refused.stderr and "credentials from env" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not list(admin_store.list("leases/"))  # nothing half-written

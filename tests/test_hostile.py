@@ -1,0 +1,213 @@
+"""Hostile and malformed input: generated inputs for every parser and reader may only raise
+envmgr's errors, the extractor never writes outside its target, and credentials given in an
+index URL reach neither locks, the store, the cache nor the output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+from _helpers import run_envmgr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envmgr.archive import ArchiveError, Manifest, unpack
+from envmgr.errors import EnvmgrError
+from envmgr.interop import ExplicitFileError, _parse_explicit
+from envmgr.lock import LockError, read_conda_lock
+from envmgr.spec import CondaDep, EnvSpec, PypiDep
+from envmgr.specfiles import read_environment_yml, read_pyproject, read_requirements
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Text that looks a little like each format, so the readers get past their first line.
+_WORDS = st.sampled_from(
+    [
+        "dependencies:", "channels:", "- ", "  - ", "pip:", "numpy", ">=", "==", "=", "[", "]",
+        "{", "}", ":", "#", "-r ", "-c ", "--hash=sha256:", "--index-url ", "\\\n", "\n", " ",
+        "@", "; python_version<'3'", "${TOKEN}", "name: x", "package:", "version: 1",
+        "metadata:", "\t", "\x00", "é", "[project]", "dependencies = [", "'", '"',
+    ]
+)  # fmt: skip
+_TEXT = st.one_of(st.text(max_size=200), st.lists(_WORDS, max_size=40).map("".join))
+
+
+def _file(text: str, name: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    path = folder / name
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    return path
+
+
+@FUZZ
+@given(_TEXT)
+def test_requirement_and_match_spec_parsers_raise_only_value_error(text):
+    for parse in (CondaDep.parse, PypiDep.parse):
+        with contextlib.suppress(ValueError):
+            parse(text)
+
+
+@FUZZ
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=20,
+))  # fmt: skip
+def test_spec_and_manifest_from_dict_raise_only_envmgr_errors(data):
+    for reader in (EnvSpec.from_dict, Manifest.from_dict):
+        with contextlib.suppress(EnvmgrError):
+            reader(data if isinstance(data, dict) else {"conda": data})
+
+
+@FUZZ
+@given(_TEXT)
+def test_spec_file_readers_raise_only_envmgr_errors(text):
+    for reader, name in (
+        (read_environment_yml, "environment.yml"),
+        (read_requirements, "requirements.txt"),
+        (read_pyproject, "pyproject.toml"),
+    ):
+        with contextlib.suppress(EnvmgrError):
+            reader(_file(text, name))
+
+
+@FUZZ
+@given(_TEXT)
+def test_lock_and_explicit_readers_raise_only_their_errors(text):
+    with contextlib.suppress(LockError):
+        read_conda_lock(_file(text, "conda-lock.yml"))
+    with contextlib.suppress(ExplicitFileError):
+        _parse_explicit(_file("@EXPLICIT\n" + text, "explicit.txt"))
+
+
+_NAMES = st.lists(
+    st.sampled_from(["a", "b", "..", ".", "", "/", "bin", "lib", "x" * 20, "é"]),
+    min_size=1,
+    max_size=5,
+).map("/".join)
+
+
+@st.composite
+def _archives(draw):
+    members = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["file", "dir", "symlink", "hardlink", "fifo"]))
+        members.append((kind, draw(_NAMES), draw(_NAMES), draw(st.binary(max_size=64))))
+    return members
+
+
+def _tar(members) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for kind, name, target, data in members:
+            info = tarfile.TarInfo(name or "x")
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {
+                "dir": tarfile.DIRTYPE,
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[kind]
+            info.linkname = target
+            tar.addfile(info)
+    return raw.getvalue()
+
+
+@FUZZ
+@given(_archives(), st.sampled_from(["zst", "gz"]))
+def test_the_extractor_never_writes_outside_its_target(members, codec):
+    import gzip
+
+    import zstandard
+
+    raw = _tar(members)
+    packed = zstandard.ZstdCompressor().compress(raw) if codec == "zst" else gzip.compress(raw)
+    root = Path(tempfile.mkdtemp(prefix="fuzz-x-"))
+    target = root / "env"
+    manifest = Manifest(
+        env_id="f" * 32,
+        platform="linux-64",
+        build_prefix="/b" * 100,
+        codec=codec,
+        size=len(packed),
+        sha256="0" * 64,
+        files=len(members),
+        unpacked_size=10_000,
+        relocations=(),
+    )
+    with contextlib.suppress(ArchiveError):
+        unpack(io.BytesIO(packed), target, manifest)
+    outside = [p for p in root.rglob("*") if not (p == target or target in p.parents)]
+    assert outside == []
+    for path in target.rglob("*"):
+        if path.is_symlink():
+            resolved = (path.parent / path.readlink()).resolve()
+            assert resolved == target.resolve() or target.resolve() in resolved.parents
+
+
+def test_credentials_in_an_index_url_reach_no_file_or_output(conda_channel, pypi_index, tmp_path):
+    """The fixture index ignores authentication, so a token in the URL only has to be kept
+    out of everything envmgr writes or prints, even with -v."""
+    token = "s3cr3t-T0KEN-4217"  # noqa: S105 - the secret the test looks for
+    index = pypi_index.url.replace("http://", f"http://envmgr-user:{token}@")
+    env = {
+        **os.environ,
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+        "ENVMGR_CHANNELS": conda_channel.url,
+    }
+    lock = tmp_path / "lock.yml"
+    outputs = []
+    for args in (
+        ("-v", "resolve", "--pypi", "requests", "--python", "3.11", "--index-url", index,
+         "-o", str(lock), "--json"),
+        ("-v", "build", "--from-lock", str(lock), "--json"),
+        ("-v", "resolve", "--pypi", "nonexistent-pkg-xyz", "--python", "3.11",
+         "--index-url", index),
+    ):  # fmt: skip
+        result = run_envmgr(*args, env=env)
+        outputs.append(result.stdout + result.stderr)
+    assert "requests" in lock.read_text()
+    assert "nonexistent-pkg-xyz" in outputs[2]  # the failing resolve did report
+    leaked = [text for text in outputs if token in text]
+    assert leaked == []
+    written = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and not p.is_symlink() and token.encode() in p.read_bytes()
+    ]
+    assert written == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("resolve", "--conda", "numpy[[["),
+        ("resolve", "--pypi", "requests>>>1"),
+        ("resolve", "-f", "/nonexistent/environment.yml"),
+        ("show", "\x7f\x01"),
+        ("build", "--from-lock", "/etc/hostname"),
+        ("export", "/etc/hostname", "--format", "explicit"),
+        ("alias", "/etc/hostname", "x"),
+        ("gc", "--max-size", "lots"),
+    ],
+)
+def test_the_cli_never_shows_a_traceback(args, tmp_path):
+    env = {**os.environ, "ENVMGR_CACHE_DIR": str(tmp_path / "c"), "ENVMGR_CHANNELS": "file:///nope"}
+    result = run_envmgr(*args, env=env)
+    assert result.returncode in (1, 2), result
+    assert "Traceback" not in result.stderr and result.stderr.startswith("envmgr: error:"), (
+        result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+    json.dumps(result.stdout)  # nothing half-printed that is not text
