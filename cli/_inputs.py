@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,7 @@ from envmgr.resolution import ResolveOptions
 from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
 from envmgr.specfiles import read_spec_file
 
-__all__ = ["Inputs", "gather"]
+__all__ = ["SPEC_PARAMETERS", "Inputs", "gather", "spec_args"]
 
 FlowArg = Annotated[Path | None, typer.Argument(help="A flow file: every step is used.")]
 EnvFiles = Annotated[list[Path], typer.Option("-f", "--file", help="environment.yml (repeatable)")]
@@ -56,6 +56,28 @@ StoreOpt = Annotated[
 ]
 CudaOpt = Annotated[str | None, typer.Option("--cuda", help="Assume this CUDA version (__cuda).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+
+
+#: The parameters through which ``resolve`` and ``build`` name their specs (see :func:`gather`).
+SPEC_PARAMETERS = (
+    "flow",
+    "env_file",
+    "requirements",
+    "conda",
+    "pypi",
+    "python",
+    "platform",
+    "channel",
+    "index_url",
+    "extra_index_url",
+    "store",
+    "cuda",
+)
+
+
+def spec_args(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`SPEC_PARAMETERS` out of a command's parameters (its ``locals()``)."""
+    return {name: parameters[name] for name in SPEC_PARAMETERS}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -26,6 +26,7 @@ from envmgr.cli._inputs import (
     ReqFiles,
     StoreOpt,
     gather,
+    spec_args,
 )
 from envmgr.cli._progress import progress_for_cli
 from envmgr.config import load
@@ -131,26 +132,11 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build, pack and store each env of this host's platform once; report the others."""
+    parameters = dict(locals())
     config = load(flags={"store": store, "codec": codec, "level": level})
     with progress_for_cli() as progress:
         store_obj, cache, jobs, resolved = _jobs(
-            from_lock,
-            {
-                "flow": flow,
-                "env_file": env_file,
-                "requirements": requirements,
-                "conda": conda,
-                "pypi": pypi,
-                "python": python,
-                "platform": platform,
-                "channel": channel,
-                "index_url": index_url,
-                "extra_index_url": extra_index_url,
-                "store": store,
-                "cuda": cuda,
-                "specs_json": specs_json,
-            },
-            progress,
+            from_lock, {**spec_args(parameters), "specs_json": specs_json}, progress
         )
         options = BuildOptions(
             store=store_obj,

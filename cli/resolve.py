@@ -27,6 +27,7 @@ from envmgr.cli._inputs import (
     ReqFiles,
     StoreOpt,
     gather,
+    spec_args,
 )
 from envmgr.cli._progress import progress_for_cli
 from envmgr.config import load
@@ -96,20 +97,7 @@ def resolve(
         env_file = [f for f in env_file if f != adopt_file]
     if adopt_file is not None and (check or force):
         fail("--lockfile adopts a lock as it is; --check and --force do not apply")
-    args: dict[str, Any] = {
-        "flow": flow,
-        "env_file": env_file,
-        "requirements": requirements,
-        "conda": conda,
-        "pypi": pypi,
-        "python": python,
-        "platform": platform,
-        "channel": channel,
-        "index_url": index_url,
-        "extra_index_url": extra_index_url,
-        "store": store,
-        "cuda": cuda,
-    }
+    args = spec_args(locals())
     with progress_for_cli() as progress:
         if adopt_file is not None:
             results, sources = _adopt(adopt_file, args)

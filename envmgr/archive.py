@@ -280,9 +280,11 @@ def _safe_name(name: str) -> str:
 
 
 def _inside(dest: Path, path: Path) -> bool:
+    """True when *path*, its links followed, stays under *dest*; a link loop counts as
+    outside (it cannot be shown to stay inside)."""
     try:
         path.resolve().relative_to(dest.resolve())
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # RuntimeError: a symlink loop (3.10-3.12)
         return False
     return True
 

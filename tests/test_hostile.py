@@ -149,10 +149,33 @@ def test_the_extractor_never_writes_outside_its_target(members, codec):
         unpack(io.BytesIO(packed), target, manifest)
     outside = [p for p in root.rglob("*") if not (p == target or target in p.parents)]
     assert outside == []
+    real = Path(os.path.realpath(target))
     for path in target.rglob("*"):
-        if path.is_symlink():
-            resolved = (path.parent / path.readlink()).resolve()
-            assert resolved == target.resolve() or target.resolve() in resolved.parents
+        if path.is_symlink():  # realpath, not resolve(): a link loop inside is not an escape
+            resolved = Path(os.path.realpath(path.parent / path.readlink()))
+            assert resolved == real or real in resolved.parents
+
+
+def test_a_link_loop_is_refused_not_a_traceback(tmp_path):
+    """Found by the property test above: following a self-referencing link raised
+    RuntimeError out of the extractor."""
+    import zstandard
+
+    raw = _tar([("symlink", "a", "a", b""), ("file", "a/x", "", b"data")])
+    packed = zstandard.ZstdCompressor().compress(raw)
+    manifest = Manifest(
+        env_id="f" * 32,
+        platform="linux-64",
+        build_prefix="/b" * 100,
+        codec="zst",
+        size=len(packed),
+        sha256="0" * 64,
+        files=2,
+        unpacked_size=100,
+        relocations=(),
+    )
+    with pytest.raises(ArchiveError, match="'a/x' would be written outside the env"):
+        unpack(io.BytesIO(packed), tmp_path / "env", manifest)
 
 
 def test_credentials_in_an_index_url_reach_no_file_or_output(conda_channel, pypi_index, tmp_path):
