@@ -6,7 +6,9 @@ In one run, on the same env: envmgr's cold hydrate (a whole ``python -m envmgr.b
 process); a plain boto3 download of the same archive followed by ``tar --zstd -x``; building
 the env from per-package files fetched from the same store (the Metaflow way, with py-rattler
 and installer); the warm bootstrap as a whole process; and 16 concurrent cold hydrates of one
-env on one host. Prints a table of times and ratios. Medians of ``--repeat`` runs.
+env on one host. Prints a table of times and ratios. Medians of ``--repeat`` runs; cold
+hydrate and download + untar alternate which goes first, and their ratio is also given as the
+median of the per-run pairs, because this machine's disk speed drifts between runs.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cold, plain, per_package, warm = [], [], [], []
         for i in range(args.repeat):
-            seconds, _ = timed_bootstrap(work / f"cold{i}")
-            cold.append(seconds)
+            # This disk's speed drifts a lot between runs: alternate which goes first, and
+            # compare each pair (see the ratio printed at the end).
+            if i % 2 == 0:
+                cold.append(timed_bootstrap(work / f"cold{i}")[0])
             target = work / f"plain{i}"
             target.mkdir()
             # The peer is a whole process too: a worker pays for starting python and boto3.
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 check=True,
             )
             plain.append(time.monotonic() - start)
+            if i % 2 == 1:
+                cold.append(timed_bootstrap(work / f"cold{i}")[0])
 
         # The Metaflow way: every package file from the store, installed on the worker.
         for package in lock.packages:
@@ -158,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(10):
             warm.append(timed_bootstrap(work / "cold0")[0])
 
-        start = time.monotonic()
-        procs = [bootstrap(work / "many") for _ in range(16)]
-        results = [json.loads(p.communicate()[0]) for p in procs]
-        many = time.monotonic() - start
-        downloads = sum(r["downloaded"] for r in results)
+        concurrent, downloads = [], []
+        for i in range(args.repeat):
+            start = time.monotonic()
+            procs = [bootstrap(work / f"many{i}") for _ in range(16)]
+            results = [json.loads(p.communicate()[0]) for p in procs]
+            concurrent.append(time.monotonic() - start)
+            downloads.append(sum(r["downloaded"] for r in results))
+        many = _median(concurrent)
 
     base = _median(cold)
     rows = [
@@ -170,13 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         ("boto3 download + tar --zstd -x (process)", _median(plain), ""),
         ("per-package build from the store", _median(per_package), "in-process (Metaflow's way)"),
         ("envmgr warm bootstrap (process)", _median(warm), ""),
-        ("16 concurrent cold hydrates, one host", many, f"{downloads} download(s)"),
+        (
+            "16 concurrent cold hydrates, one host",
+            many,
+            f"downloads per run: {', '.join(map(str, downloads))}",
+        ),
     ]
     print(f"{'what':<42}{'seconds':>9}{'vs cold':>10}")
     for what, seconds, note in rows:
         print(f"{what:<42}{seconds:>9.3f}{seconds / base:>9.2f}x  {note}")
+    pairs = sorted(c / p for c, p in zip(cold, plain, strict=True))
     print(
-        f"cold / plain download+untar: {base / _median(plain):.2f}x; "
+        f"cold / plain download+untar: {base / _median(plain):.2f}x of medians, "
+        f"{_median(pairs):.2f}x median of pairs ({pairs[0]:.2f}x-{pairs[-1]:.2f}x); "
         f"per-package / cold: {_median(per_package) / base:.2f}x; "
         f"16 concurrent / one cold: {many / base:.2f}x"
     )
