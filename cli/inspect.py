@@ -216,24 +216,21 @@ def export_command(
     `envmgr resolve --lockfile` (conda-lock, explicit), `-f` (environment.yml) and `-r`
     (requirements.txt) read the files back."""
     from envmgr.interop import FORMATS, known_format, render  # noqa: PLC0415
-    from envmgr.lock import write_text_atomic  # noqa: PLC0415
+    from envmgr.lock import Lock, write_text_atomic  # noqa: PLC0415
     from envmgr.platforms import host_platform, is_platform  # noqa: PLC0415
 
     if fmt not in FORMATS:
         fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    chosen = known_format(fmt)
-    found, _store, _cache = _load(target, store)
     if platform is not None and not is_platform(platform):
         fail(f"--platform {platform!r}: unknown platform")
-    wanted = platform
-    if wanted is None and chosen != "conda-lock" and len(found.lock.platforms) > 1:
-        wanted = host_platform()
-    lock = found.lock
-    if platform is not None and chosen == "conda-lock":
-        from envmgr.lock import Lock  # noqa: PLC0415
-
+    chosen = known_format(fmt)
+    lock = _load(target, store)[0].lock
+    # One platform when asked for, or when the format holds one and the lock has several.
+    if platform is None and chosen != "conda-lock" and len(lock.platforms) > 1:
+        platform = host_platform()
+    if platform is not None:
         lock = Lock(platforms=(lock.for_platform(platform),), spec_id=lock.spec_id)
-    text = render(lock, chosen, wanted if is_platform(wanted) else None)
+    text = render(lock, chosen)
     if chosen == "requirements.txt" and not any(
         p.manager == "pypi" for part in lock.platforms for p in part.packages
     ):
