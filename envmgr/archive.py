@@ -289,6 +289,18 @@ def _inside(dest: Path, path: Path) -> bool:
     return True
 
 
+def _loops(link: Path) -> bool:
+    """True when following *link* comes back to a link already followed. A link that
+    dangles (its target is extracted later) does not loop."""
+    try:
+        link.resolve(strict=True)
+    except RuntimeError:  # pathlib's "Symlink loop" (3.10-3.12)
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     """Extract the archive stream *source* into the empty or new directory *dest*.
 
@@ -322,6 +334,9 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                     if link.startswith("/") or not _inside(dest, target.parent / link):
                         raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
                     target.symlink_to(link)
+                    if _loops(target):  # e.g. a -> a/..: a checker that resolves loosely escapes
+                        target.unlink()
+                        raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
                     tree.links.append(str(target))
                 elif member.isfile():
                     budget -= member.size

@@ -214,8 +214,7 @@ def _build_here(
         raise HydrateError(
             f"env {env_id} has no archive for {platform} in {store.url}, so this worker must "
             f"build it, but it cannot write to the store: {exc.message}",
-            hint="run `envmgr build` where the store is writable, or give this worker "
-            "write access",
+            hint="run `envmgr build` where the store is writable, or give this worker write access",
         ) from None
 
 

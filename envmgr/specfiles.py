@@ -178,6 +178,9 @@ def _read_option(
         if "://" in value:
             acc.bad(where, name, f"remote requirement files are not supported: {value}")
             return
+        if "\0" in value:
+            acc.bad(where, name, f"{value!r} is not a file name (it holds a NUL byte)")
+            return
         path = (base_dir or Path.cwd()) / value
         _read_requirements_file(path, acc, constraint=is_constraint, seen=seen, included_from=where)
         return
@@ -258,14 +261,30 @@ def _yaml_value(node: Any) -> Any:
     import yaml  # noqa: PLC0415 - only environment.yml readers need YAML
 
     if isinstance(node, yaml.MappingNode):
-        return {_yaml_value(k): (v, _yaml_value(v)) for k, v in node.value}
+        return {_yaml_key(k): (v, _yaml_value(v)) for k, v in node.value}
     if isinstance(node, yaml.SequenceNode):
         return [(item, _yaml_value(item)) for item in node.value]
     if node.tag.endswith(":str"):
         return node.value
     if node.tag.endswith(":null"):
         return None
-    return yaml.safe_load(node.value)
+    try:  # a number or bool; a tag YAML itself cannot build (`=`, `!foo`) stays text
+        return yaml.constructor.SafeConstructor().construct_object(node)
+    except yaml.YAMLError:
+        return node.value
+
+
+def _yaml_key(node: Any) -> Any:
+    """A mapping key; a list or mapping used as a key becomes its YAML text, which the
+    readers then report as an unknown key."""
+    import yaml  # noqa: PLC0415
+
+    if isinstance(node, yaml.ScalarNode):
+        return _yaml_value(node)
+    start, end = node.start_mark, node.end_mark
+    if start.buffer is not None:
+        return " ".join(start.buffer[start.index : end.index].split())
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
 
 
 def read_environment_yml(path: str | Path) -> EnvSpec:
