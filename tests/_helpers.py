@@ -7,6 +7,10 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from envmgr.cache.local import LocalStore
+from envmgr.resolution import ResolveOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +27,20 @@ def run_envmgr(
         env=dict(env) if env is not None else dict(os.environ),
         check=False,
     )
+
+
+def fixture_options(
+    home: Path, channel_url: str, index_url: str | None = None, **overrides: Any
+) -> ResolveOptions:
+    """Resolve options for the fixture channel (and index): store and cache under *home*,
+    linux-64, no host environment; *overrides* replace any field."""
+    fields: dict[str, Any] = {
+        "store": LocalStore(home / "store"),
+        "cache_dir": home / "cache",
+        "platforms": ("linux-64",),
+        "default_channels": (channel_url,),
+        "env": {},
+    }
+    if index_url is not None:
+        fields["index_url"] = index_url
+    return ResolveOptions(**{**fields, **overrides})

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import fixture_options
 
-from envmgr.cache.local import LocalStore
-from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.resolution import resolve_specs
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.conda_channel import copy_channel
 from fixtures.pypi_index import PypiIndexServer
@@ -94,14 +94,7 @@ def mixed_lock(conda_channel, pypi_index, tmp_path_factory):
     """The linux-64 lock of a mixed env: conda python, numpy, tabulate, prefix-demo (text and
     binary placeholders); PyPI colorama and python-dateutil."""
     home = tmp_path_factory.mktemp("mixed-lock")
-    options = ResolveOptions(
-        store=LocalStore(home / "store"),
-        cache_dir=home / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=pypi_index.url,
-        env={},
-    )
+    options = fixture_options(home, conda_channel.url, pypi_index.url)
     spec = EnvSpec(
         python="3.11.*",
         conda=tuple(CondaDep.parse(c) for c in ("numpy", "tabulate", "prefix-demo")),

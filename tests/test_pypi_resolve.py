@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import fixture_options
 
 from envmgr.cache.local import LocalStore
 from envmgr.errors import EnvmgrError
-from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.resolution import resolve_specs
 from envmgr.resolvers.pypi.resolve import PypiConflictError
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.pypi_index import PypiIndexServer
@@ -76,14 +77,8 @@ def resolve(index, conda_channel, tmp_path):
     index.reset()
 
     def run(pypi, conda=(), platform="linux-64", env=None, python="3.11"):
-        options = ResolveOptions(
-            store=LocalStore(tmp_path / "store"),
-            cache_dir=tmp_path / "cache",
-            platforms=(platform,),
-            default_channels=(conda_channel.url,),
-            index_url=index.url,
-            env=env or {},
-            force=True,
+        options = fixture_options(
+            tmp_path, conda_channel.url, index.url, platforms=(platform,), env=env or {}, force=True
         )
         spec = EnvSpec(
             python=f"{python}.*",
@@ -265,13 +260,7 @@ def test_cli_requirements_file_and_flow(index, conda_channel, tmp_path, monkeypa
 
 @pytest.mark.online
 def test_real_data_science_set_against_the_configured_index(conda_channel, tmp_path):
-    options = ResolveOptions(
-        store=LocalStore(tmp_path / "store"),
-        cache_dir=tmp_path / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        env={},
-    )
+    options = fixture_options(tmp_path, conda_channel.url)  # the index pip is configured with
     spec = EnvSpec(
         python="3.11.*",
         pypi=tuple(
@@ -301,14 +290,7 @@ def test_index_credentials_never_reach_the_lock_or_the_store(
 ):
     monkeypatch.setenv("INDEX_TOKEN", "tok-s3cret")
     url = index.url.replace("http://", "http://user:${INDEX_TOKEN}@")
-    options = ResolveOptions(
-        store=LocalStore(tmp_path / "store"),
-        cache_dir=tmp_path / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=url,
-        env={},
-    )
+    options = fixture_options(tmp_path, conda_channel.url, url)
     spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("six"),))
     lock = resolve_specs({"s": spec}, options)[0].lock
     assert lock.names()["six"].url.startswith("http://127.0.0.1")
@@ -323,14 +305,7 @@ def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     from envmgr.build import BuildOptions, build_and_store
 
     store = LocalStore(tmp_path / "store")
-    options = ResolveOptions(
-        store=store,
-        cache_dir=tmp_path / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=index.url,
-        env={},
-    )
+    options = fixture_options(tmp_path, conda_channel.url, index.url, store=store)
     spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("sdist-only"),))
     lock = resolve_specs({"train": spec}, options)[0].lock
     names = lock.names()

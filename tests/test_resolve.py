@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import run_envmgr
+from _helpers import fixture_options, run_envmgr
 
 from envmgr.cache.local import LocalStore
 from envmgr.lock import (
@@ -23,7 +23,7 @@ from envmgr.lock import (
     write_conda_lock,
 )
 from envmgr.platforms import virtual_packages
-from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.resolution import resolve_specs
 from envmgr.spec import CondaDep, EnvSpec
 from fixtures.conda_channel import copy_channel, index_channel
 from fixtures.condapkg import PackageMeta, write_conda_package
@@ -242,13 +242,7 @@ def test_check_detects_a_newer_package(home, tmp_path):
 
 
 def test_specs_locking_the_same_packages_share_an_env(home, conda_channel):
-    options = ResolveOptions(
-        store=LocalStore(home / "store"),
-        cache_dir=home / "cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        env={},
-    )
+    options = fixture_options(home, conda_channel.url)
     loose = EnvSpec(python="3.11.*", conda=(CondaDep.parse("tabulate"),))
     pinned = EnvSpec(python="3.*", conda=(CondaDep.parse("tabulate >=0.9"),))
     results = resolve_specs({"a": loose, "b": pinned}, options)
@@ -258,14 +252,7 @@ def test_specs_locking_the_same_packages_share_an_env(home, conda_channel):
 
 def test_cuda_changes_the_virtual_packages_and_the_cache_entry(home, conda_channel):
     def run(cuda):
-        options = ResolveOptions(
-            store=LocalStore(home / "store"),
-            cache_dir=home / "cache",
-            platforms=("linux-64",),
-            default_channels=(conda_channel.url,),
-            cuda=cuda,
-            env={},
-        )
+        options = fixture_options(home, conda_channel.url, cuda=cuda)
         return resolve_specs({"s": EnvSpec(conda=(CondaDep.parse("six"),))}, options)[0]
 
     assert run(None).cached is False

@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _helpers import fixture_options
 from test_faults import _upstream
 
 from envmgr.build import offer_lock
-from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.lock import PlatformLock
-from envmgr.resolution import ResolveOptions, resolve_specs
+from envmgr.resolution import resolve_specs
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.tcp_proxy import FaultProxy
 
@@ -38,14 +38,7 @@ MODULES = {"numpy": "numpy", "tabulate": "tabulate", "six": "six", "colorama": "
 
 
 def _locks(names, conda_channel, pypi_index, home: Path) -> dict[str, PlatformLock]:
-    options = ResolveOptions(
-        store=LocalStore(home / "resolve-store"),
-        cache_dir=home / "resolve-cache",
-        platforms=("linux-64",),
-        default_channels=(conda_channel.url,),
-        index_url=pypi_index.url,
-        env={},
-    )
+    options = fixture_options(home / "resolve", conda_channel.url, pypi_index.url)
     specs = {
         name: EnvSpec(
             python="3.11.*",
