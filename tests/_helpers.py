@@ -7,8 +7,9 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from envmgr.archive import Manifest
 from envmgr.cache.local import LocalStore
 from envmgr.resolution import ResolveOptions
 
@@ -44,3 +45,21 @@ def fixture_options(
     if index_url is not None:
         fields["index_url"] = index_url
     return ResolveOptions(**{**fields, **overrides})
+
+
+def archive_manifest(
+    packed: bytes, codec: Literal["zst", "gz"] = "zst", files: int = 1, unpacked_size: int = 10_000
+) -> Manifest:
+    """A manifest for a hand-made archive *packed*, for feeding the extractor directly
+    (the hash is not checked there)."""
+    return Manifest(
+        env_id="e" * 32,
+        platform="linux-64",
+        build_prefix="/b" * 80,
+        codec=codec,
+        size=len(packed),
+        sha256="0" * 64,
+        files=files,
+        unpacked_size=unpacked_size,
+        relocations=(),
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from _helpers import run_envmgr
+from _helpers import archive_manifest, run_envmgr
 
 from envmgr.archive import ArchiveError, Manifest, Relocation, relocate, unpack
 from envmgr.build import BUILD_PREFIX_LENGTH, BuildError, BuildOptions, build_and_store
@@ -177,18 +177,7 @@ def _evil_archive(members) -> tuple[io.BytesIO, Manifest]:
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     packed = zstandard.ZstdCompressor().compress(raw.getvalue())
-    manifest = Manifest(
-        env_id="e" * 32,
-        platform="linux-64",
-        build_prefix="/b" * 80,
-        codec="zst",
-        size=len(packed),
-        sha256="0" * 64,
-        files=1,
-        unpacked_size=10,
-        relocations=(),
-    )
-    return io.BytesIO(packed), manifest
+    return io.BytesIO(packed), archive_manifest(packed, unpacked_size=10)
 
 
 def _member(name, *, kind=tarfile.REGTYPE, data=b"x", link=""):

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _helpers import run_envmgr
+from _helpers import archive_manifest, run_envmgr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -143,17 +143,7 @@ def test_the_extractor_never_writes_outside_its_target(members, codec):
     packed = zstandard.ZstdCompressor().compress(raw) if codec == "zst" else gzip.compress(raw)
     root = Path(tempfile.mkdtemp(prefix="fuzz-x-"))
     target = root / "env"
-    manifest = Manifest(
-        env_id="f" * 32,
-        platform="linux-64",
-        build_prefix="/b" * 100,
-        codec=codec,
-        size=len(packed),
-        sha256="0" * 64,
-        files=len(members),
-        unpacked_size=10_000,
-        relocations=(),
-    )
+    manifest = archive_manifest(packed, codec, len(members), 10_000)
     with contextlib.suppress(ArchiveError):
         unpack(io.BytesIO(packed), target, manifest)
     outside = [p for p in root.rglob("*") if not (p == target or target in p.parents)]
@@ -182,17 +172,7 @@ def test_a_link_loop_is_refused_not_a_traceback(members, tmp_path):
 
     raw = _tar(members)
     packed = zstandard.ZstdCompressor().compress(raw)
-    manifest = Manifest(
-        env_id="f" * 32,
-        platform="linux-64",
-        build_prefix="/b" * 100,
-        codec="zst",
-        size=len(packed),
-        sha256="0" * 64,
-        files=len(members),
-        unpacked_size=100,
-        relocations=(),
-    )
+    manifest = archive_manifest(packed, "zst", len(members), 100)
     with pytest.raises(ArchiveError, match="makes a link loop"):
         unpack(io.BytesIO(packed), tmp_path / "env", manifest)
     refused = members[-1][1] if members[-1][0] == "symlink" else members[0][1]
