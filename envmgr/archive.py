@@ -15,6 +15,7 @@ longer than the build prefix; the build prefix is long on purpose).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -315,13 +316,14 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     budget = manifest.unpacked_size
     deferred_dirs: list[tuple[Path, int]] = []
     writes: list[Future[None]] = []
+    tree = _Tree(dest)
+    unpacked = False
     try:
         with (
             ThreadPoolExecutor(max_workers=8, thread_name_prefix="envmgr-unpack") as pool,
             stream,
             tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
         ):
-            tree = _Tree(dest)
             for member in tar:
                 name = _safe_name(member.name)
                 target = dest / name
@@ -361,12 +363,17 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                     raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
         for write in writes:
             write.result()
+        tree.check_links()
+        unpacked = True
     except _stream_errors() as exc:
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             raise WriteError(f"cannot write under {dest}: {exc.strerror}", code=exc.errno) from None
         if isinstance(exc, FileExistsError):
             raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
         raise ArchiveError(f"damaged archive: {exc}") from None
+    finally:
+        if not unpacked:  # a refused or broken archive leaves no link for a loose reader
+            tree.drop_links()
     for directory, mode in reversed(deferred_dirs):
         directory.chmod(mode | 0o700)
 
@@ -396,6 +403,28 @@ class _Tree:
         while key not in self.dirs and key != "/":
             self.dirs.add(key)
             key = os.path.dirname(key)  # noqa: PTH120 - a str op, for thousands of members
+
+    def check_links(self) -> None:
+        """After the last member, every link stays inside however loosely it is read.
+
+        Each link was checked when it was made, against what existed then; a link that
+        names itself (``b -> a/../b/..``) or a later member can change that. A loose reader
+        (``os.path.realpath``) goes on past loops and missing parts, and ends at different
+        places for the link and for its target: both must be inside."""
+        root = os.path.realpath(self.dest)
+        for link in self.links:
+            points_to = str(Path(link).readlink())
+            beside = os.path.join(os.path.dirname(link), points_to)  # noqa: PTH118,PTH120
+            for resolved in (os.path.realpath(link), os.path.realpath(beside)):
+                if resolved != root and not resolved.startswith(root + "/"):
+                    name = os.path.relpath(link, self.dest)
+                    raise ArchiveError(f"symlink {name!r} -> {points_to!r} points outside the env")
+
+    def drop_links(self) -> None:
+        """Best effort: the caller is already failing with the error that matters."""
+        for link in self.links:
+            with contextlib.suppress(OSError):
+                Path(link).unlink()
 
     def make_parent(self, target: Path, name: str) -> None:
         parent = target.parent
