@@ -336,10 +336,9 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                     if link.startswith("/") or not _inside(dest, target.parent / link):
                         raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
                     target.symlink_to(link)
-                    if _loops(target):  # e.g. a -> a/..: a checker that resolves loosely escapes
-                        target.unlink()
-                        raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
                     tree.links.append(str(target))
+                    if _loops(target):  # e.g. a -> a/..: a checker that resolves loosely escapes
+                        raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
                 elif member.isfile():
                     budget -= member.size
                     if budget < 0:

@@ -24,7 +24,7 @@ from envmgr.lock import LockError, read_conda_lock
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from envmgr.specfiles import read_environment_yml, read_pyproject, read_requirements
 
-# ENVMGR_FUZZ_EXAMPLES=5000 for a longer hunt; each run draws new examples.
+# ENVMGR_FUZZ_EXAMPLES=20000 for a longer hunt; each run draws new examples.
 FUZZ = settings(
     max_examples=int(os.environ.get("ENVMGR_FUZZ_EXAMPLES", "150")),
     deadline=None,
@@ -177,8 +177,7 @@ def test_a_link_loop_is_refused_not_a_traceback(members, tmp_path):
     manifest = archive_manifest(packed, "zst", len(members), 100)
     with pytest.raises(ArchiveError, match="makes a link loop"):
         unpack(io.BytesIO(packed), tmp_path / "env", manifest)
-    refused = members[-1][1] if members[-1][0] == "symlink" else members[0][1]
-    assert not (tmp_path / "env" / refused).is_symlink()  # the loop is not left behind
+    assert not [p for p in (tmp_path / "env").rglob("*") if p.is_symlink()]  # none left behind
 
 
 def test_credentials_in_an_index_url_reach_no_file_or_output(conda_channel, pypi_index, tmp_path):
