@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 from envmgr.cache.store import check_key
+from envmgr.ids import parse_env_id, parse_platform, parse_spec_id
 
 __all__ = ["archive_key", "env_lock_key", "lease_key", "lock_key", "manifest_key", "name_key"]
 
 
+def _env_root(platform: str, env_id: str) -> str:
+    """``envs/<platform>/<env_id>``: both parsed first (``BadIdError`` otherwise)."""
+    platform = parse_platform(platform, where="platform")
+    return f"envs/{platform}/{parse_env_id(env_id, where='env id')}"
+
+
 def lock_key(spec_id: str, platform: str) -> str:
     """The resolution cache entry: ``locks/<spec_id>/<platform>.json``."""
-    return check_key(f"locks/{spec_id}/{platform}.json")
+    spec_id = parse_spec_id(spec_id, where="spec id")
+    return check_key(f"locks/{spec_id}/{parse_platform(platform, where='platform')}.json")
 
 
 def archive_key(platform: str, env_id: str, codec: str = "zst") -> str:
     """The packed env: ``envs/<platform>/<env_id>/env.tar.<codec>`` (zst, or gz)."""
-    return check_key(f"envs/{platform}/{env_id}/env.tar.{codec}")
+    return check_key(f"{_env_root(platform, env_id)}/env.tar.{codec}")
 
 
 def env_lock_key(platform: str, env_id: str) -> str:
     """The conda-lock file of an env, beside its archive."""
-    return check_key(f"envs/{platform}/{env_id}/conda-lock.yml")
+    return check_key(f"{_env_root(platform, env_id)}/conda-lock.yml")
 
 
 def manifest_key(platform: str, env_id: str) -> str:
-    return check_key(f"envs/{platform}/{env_id}/manifest.json")
+    return check_key(f"{_env_root(platform, env_id)}/manifest.json")
 
 
 def lease_key(env_id: str) -> str:
-    return check_key(f"leases/{env_id}")
+    return check_key(f"leases/{parse_env_id(env_id, where='env id')}")
 
 
 def name_key(name: str, tag: str) -> str:

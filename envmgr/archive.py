@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, cast
 
 from envmgr.errors import EnvmgrError
+from envmgr.ids import BadIdError, parse_env_id, parse_platform
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -130,8 +131,8 @@ class Manifest:
                     raise ValueError(f"unknown relocation mode {mode!r}")
                 relocations.append(Relocation(path=_safe_name(str(path)), mode=mode))
             manifest = cls(
-                env_id=str(data["env_id"]),
-                platform=str(data["platform"]),
+                env_id=parse_env_id(data["env_id"], where="env_id"),
+                platform=parse_platform(data["platform"], where="platform"),
                 build_prefix=str(data["build_prefix"]),
                 codec=codec,
                 size=int(data["size"]),
@@ -142,7 +143,7 @@ class Manifest:
                 envmgr_version=str(data.get("envmgr_version", "")),
                 created=str(data.get("created", "")),
             )
-        except (KeyError, TypeError, ValueError, ArchiveError) as exc:
+        except (KeyError, TypeError, ValueError, ArchiveError, BadIdError) as exc:
             raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None
         if not re.fullmatch(r"[0-9a-f]{64}", manifest.sha256) or manifest.size < 0:
             raise ArchiveError(f"{where}: bad sha256 or size")

@@ -41,7 +41,7 @@ def _env_of_name(name: str, store_url: str, platform: str | None) -> str:
         raise EnvmgrError(
             f"{alias.ref} has no {platform} env (it has {', '.join(alias.envs) or 'none'})"
         )
-    return alias.envs[platform]
+    return alias.envs[platform]  # parsed as an env id when the entry was read
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,19 +58,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default=None, help="default: this host's")
     parser.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
+    from envmgr.ids import BadIdError, parse_env_id, parse_platform  # noqa: PLC0415
+
+    try:  # before any path is formed: a bad id touches nothing
+        if args.platform is not None:
+            args.platform = parse_platform(args.platform, where="--platform")
+        if args.env_id is not None:
+            env_id: str = parse_env_id(args.env_id, where="--env-id")
+    except BadIdError as exc:
+        print(f"envmgr: error: {exc}", file=sys.stderr)
+        return 2
     cache_dir = _cache_dir(args.cache_dir)
     if args.name:
         if not args.store:
             parser.error("--store or ENVMGR_STORE is required with --name")
         try:
-            args.env_id = _env_of_name(args.name, args.store, args.platform)
+            env_id = _env_of_name(args.name, args.store, args.platform)
         except Exception as exc:  # EnvmgrError; imported lazily to keep the warm path short
             print(f"envmgr: error: {exc}", file=sys.stderr)
-            return 1
+            return getattr(exc, "exit_code", 1)
 
     from envmgr.hydrate import COMPLETE, env_dir, touch  # noqa: PLC0415
 
-    final = env_dir(cache_dir, args.env_id)
+    final = env_dir(cache_dir, env_id)
     if (final / COMPLETE).is_file():  # warm: nothing else to import
         touch(final)
         downloaded = False
@@ -82,17 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         from envmgr.hydrate import hydrate  # noqa: PLC0415
 
         try:
-            result = hydrate(args.env_id, open_store(args.store), cache_dir, platform=args.platform)
+            result = hydrate(env_id, open_store(args.store), cache_dir, platform=args.platform)
         except EnvmgrError as exc:
             print(f"envmgr: error: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_code
         downloaded = result.downloaded
     python = final / "bin" / "python"
     if args.json:
         print(
             json.dumps(
                 {
-                    "env_id": args.env_id,
+                    "env_id": env_id,
                     "prefix": str(final),
                     "python": str(python),
                     "downloaded": downloaded,

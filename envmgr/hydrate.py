@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from envmgr.errors import EnvmgrError
+from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
 
 if TYPE_CHECKING:
     from envmgr.archive import Manifest
@@ -71,7 +72,8 @@ class Hydrated:
 
 
 def env_dir(cache_dir: Path, env_id: str) -> Path:
-    return cache_dir / "envs" / env_id
+    """``<cache>/envs/<env_id>``; raises ``BadIdError`` unless *env_id* is an env id."""
+    return cache_dir / "envs" / parse_env_id(env_id, where="env id")
 
 
 @contextlib.contextmanager
@@ -87,7 +89,7 @@ def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
 
 
 def lock_path(cache_dir: Path, env_id: str, kind: str = "hydrate") -> Path:
-    return cache_dir / "envs" / ".locks" / f"{env_id}.{kind}"
+    return cache_dir / "envs" / ".locks" / f"{parse_env_id(env_id, where='env id')}.{kind}"
 
 
 def touch(prefix: Path) -> None:
@@ -108,10 +110,14 @@ def hydrate(
     """Return the published env *env_id* under *cache_dir*, fetching it if needed;
     *progress* sees the download (and a build, when this worker must build).
 
-    Raises ``HydrateError`` (no archive and no lock, relocation impossible),
-    ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
+    Raises ``BadIdError`` (before touching anything) when *env_id* or *platform* is not one,
+    ``HydrateError`` (no archive and no lock, relocation impossible, a manifest of another
+    env), ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
     """
     start = time.monotonic()
+    env_id = parse_env_id(env_id, where="hydrate")
+    if platform is not None:
+        platform = parse_platform(platform, where="hydrate")
     final = env_dir(cache_dir, env_id)
     if (final / COMPLETE).is_file():
         touch(final)
@@ -143,15 +149,17 @@ def hydrate(
 def _remove_leftovers(final: Path) -> None:
     """Temp dirs of callers that died, and an env dir without its marker (not ours)."""
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(check_under(stale, final.parent), ignore_errors=True)
+    if final.is_symlink():
+        final.unlink()  # never followed: it could point anywhere
+    elif final.exists():
+        shutil.rmtree(check_under(final, final.parent))
 
 
 def _manifest(
     store: Store,
     platform: str,
-    env_id: str,
+    env_id: EnvId,
     cache_dir: Path,
     build_if_missing: bool,
     progress: Progress | None,
@@ -163,9 +171,17 @@ def _manifest(
     raw = store.get(key)
     if raw is not None:
         try:
-            return Manifest.from_dict(json.loads(raw), where=f"{store.url}/{key}")
+            data = json.loads(raw)
         except ValueError:
             raise HydrateError(f"env {env_id}: {store.url}/{key} is not JSON") from None
+        manifest = Manifest.from_dict(data, where=f"{store.url}/{key}")
+        if manifest.env_id != env_id or manifest.platform != platform:
+            raise HydrateError(
+                f"env {env_id}: {store.url}/{key} describes env {manifest.env_id[:40]} for "
+                f"{manifest.platform[:20]}, not the one under its key; nothing was published",
+                hint="the store was altered: rebuild the env with `envmgr build`",
+            )
+        return manifest
     lock_key = env_lock_key(platform, env_id)
     if not store.exists(lock_key):
         raise HydrateError(

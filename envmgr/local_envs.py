@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envmgr.hydrate import COMPLETE, lock_path
+from envmgr.ids import check_under, parse_env_id
 
 __all__ = [
     "LocalEnv",
@@ -53,7 +54,7 @@ def _size(path: Path) -> int:
 
 
 def _meta_path(cache_dir: Path, env_id: str) -> Path:
-    return cache_dir / "envs" / ".meta" / f"{env_id}.json"
+    return cache_dir / "envs" / ".meta" / f"{parse_env_id(env_id, where='env id')}.json"
 
 
 def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
@@ -140,7 +141,7 @@ def _try_remove(cache_dir: Path, env: LocalEnv) -> bool:
             return False  # a running `envmgr run` uses it
         # Unpublish first (atomic rename), then delete at leisure.
         doomed = env.prefix.with_name(f".tmp-{env.env_id}-gc-{os.getpid()}")
-        env.prefix.rename(doomed)
+        env.prefix.rename(check_under(doomed, cache_dir / "envs"))
         shutil.rmtree(doomed, ignore_errors=True)
         return True
     finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from envmgr.cache import Store
 from envmgr.cache.layout import name_key
 from envmgr.errors import EnvmgrError
+from envmgr.ids import BadIdError, parse_env_id, parse_platform
 
 __all__ = [
     "DEFAULT_TAG",
@@ -88,8 +89,11 @@ def _decode(store: Store, key: str, raw: bytes, name: str, tag: str) -> Alias:
         data = json.loads(raw)
         if data.get("format") != _FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
-        envs = {str(k): str(v) for k, v in data["envs"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        envs = {
+            parse_platform(k, where="platform"): parse_env_id(v, where=f"envs[{k!r}]")
+            for k, v in data["envs"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, BadIdError) as exc:
         raise AliasError(f"{store.url}/{key}: not an envmgr name entry ({exc})") from None
     return Alias(
         name=name,

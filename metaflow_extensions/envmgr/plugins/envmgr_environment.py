@@ -60,6 +60,7 @@ def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
 _BOOTSTRAP_MODULES = (
     "envmgr/__init__.py",
     "envmgr/errors.py",
+    "envmgr/ids.py",
     "envmgr/bootstrap.py",
     "envmgr/hydrate.py",
     "envmgr/archive.py",

@@ -1,0 +1,91 @@
+"""Ids are values: parsed where they enter, before anything joins them into a path or a key.
+
+An env id or a spec id is 32 lower-case hex digits (a truncated sha256). Ids come from
+people (flags, the bootstrap's arguments), from files (locks, manifests) and from other
+writers of the store (``names/`` entries), so every one is parsed by :func:`parse_env_id` or
+:func:`parse_spec_id` first; a bad one is a :class:`BadIdError` (exit 2) that names where it
+came from, and nothing is touched. :func:`check_under` is the last guard of every removal.
+
+Standard library only: the worker's warm path imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import NewType
+
+from envmgr.errors import EnvmgrError
+
+__all__ = [
+    "BadIdError",
+    "EnvId",
+    "SpecId",
+    "check_under",
+    "is_env_id",
+    "parse_env_id",
+    "parse_platform",
+    "parse_spec_id",
+]
+
+EnvId = NewType("EnvId", str)
+SpecId = NewType("SpecId", str)
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+class BadIdError(EnvmgrError):
+    """An id, a platform or a path that is not what it claims to be; names its source."""
+
+    exit_code = 2
+
+
+def _shown(value: object) -> str:
+    """A bounded repr: a hostile 10 MB id must not become a 10 MB error line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def is_env_id(value: object) -> bool:
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+def parse_env_id(value: object, *, where: str) -> EnvId:
+    """*value* as an :data:`EnvId`; raises ``BadIdError`` naming *where* it came from."""
+    if isinstance(value, str) and _HEX32.fullmatch(value):
+        return EnvId(value)
+    raise BadIdError(
+        f"{where}: {_shown(value)} is not an env id",
+        hint="an env id is 32 lower-case hex digits, as `envmgr build` prints it",
+    )
+
+
+def parse_spec_id(value: object, *, where: str) -> SpecId:
+    """*value* as a :data:`SpecId`; raises ``BadIdError`` naming *where* it came from."""
+    if isinstance(value, str) and _HEX32.fullmatch(value):
+        return SpecId(value)
+    raise BadIdError(
+        f"{where}: {_shown(value)} is not a spec id",
+        hint="a spec id is 32 lower-case hex digits, as `envmgr resolve` prints it",
+    )
+
+
+def parse_platform(value: object, *, where: str) -> str:
+    """*value* when it names a supported platform; raises ``BadIdError`` otherwise."""
+    from envmgr.platforms import PLATFORMS  # noqa: PLC0415  (kept off the warm path)
+
+    if isinstance(value, str) and value in PLATFORMS:
+        return value
+    raise BadIdError(
+        f"{where}: {_shown(value)} is not a platform", hint=f"use one of {', '.join(PLATFORMS)}"
+    )
+
+
+def check_under(path: Path, root: Path) -> Path:
+    """*path* when it lies strictly inside *root* (both resolved, links followed); raises
+    ``BadIdError`` otherwise. Every recursive removal calls this first."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    if not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise BadIdError(f"refusing to remove {path}: it is not inside {root}")
+    return path
