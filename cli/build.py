@@ -1,5 +1,6 @@
-"""``envmgr build``: resolve when needed, then build, pack and store every env of this host's
-platform that the store does not have yet."""
+"""``envmgr build``: resolve when needed, then build, pack and store every env the specs lock,
+for every platform they lock (``--platform`` narrows it), that the store does not have yet.
+Any host builds any supported platform's env; nothing of the target is executed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from envmgr.build import BuildOptions, BuildOutcome, build_and_store, offer_lock
+from envmgr.build import BuildOptions, BuildOutcome, build_and_store
 from envmgr.cache import Store
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
@@ -31,16 +32,48 @@ from envmgr.cli._inputs import (
 from envmgr.cli._progress import progress_for_cli
 from envmgr.config import load
 from envmgr.lock import PlatformLock
-from envmgr.platforms import host_platform
 from envmgr.progress import Progress
 
 __all__ = ["build"]
 
 
+def _stored_jobs(
+    env: str, spec_args: dict[str, Any]
+) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
+    """The stored locks of env id *env* (for the ``--platform`` ones, default all)."""
+    from envmgr.build import read_stored_lock  # noqa: PLC0415
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.ids import parse_env_id, parse_platform  # noqa: PLC0415
+    from envmgr.platforms import PLATFORMS  # noqa: PLC0415
+
+    try:
+        env_id = parse_env_id(env, where="--env")
+        platforms = [parse_platform(p, where="--platform") for p in spec_args["platform"]]
+    except EnvmgrError as exc:
+        fail(str(exc))
+    config = load(flags={"store": spec_args["store"]})
+    store = open_store(config["store"])
+    locks = [
+        lock
+        for platform in platforms or PLATFORMS
+        if (lock := read_stored_lock(store, platform, env_id)) is not None
+    ]
+    if not locks:
+        where = ", ".join(platforms) if platforms else "any platform"
+        fail(f"env {env_id}: {store.url} has no lock of it for {where}", code=1)
+    return store, Path(config["cache_dir"]), [((env_id[:12],), lock) for lock in locks], {}
+
+
 def _jobs(
-    from_lock: Path | None, spec_args: dict[str, Any], progress: Progress
+    from_lock: Path | None, env: str | None, spec_args: dict[str, Any], progress: Progress
 ) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
     """The store, cache dir, (steps, lock) pairs to build, and env_id -> (spec_id, cached)."""
+    given = any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
+    if env is not None:
+        if from_lock is not None or given or spec_args["python"]:
+            fail("give --env, --from-lock or specs to resolve, not several")
+        return _stored_jobs(env, spec_args)
     if from_lock is not None:
         if (
             any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
@@ -69,7 +102,6 @@ def _build_all(
     resolved: dict[str, tuple[str, bool]],
     options: BuildOptions,
 ) -> list[dict[str, Any]]:
-    host = host_platform()
     rows: list[dict[str, Any]] = []
     done: dict[tuple[str, str], BuildOutcome] = {}
     for steps, lock in jobs:
@@ -78,22 +110,20 @@ def _build_all(
             "steps": list(steps),
             "env_id": lock.env_id,
             "platform": lock.platform,
-            "status": "deferred",
+            "status": "built",
             "size": None,
             "seconds": 0.0,
             "spec_id": resolved.get(lock.env_id, (lock.spec_id, False))[0],
             "lock_cached": resolved.get(lock.env_id, ("", True))[1],
         }
-        if lock.platform != host:
-            offer_lock(options.store, lock)
-        else:
-            outcome = done.get(key) or build_and_store(lock, options)
-            done[key] = outcome
-            row.update(
-                status=outcome.status,
-                size=outcome.manifest.size,
-                seconds=round(outcome.seconds, 3),
-            )
+        outcome = done.get(key) or build_and_store(lock, options)
+        done[key] = outcome
+        row.update(
+            status=outcome.status,
+            size=outcome.manifest.size,
+            seconds=round(outcome.seconds, 3),
+            link_scripts=list(outcome.manifest.link_scripts),
+        )
         rows.append(row)
     return rows
 
@@ -119,6 +149,15 @@ def build(
         Path | None,
         typer.Option("--from-lock", help="Build the envs of this conda-lock file (no resolution)."),
     ] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            metavar="ENV_ID",
+            help="Build an env whose lock is in the store (what a worker that found no "
+            "archive asks for).",
+        ),
+    ] = None,
     index_url: IndexOpt = None,
     extra_index_url: ExtraIndexOpt = [],
     store: StoreOpt = None,
@@ -131,12 +170,12 @@ def build(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build, pack and store each env of this host's platform once; report the others."""
+    """Build, pack and store each env once, for every platform it is locked for."""
     parameters = dict(locals())
     config = load(flags={"store": store, "codec": codec, "level": level})
     with progress_for_cli() as progress:
         store_obj, cache, jobs, resolved = _jobs(
-            from_lock, {**spec_args(parameters), "specs_json": specs_json}, progress
+            from_lock, env, {**spec_args(parameters), "specs_json": specs_json}, progress
         )
         options = BuildOptions(
             store=store_obj,
@@ -146,6 +185,14 @@ def build(
             progress=progress,
         )
         rows = _build_all(jobs, resolved, options)
+    for row in rows:
+        if row["link_scripts"] and not STATE.quiet:
+            typer.echo(
+                f"envmgr: warning: env {row['env_id'][:12]} ({row['platform']}): the link "
+                f"scripts of {', '.join(row['link_scripts'])} were not run (envmgr runs no "
+                "package code at build time)",
+                err=True,
+            )
     if as_json:
         emit_json({"store": store_obj.url, "envs": rows})
         return
@@ -153,12 +200,6 @@ def build(
         return
     for row in rows:
         label = ", ".join(row["steps"])
-        if row["status"] == "deferred":
-            typer.echo(
-                f"{label:<24} {row['platform']:<14} env {row['env_id'][:12]}  will be "
-                f"built by the first worker of {row['platform']}"
-            )
-            continue
         state = {
             "built": "built and uploaded",
             "present": "already in the store, uploaded nothing",

@@ -59,7 +59,8 @@ def _hydrate(
                     lock, BuildOptions(store=store_obj, cache_dir=cache, progress=progress)
                 )
             env_id, steps = lock.env_id, found.steps
-        result = hydrate(env_id, store_obj, cache, progress=progress)
+        # A full envmgr install builds what the store lacks (workers only hydrate).
+        result = hydrate(env_id, store_obj, cache, build_if_missing=True, progress=progress)
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps

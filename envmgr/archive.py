@@ -99,6 +99,8 @@ class Manifest:
     relocations: tuple[Relocation, ...]
     envmgr_version: str = ""
     created: str = ""
+    #: Packages whose conda link scripts the builder did not run (it runs no target code).
+    link_scripts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +116,7 @@ class Manifest:
             "relocations": [[r.path, r.mode] for r in self.relocations],
             "envmgr_version": self.envmgr_version,
             "created": self.created,
+            "link_scripts": list(self.link_scripts),
         }
 
     @classmethod
@@ -142,6 +145,7 @@ class Manifest:
                 relocations=tuple(relocations),
                 envmgr_version=str(data.get("envmgr_version", "")),
                 created=str(data.get("created", "")),
+                link_scripts=tuple(str(name) for name in data.get("link_scripts", ())),
             )
         except (KeyError, TypeError, ValueError, ArchiveError, BadIdError) as exc:
             raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None

@@ -16,7 +16,37 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["WORKER_MODULES", "main", "worker_sources"]
+
+#: What this entry point imports on a worker (the Metaflow code package ships exactly these).
+WORKER_MODULES = (
+    "envmgr/__init__.py",
+    "envmgr/errors.py",
+    "envmgr/ids.py",
+    "envmgr/bootstrap.py",
+    "envmgr/hydrate.py",
+    "envmgr/archive.py",
+    "envmgr/platforms.py",
+    "envmgr/config.py",
+    "envmgr/cache/__init__.py",
+    "envmgr/cache/store.py",
+    "envmgr/cache/layout.py",
+    "envmgr/cache/local.py",
+    "envmgr/cache/s3.py",
+)
+
+
+def worker_sources() -> list[tuple[Path, str]]:
+    """(file, archive name) of each of :data:`WORKER_MODULES` in this installation."""
+    root = Path(__file__).resolve().parent
+    out = []
+    for arcname in WORKER_MODULES:
+        relative = arcname.split("/", 1)[1]
+        source = root / relative
+        if not source.is_file() and relative.startswith("cache/"):
+            source = root.parent / relative  # a checkout keeps cache/ beside envmgr/
+        out.append((source, arcname))
+    return out
 
 
 def _cache_dir(explicit: str | None) -> Path:
@@ -57,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="default ENVMGR_CACHE_DIR")
     parser.add_argument("--platform", default=None, help="default: this host's")
     parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.add_argument(
+        "--build-if-missing",
+        action="store_true",
+        help="build the env here when the store has its lock but no archive (needs a full "
+        "envmgr install; workers normally only hydrate)",
+    )
     args = parser.parse_args(argv)
     from envmgr.ids import BadIdError, parse_env_id, parse_platform  # noqa: PLC0415
 
@@ -92,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         from envmgr.hydrate import hydrate  # noqa: PLC0415
 
         try:
-            result = hydrate(env_id, open_store(args.store), cache_dir, platform=args.platform)
+            result = hydrate(
+                env_id,
+                open_store(args.store),
+                cache_dir,
+                platform=args.platform,
+                build_if_missing=args.build_if_missing,
+            )
         except EnvmgrError as exc:
             print(f"envmgr: error: {exc}", file=sys.stderr)
             return exc.exit_code

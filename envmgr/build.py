@@ -1,10 +1,14 @@
 """Build an env from its lock once, pack it, and store it; other builders wait for it.
 
-:func:`create_prefix` installs a :class:`~envmgr.lock.PlatformLock` of the host platform into a
-prefix: conda packages with py-rattler's installer (shared package cache, hardlinks where it
-can), then the PyPI wheels (downloaded once into a cache by sha256, hashes checked) with PyPA's
-``installer``, scripts pointing at the env's python. The build prefix is long (240 characters)
-so the env can be relocated to any shorter path.
+:func:`create_prefix` installs a :class:`~envmgr.lock.PlatformLock` of *any* supported platform
+into a prefix, on any host, and executes nothing from the target: conda packages with
+py-rattler's installer for the lock's platform (shared package cache, hardlinks where it can,
+link scripts never run: the packages that ship one are named in the manifest), then the PyPI
+wheels (downloaded once into a cache by sha256, hashes checked) with PyPA's ``installer`` into
+the target's scheme, scripts pointing at the env's python, and last the checked-hash bytecode
+of the target's Python, written by an interpreter of that version that runs on the host (see
+:mod:`envmgr.bytecode`). A native build is the same path with target = host. The build prefix
+is long (240 characters) so the env can be relocated to any shorter path.
 
 :func:`build_and_store` makes that happen once across machines: a lease object taken with a
 conditional put (``If-None-Match: *``) names the builder and an expiry; others poll for the
@@ -22,7 +26,6 @@ import os
 import shutil
 import socket
 import stat
-import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +35,7 @@ from typing import Any, Literal
 
 from envmgr import __version__
 from envmgr.archive import Codec, Manifest, pack, scan_relocations
+from envmgr.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
 from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.errors import EnvmgrError
@@ -45,7 +49,7 @@ from envmgr.lock import (
     strip_credentials,
     write_conda_lock,
 )
-from envmgr.platforms import host_platform
+from envmgr.platforms import Platform, host_platform
 from envmgr.progress import NULL, Progress, Task
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "BuildError",
     "BuildOptions",
     "BuildOutcome",
+    "Prefix",
     "build_and_store",
     "build_prefix",
     "conda_records",
@@ -85,6 +90,11 @@ class BuildOptions:
     poll_seconds: float = 0.5
     holder: str = ""
     progress: Progress = NULL
+    #: The build host's platform (a value, so tests can build "as if" on another host);
+    #: ``None``: this machine's.
+    host: Platform | None = None
+    #: Which interpreter writes the target's bytecode (see :mod:`envmgr.bytecode`).
+    bytecode: BytecodeSource = "auto"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,13 +150,6 @@ def conda_records(lock: PlatformLock) -> list[Any]:
         channel = pkg.url.rsplit("/", 2)[0] + "/"
         records.append(rattler.RepoDataRecord(record, pkg.url.rsplit("/", 1)[-1], pkg.url, channel))
     return records
-
-
-def _python_xy(lock: PlatformLock) -> str | None:
-    python = lock.names().get("python")
-    if python is None or python.manager != "conda":
-        return None
-    return ".".join(python.version.split(".")[:2])
 
 
 def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
@@ -223,7 +226,12 @@ def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -
 
 
 def _install_wheels(
-    lock: PlatformLock, prefix: Path, cache_dir: Path, store: Store | None, task: Task
+    lock: PlatformLock,
+    prefix: Path,
+    cache_dir: Path,
+    store: Store | None,
+    task: Task,
+    host: Platform,
 ) -> None:
     from installer import install  # noqa: PLC0415
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
@@ -232,7 +240,7 @@ def _install_wheels(
     wheels = [p for p in lock.packages if p.manager == "pypi"]
     if not wheels:
         return
-    xy = _python_xy(lock)
+    xy = python_xy(lock)
     if xy is None:
         raise BuildError(f"env {lock.env_id}: PyPI packages need a conda python in the lock")
     site = prefix / _SITE.format(xy=xy)
@@ -243,19 +251,26 @@ def _install_wheels(
         "data": str(prefix),
         "headers": str(prefix / "include" / f"python{xy}"),
     }
-    host_xy = f"{sys.version_info.major}.{sys.version_info.minor}"
     destination = SchemeDictionaryDestination(
         scheme,
         interpreter=str(prefix / "bin" / f"python{xy}"),
         script_kind="posix",
-        # Byte-compile only with a matching interpreter; otherwise the env compiles on use.
-        bytecode_optimization_levels=(0,) if xy == host_xy else (),
+        # The whole tree is byte-compiled for the target afterwards (compile_tree).
+        bytecode_optimization_levels=(),
     )
     for wheel in wheels:
         if wheel.url.split("#")[0].endswith(".whl"):
             path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
         else:
             path = _built_wheel(wheel, store, cache_dir)
+            if host != lock.platform and not path.name.endswith("-none-any.whl"):
+                raise BuildError(
+                    f"env {lock.env_id}: {wheel.name} {wheel.version} is locked as a source "
+                    f"distribution whose wheel ({path.name}) is native: it must be compiled "
+                    f"on a {lock.platform} machine",
+                    hint=f"pin a version of {wheel.name} that has a {lock.platform} wheel, "
+                    f"or run `envmgr build --platform {lock.platform}` on such a machine",
+                )
         try:
             with WheelFile.open(path) as source:
                 install(source, destination, additional_metadata={"INSTALLER": b"envmgr\n"})
@@ -301,7 +316,29 @@ def _normalise_metadata(prefix: Path) -> None:
         if isinstance(link, dict) and "source" in link:
             # Where the package cache was on the build machine; conda-pack needs the key.
             link["source"] = f"pkgs/{Path(str(link['source'])).name}"
+            # How files reached the build prefix (hardlink, copy, clone) depends on the
+            # build host's file systems; an unpacked archive holds copies.
+            link["type"] = 3
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prefix:
+    """What :func:`create_prefix` made: the packages whose link scripts were not run, and
+    how many ``.pyc`` files the target's Python finds."""
+
+    link_scripts: tuple[str, ...]
+    bytecode_files: int
+
+
+def _link_scripts(prefix: Path) -> tuple[str, ...]:
+    """Packages that ship conda link scripts (``bin/.<name>-post-link.sh`` and friends)."""
+    names = set()
+    for path in (prefix / "bin").glob(".*-*.sh"):
+        for action in ("-pre-link.sh", "-post-link.sh", "-pre-unlink.sh"):
+            if path.name.endswith(action):
+                names.add(path.name[1 : -len(action)])
+    return tuple(sorted(names))
 
 
 def create_prefix(
@@ -311,17 +348,15 @@ def create_prefix(
     store: Store | None = None,
     *,
     progress: Progress = NULL,
-) -> None:
-    """Install *lock* (which must be for this host's platform) into the new *prefix*;
-    *progress* counts installed packages."""
+    host: Platform | None = None,
+    bytecode: BytecodeSource = "auto",
+) -> Prefix:
+    """Install *lock* (any supported platform) into the new *prefix* as built on *host*
+    (default: this machine), running nothing from the target; *progress* counts installed
+    packages. Raises ``BuildError`` (or ``BytecodeError``)."""
     import rattler  # noqa: PLC0415
 
-    if lock.platform != host_platform():
-        raise BuildError(
-            f"env {lock.env_id} is for {lock.platform}; this host builds "
-            f"{host_platform()} envs only",
-            hint="the first worker of that platform builds it",
-        )
+    host = host or host_platform()
     # Checked-hash .pyc files do not depend on file times: the archive stays reproducible
     # and the unpacked env's bytecode stays valid.
     os.environ.setdefault("SOURCE_DATE_EPOCH", "946684800")
@@ -332,6 +367,8 @@ def create_prefix(
                 conda_records(lock),
                 target_prefix=prefix,
                 cache_dir=cache_dir / "pkgs",
+                platform=rattler.Subdir(lock.platform),
+                execute_link_scripts=False,
                 show_progress=False,
                 reporter=_install_reporter(task),
             )
@@ -341,9 +378,20 @@ def create_prefix(
         raise BuildError(
             f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
         ) from None
-    _install_wheels(lock, prefix, cache_dir, store, task)
+    _install_wheels(lock, prefix, cache_dir, store, task, host)
     task.close()
     _normalise_metadata(prefix)
+    link_scripts = _link_scripts(prefix)
+    if link_scripts:
+        progress.note(f"env {lock.env_id}: link scripts of {', '.join(link_scripts)} were not run")
+    pyc = 0
+    python = bytecode_python(lock, host=host, cache_dir=cache_dir, source=bytecode)
+    xy = python_xy(lock)
+    if python is not None and xy is not None:
+        task = progress.task(f"bytecode {lock.env_id[:12]}", total=None, unit="items")
+        pyc = compile_tree(python, [prefix / "lib" / f"python{xy}"], env_id=lock.env_id)
+        task.close()
+    return Prefix(link_scripts=link_scripts, bytecode_files=pyc)
 
 
 def read_manifest(store: Store, platform: str, env_id: str) -> Manifest | None:
@@ -486,7 +534,15 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
     if prefix.exists():
         shutil.rmtree(prefix)
     try:
-        create_prefix(lock, prefix, options.cache_dir, options.store, progress=options.progress)
+        made = create_prefix(
+            lock,
+            prefix,
+            options.cache_dir,
+            options.store,
+            progress=options.progress,
+            host=options.host,
+            bytecode=options.bytecode,
+        )
         relocations = scan_relocations(prefix)
         options.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".pack-") as tmp:
@@ -509,6 +565,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 relocations=relocations,
                 envmgr_version=__version__,
                 created=_now(),
+                link_scripts=made.link_scripts,
             )
             task = options.progress.task(f"upload {lock.env_id[:12]}", total=result.size)
             options.store.put_file(

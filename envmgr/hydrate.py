@@ -8,7 +8,9 @@ checks the hash, relocates the listed files for the final path, writes the compl
 and renames the directory into place. Concurrent callers wait on the lock and return the
 published env; temp directories of killed callers are removed by the next one.
 
-If the store has the env's lock but no archive for this platform, this worker builds it (the
+If the store has the env's lock but no archive for this platform, the error names the
+``envmgr build`` command that makes one (any host can: builds are cross-platform). A caller
+with a full envmgr install may opt in to building here (``build_if_missing=True``; the
 build-once lease keeps other workers waiting); only that path imports the builder.
 
 This module imports only the standard library (and, lazily, the store and archive modules);
@@ -104,7 +106,7 @@ def hydrate(
     cache_dir: Path,
     *,
     platform: str | None = None,
-    build_if_missing: bool = True,
+    build_if_missing: bool = False,
     progress: Progress | None = None,
 ) -> Hydrated:
     """Return the published env *env_id* under *cache_dir*, fetching it if needed;
@@ -190,8 +192,9 @@ def _manifest(
         )
     if not build_if_missing:
         raise HydrateError(
-            f"env {env_id} has no archive for {platform} in {store.url}",
-            hint="run `envmgr build` on a machine of that platform",
+            f"env {env_id} has no archive for {platform} in {store.url}; its lock is there, "
+            f"so any machine with envmgr can build it: envmgr build --env {env_id} "
+            f"--platform {platform} --store {store.url}"
         )
     built: Manifest = _build_here(store, platform, env_id, cache_dir, lock_key, progress).manifest
     return built
@@ -205,7 +208,7 @@ def _build_here(
     lock_key: str,
     progress: Progress | None,
 ) -> Any:
-    """The first worker of a platform builds its env (lazily importing the builder)."""
+    """A caller that opted in builds the env here (lazily importing the builder)."""
     try:
         from envmgr.build import BuildOptions, build_and_store, read_stored_lock  # noqa: PLC0415
 
@@ -213,9 +216,8 @@ def _build_here(
     except ImportError as exc:
         raise HydrateError(
             f"env {env_id} has no archive for {platform} in {store.url}, and this worker "
-            f"cannot build it ({exc.name} is not installed)",
-            hint="install envmgr with its dependencies here, or run `envmgr build` on a "
-            f"{platform} machine",
+            f"cannot build it ({exc.name} is not installed); build it anywhere with: envmgr "
+            f"build --env {env_id} --platform {platform} --store {store.url}"
         ) from None
     if lock is None:
         raise HydrateError(f"env {env_id}: {store.url}/{lock_key} vanished")

@@ -63,3 +63,48 @@ def archive_manifest(
         unpacked_size=unpacked_size,
         relocations=(),
     )
+
+
+def s3_env(server: Any) -> dict[str, str]:
+    """The AWS variables that point boto3 at the test world's SeaweedFS."""
+    return {
+        "AWS_ENDPOINT_URL": server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def bare_worker(root: Path, aws: Mapping[str, str]) -> tuple[Path, dict[str, str]]:
+    """A remote worker's image and environment under *root*: a python that has boto3 and
+    zstandard but not envmgr, an empty HOME, no channel and no index (closed ports); only S3
+    answers. Returns (its python, its environment)."""
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "image")], check=True)
+    image_site = next((root / "image" / "lib").glob("python3*/site-packages"))
+    # The test venv's packages without its .pth files, so envmgr's editable install is absent.
+    (image_site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (root / "home").mkdir(exist_ok=True)
+    env = {
+        "PATH": f"{root / 'image' / 'bin'}:/usr/bin:/bin",
+        "HOME": str(root / "home"),
+        **aws,
+        "ENVMGR_CHANNELS": "http://127.0.0.1:9/",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",
+    }
+    python = root / "image" / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import envmgr"], cwd=root, capture_output=True)
+    assert probe.returncode != 0, "the worker image must not have envmgr"
+    return python, env
+
+
+def ship_bootstrap(sandbox: Path) -> None:
+    """Copy what the Metaflow code package ships for the bootstrap into *sandbox*."""
+    import shutil
+
+    from envmgr.bootstrap import worker_sources
+
+    for source, arcname in worker_sources():
+        (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, sandbox / arcname)

@@ -242,6 +242,7 @@ def test_read_only_credentials_hydrate_but_cannot_build(mixed_lock, conda_channe
 
         def bootstrap(env_id: str) -> subprocess.CompletedProcess[str]:
             args = ["--store", url, "--env-id", env_id, "--cache-dir", str(tmp_path / "w")]
+            args.append("--build-if-missing")  # the opt-in of a worker with a full envmgr
             return subprocess.run(
                 [sys.executable, "-m", "envmgr.bootstrap", *args],
                 capture_output=True,

@@ -253,12 +253,14 @@ def test_hostile_archives_are_rejected_naming_the_member(tmp_path, members, name
     assert not (tmp_path / "outside").exists()
 
 
-def test_first_worker_of_a_platform_builds_from_the_stored_lock(lock, tmp_path):
+def test_a_worker_builds_a_stored_lock_only_when_it_opts_in(lock, tmp_path):
     store = LocalStore(tmp_path / "store")
     lock_file = tmp_path / "l.yml"
     write_conda_lock(Lock(platforms=(lock,), spec_id=lock.spec_id), lock_file)
     store.put_file(env_lock_key("linux-64", lock.env_id), lock_file)
-    result = hydrate(lock.env_id, store, tmp_path / "cache")
+    with pytest.raises(HydrateError, match=f"envmgr build --env {lock.env_id} --platform"):
+        hydrate(lock.env_id, store, tmp_path / "cache")  # workers only hydrate by default
+    result = hydrate(lock.env_id, store, tmp_path / "cache", build_if_missing=True)
     assert result.downloaded and store.exists(manifest_key("linux-64", lock.env_id))
     assert _versions(result.python)["tabulate"] == lock.names()["tabulate"].version
     with pytest.raises(HydrateError, match="no archive and no lock"):

@@ -9,10 +9,10 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+from _helpers import bare_worker, s3_env
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW = ROOT / "fixtures" / "flows" / "mixedflow.py"
@@ -153,12 +153,7 @@ print(json.dumps({"commands": environment.bootstrap_commands(step, "s3"),
 def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
     conda_channel, pypi_index, s3_server, s3_bucket, tmp_path
 ):
-    aws = {
-        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    aws = s3_env(s3_server)
     env = _flow_env(
         tmp_path,
         conda_channel.url,
@@ -179,33 +174,12 @@ def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
     remote = json.loads(out.stdout.strip().splitlines()[-1])
     # The worker: an empty directory and HOME, no channel, no index; only S3 answers. Its
     # python has boto3 and zstandard but not envmgr: the bootstrap comes in the code package.
-    sandbox, home = tmp_path / "pod", tmp_path / "home"
+    sandbox = tmp_path / "pod"
     sandbox.mkdir()
-    home.mkdir()
     for source, arcname in remote["package"]:  # what the code package holds
         (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, sandbox / arcname)
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "image")], check=True
-    )
-    image_site = next((tmp_path / "image" / "lib").glob("python3*/site-packages"))
-    (image_site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    worker = {
-        "PATH": f"{tmp_path / 'image' / 'bin'}:/usr/bin:/bin",
-        "HOME": str(home),
-        **aws,
-        "ENVMGR_CHANNELS": "http://127.0.0.1:9/",
-        "PIP_INDEX_URL": "http://127.0.0.1:9/",
-    }
-    assert (
-        subprocess.run(
-            [str(tmp_path / "image" / "bin" / "python"), "-c", "import envmgr"],
-            cwd=tmp_path,
-            capture_output=True,
-            check=False,
-        ).returncode
-        != 0
-    )
+    _python, worker = bare_worker(tmp_path, aws)
     script = " && ".join(
         [
             *remote["commands"],

@@ -55,37 +55,12 @@ def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
     return calls
 
 
-#: What ``python -m envmgr.bootstrap`` imports on a worker: shipped in the code package, so a
-#: worker needs only Python, boto3 (for S3) and zstandard or the zstd program.
-_BOOTSTRAP_MODULES = (
-    "envmgr/__init__.py",
-    "envmgr/errors.py",
-    "envmgr/ids.py",
-    "envmgr/bootstrap.py",
-    "envmgr/hydrate.py",
-    "envmgr/archive.py",
-    "envmgr/platforms.py",
-    "envmgr/config.py",
-    "envmgr/cache/__init__.py",
-    "envmgr/cache/store.py",
-    "envmgr/cache/layout.py",
-    "envmgr/cache/local.py",
-    "envmgr/cache/s3.py",
-)
-
-
 def _bootstrap_sources() -> list[tuple[str, str, Any]]:
-    import envmgr
+    """What ``python -m envmgr.bootstrap`` imports on a worker, for the code package: a
+    worker needs only Python, boto3 (for S3) and zstandard or the zstd program."""
+    from envmgr.bootstrap import worker_sources
 
-    root = Path(envmgr.__file__).resolve().parent
-    out = []
-    for arcname in _BOOTSTRAP_MODULES:
-        relative = arcname.split("/", 1)[1]
-        source = root / relative
-        if not source.is_file() and relative.startswith("cache/"):
-            source = root.parent / relative  # a checkout keeps cache/ beside envmgr/
-        out.append((str(source), arcname, ContentType.OTHER_CONTENT))
-    return out
+    return [(str(path), arcname, ContentType.OTHER_CONTENT) for path, arcname in worker_sources()]
 
 
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]

@@ -1,0 +1,228 @@
+"""Any host builds any platform's env, running nothing of the target: a linux-aarch64 env
+built on this x86-64 host, hydrated by a bare worker and run under qemu; the same archive
+whatever the build host; bytecode for the target; link scripts never run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _helpers import bare_worker, fixture_options, run_envmgr, s3_env, ship_bootstrap
+
+from envmgr.build import BuildOptions, build_and_store, create_prefix
+from envmgr.cache.layout import manifest_key
+from envmgr.cache.local import LocalStore
+from envmgr.hydrate import hydrate
+from envmgr.resolution import resolve_specs
+from envmgr.spec import CondaDep, EnvSpec
+from fixtures.python_arm64 import qemu_command, qemu_problem
+
+pytestmark = pytest.mark.skipif(
+    platform.machine() != "x86_64", reason="the cross-platform tests build on an x86-64 host"
+)
+
+
+def _arm64_or_skip(channel) -> None:
+    """Skip (or, with ENVMGR_REQUIRE_ARM64=1 as in CI, fail) naming why aarch64 cannot run."""
+    unavailable = channel.path / "linux-aarch64" / "UNAVAILABLE.txt"
+    problem = unavailable.read_text().strip() if unavailable.exists() else qemu_problem()
+    if problem is None:
+        return
+    if os.environ.get("ENVMGR_REQUIRE_ARM64"):
+        pytest.fail(f"linux-aarch64 is required here: {problem}")
+    pytest.skip(f"linux-aarch64 binaries cannot run here: {problem}")
+
+
+def _pyc_flags(path: Path) -> int:
+    """The PEP 552 flags word of a .pyc (3: checked hash)."""
+    with path.open("rb") as handle:
+        return int(struct.unpack("<4sI", handle.read(8))[1])
+
+
+def _compiled_from_source(verbose_stderr: str, prefix: Path) -> list[str]:
+    """Modules of *prefix* that ``python -v`` compiled from source instead of using a .pyc."""
+    return [
+        m.group(1)
+        for m in re.finditer(r"^# code object from '?(.+?\.py)'?$", verbose_stderr, re.M)
+        if m.group(1).startswith(str(prefix))
+    ]
+
+
+def test_linux_aarch64_env_builds_here_hydrates_on_a_bare_worker_and_runs_under_qemu(
+    conda_channel, s3_server, s3_bucket, tmp_path
+):
+    _arm64_or_skip(conda_channel)
+    url = f"s3://{s3_bucket}/cluster"
+    aws = s3_env(s3_server)
+    laptop = {
+        **os.environ,
+        **aws,
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+    }
+    built = run_envmgr(
+        "build", "--conda", "python=3.11", "--conda", "numpy", "--platform", "linux-aarch64",
+        "--store", url, "--json", env=laptop,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (row,) = json.loads(built.stdout)["envs"]
+    assert row["platform"] == "linux-aarch64" and row["status"] == "built"
+    shown = run_envmgr("show", row["env_id"], "--store", url, "--json", env=laptop)
+    assert shown.returncode == 0, shown.stderr
+    packages = {p["name"]: p for p in json.loads(shown.stdout)["platforms"][0]["packages"]}
+    assert packages["numpy"]["version"] == "2.1.3"
+    assert packages["python"]["build"] == "h311_debian_0"  # the real interpreter
+
+    sandbox = tmp_path / "pod"
+    sandbox.mkdir()
+    ship_bootstrap(sandbox)
+    python, worker = bare_worker(tmp_path, aws)
+    hydrated = subprocess.run(
+        [str(python), "-m", "envmgr.bootstrap", "--store", url, "--env-id", row["env_id"],
+         "--platform", "linux-aarch64", "--cache-dir", str(sandbox / ".envmgr"), "--json"],
+        capture_output=True, text=True, cwd=sandbox, env=worker, check=False,
+    )  # fmt: skip
+    assert hydrated.returncode == 0, hydrated.stderr
+    result = json.loads(hydrated.stdout)
+    assert result["downloaded"] is True
+    prefix = Path(result["prefix"])
+    with (prefix / "bin" / "python3.11").open("rb") as handle:
+        header = handle.read(20)
+    assert header[:4] == b"\x7fELF" and struct.unpack("<H", header[18:20])[0] == 183  # aarch64
+
+    code = (
+        "import json, numpy, platform, sys; print(json.dumps({'numpy': numpy.__version__, "
+        "'machine': platform.machine(), 'prefix': sys.prefix, 'sum': int(numpy.arange(10).sum()),"
+        " 'cached': numpy.__cached__}))"
+    )
+    ran = subprocess.run(
+        qemu_command(prefix / "bin" / "python", "-v", "-c", code),
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    seen = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert seen == {
+        "numpy": "2.1.3",
+        "machine": "aarch64",
+        "prefix": str(prefix),
+        "sum": 45,
+        "cached": seen["cached"],
+    }
+    assert Path(seen["cached"]).is_file() and _pyc_flags(Path(seen["cached"])) == 3
+    # Every module of the env came from its shipped bytecode: nothing compiled at import.
+    assert _compiled_from_source(ran.stderr, prefix) == []
+    assert ran.stderr.count(" matches ") > 100  # "<pyc> matches <py>": bytecode used
+
+
+@pytest.fixture(scope="module")
+def linkscript_lock(conda_channel, tmp_path_factory):
+    home = tmp_path_factory.mktemp("linkscript")
+    spec = EnvSpec(python="3.11.*", conda=(CondaDep.parse("fixture-linkscript"),))
+    return resolve_specs({"s": spec}, fixture_options(home, conda_channel.url))[0].lock
+
+
+def test_same_lock_same_archive_whatever_the_build_host(mixed_lock, tmp_path):
+    """Native, "as if on osx-arm64", and with a tool python from the channel for bytecode:
+    one archive. Separate caches and stores stand for separate machines."""
+    manifests = {}
+    for name, extra in {
+        "native": {},
+        "mac": {"host": "osx-arm64"},
+        "tools": {"bytecode": "tools"},
+    }.items():
+        store = LocalStore(tmp_path / name / "store")
+        options = BuildOptions(store=store, cache_dir=tmp_path / name / "cache", **extra)
+        manifests[name] = build_and_store(mixed_lock, options).manifest
+    assert len({m.sha256 for m in manifests.values()}) == 1, {
+        k: m.sha256 for k, m in manifests.items()
+    }
+    assert len({m.size for m in manifests.values()}) == 1
+    # The tool python was installed from the lock's own channel for this (linux-64) host.
+    tools = list((tmp_path / "tools" / "cache" / "tools").glob("python-*-linux-64"))
+    assert [t.name for t in tools] == [f"python-{mixed_lock.names()['python'].version}-linux-64"]
+    assert (tools[0] / ".complete").is_file()
+
+
+def test_the_env_ships_checked_hash_bytecode_its_python_uses(mixed_lock, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "b"))
+    prefix = hydrate(mixed_lock.env_id, store, tmp_path / "cache").prefix
+    lib = prefix / "lib" / "python3.11"
+    sources = [p for p in lib.rglob("*.py") if "site-packages" in p.parts or p.parent == lib]
+    assert len(sources) > 500
+    missing = [
+        p for p in sources if not (p.parent / "__pycache__" / f"{p.stem}.cpython-311.pyc").is_file()
+    ]
+    assert missing == []
+    assert {_pyc_flags(p) for p in lib.rglob("*.pyc")} == {3}
+    code = "import numpy, tabulate, dateutil.parser, colorama, json, asyncio"
+    ran = subprocess.run(
+        [str(prefix / "bin" / "python"), "-v", "-c", code],
+        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert _compiled_from_source(ran.stderr, prefix) == []
+
+
+def test_link_scripts_are_never_run_and_are_named(linkscript_lock, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    outcome = build_and_store(linkscript_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+    assert outcome.manifest.link_scripts == ("fixture-linkscript",)
+    stored = json.loads(store.get(manifest_key("linux-64", linkscript_lock.env_id)) or b"")
+    assert stored["link_scripts"] == ["fixture-linkscript"]
+    prefix = hydrate(linkscript_lock.env_id, store, tmp_path / "cache").prefix
+    assert (prefix / "bin" / ".fixture-linkscript-post-link.sh").is_file()
+    assert not (prefix / "LINK-SCRIPT-RAN").exists()
+    # The CLI says so in one warning line on stderr.
+    lock_file = tmp_path / "l.conda-lock.yml"
+    from envmgr.lock import Lock, write_conda_lock
+
+    write_conda_lock(Lock(platforms=(linkscript_lock,)), lock_file)
+    env = {**os.environ, "ENVMGR_CACHE_DIR": str(tmp_path / "cli")}
+    cli = run_envmgr(
+        "build", "--from-lock", str(lock_file), "--store", (tmp_path / "s2").as_uri(), env=env
+    )
+    assert cli.returncode == 0, cli.stderr
+    warnings = [line for line in cli.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "fixture-linkscript" in warnings[0], cli.stderr
+
+
+def test_create_prefix_takes_foreign_locks_and_the_host_as_values(conda_channel, tmp_path):
+    """A linux-aarch64 lock (solved here) installs here; a stdlib worker that finds no
+    archive names the exact command that builds one."""
+    _arm64_or_skip(conda_channel)
+    options = fixture_options(tmp_path, conda_channel.url, platforms=("linux-aarch64",))
+    spec = EnvSpec(python="3.11.*", conda=(CondaDep.parse("numpy"),))
+    lock = resolve_specs({"s": spec}, options)[0].lock
+    made = create_prefix(lock, tmp_path / "prefix", tmp_path / "cache", host="osx-arm64")
+    assert made.bytecode_files > 900 and made.link_scripts == ()
+    meta = json.loads(next((tmp_path / "prefix" / "conda-meta").glob("numpy-*.json")).read_text())
+    assert meta["subdir"] == "linux-aarch64" and meta["link"]["type"] == 3
+
+    from envmgr.build import offer_lock
+
+    store = LocalStore(tmp_path / "store")
+    offer_lock(store, lock)
+    worker = subprocess.run(
+        [sys.executable, "-m", "envmgr.bootstrap", "--store", store.url, "--env-id", lock.env_id,
+         "--platform", "linux-aarch64", "--cache-dir", str(tmp_path / "w")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert worker.returncode == 1
+    command = f"envmgr build --env {lock.env_id} --platform linux-aarch64 --store {store.url}"
+    assert command in worker.stderr and len(worker.stderr.strip().splitlines()) == 1
+    built = run_envmgr(*command.split()[1:], env={**os.environ, "ENVMGR_CACHE_DIR": str(tmp_path)})
+    assert built.returncode == 0, built.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "envmgr.bootstrap", "--store", store.url, "--env-id", lock.env_id,
+         "--platform", "linux-aarch64", "--cache-dir", str(tmp_path / "w")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
