@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from envmgr.cli._common import STATE, emit_json
-from envmgr.cli._inputs import JsonOpt, StoreOpt
-from envmgr.cli._targets import TargetArg, load_target
+from envmgr.cli._inputs import JsonOpt, PlatformOpt, StoreOpt
+from envmgr.cli._targets import FlowOptions, TargetArg, load_target
 from envmgr.config import load
 
 __all__ = ["alias_command", "names_command"]
@@ -25,6 +25,7 @@ def alias_command(
         ),
     ],
     store: StoreOpt = None,
+    platform: PlatformOpt = [],
     as_json: JsonOpt = False,
 ) -> None:
     """Give an env a name: every platform of TARGET, usable wherever an env id is."""
@@ -35,7 +36,8 @@ def alias_command(
     parse_name(name)  # a bad name fails before any lookup
     config = load(flags={"store": store})
     store_obj = open_store(config["store"])
-    found = load_target(target, store_obj, Path(config["cache_dir"]))
+    flow_options = FlowOptions(store=store, platform=tuple(platform))  # for FLOW.py:step
+    found = load_target(target, store_obj, Path(config["cache_dir"]), flow_options=flow_options)
     for part in found.lock.platforms:
         offer_lock(store_obj, part)  # a worker can then build what the name points at
     alias, changed = set_alias(

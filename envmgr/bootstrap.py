@@ -50,12 +50,13 @@ def worker_sources() -> list[tuple[Path, str]]:
 
 
 def _cache_dir(explicit: str | None) -> Path:
+    """Absolute: the printed python must work from any directory."""
     if explicit:
-        return Path(explicit)
+        return Path(explicit).absolute()
     if os.environ.get("ENVMGR_CACHE_DIR"):
-        return Path(os.environ["ENVMGR_CACHE_DIR"])
+        return Path(os.environ["ENVMGR_CACHE_DIR"]).absolute()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "envmgr"
+    return (Path(xdg) / "envmgr").absolute()
 
 
 def _env_of_name(name: str, store_url: str, platform: str | None) -> str:
@@ -74,6 +75,30 @@ def _env_of_name(name: str, store_url: str, platform: str | None) -> str:
     return alias.envs[platform]  # parsed as an env id when the entry was read
 
 
+def _env_for_platform(pairs: list[str], platform: str | None) -> tuple[str, str]:
+    """The env id for *platform* (default: this worker's) out of ``PLATFORM=ENV_ID`` pairs;
+    raises ``BadIdError`` for a malformed pair (exit 2), ``EnvmgrError`` when the worker's
+    platform has no env (exit 1)."""
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.ids import BadIdError, parse_env_id, parse_platform  # noqa: PLC0415
+    from envmgr.platforms import host_platform  # noqa: PLC0415
+
+    envs = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise BadIdError(f"--env-for {pair!r}: give PLATFORM=ENV_ID")
+        envs[parse_platform(name, where="--env-for")] = parse_env_id(value, where="--env-for")
+    platform = platform or host_platform()
+    if platform not in envs:
+        raise EnvmgrError(
+            f"this worker is {platform}, and the step has envs for {', '.join(envs)} only",
+            hint=f"add {platform} to the step's platforms (envmgr config remote_platform, "
+            "ENVMGR_REMOTE_PLATFORM or @conda(platforms=[...])) and run again",
+        )
+    return envs[platform], platform
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m envmgr.bootstrap", description="Hydrate an env and print its python."
@@ -81,12 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--env-id", help="the env to hydrate")
     which.add_argument("--name", help="a named env (name[:tag]) in the store")
+    which.add_argument(
+        "--env-for",
+        action="append",
+        metavar="PLATFORM=ENV_ID",
+        help="one env per platform (repeatable): this worker hydrates its own platform's",
+    )
     parser.add_argument(
         "--store", default=os.environ.get("ENVMGR_STORE"), help="store URL (default ENVMGR_STORE)"
     )
     parser.add_argument("--cache-dir", default=None, help="default ENVMGR_CACHE_DIR")
     parser.add_argument("--platform", default=None, help="default: this host's")
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print a JSON object")
+    output.add_argument(
+        "--shell",
+        action="store_true",
+        help="print `export ENVMGR_PREFIX=... ENVMGR_PYTHON=... ENVMGR_ENV_ID=...` for eval",
+    )
     parser.add_argument(
         "--build-if-missing",
         action="store_true",
@@ -94,16 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         "envmgr install; workers normally only hydrate)",
     )
     args = parser.parse_args(argv)
-    from envmgr.ids import BadIdError, parse_env_id, parse_platform  # noqa: PLC0415
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.ids import parse_env_id, parse_platform  # noqa: PLC0415
 
     try:  # before any path is formed: a bad id touches nothing
         if args.platform is not None:
             args.platform = parse_platform(args.platform, where="--platform")
         if args.env_id is not None:
             env_id: str = parse_env_id(args.env_id, where="--env-id")
-    except BadIdError as exc:
+        if args.env_for is not None:
+            env_id, args.platform = _env_for_platform(args.env_for, args.platform)
+    except EnvmgrError as exc:  # BadIdError: exit 2
         print(f"envmgr: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     cache_dir = _cache_dir(args.cache_dir)
     if args.name:
         if not args.store:
@@ -124,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.store:
             parser.error("--store or ENVMGR_STORE is required when the env is not cached")
         from envmgr.cache import open_store  # noqa: PLC0415
-        from envmgr.errors import EnvmgrError  # noqa: PLC0415
         from envmgr.hydrate import hydrate  # noqa: PLC0415
 
         try:
@@ -140,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         downloaded = result.downloaded
     python = final / "bin" / "python"
+    if args.shell:
+        import shlex  # noqa: PLC0415
+
+        print(
+            f"export ENVMGR_PREFIX={shlex.quote(str(final))} "
+            f"ENVMGR_PYTHON={shlex.quote(str(python))} ENVMGR_ENV_ID={env_id}"
+        )
+        return 0
     if args.json:
         print(
             json.dumps(

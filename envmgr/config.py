@@ -79,6 +79,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="codec", kind="str", help="archive compression: zst or gz"),
     Setting(key="level", kind="int", help="archive compression level"),
     Setting(key="index_ttl", kind="int", help="seconds an index page without caching headers"),
+    Setting(
+        key="remote_platform",
+        kind="str",
+        help="platform of Metaflow's remote steps (@kubernetes, @batch, ...)",
+    ),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -177,6 +182,8 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
         return "zst", "default"
     if key == "level":
         return 3, "default"
+    if key == "remote_platform":
+        return "linux-64", "default (Metaflow's remote compute)"
     return 600, "default"  # index_ttl: PyPI's own cache policy
 
 

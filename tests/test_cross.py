@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -226,3 +227,118 @@ def test_create_prefix_takes_foreign_locks_and_the_host_as_values(conda_channel,
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
+
+
+# Loads a flow, runs the extension's start-of-run work (resolve, build, store) and prints what
+# a remote pod would get for one step; with "--with kubernetes" attached, like the CLI flag.
+_FLOW_REMOTE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("userflow", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+from metaflow.plugins import ENVIRONMENTS
+flow = getattr(module, sys.argv[2])(use_cli=False)
+if sys.argv[4:] == ["--with-kubernetes"]:
+    from metaflow.decorators import _attach_decorators
+    _attach_decorators(flow, ["kubernetes"])
+environment = [e for e in ENVIRONMENTS if e.TYPE == "conda"][0](flow)
+if sys.argv[4:] == ["--with-kubernetes"]:
+    print(json.dumps({k: list(v.platforms) for k, v in environment._specs().items()}))
+    raise SystemExit(0)
+lines = []
+environment.init_environment(lines.append)
+step = sys.argv[3]
+print(json.dumps({"log": lines, "envs": environment.envmgr_envs,
+                  "commands": environment.bootstrap_commands(step, "s3"),
+                  "executable": environment.executable(step),
+                  "package": [[src, arc] for src, arc, _ in environment.add_to_package()]}))
+"""
+REMOTE_FLOW = Path(__file__).resolve().parent.parent / "fixtures" / "flows" / "remoteflow.py"
+
+
+def _flow_child(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _FLOW_REMOTE, str(REMOTE_FLOW), "RemoteFlow", *args],
+        capture_output=True, text=True, env=env, cwd=cwd, check=False,
+    )  # fmt: skip
+
+
+def test_a_kubernetes_step_on_graviton_gets_a_linux_aarch64_env_its_pod_runs(
+    conda_channel, s3_server, s3_bucket, tmp_path
+):
+    _arm64_or_skip(conda_channel)
+    from fixtures.python_arm64 import worker_python
+
+    aws = s3_env(s3_server)
+    laptop = {
+        **os.environ,
+        **aws,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_STORE": f"s3://{s3_bucket}/mf",
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
+    }
+    out = _flow_child(["train"], laptop, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    remote = json.loads(out.stdout.strip().splitlines()[-1])
+    host = "linux-64"
+    assert {step: sorted(e["envs"]) for step, e in remote["envs"].items()} == {
+        "start": [host],
+        "train": ["linux-aarch64"],
+        "end": [host],
+    }
+    assert any("train: linux-aarch64 env" in line for line in remote["log"]), remote["log"]
+
+    # The pod: the code package in an empty directory, a stock arm64 python with boto3 (under
+    # qemu), an empty HOME, only S3 reachable. It detects its own platform.
+    sandbox = tmp_path / "pod"
+    sandbox.mkdir()
+    for source, arcname in remote["package"]:
+        (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, sandbox / arcname)
+    import sysconfig
+
+    python = worker_python(conda_channel.path, tmp_path / "arm64", [sysconfig.get_path("purelib")])
+    worker = {
+        "PATH": f"{python.parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        **aws,
+        "ENVMGR_CHANNELS": "http://127.0.0.1:9/",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",
+    }
+    probe = "import envmgr.platforms as p; print(p.host_platform())"
+    assert subprocess.run(
+        ["python", "-c", probe], capture_output=True, text=True, env=worker, cwd=sandbox,
+        check=True,
+    ).stdout.strip() == "linux-aarch64"  # fmt: skip
+    user_code = "import numpy, platform; print('SEEN', numpy.__version__, platform.machine())"
+    qemu = " ".join(qemu_command())
+    script = " && ".join([*remote["commands"], f'{qemu} {remote["executable"]} -c "{user_code}"'])
+    ran = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=sandbox, env=worker,
+        check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    assert ran.stdout.strip().splitlines()[-1] == "SEEN 2.1.3 aarch64"
+    env_id = remote["envs"]["train"]["envs"]["linux-aarch64"]
+    assert (sandbox / ".envmgr" / "envs" / env_id / ".envmgr-complete").is_file()
+
+
+def test_with_kubernetes_on_the_command_line_makes_every_step_remote(conda_channel, tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
+    }
+    out = _flow_child(["start", "--with-kubernetes"], env, tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    platforms = json.loads(out.stdout.strip().splitlines()[-1])
+    assert platforms == {s: ["linux-aarch64"] for s in ("start", "train", "end")}
+    env["ENVMGR_REMOTE_PLATFORM"] = "linux-armv7"
+    bad = _flow_child(["start", "--with-kubernetes"], env, tmp_path)
+    assert bad.returncode != 0 and "is not a platform" in bad.stderr

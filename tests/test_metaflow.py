@@ -128,7 +128,8 @@ def test_a_foreach_of_twenty_tasks_hydrates_once(runs):
 
 def test_second_run_solves_and_builds_nothing(runs):
     _home, _env, (first, second) = runs
-    lines = [line for line in second.splitlines() if "envmgr:" in line and ": env " in line]
+    built = re.compile(r"envmgr: .+: linux-64 env [0-9a-f]{12} \(")
+    lines = [line for line in second.splitlines() if built.search(line)]
     assert len(lines) == 4
     assert all("(cached lock, stored already)" in line for line in lines), lines
     assert any("solved, built" in line for line in first.splitlines())

@@ -110,3 +110,9 @@ def test_every_guide_command_runs_as_printed(conda_channel, pypi_index, tmp_path
         if cmd.startswith(("envmgr resolve --lockfile", "envmgr resolve -r")):
             assert f"env {train_env[:12]}" in out, (cmd, out)
     assert "numpy 2.1.3" in result.stdout and "tabulate 0.9.0" in result.stdout  # the flow ran
+    # Laptop -> cluster: the worker command hydrated the linux-aarch64 env built on this host.
+    pod = next(out for cmd, out in by_command.items() if "--platform linux-aarch64 --cache" in cmd)
+    python = Path(pod.strip().splitlines()[-1])
+    assert python.parts[-5:-3] == ("pod-cache", "envs") and python.name == "python", pod
+    with python.resolve().open("rb") as handle:
+        assert handle.read(20)[18] == 183  # e_machine: an aarch64 interpreter

@@ -17,6 +17,8 @@ from metaflow.decorators import FlowDecorator, StepDecorator
 from metaflow.metadata_provider import MetaDatum
 from metaflow.packaging_sys import ContentType
 
+from metaflow_extensions.envmgr.plugins.envmgr_environment import remote_decorator
+
 _COMMON = {"python": None, "disabled": None, "system_packages": {}, "platforms": []}
 
 
@@ -39,8 +41,9 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         self.step_name = step
         self.environment = environment
         self.python = None
+        self.remote = remote_decorator(decos) is not None
 
-    def _env(self) -> dict[str, str] | None:
+    def _env(self) -> dict[str, Any] | None:
         envs = getattr(self.environment, "envmgr_envs", None) or {}
         return envs.get(self.step_name)
 
@@ -69,7 +72,8 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         ubf_context: Any,
     ) -> None:
         env = self._env()
-        if env is not None:
+        # A remote step's task runs here only to launch it (its pod hydrates its own env).
+        if env is not None and not self.remote:
             self.python = self.environment.envmgr_python(self.step_name)
 
     def runtime_step_cli(
@@ -90,7 +94,7 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         cli_args.env.update(extra)
         cli_args.env["PYTHONNOUSERSITE"] = "1"
         env = self._env() or {}
-        cli_args.env["ENVMGR_ENV_ID"] = env.get("env_id", "")
+        cli_args.env["ENVMGR_ENV_ID"] = self.environment.host_env_id(self.step_name) or ""
         cli_args.env["ENVMGR_SPEC_ID"] = env.get("spec_id", "")
         cli_args.entrypoint[0] = self.python
 

@@ -2,9 +2,13 @@
 
 At flow start (when Metaflow packages the code) every step's spec is read from its decorators
 (base + step, ``@conda`` and ``@pypi`` together allowed), resolved through envmgr's resolution
-cache, and each env of this host's platform is built and stored once. Local tasks run with the
-hydrated env's python (one hydration per host however many tasks); remote tasks hydrate with
-``python -m envmgr.bootstrap`` from the store named in the code package.
+cache for the platform the step runs on, and each env is built and stored once, whatever this
+host's platform: a step with a remote compute decorator (Metaflow's own list, from the flow or
+``--with``) targets envmgr's ``remote_platform`` setting (``ENVMGR_REMOTE_PLATFORM``; default
+the decorator's ``target_platform``, else linux-64), a step's ``@conda(platforms=[...])``
+wins over both, and other steps target this host. Local tasks run with the hydrated env's
+python (one hydration per host however many tasks); remote tasks hydrate their own platform's
+env with ``python -m envmgr.bootstrap`` from the store named in the code package.
 """
 
 from __future__ import annotations
@@ -21,6 +25,38 @@ from metaflow.packaging_sys import ContentType
 _PACKAGE_FILE = "envmgr_envs.json"
 #: Metaflow itself needs these in every env its tasks run in.
 _METAFLOW_NEEDS = ("requests",)
+#: Decorators that run a step elsewhere: Metaflow's own list (its conda environment's), plus
+#: any decorator that says ``supports_conda_environment``.
+REMOTE_DECORATORS = ("batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step")
+
+
+def remote_decorator(decorators: Any) -> Any:
+    """Of a step's *decorators*, the one that runs it on remote compute (``None``: local)."""
+    for deco in decorators:
+        if getattr(deco, "supports_conda_environment", False) or deco.name in REMOTE_DECORATORS:
+            return deco
+    return None
+
+
+def step_platforms(step: Any, spec: Any) -> tuple[str, ...]:
+    """Where *step* runs: its spec's platforms, else the remote platform, else this host."""
+    from envmgr.config import load
+    from envmgr.ids import parse_platform
+    from envmgr.platforms import host_platform
+
+    if spec.platforms:
+        return tuple(spec.platforms)
+    deco = remote_decorator(step.decorators)
+    if deco is None:
+        return (host_platform(),)
+    config = load()
+    value = config["remote_platform"]
+    where = f"envmgr setting remote_platform ({config.sources['remote_platform']})"
+    if config.sources["remote_platform"].startswith("default"):
+        # Metaflow's own knob (e.g. METAFLOW_KUBERNETES_CONDA_ARCH) when envmgr has none.
+        value = getattr(deco, "target_platform", None) or value
+        where = f"@{deco.name} target_platform"
+    return (parse_platform(value, where=where),)
 
 
 def _store_url() -> str:
@@ -69,7 +105,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     def __init__(self, flow: Any) -> None:
         super().__init__(flow)
         self.flow = flow
-        self.envmgr_envs: dict[str, dict[str, str]] = {}
+        #: step -> {"store", "spec_id", "envs": {platform: env_id}}
+        self.envmgr_envs: dict[str, dict[str, Any]] = {}
         self._pythons: dict[str, str] = {}
         self._package_file: str | None = None
         self._datastore = ""
@@ -84,6 +121,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         return ("conda", *super().decospecs())
 
     def _specs(self) -> dict[str, Any]:
+        import dataclasses
+
         from envmgr.decorators import step_specs
         from envmgr.spec import CondaDep, PypiDep, merge
 
@@ -107,7 +146,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                 spec = merge(spec, type(spec)(pypi=tuple(PypiDep.parse(n) for n in missing)))
             elif missing:
                 spec = merge(spec, type(spec)(conda=tuple(CondaDep.parse(n) for n in missing)))
-            out[name] = spec
+            step = next(s for s in self.flow if s.name == name)
+            out[name] = dataclasses.replace(spec, platforms=step_platforms(step, spec))
         return out
 
     def init_environment(self, echo: Any, only_steps: Any = None) -> None:
@@ -127,7 +167,6 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         import sys
 
         from envmgr.errors import EnvmgrError
-        from envmgr.platforms import host_platform
 
         specs = self._specs()
         if only_steps:
@@ -148,9 +187,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                     "envmgr",
                     "build",
                     "--specs-json",
-                    handle.name,
-                    "--platform",
-                    host_platform(),
+                    handle.name,  # each spec names the platforms its step runs on
                     "--store",
                     store_url,
                     "--json",
@@ -173,15 +210,14 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             }[row["status"]]
             lock_state = "cached lock" if row["lock_cached"] else "solved"
             echo(
-                f"envmgr: {', '.join(row['steps'])}: env {row['env_id'][:12]} "
-                f"({lock_state}, {state})"
+                f"envmgr: {', '.join(row['steps'])}: {row['platform']} env "
+                f"{row['env_id'][:12]} ({lock_state}, {state})"
             )
             for step in row["steps"]:
-                self.envmgr_envs[step] = {
-                    "env_id": row["env_id"],
-                    "spec_id": row["spec_id"],
-                    "store": store_url,
-                }
+                entry = self.envmgr_envs.setdefault(
+                    step, {"spec_id": row["spec_id"], "store": store_url, "envs": {}}
+                )
+                entry["envs"][row["platform"]] = row["env_id"]
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump(self.envmgr_envs, handle)
         self._package_file = handle.name
@@ -193,15 +229,32 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             files += _bootstrap_sources()
         return files
 
+    def host_env_id(self, step_name: str) -> str | None:
+        """The env a local task of *step_name* runs in (this host's platform), if any."""
+        from envmgr.platforms import host_platform
+
+        env = self.envmgr_envs.get(step_name)
+        return None if env is None else env["envs"].get(host_platform())
+
     def envmgr_python(self, step_name: str) -> str:
-        """Hydrate the step's env on this host (once) and return its python."""
+        """Hydrate the step's env for this host (once) and return its python."""
         if step_name not in self._pythons:
             from envmgr.cache import open_store
             from envmgr.config import cache_dir
+            from envmgr.errors import EnvmgrError
             from envmgr.hydrate import hydrate
+            from envmgr.platforms import host_platform
 
             env = self.envmgr_envs[step_name]
-            result = hydrate(env["env_id"], open_store(env["store"]), cache_dir())
+            env_id = self.host_env_id(step_name)
+            if env_id is None:
+                raise EnvmgrError(
+                    f"step {step_name} runs on {', '.join(env['envs'])}, not on this "
+                    f"{host_platform()} host",
+                    hint="add this platform with @conda(platforms=[...]), or run the step "
+                    "on its remote compute",
+                )
+            result = hydrate(env_id, open_store(env["store"]), cache_dir())
             self._pythons[step_name] = str(result.prefix / "bin" / "python")
         return self._pythons[step_name]
 
@@ -209,18 +262,22 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         env = self.envmgr_envs.get(step_name)
         if env is None:
             return list(super().bootstrap_commands(step_name, datastore_type))
+        # The worker picks its own platform's env; a failed hydrate fails the assignment,
+        # so the && chain Metaflow builds stops there.
+        pairs = " ".join(f"--env-for {p}={e}" for p, e in sorted(env["envs"].items()))
         return [
             "echo 'envmgr: hydrating the environment'",
-            f"python -m envmgr.bootstrap --store {env['store']} --env-id {env['env_id']} "
-            '--cache-dir "$(pwd)/.envmgr" > /dev/null',
-            f"export ENVMGR_ENV_ID={env['env_id']} ENVMGR_SPEC_ID={env['spec_id']}",
+            f"ENVMGR_EXPORTS=$(python -m envmgr.bootstrap --store {env['store']} {pairs} "
+            '--cache-dir "$(pwd)/.envmgr" --shell)',
+            'eval "$ENVMGR_EXPORTS"',
+            f"export ENVMGR_SPEC_ID={env['spec_id']}",
         ]
 
     def executable(self, step_name: str, default: str | None = None) -> str:
         env = self.envmgr_envs.get(step_name)
         if env is None:
             return str(super().executable(step_name, default))
-        return f"$(pwd)/.envmgr/envs/{env['env_id']}/bin/python -s"
+        return "$ENVMGR_PYTHON -s"
 
 
 class PypiEnvironment(CondaEnvironment):
