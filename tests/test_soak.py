@@ -1,6 +1,7 @@
 """Load: two hosts (separate caches) run many tasks over several specs against one S3 store
-at once, with only the locks stored up front. Each env must be built once in all, downloaded
-once per host, and every task must run in the env of its lock.
+at once, with only the locks stored up front (the workers have a full envmgr and opt in to
+building). Each env must be built once in all, downloaded once per host, and every task must
+run in the env of its lock.
 
 The full soak (50 tasks, 5 specs) is ``-m slow``; a short variant runs by default.
 """
@@ -54,7 +55,7 @@ def _task(store_url: str, lock: PlatformLock, cache: Path, env: dict[str, str]) 
     """One task as a worker runs it: bootstrap the env, then import its packages."""
     boot = subprocess.run(
         [sys.executable, "-m", "envmgr.bootstrap", "--store", store_url, "--env-id",
-         lock.env_id, "--cache-dir", str(cache), "--json"],
+         lock.env_id, "--cache-dir", str(cache), "--json", "--build-if-missing"],
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert boot.returncode == 0, boot.stderr
