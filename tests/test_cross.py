@@ -342,3 +342,78 @@ def test_with_kubernetes_on_the_command_line_makes_every_step_remote(conda_chann
     env["ENVMGR_REMOTE_PLATFORM"] = "linux-armv7"
     bad = _flow_child(["start", "--with-kubernetes"], env, tmp_path)
     assert bad.returncode != 0 and "is not a platform" in bad.stderr
+
+
+def test_argo_workflows_json_carries_the_bootstrap_a_graviton_pod_runs(
+    conda_channel, s3_server, s3_bucket, tmp_path
+):
+    """``argo-workflows create --only-json`` (offline: it needs only the S3 datastore and the
+    kubernetes client library): the pod command in the template downloads the code package
+    from S3, hydrates the step's linux-aarch64 env and runs it (under qemu here)."""
+    _arm64_or_skip(conda_channel)
+    from fixtures.python_arm64 import worker_python
+
+    aws = s3_env(s3_server)
+    datastore = {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "METAFLOW_KUBERNETES_NAMESPACE": "default",
+    }
+    laptop = {
+        **os.environ,
+        **aws,
+        **datastore,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
+    }
+    laptop.pop("ENVMGR_STORE", None)
+    deployed = subprocess.run(
+        [sys.executable, str(REMOTE_FLOW), "--environment=conda", "argo-workflows", "create",
+         "--only-json"],
+        capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    # Argo puts @kubernetes on every step: each gets its linux-aarch64 env, built at deploy.
+    assert deployed.stderr.count(": linux-aarch64 env ") == 3, deployed.stderr
+    template = json.loads(deployed.stdout)
+    (train,) = [t for t in template["spec"]["templates"] if t["name"] == "train"]
+    command = train["container"]["command"][2]
+    assert "python -m envmgr.bootstrap" in command and "--env-for linux-aarch64=" in command
+    # The pod, up to the user's step: what Metaflow runs before it, then our bootstrap, then
+    # the env's python (closing the subshell Metaflow opens around the step).
+    cut = command.index("export ENVMGR_SPEC_ID=")
+    cut = command.index(" && ", cut)
+    user_code = "import numpy, platform, sys; print('SEEN', numpy.__version__, platform.machine())"
+    qemu = " ".join(qemu_command())
+    script = f'{command[:cut]} && {qemu} $ENVMGR_PYTHON -s -c "{user_code}")'
+    script = re.sub(r"\{\{[^}]*\}\}", "x", script)  # Argo's template parameters
+    sandbox = tmp_path / "pod"
+    sandbox.mkdir()
+    python = worker_python(conda_channel.path, tmp_path / "arm64", [_pure_site()])
+    pod_env = {e["name"]: e["value"] for e in train["container"]["env"] if e.get("value")}
+    worker = {
+        **pod_env,
+        **aws,
+        **datastore,
+        "PATH": f"{python.parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "METAFLOW_SKIP_INSTALL_DEPENDENCIES": "1",  # the image has boto3
+    }
+    ran = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=sandbox, env=worker,
+        check=False, timeout=600,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == "SEEN 2.1.3 aarch64", ran.stdout[-2000:]
+    assert "Code package downloaded." in ran.stdout
+
+
+def _pure_site() -> str:
+    import sysconfig
+
+    return sysconfig.get_path("purelib")

@@ -93,10 +93,11 @@ def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
 
 def _bootstrap_sources() -> list[tuple[str, str, Any]]:
     """What ``python -m envmgr.bootstrap`` imports on a worker, for the code package: a
-    worker needs only Python, boto3 (for S3) and zstandard or the zstd program."""
+    worker needs only Python, boto3 (for S3) and zstandard or the zstd program. They go
+    beside ``metaflow`` in the package (code content), which the pod puts on PYTHONPATH."""
     from envmgr.bootstrap import worker_sources
 
-    return [(str(path), arcname, ContentType.OTHER_CONTENT) for path, arcname in worker_sources()]
+    return [(str(path), arcname, ContentType.CODE_CONTENT) for path, arcname in worker_sources()]
 
 
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
