@@ -417,3 +417,38 @@ def _pure_site() -> str:
     import sysconfig
 
     return sysconfig.get_path("purelib")
+
+
+def test_an_osx_arm64_env_with_a_real_macos_wheel_builds_here(conda_channel, pypi_index, tmp_path):
+    """Structural: the osx-arm64 env of a real macOS arm64 wheel (compiled modules and a
+    console script) built on this Linux host has what a Mac needs."""
+    from envmgr.spec import PypiDep
+
+    options = fixture_options(tmp_path, conda_channel.url, pypi_index.url, platforms=("osx-arm64",))
+    spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("charset-normalizer==3.4.0"),))
+    lock = resolve_specs({"s": spec}, options)[0].lock
+    wheel = lock.names()["charset-normalizer"]
+    assert "macosx_11_0_arm64" in wheel.url  # the platform wheel, not its pure twin
+    store = LocalStore(tmp_path / "store")
+    manifest = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "b")).manifest
+    assert manifest.platform == "osx-arm64"
+    prefix = hydrate(lock.env_id, store, tmp_path / "cache", platform="osx-arm64").prefix
+    site = prefix / "lib" / "python3.11" / "site-packages" / "charset_normalizer"
+    for name in ("md.cpython-311-darwin.so", "md__mypyc.cpython-311-darwin.so"):
+        header = (site / name).read_bytes()[:8]
+        magic, cputype = struct.unpack("<II", header)
+        assert magic == 0xFEEDFACF and cputype == 0x0100000C, name  # Mach-O 64, arm64
+    script = prefix / "bin" / "normalizer"
+    assert os.access(script, os.X_OK)
+    # The build prefix is too long for a shebang: installer's /bin/sh trampoline execs the
+    # env's python, relocated to where the env now is.
+    head = script.read_text().splitlines()[:3]
+    assert head[0] == "#!/bin/sh" and f"exec' {prefix}/bin/python3.11 " in head[1], head
+    assert ("bin/normalizer", "text") in {(r.path, r.mode) for r in manifest.relocations}
+    python_meta = next((prefix / "conda-meta").glob("python-*.json"))
+    assert json.loads(python_meta.read_text())["subdir"] == "osx-arm64"
+    dist = next(site.parent.glob("charset_normalizer-3.4.0.dist-info"))
+    assert (dist / "INSTALLER").read_text() == "envmgr\n"
+    assert (dist / "RECORD").is_file()
+    pycs = list((site / "__pycache__").glob("*.cpython-311.pyc"))
+    assert len(pycs) >= 8 and {_pyc_flags(p) for p in pycs} == {3}
