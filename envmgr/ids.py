@@ -51,24 +51,23 @@ def is_env_id(value: object) -> bool:
     return isinstance(value, str) and _HEX32.fullmatch(value) is not None
 
 
+def _hex32(value: object, where: str, what: str, printed_by: str) -> str:
+    if isinstance(value, str) and _HEX32.fullmatch(value):
+        return value
+    raise BadIdError(
+        f"{where}: {_shown(value)} is not {what}",
+        hint=f"{what} is 32 lower-case hex digits, as `{printed_by}` prints it",
+    )
+
+
 def parse_env_id(value: object, *, where: str) -> EnvId:
     """*value* as an :data:`EnvId`; raises ``BadIdError`` naming *where* it came from."""
-    if isinstance(value, str) and _HEX32.fullmatch(value):
-        return EnvId(value)
-    raise BadIdError(
-        f"{where}: {_shown(value)} is not an env id",
-        hint="an env id is 32 lower-case hex digits, as `envmgr build` prints it",
-    )
+    return EnvId(_hex32(value, where, "an env id", "envmgr build"))
 
 
 def parse_spec_id(value: object, *, where: str) -> SpecId:
     """*value* as a :data:`SpecId`; raises ``BadIdError`` naming *where* it came from."""
-    if isinstance(value, str) and _HEX32.fullmatch(value):
-        return SpecId(value)
-    raise BadIdError(
-        f"{where}: {_shown(value)} is not a spec id",
-        hint="a spec id is 32 lower-case hex digits, as `envmgr resolve` prints it",
-    )
+    return SpecId(_hex32(value, where, "a spec id", "envmgr resolve"))
 
 
 def parse_platform(value: object, *, where: str) -> str:

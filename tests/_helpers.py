@@ -108,3 +108,20 @@ def ship_bootstrap(sandbox: Path) -> None:
     for source, arcname in worker_sources():
         (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, sandbox / arcname)
+
+
+def run_bootstrap(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    python: Path | str = sys.executable,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m envmgr.bootstrap ARGS`` as a worker runs it, in a child process."""
+    return subprocess.run(
+        [str(python), "-m", "envmgr.bootstrap", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        check=False,
+    )

@@ -15,7 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import bare_worker, fixture_options, run_envmgr, s3_env, ship_bootstrap
+from _helpers import (
+    bare_worker,
+    fixture_options,
+    run_bootstrap,
+    run_envmgr,
+    s3_env,
+    ship_bootstrap,
+)
 
 from envmgr.build import BuildOptions, build_and_store, create_prefix
 from envmgr.cache.layout import manifest_key
@@ -85,10 +92,10 @@ def test_linux_aarch64_env_builds_here_hydrates_on_a_bare_worker_and_runs_under_
     sandbox.mkdir()
     ship_bootstrap(sandbox)
     python, worker = bare_worker(tmp_path, aws)
-    hydrated = subprocess.run(
-        [str(python), "-m", "envmgr.bootstrap", "--store", url, "--env-id", row["env_id"],
-         "--platform", "linux-aarch64", "--cache-dir", str(sandbox / ".envmgr"), "--json"],
-        capture_output=True, text=True, cwd=sandbox, env=worker, check=False,
+    hydrated = run_bootstrap(
+        "--store", url, "--env-id", row["env_id"], "--platform", "linux-aarch64",
+        "--cache-dir", str(sandbox / ".envmgr"), "--json",
+        env=worker, cwd=sandbox, python=python,
     )  # fmt: skip
     assert hydrated.returncode == 0, hydrated.stderr
     result = json.loads(hydrated.stdout)
@@ -211,21 +218,14 @@ def test_create_prefix_takes_foreign_locks_and_the_host_as_values(conda_channel,
 
     store = LocalStore(tmp_path / "store")
     offer_lock(store, lock)
-    worker = subprocess.run(
-        [sys.executable, "-m", "envmgr.bootstrap", "--store", store.url, "--env-id", lock.env_id,
-         "--platform", "linux-aarch64", "--cache-dir", str(tmp_path / "w")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    args = ["--store", store.url, "--env-id", lock.env_id, "--platform", "linux-aarch64"]
+    worker = run_bootstrap(*args, "--cache-dir", str(tmp_path / "w"))
     assert worker.returncode == 1
     command = f"envmgr build --env {lock.env_id} --platform linux-aarch64 --store {store.url}"
     assert command in worker.stderr and len(worker.stderr.strip().splitlines()) == 1
     built = run_envmgr(*command.split()[1:], env={**os.environ, "ENVMGR_CACHE_DIR": str(tmp_path)})
     assert built.returncode == 0, built.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "envmgr.bootstrap", "--store", store.url, "--env-id", lock.env_id,
-         "--platform", "linux-aarch64", "--cache-dir", str(tmp_path / "w")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    again = run_bootstrap(*args, "--cache-dir", str(tmp_path / "w"))
     assert again.returncode == 0, again.stderr
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from _helpers import run_bootstrap
 
 from envmgr.build import BuildOptions, build_and_store
 from envmgr.cache.s3 import S3Store
@@ -243,13 +244,7 @@ def test_read_only_credentials_hydrate_but_cannot_build(mixed_lock, conda_channe
         def bootstrap(env_id: str) -> subprocess.CompletedProcess[str]:
             args = ["--store", url, "--env-id", env_id, "--cache-dir", str(tmp_path / "w")]
             args.append("--build-if-missing")  # the opt-in of a worker with a full envmgr
-            return subprocess.run(
-                [sys.executable, "-m", "envmgr.bootstrap", *args],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
+            return run_bootstrap(*args, env=env)
 
         fine = bootstrap(mixed_lock.env_id)
         assert fine.returncode == 0, fine.stderr

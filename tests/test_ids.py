@@ -7,11 +7,10 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _helpers import ROOT
+from _helpers import ROOT, run_bootstrap
 
 from envmgr.archive import ArchiveError, Manifest, pack
 from envmgr.cache.layout import archive_key, manifest_key, name_key
@@ -25,15 +24,7 @@ B = "b" * 32
 
 
 def _bootstrap(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "envmgr.bootstrap", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        check=False,
-    )
+    return run_bootstrap(*args, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture
