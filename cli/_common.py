@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-__all__ = ["STATE", "emit_json", "fail"]
+__all__ = ["STATE", "emit_json", "fail", "tell"]
 
 
 class _State:
@@ -21,6 +21,11 @@ STATE = _State()
 
 def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def tell(message: str) -> None:
+    """What a person must see even off a terminal (not silenced by ``-q``): one line."""
+    print(f"envmgr: {message}", file=sys.stderr, flush=True)
 
 
 def fail(message: str, code: int = 2) -> None:

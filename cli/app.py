@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from collections.abc import Callable
 import typer
 
 from envmgr import __version__
+from envmgr.build import BuildInterrupted
 from envmgr.cli._common import STATE
 from envmgr.cli.build import build
 from envmgr.cli.config import config_app
@@ -99,6 +101,13 @@ def _run_app() -> None:
     try:
         # Standalone mode: usage errors print one line and exit 2; our errors pass through.
         app(prog_name="envmgr")  # also under `python -m envmgr`: completion keys on it
+    except BuildInterrupted as exc:
+        name = signal.Signals(exc.signum).name
+        typer.echo(
+            f"envmgr: stopped by {name}; the build's lease was released and its temp files removed",
+            err=True,
+        )
+        raise SystemExit(exc.exit_code) from None
     except EnvmgrError as exc:
         if STATE.verbose:
             traceback.print_exc()

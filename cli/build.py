@@ -11,7 +11,7 @@ import typer
 
 from envmgr.build import BuildOptions, BuildOutcome, build_and_store
 from envmgr.cache import Store
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, tell
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -183,6 +183,8 @@ def build(
             codec="gz" if config["codec"] == "gz" else "zst",
             level=int(config["level"]),
             progress=progress,
+            notify=tell,
+            lease_seconds=float(config["lease_seconds"]),
         )
         rows = _build_all(jobs, resolved, options)
     for row in rows:

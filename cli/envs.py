@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, tell
 from envmgr.cli._inputs import ChannelOpt, ExtraIndexOpt, IndexOpt, JsonOpt, StoreOpt
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import TargetArg
@@ -55,9 +55,14 @@ def _hydrate(
             )
             lock = found.lock.for_platform(host)
             if not found.from_store:
-                build_and_store(
-                    lock, BuildOptions(store=store_obj, cache_dir=cache, progress=progress)
+                options = BuildOptions(
+                    store=store_obj,
+                    cache_dir=cache,
+                    progress=progress,
+                    notify=tell,
+                    lease_seconds=float(config["lease_seconds"]),
                 )
+                build_and_store(lock, options)
             env_id, steps = lock.env_id, found.steps
         # A full envmgr install builds what the store lacks (workers only hydrate).
         result = hydrate(env_id, store_obj, cache, build_if_missing=True, progress=progress)

@@ -20,15 +20,17 @@ is the only thing readers trust.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import shutil
-import socket
+import signal
 import stat
 import tempfile
+import threading
 import time
-import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,8 +40,17 @@ from envmgr.archive import Codec, Manifest, pack, scan_relocations
 from envmgr.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
 from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
+from envmgr.cache.lease import (
+    LEASE_SECONDS,
+    LeaseInfo,
+    held_lease,
+    new_holder,
+    read_lease,
+    try_take,
+)
 from envmgr.errors import EnvmgrError
 from envmgr.hydrate import file_lock
+from envmgr.local_envs import pack_dir_prefix, sweep_dead_pack_dirs
 from envmgr.lock import (
     Lock,
     LockedPackage,
@@ -55,6 +66,7 @@ from envmgr.progress import NULL, Progress, Task
 __all__ = [
     "BUILD_PREFIX_LENGTH",
     "BuildError",
+    "BuildInterrupted",
     "BuildOptions",
     "BuildOutcome",
     "Prefix",
@@ -85,10 +97,14 @@ class BuildOptions:
     cache_dir: Path
     codec: Codec = "zst"
     level: int = 3
-    lease_seconds: float = 3600.0
+    #: The build-once lease's period (renewed by a heartbeat): the longest a killed
+    #: builder can hold others up.
+    lease_seconds: float = LEASE_SECONDS
     wait_timeout: float = 3600.0
     poll_seconds: float = 0.5
     holder: str = ""
+    #: Called with what a person must see even off a terminal (whom a build waits for).
+    notify: Callable[[str], None] | None = None
     progress: Progress = NULL
     #: The build host's platform (a value, so tests can build "as if" on another host);
     #: ``None``: this machine's.
@@ -440,40 +456,66 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _take_lease(store: Store, env_id: str, options: BuildOptions) -> bool:
-    """Take the build lease (True), or find it held and unexpired (False)."""
-    key = lease_key(env_id)
-    holder = options.holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    body = json.dumps(
-        {"holder": holder, "expires": time.time() + options.lease_seconds, "taken": _now()}
-    ).encode()
-    if store.put_if_absent(key, body):
-        return True
-    raw = store.get(key)
+class BuildInterrupted(BaseException):
+    """SIGTERM, SIGHUP or SIGINT arrived during a build: the lease is released and the
+    build's temp files removed on the way out; the CLI exits 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_stop_the_build() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP/SIGINT (what Kubernetes, Batch and Slurm send on preemption)
+    into :class:`BuildInterrupted` while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise BuildInterrupted(signum)
+
+    wanted = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {signum: signal.signal(signum, stop) for signum in wanted}
     try:
-        expires = float(json.loads(raw or b"{}").get("expires", 0))
-    except ValueError:
-        expires = 0.0
-    if raw is not None and expires > time.time():
-        return False
-    # Expired (its holder died) or vanished: remove it and race for it once more.
-    store.delete(key)
-    return store.put_if_absent(key, body)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _waiting(lock: PlatformLock, options: BuildOptions, info: LeaseInfo | None) -> str:
+    key = lease_key(lock.env_id)
+    holder = info.describe() if info is not None else "a builder"
+    return (
+        f"env {lock.env_id} ({lock.platform}): waiting for {holder}, which is building it; "
+        f"if that builder is gone, delete {options.store.url}/{key} or wait for it to expire"
+    )
 
 
 def _wait_for_manifest(lock: PlatformLock, options: BuildOptions) -> Manifest | None:
-    """Poll (with backoff) until the manifest appears or the lease is gone; ``None`` means the
-    builder gave up and the caller should try to build."""
+    """Poll (with backoff) until the manifest appears or the lease is free to take; ``None``
+    means the caller should try to take it. Says who it waits for through ``notify``."""
     deadline = time.monotonic() + options.wait_timeout
     delay = options.poll_seconds
+    told = ""
     while time.monotonic() < deadline:
         manifest = read_manifest(options.store, lock.platform, lock.env_id)
         if manifest is not None:
             return manifest
-        if not options.store.exists(lease_key(lock.env_id)):
+        info = read_lease(options.store, lock.env_id)
+        if info is None or info.expires <= time.time() or info.dead_here():
             return read_manifest(options.store, lock.platform, lock.env_id)
+        if info.holder != told:
+            told = info.holder
+            message = _waiting(lock, options, info)
+            options.progress.note(message)
+            if options.notify is not None:
+                options.notify(message)
         time.sleep(delay)
-        delay = min(delay * 1.5, 10.0)
+        delay = min(delay * 1.5, 10.0, max(options.lease_seconds / 6, 0.05))
     raise BuildError(
         f"env {lock.env_id}: waited {options.wait_timeout:.0f}s for another builder's manifest",
         hint=f"check {options.store.url}/"
@@ -483,9 +525,11 @@ def _wait_for_manifest(lock: PlatformLock, options: BuildOptions) -> Manifest | 
 
 def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
     """Make sure the store has the packed env of *lock*, building it here only if no one else
-    has or is. Raises ``BuildError`` (or a store error)."""
+    has or is. Raises ``BuildError`` (or a store error), or ``BuildInterrupted`` when a signal
+    stops it (the lease released, temp files removed)."""
     start = time.monotonic()
     store = options.store
+    holder = options.holder or new_holder()
 
     def done(status: Literal["built", "present", "waited"], manifest: Manifest) -> BuildOutcome:
         return BuildOutcome(
@@ -496,23 +540,21 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
             seconds=time.monotonic() - start,
         )
 
-    while True:
-        manifest = read_manifest(store, lock.platform, lock.env_id)
-        if manifest is not None:
-            return done("present", manifest)
-        if _take_lease(store, lock.env_id, options):
-            break
-        options.progress.note(f"env {lock.env_id}: another builder holds the lease; waiting")
-        manifest = _wait_for_manifest(lock, options)
-        if manifest is not None:
-            return done("waited", manifest)
-    try:
-        manifest = read_manifest(store, lock.platform, lock.env_id)  # built while we raced
-        if manifest is not None:
-            return done("present", manifest)
-        return done("built", _build(lock, options))
-    finally:
-        store.delete(lease_key(lock.env_id))
+    with _signals_stop_the_build():
+        while True:
+            manifest = read_manifest(store, lock.platform, lock.env_id)
+            if manifest is not None:
+                return done("present", manifest)
+            if try_take(store, lock.env_id, holder=holder, seconds=options.lease_seconds):
+                break
+            manifest = _wait_for_manifest(lock, options)
+            if manifest is not None:
+                return done("waited", manifest)
+        with held_lease(store, lock.env_id, holder=holder, seconds=options.lease_seconds):
+            manifest = read_manifest(store, lock.platform, lock.env_id)  # built while we raced
+            if manifest is not None:
+                return done("present", manifest)
+            return done("built", _build(lock, options))
 
 
 def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
@@ -545,7 +587,8 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
         )
         relocations = scan_relocations(prefix)
         options.cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".pack-") as tmp:
+        sweep_dead_pack_dirs(options.cache_dir)  # of builders killed before they cleaned up
+        with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=pack_dir_prefix()) as tmp:
             archive = Path(tmp) / f"env.tar.{options.codec}"
             task = options.progress.task(f"pack {lock.env_id[:12]}", total=_tree_size(prefix))
             with archive.open("wb") as out:

@@ -80,6 +80,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="level", kind="int", help="archive compression level"),
     Setting(key="index_ttl", kind="int", help="seconds an index page without caching headers"),
     Setting(
+        key="lease_seconds",
+        kind="int",
+        help="build-once lease period, renewed while building (a killed builder's cost)",
+    ),
+    Setting(
         key="remote_platform",
         kind="str",
         help="platform of Metaflow's remote steps (@kubernetes, @batch, ...)",
@@ -182,6 +187,8 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
         return "zst", "default"
     if key == "level":
         return 3, "default"
+    if key == "lease_seconds":
+        return 60, "default"
     if key == "remote_platform":
         return "linux-64", "default (Metaflow's remote compute)"
     return 600, "default"  # index_ttl: PyPI's own cache policy

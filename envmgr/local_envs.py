@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,10 +27,12 @@ __all__ = [
     "gc",
     "hold_for_use",
     "list_envs",
+    "pack_dir_prefix",
     "parse_age",
     "parse_size",
     "record_steps",
     "recorded_steps",
+    "sweep_dead_pack_dirs",
 ]
 
 _ENV_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -112,6 +115,32 @@ def hold_for_use(cache_dir: Path, env_id: str) -> Iterator[int]:
         os.close(fd)
 
 
+def pack_dir_prefix() -> str:
+    """The name prefix of a builder's temp pack dir under the cache: host and pid, so the
+    next build (or ``gc``) can tell the dirs of dead builders."""
+    return f".pack-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_dead_pack_dirs(cache_dir: Path) -> list[Path]:
+    """Remove the temp pack dirs that builders on this host left when they were killed."""
+    removed = []
+    host = socket.gethostname()
+    for path in cache_dir.glob(".pack-*") if cache_dir.is_dir() else ():
+        owner, _, rest = path.name.removeprefix(".pack-").rpartition("-")[0].rpartition("-")
+        if owner != host or not rest.isdigit():
+            continue
+        try:
+            os.kill(int(rest), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(check_under(path, cache_dir), ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def parse_size(text: str) -> int:
     """``20G``, ``500M``, ``1.5T``, ``1024`` (bytes) → bytes; raises ``ValueError``."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
@@ -156,7 +185,10 @@ def gc(
     dry_run: bool = False,
 ) -> tuple[list[LocalEnv], list[LocalEnv]]:
     """Remove envs unused for *older_than* seconds, then least recently used ones until the
-    total is at most *max_size*. Returns (removed, kept-because-in-use)."""
+    total is at most *max_size*, and the temp dirs of killed builders. Returns (removed,
+    kept-because-in-use)."""
+    if not dry_run:
+        sweep_dead_pack_dirs(cache_dir)
     envs = list_envs(cache_dir)
     now = time.time()
     removed: list[LocalEnv] = []

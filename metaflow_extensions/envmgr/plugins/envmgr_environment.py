@@ -240,20 +240,20 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     def envmgr_python(self, step_name: str) -> str:
         """Hydrate the step's env for this host (once) and return its python."""
         if step_name not in self._pythons:
+            from metaflow.exception import MetaflowException
+
             from envmgr.cache import open_store
             from envmgr.config import cache_dir
-            from envmgr.errors import EnvmgrError
             from envmgr.hydrate import hydrate
             from envmgr.platforms import host_platform
 
             env = self.envmgr_envs[step_name]
             env_id = self.host_env_id(step_name)
             if env_id is None:
-                raise EnvmgrError(
-                    f"step {step_name} runs on {', '.join(env['envs'])}, not on this "
-                    f"{host_platform()} host",
-                    hint="add this platform with @conda(platforms=[...]), or run the step "
-                    "on its remote compute",
+                raise MetaflowException(
+                    f"envmgr: step {step_name} runs on {', '.join(env['envs'])}, not on this "
+                    f"{host_platform()} host (add this platform with @conda(platforms=[...]), "
+                    "or run the step on its remote compute)"
                 )
             result = hydrate(env_id, open_store(env["store"]), cache_dir())
             self._pythons[step_name] = str(result.prefix / "bin" / "python")

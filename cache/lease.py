@@ -1,0 +1,159 @@
+"""Build-once leases that survive preemption: ``leases/<env_id>`` in the store.
+
+A builder takes the lease with a conditional put (``If-None-Match: *``) before it builds an env
+and deletes it when done. The lease is short (:data:`LEASE_SECONDS`, about a minute) and a
+heartbeat thread renews it while the builder works, so a builder that is killed without a
+chance to clean up (SIGKILL, a lost node, a lost network) blocks the next one for at most one
+lease period. A lease whose holder ran on this host (same host name and boot) and whose pid is
+gone is taken over at once. The body is JSON::
+
+    {"holder": "host:pid:nonce", "host": "...", "boot": "...", "pid": 123,
+     "expires": 1767225600.0, "taken": "2026-...Z", "seconds": 60}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from envmgr.cache.layout import lease_key
+from envmgr.cache.store import Store
+
+__all__ = ["LEASE_SECONDS", "LeaseInfo", "held_lease", "new_holder", "read_lease", "try_take"]
+
+#: How long a lease lasts without renewal: the worst-case delay after a builder is killed.
+LEASE_SECONDS = 60.0
+
+
+def _boot_id() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LeaseInfo:
+    """Who holds a lease and until when (parsed from the store; unknown fields are empty)."""
+
+    holder: str
+    host: str
+    boot: str
+    pid: int
+    expires: float
+    taken: str
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> LeaseInfo:
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError
+            return cls(
+                holder=str(data.get("holder", ""))[:200],
+                host=str(data.get("host", ""))[:200],
+                boot=str(data.get("boot", ""))[:64],
+                pid=int(data.get("pid", 0)),
+                expires=float(data.get("expires", 0.0)),
+                taken=str(data.get("taken", ""))[:40],
+            )
+        except (ValueError, TypeError, OverflowError):
+            # Unreadable: treat as expired, so a broken object never blocks builds forever.
+            return cls(holder="?", host="", boot="", pid=0, expires=0.0, taken="")
+
+    def dead_here(self) -> bool:
+        """The holder ran on this host (same name and boot) and its process is gone."""
+        if not self.pid or self.host != socket.gethostname() or self.boot != _boot_id():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def describe(self) -> str:
+        until = time.strftime("%H:%M:%S", time.localtime(self.expires))
+        return f"{self.holder} (taken {self.taken or '?'}, expires at {until} unless renewed)"
+
+
+def read_lease(store: Store, env_id: str) -> LeaseInfo | None:
+    raw = store.get(lease_key(env_id))
+    return None if raw is None else LeaseInfo.from_bytes(raw)
+
+
+def _body(holder: str, seconds: float) -> bytes:
+    return json.dumps(
+        {
+            "holder": holder,
+            "host": socket.gethostname(),
+            "boot": _boot_id(),
+            "pid": os.getpid(),
+            "expires": time.time() + seconds,
+            "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": seconds,
+        }
+    ).encode()
+
+
+def new_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def try_take(store: Store, env_id: str, *, holder: str, seconds: float) -> bool:
+    """Take the lease (True), or find it held by a live holder (False). An expired lease,
+    an unreadable one and one whose same-host holder died are taken over."""
+    key = lease_key(env_id)
+    if store.put_if_absent(key, _body(holder, seconds)):
+        return True
+    info = read_lease(store, env_id)
+    if info is not None and info.expires > time.time() and not info.dead_here():
+        return False
+    store.delete(key)  # its holder is gone: race for it once more
+    return store.put_if_absent(key, _body(holder, seconds))
+
+
+class _Heartbeat(threading.Thread):
+    """Renews a held lease every third of its period until stopped."""
+
+    def __init__(self, store: Store, env_id: str, holder: str, seconds: float) -> None:
+        super().__init__(name=f"envmgr-lease-{env_id[:12]}", daemon=True)
+        self.store, self.env_id, self.holder, self.seconds = store, env_id, holder, seconds
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(max(self.seconds / 3, 0.2)):
+            try:
+                info = read_lease(self.store, self.env_id)
+                if info is None or info.holder != self.holder:
+                    self.lost = True  # taken over: the build goes on (archives are
+                    return  # reproducible), the new holder's lease is left alone
+                self.store.put(lease_key(self.env_id), _body(self.holder, self.seconds))
+            except Exception:  # noqa: S112 - a store hiccup: try again next beat
+                continue
+
+
+@contextlib.contextmanager
+def held_lease(store: Store, env_id: str, *, holder: str, seconds: float) -> Iterator[None]:
+    """Keep the lease taken by :func:`try_take` renewed while the block runs, then release
+    it (unless it was taken over). The original error of the block wins over a failure to
+    release."""
+    beat = _Heartbeat(store, env_id, holder, seconds)
+    beat.start()
+    try:
+        yield
+    finally:
+        beat.stopped.set()
+        beat.join()
+        if not beat.lost:
+            with contextlib.suppress(Exception):
+                store.delete(lease_key(env_id))

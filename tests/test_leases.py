@@ -1,0 +1,171 @@
+"""Builds that survive preemption: short leases renewed by a heartbeat, signals that stop a
+build cleanly, dead same-host holders taken over at once, waiting builders that say whom they
+wait for. The kill loop runs 2 trials by default and 20 with ``-m slow``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from envmgr.build import BuildOptions, build_and_store
+from envmgr.cache.layout import lease_key, manifest_key
+from envmgr.cache.lease import LeaseInfo, held_lease, read_lease, try_take
+from envmgr.cache.local import LocalStore
+from envmgr.lock import Lock, write_conda_lock
+
+LEASE = 3  # seconds: the period the kill tests run with
+
+
+def test_a_held_lease_is_renewed_until_released(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    env_id = "a" * 32
+    assert try_take(store, env_id, holder="me", seconds=0.6)
+    assert not try_take(store, env_id, holder="you", seconds=0.6)  # alive: our own pid
+    with held_lease(store, env_id, holder="me", seconds=0.6):
+        first = read_lease(store, env_id)
+        time.sleep(1.5)  # more than two periods: only renewals keep it alive
+        later = read_lease(store, env_id)
+        assert first is not None and later is not None
+        assert later.expires > first.expires and later.expires > time.time()
+        assert later.holder == "me"
+    assert read_lease(store, env_id) is None  # released
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    env_id = "b" * 32
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert try_take(store, env_id, holder="dead", seconds=600)
+    raw = json.loads(store.get(lease_key(env_id)) or b"")
+    store.put(lease_key(env_id), json.dumps({**raw, "pid": int(gone.stdout)}).encode())
+    assert LeaseInfo.from_bytes(store.get(lease_key(env_id)) or b"").dead_here()
+    assert try_take(store, env_id, holder="next", seconds=600)  # 600 s left, taken anyway
+    assert (read_lease(store, env_id) or LeaseInfo.from_bytes(b"")).holder == "next"
+    # Another host's live-looking lease is respected; a garbage object is not.
+    store.put(lease_key(env_id), json.dumps({**raw, "host": "elsewhere"}).encode())
+    assert not try_take(store, env_id, holder="third", seconds=600)
+    store.put(lease_key(env_id), b"\x00not json")
+    assert try_take(store, env_id, holder="third", seconds=600)
+
+
+def test_a_waiting_builder_says_whom_it_waits_for_then_takes_over(mixed_lock, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    other = {
+        "holder": "gpu-node-7:4242:abcd",
+        "host": "gpu-node-7",
+        "pid": 4242,
+        "expires": time.time() + 2,  # that builder died 58 s ago; its lease runs out soon
+        "taken": "2026-12-01T10:00:00Z",
+    }
+    store.put(lease_key(mixed_lock.env_id), json.dumps(other).encode())
+    told: list[str] = []
+    options = BuildOptions(store=store, cache_dir=tmp_path / "c", notify=told.append,
+                           poll_seconds=0.1, lease_seconds=LEASE)  # fmt: skip
+    start = time.monotonic()
+    outcome = build_and_store(mixed_lock, options)
+    assert outcome.status == "built"
+    assert time.monotonic() - start >= 1.5  # it waited for the lease to run out
+    assert len(told) == 1
+    assert "gpu-node-7:4242:abcd" in told[0] and "expires at" in told[0]
+    assert f"{store.url}/{lease_key(mixed_lock.env_id)}" in told[0]  # how to clear it
+    assert not store.exists(lease_key(mixed_lock.env_id))
+
+
+def _lock_file(lock, tmp_path: Path) -> Path:
+    path = tmp_path / "env.conda-lock.yml"
+    write_conda_lock(Lock(platforms=(lock,), spec_id=lock.spec_id), path)
+    return path
+
+
+def _start_build(lock_file: Path, store: LocalStore, cache: Path) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "ENVMGR_STORE": store.url,
+        "ENVMGR_CACHE_DIR": str(cache),
+        "ENVMGR_LEASE_SECONDS": str(LEASE),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", "from envmgr.cli.app import main; main()", "build",
+         "--from-lock", str(lock_file), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _kill_trials(mixed_lock, tmp_path: Path, trials: int) -> None:
+    """Kill a builder in its lease window (SIGKILL and SIGTERM in turn, at a varying
+    moment); the next build must finish within one lease period plus a build."""
+    lock_file = _lock_file(mixed_lock, tmp_path)
+    key = lease_key(mixed_lock.env_id)
+    killed = 0
+    for trial in range(trials):
+        store = LocalStore(tmp_path / f"store-{trial}")
+        cache = tmp_path / "cache"  # shared, like one host's
+        victim = _start_build(lock_file, store, cache)
+        _wait_for(lambda store=store: store.exists(key))
+        time.sleep((trial % 5) * 0.3)  # somewhere in install, bytecode, pack or upload
+        signum = signal.SIGKILL if trial % 2 == 0 else signal.SIGTERM
+        victim.send_signal(signum)
+        _out, err = victim.communicate(timeout=60)
+        if store.exists(manifest_key("linux-64", mixed_lock.env_id)):
+            continue  # it finished before the signal landed
+        killed += 1
+        if signum == signal.SIGTERM:
+            assert victim.returncode == 143, err
+            assert "stopped by SIGTERM" in err and len(err.strip().splitlines()) == 1, err
+            assert not store.exists(key)  # released on the way out
+            assert not list(cache.glob(".pack-*"))  # its temp files are gone
+        start = time.monotonic()
+        nxt = _start_build(lock_file, store, cache)
+        out, err = nxt.communicate(timeout=120)
+        assert nxt.returncode == 0, err
+        rows = json.loads(out)["envs"]
+        assert rows[0]["status"] == "built"
+        assert time.monotonic() - start < LEASE + 60  # never an hour
+        assert not store.exists(key)
+        assert not list(cache.glob(".pack-*"))  # a killed builder's pack dir is swept
+    assert killed >= max(1, trials // 2)  # the signals landed inside builds
+
+
+def test_killed_builders_never_block_the_next_one(mixed_lock, tmp_path):
+    _kill_trials(mixed_lock, tmp_path, trials=2)
+
+
+@pytest.mark.slow
+def test_kill_loop_twenty_trials(mixed_lock, tmp_path):
+    _kill_trials(mixed_lock, tmp_path, trials=20)
+
+
+def test_ctrl_c_stops_a_build_in_process_and_releases_the_lease(mixed_lock, tmp_path):
+    """SIGINT while build_and_store runs in the main thread: the lease is released and the
+    exception says which signal; nothing is published."""
+    from envmgr.build import BuildInterrupted
+
+    store = LocalStore(tmp_path / "store")
+    key = lease_key(mixed_lock.env_id)
+    timer = threading.Thread(
+        target=lambda: (_wait_for(lambda: store.exists(key)), os.kill(os.getpid(), signal.SIGINT))
+    )
+    timer.start()
+    with pytest.raises(BuildInterrupted) as info:
+        build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+    timer.join()
+    assert info.value.exit_code == 130
+    assert not store.exists(key)
+    assert not store.exists(manifest_key("linux-64", mixed_lock.env_id))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
