@@ -311,9 +311,15 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     """Extract the archive stream *source* into the empty or new directory *dest*.
 
     Raises ``ArchiveError`` for unsafe members (absolute or ``..`` names, links pointing out
-    of *dest*, devices, FIFOs), and when the members exceed the manifest's declared size.
+    of *dest*, devices, FIFOs), and when the members exceed the manifest's declared size or
+    file count. Modes are capped at 0755 and the process umask: a shared cache never gets
+    group- or world-writable files from an archive.
     """
     dest.mkdir(parents=True, exist_ok=True)
+    cap = _MODE_CAP & ~_umask()
+    files_left = manifest.files
+    # Directories and links are not counted in the manifest: a generous bound on them.
+    members_left = 2 * manifest.files + 10_000
     if manifest.codec == "zst":
         stream: Any = _zstd_reader(source)
     else:
@@ -330,12 +336,15 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
             tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
         ):
             for member in tar:
+                members_left -= 1
+                if members_left < 0:
+                    raise ArchiveError("archive holds far more members than its manifest's files")
                 name = _safe_name(member.name)
                 target = dest / name
                 tree.make_parent(target, name)
                 if member.isdir():
                     tree.make_dir(target)
-                    deferred_dirs.append((target, member.mode & 0o777))
+                    deferred_dirs.append((target, (member.mode & cap) | 0o700))
                 elif member.issym():
                     link = member.linkname
                     if link.startswith("/") or not _inside(dest, target.parent / link):
@@ -346,23 +355,28 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
                         raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
                 elif member.isfile():
                     budget -= member.size
+                    files_left -= 1
                     if budget < 0:
                         raise ArchiveError("archive holds more data than its manifest declares")
+                    if files_left < 0:
+                        raise ArchiveError(
+                            f"archive holds more files than its manifest declares "
+                            f"({manifest.files})"
+                        )
+                    mode = (member.mode & cap) | 0o600
                     handle = tar.extractfile(member)
                     if handle is None:
                         raise ArchiveError(f"cannot read member {name!r}")
                     if member.size <= _SMALL:
                         # File creation is slow on many filesystems and releases the GIL:
                         # small files are written by a pool while the stream goes on.
-                        writes.append(
-                            pool.submit(_write_file, target, handle.read(), member.mode & 0o777)
-                        )
+                        writes.append(pool.submit(_write_file, target, handle.read(), mode))
                         if len(writes) >= _IN_FLIGHT:  # bound the memory held by the pool
                             for write in writes:
                                 write.result()
                             writes.clear()
                     else:
-                        _write_file(target, handle, member.mode & 0o777)
+                        _write_file(target, handle, mode)
                 else:
                     raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
         for write in writes:
@@ -379,7 +393,22 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
         if not unpacked:  # a refused or broken archive leaves no link for a loose reader
             tree.drop_links()
     for directory, mode in reversed(deferred_dirs):
-        directory.chmod(mode | 0o700)
+        directory.chmod(mode)
+
+
+#: The most an unpacked member may be: no group or world write, whatever the archive says.
+_MODE_CAP = 0o755
+
+
+def _umask() -> int:
+    """The process umask (read without a window where it is changed, where /proc has it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _Tree:

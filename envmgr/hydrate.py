@@ -298,11 +298,16 @@ def _fetch_and_publish(
                     raise
             while hashing.read(1 << 20):  # the tar end padding the extractor left unread
                 pass
-        if hashing.digest.hexdigest() != manifest.sha256 or hashing.size != manifest.size:
+        got = hashing.digest.hexdigest()
+        if got != manifest.sha256 or hashing.size != manifest.size:
+            what = (
+                f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
+                if got != manifest.sha256
+                else f"{hashing.size} bytes, want {manifest.size}"
+            )
             raise HashMismatchError(
-                f"env {manifest.env_id}: the archive in {store.url} does not match its "
-                f"manifest (sha256 {hashing.digest.hexdigest()[:16]}…, want "
-                f"{manifest.sha256[:16]}…); nothing was published",
+                f"env {manifest.env_id}: the archive {key} in {store.url} does not match its "
+                f"manifest ({what}); nothing was published",
                 hint="rebuild it with `envmgr build` or restore the object",
             )
         if task is not None:

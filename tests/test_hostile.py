@@ -157,6 +157,49 @@ def test_the_extractor_never_writes_outside_its_target(members, codec):
             assert resolved == real or real in resolved.parents
 
 
+def _packed(members) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(_tar(members))
+
+
+def test_an_archive_with_more_files_than_its_manifest_is_refused(tmp_path):
+    """100,000 empty files pass a byte budget; the manifest's file count stops them."""
+    members = [("file", f"f{i}", "", b"") for i in range(200)]
+    packed = _packed(members)
+    with pytest.raises(ArchiveError, match=r"more files than its manifest declares \(1\)"):
+        unpack(io.BytesIO(packed), tmp_path / "env", archive_manifest(packed, "zst", 1, 10))
+    dirs = [("dir", f"d{i}", "", b"") for i in range(10_005)]
+    packed = _packed(dirs)
+    with pytest.raises(ArchiveError, match="far more members"):
+        unpack(io.BytesIO(packed), tmp_path / "env2", archive_manifest(packed, "zst", 1, 10))
+    unpack(io.BytesIO(_packed(members)), tmp_path / "ok", archive_manifest(b"", "zst", 200, 10))
+
+
+def test_member_modes_are_capped_at_0755_and_the_umask(tmp_path):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, kind, mode in (("shared", tarfile.DIRTYPE, 0o777), ("shared/x", tarfile.REGTYPE,
+                                  0o777), ("shared/y", tarfile.REGTYPE, 0o666)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = kind, mode
+            tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    import zstandard
+
+    packed = zstandard.ZstdCompressor().compress(raw.getvalue())
+    manifest = archive_manifest(packed, "zst", 2, 10)
+    unpack(io.BytesIO(packed), tmp_path / "env", manifest)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "env").rglob("*")}
+    assert modes == {"shared": 0o755, "x": 0o755, "y": 0o644}
+    old = os.umask(0o077)
+    try:
+        unpack(io.BytesIO(packed), tmp_path / "private", manifest)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "private").rglob("*")}
+    assert modes == {"shared": 0o700, "x": 0o700, "y": 0o600}
+
+
 @pytest.mark.parametrize(
     "members",
     [

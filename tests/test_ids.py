@@ -227,3 +227,14 @@ def test_an_env_dir_that_is_a_link_is_removed_not_followed(victim, tmp_path):
     done = hydrate(A, store, cache, platform="linux-64")
     assert not done.prefix.is_symlink()
     assert _untouched(victim)
+
+
+def test_a_wrong_size_in_a_manifest_is_named_as_a_size(tmp_path):
+    """Not as two equal hashes, as before."""
+    store = LocalStore(tmp_path / "store")
+    manifest = _stored_env(store, tmp_path, A, "a\n")
+    data = {**manifest.to_dict(), "size": manifest.size + 7}
+    store.put(manifest_key("linux-64", A), json.dumps(data).encode())
+    with pytest.raises(HydrateError, match=rf"\({manifest.size} bytes, want {manifest.size + 7}\)"):
+        hydrate(A, store, tmp_path / "cache", platform="linux-64")
+    assert not env_dir(tmp_path / "cache", A).exists()
