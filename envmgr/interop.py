@@ -27,7 +27,15 @@ from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
 from envmgr.errors import EnvmgrError
-from envmgr.lock import Lock, LockedPackage, LockError, PlatformLock, render_conda_lock
+from envmgr.limits import check_package_url, read_bounded
+from envmgr.lock import (
+    Lock,
+    LockedPackage,
+    LockError,
+    PlatformLock,
+    render_conda_lock,
+    strip_credentials,
+)
 from envmgr.platforms import Platform, is_platform
 
 __all__ = [
@@ -137,7 +145,7 @@ def _parse_explicit(path: Path) -> tuple[str, list[_Line], list[LockedPackage]]:
     conda: list[_Line] = []
     pypi: list[LockedPackage] = []
     seen_marker = False
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(read_bounded(path, what="explicit file").splitlines(), 1):
         line = raw.strip()
         where = f"{path}:{number}"
         if line.startswith("# platform:"):
@@ -252,12 +260,20 @@ async def _lookup(lines: Iterable[_Line], cache_dir: Path) -> dict[str, LockedPa
 
 
 def adopt(lock: Lock, *, where: str) -> Lock:
-    """Check an adopted lock before it is used: at least one platform, no duplicate names."""
+    """Check an adopted lock before it is used: at least one platform, no duplicate names,
+    every URL a package file of its package (so a lock cannot send a build to
+    ``file:///etc/passwd``)."""
     if not lock.platforms:
         raise LockError(f"{where}: the lock has no packages")
     for part in lock.platforms:
         seen: dict[tuple[str, str], LockedPackage] = {}
         for pkg in part.packages:
+            problem = check_package_url(pkg.url, manager=pkg.manager, name=pkg.name)
+            if problem is not None:
+                raise LockError(
+                    f"{where}: {part.platform}: {pkg.name[:80]} {pkg.version[:40]}: its URL "
+                    f"{strip_credentials(pkg.url)[:200]} is refused: {problem}"
+                )
             key = (pkg.manager, pkg.name)
             if key in seen:
                 raise LockError(

@@ -316,6 +316,9 @@ def read_conda_lock(path: Path) -> Lock:
     """Read a conda-lock v1 (or v2) file into a :class:`Lock`; raises ``LockError``."""
     from conda_lock.lockfile import parse_conda_lock_file  # noqa: PLC0415
 
+    from envmgr.limits import check_yaml, read_bounded  # noqa: PLC0415
+
+    check_yaml(read_bounded(path, what="lock file"), where=str(path))
     try:
         content = parse_conda_lock_file(path)
     except FileNotFoundError:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from envmgr.errors import Problem, SpecError
+from envmgr.limits import InputError, check_yaml, read_bounded
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.spec import CondaDep, EnvSpec, PypiDep, parse_channel, parse_index_url, parse_python
 
@@ -208,9 +209,9 @@ def _read_requirements_file(
         acc.bad(included_from or str(path), str(path), "includes itself (directly or not)")
         return
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        acc.bad(included_from or str(path), str(path), f"cannot read: {exc.strerror}")
+        text = read_bounded(path, what="requirements file")
+    except InputError as exc:
+        acc.bad(included_from or str(path), str(path), exc.reason)
         return
     _read_requirement_lines(
         _logical_lines(text),
@@ -297,11 +298,11 @@ def read_environment_yml(path: str | Path) -> EnvSpec:
     path = Path(path)
     name = str(path)
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except OSError as exc:
-        raise SpecError(
-            [Problem(where=name, key="-", message=f"cannot read: {exc.strerror}")]
-        ) from None
+        text = read_bounded(path, what="environment file")
+        check_yaml(text, where=name)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except InputError as exc:
+        raise SpecError([Problem(where=name, key="-", message=exc.reason)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}" if mark else name

@@ -1,0 +1,140 @@
+"""Bounds on what envmgr parses from files other people hand in (locks, spec files).
+
+A lock or environment file comes from another team, a repository or a store: it is read only
+within limits checked before any real parsing, each failure one line naming the file. The
+YAML check walks the event stream (libyaml where PyYAML has it) and counts the nodes the
+document would expand to, so an alias bomb ("billion laughs") is refused in milliseconds,
+while ordinary anchors, which conda-lock itself may write, still load. The locked packages of
+an adopted lock are checked too: each URL must name a package file of that package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from envmgr.errors import EnvmgrError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NODES",
+    "MAX_SCALAR",
+    "InputError",
+    "InputTooLargeError",
+    "check_package_url",
+    "check_yaml",
+    "read_bounded",
+]
+
+#: The largest lock or spec file read (a 300-package, three-platform lock is about 1 MB).
+MAX_FILE_BYTES = 32 << 20
+#: Nodes a YAML document may expand to, aliases counted as what they repeat.
+MAX_NODES = 2_000_000
+#: Nesting depth of a YAML document (a lock is about 5 deep).
+MAX_DEPTH = 64
+#: One YAML scalar (a name, a URL, a hash is far shorter).
+MAX_SCALAR = 64 << 10
+
+
+class InputError(EnvmgrError):
+    """A file handed in cannot be read; ``reason`` says why without the file's name."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
+class InputTooLargeError(InputError):
+    """A file handed in is over one of the limits; names the file and the limit."""
+
+    exit_code = 2
+
+
+def read_bounded(path: Path, *, what: str) -> str:
+    """The text of *path*, refusing files over :data:`MAX_FILE_BYTES` before reading them."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise InputError(str(path), f"cannot read: no such {what}") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read: {exc.strerror}") from None
+    if size > MAX_FILE_BYTES:
+        limit = MAX_FILE_BYTES >> 20
+        raise InputTooLargeError(
+            str(path), f"{size / 1e6:.0f} MB is more than a {what} can be ({limit} MiB)"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def check_yaml(text: str, *, where: str) -> None:
+    """Refuse YAML that expands past :data:`MAX_NODES`, nests past :data:`MAX_DEPTH` or holds
+    a scalar over :data:`MAX_SCALAR`. Syntax errors are left to the real parser."""
+    import yaml  # noqa: PLC0415
+
+    loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    sizes: dict[str, int] = {}  # anchor -> nodes it stands for
+    open_anchors: list[tuple[str | None, int]] = []
+    nodes = depth = 0
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent):
+                nodes += sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes += 1
+                if len(event.value) > MAX_SCALAR:
+                    raise InputTooLargeError(
+                        where, f"a value of {len(event.value)} characters (at most {MAX_SCALAR})"
+                    )
+                if event.anchor:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                nodes += 1
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise InputTooLargeError(where, f"nested deeper than {MAX_DEPTH} levels")
+                open_anchors.append((event.anchor, nodes))
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                anchor, start = open_anchors.pop()
+                if anchor:
+                    sizes[anchor] = nodes - start + 1
+            if nodes > MAX_NODES:
+                raise InputTooLargeError(
+                    where, f"expands to more than {MAX_NODES:,} YAML nodes (an alias bomb?)"
+                )
+    except yaml.YAMLError:
+        return  # the real parser reports it with its line
+
+
+def check_package_url(url: str, *, manager: str, name: str) -> str | None:
+    """Why *url* cannot be the locked file of package *name* (``None``: it can).
+
+    The scheme must be http(s) or file, and the last path segment a package file of *name*:
+    ``<name>-…​.conda`` / ``.tar.bz2`` for conda, a wheel or sdist of the project for PyPI.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http", "file"):
+        return f"scheme {parts.scheme or 'none'!r} (want https, http or file)"
+    if parts.scheme != "file" and not parts.hostname:
+        return "no host"
+    filename = unquote(parts.path.rsplit("/", 1)[-1])
+    if manager == "conda":
+        if not filename.endswith((".conda", ".tar.bz2")):
+            return f"{filename!r} is not a conda package file"
+        if not filename.lower().startswith(f"{name.lower()}-"):
+            return f"{filename!r} is not a file of {name}"
+        return None
+    stem = filename.lower().replace("-", "_").replace(".", "_")
+    project = name.lower().replace("-", "_").replace(".", "_")
+    if not filename.endswith((".whl", ".tar.gz", ".zip")):
+        return f"{filename!r} is not a wheel or a source distribution"
+    if not stem.startswith(f"{project}_"):
+        return f"{filename!r} is not a file of {name}"
+    return None
