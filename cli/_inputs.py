@@ -225,3 +225,11 @@ def gather(
         progress=progress,
     )
     return Inputs(specs=specs, sources=sources, options=options)
+
+
+def channel_credentials(channel_flags: list[str]) -> dict[str, str]:
+    """Credentials (per host) in the ``--channel`` flags and the configured channels, for
+    package downloads at build time; the locks themselves never hold them."""
+    from envmgr.auth import split_credentials  # noqa: PLC0415
+
+    return split_credentials([*channel_flags, *load()["channels"]])[1]

@@ -26,6 +26,7 @@ from envmgr.cli._inputs import (
     PythonOpt,
     ReqFiles,
     StoreOpt,
+    channel_credentials,
     gather,
     spec_args,
 )
@@ -185,6 +186,7 @@ def build(
             progress=progress,
             notify=tell,
             lease_seconds=float(config["lease_seconds"]),
+            credentials=channel_credentials(channel),
         )
         rows = _build_all(jobs, resolved, options)
     for row in rows:

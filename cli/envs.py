@@ -11,7 +11,14 @@ from typing import Annotated
 import typer
 
 from envmgr.cli._common import STATE, emit_json, fail, tell
-from envmgr.cli._inputs import ChannelOpt, ExtraIndexOpt, IndexOpt, JsonOpt, StoreOpt
+from envmgr.cli._inputs import (
+    ChannelOpt,
+    ExtraIndexOpt,
+    IndexOpt,
+    JsonOpt,
+    StoreOpt,
+    channel_credentials,
+)
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import TargetArg
 from envmgr.config import cache_dir, load
@@ -61,6 +68,7 @@ def _hydrate(
                     progress=progress,
                     notify=tell,
                     lease_seconds=float(config["lease_seconds"]),
+                    credentials=channel_credentials(channel),
                 )
                 build_and_store(lock, options)
             env_id, steps = lock.env_id, found.steps

@@ -21,8 +21,8 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +88,8 @@ class BuildOptions:
     holder: str = ""
     #: Called with what a person must see even off a terminal (whom a build waits for).
     notify: Callable[[str], None] | None = None
+    #: Channel credentials per host, for package downloads (see :mod:`envmgr.auth`).
+    credentials: Mapping[str, str] = field(default_factory=dict)
     progress: Progress = NULL
     #: The build host's platform (a value, so tests can build "as if" on another host);
     #: ``None``: this machine's.
@@ -300,6 +302,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
             progress=options.progress,
             host=options.host,
             bytecode=options.bytecode,
+            credentials=options.credentials,
         )
         relocations = scan_relocations(prefix)
         options.cache_dir.mkdir(parents=True, exist_ok=True)

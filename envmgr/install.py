@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from envmgr.auth import Credentials, rattler_client
 from envmgr.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
 from envmgr.cache import Store
 from envmgr.errors import EnvmgrError
@@ -260,10 +261,12 @@ def create_prefix(
     progress: Progress = NULL,
     host: Platform | None = None,
     bytecode: BytecodeSource = "auto",
+    credentials: Credentials | None = None,
 ) -> Prefix:
     """Install *lock* (any supported platform) into the new *prefix* as built on *host*
     (default: this machine), running nothing from the target; *progress* counts installed
-    packages. Raises ``BuildError`` (or ``BytecodeError``)."""
+    packages; *credentials* authenticate package downloads (see :mod:`envmgr.auth`). Raises
+    ``BuildError`` (or ``BytecodeError``)."""
     import rattler  # noqa: PLC0415
 
     host = host or host_platform()
@@ -279,6 +282,7 @@ def create_prefix(
                 cache_dir=cache_dir / "pkgs",
                 platform=rattler.Subdir(lock.platform),
                 execute_link_scripts=False,
+                client=rattler_client(credentials or {}),
                 show_progress=False,
                 reporter=_install_reporter(task),
             )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from envmgr.auth import Credentials, split_credentials
 from envmgr.cache import Store
 from envmgr.cache.layout import lock_key
 from envmgr.errors import EnvmgrError
@@ -134,7 +135,11 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
     host = host_platform()
     host_vps: dict[str, str] | None = None
     jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]] = []
+    credentials: dict[str, str] = {}
     for effective, steps in groups.values():
+        # Tokens go to py-rattler as headers: a URL with one would be written to its cache.
+        channels, found = split_credentials(effective.channels)
+        credentials.update(found)
         for platform in _targets(effective, options):
             if platform == host and host_vps is None:
                 host_vps = _host_virtuals()
@@ -145,19 +150,19 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
                 env=options.env,
                 host=host_vps if platform == host else None,
             )
-            target = CondaTarget(
-                platform=platform, channels=effective.channels, virtual_packages=vps
-            )
+            target = CondaTarget(platform=platform, channels=channels, virtual_packages=vps)
             jobs.append((effective, tuple(steps), target))
-    results = asyncio.run(_run(jobs, options))
+    results = asyncio.run(_run(jobs, options, credentials))
     order = {step: i for i, step in enumerate(specs)}
     return sorted(results, key=lambda r: (order[r.steps[0]], r.platform))
 
 
 async def _run(
-    jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]], options: ResolveOptions
+    jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]],
+    options: ResolveOptions,
+    credentials: Credentials,
 ) -> list[Resolved]:
-    gateway = make_gateway(options.cache_dir / "repodata")
+    gateway = make_gateway(options.cache_dir / "repodata", credentials)
     clients: dict[tuple[str, ...], Any] = {}
     tasks = [_one(spec, steps, target, gateway, options, clients) for spec, steps, target in jobs]
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)

@@ -257,6 +257,50 @@ def test_credentials_in_an_index_url_reach_no_file_or_output(conda_channel, pypi
     assert written == []
 
 
+def test_credentials_in_a_channel_url_reach_no_file_or_output(conda_channel, tmp_path):
+    """A private channel behind Basic auth: the token travels to py-rattler as a header, so
+    resolve, build, hydrate and export work and no file anywhere holds it (py-rattler's
+    repodata cache kept it before)."""
+    from fixtures.channel_server import ChannelServer
+
+    token = "ch4nnel-T0KEN-9911"  # noqa: S105 - the secret the test looks for
+    with ChannelServer(conda_channel.path, user="envmgr-user", password=token) as server:
+        private = server.url.replace("http://", f"http://envmgr-user:{token}@")
+        env = {
+            **os.environ,
+            "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+            "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+            "ENVMGR_BUILD_ROOT": str(tmp_path / "builds"),
+            "ENVMGR_CHANNELS": private,
+            "TMPDIR": str(tmp_path / "tmp"),
+        }
+        (tmp_path / "tmp").mkdir()
+        lock = tmp_path / "lock.yml"
+        outputs = []
+        for args in (
+            ("-v", "resolve", "--conda", "tabulate", "--python", "3.11", "-o", str(lock)),
+            ("-v", "build", "--from-lock", str(lock)),
+            ("-v", "hydrate", str(lock)),
+            ("export", str(lock), "--format", "explicit", "-o", str(tmp_path / "x.txt")),
+        ):
+            result = run_envmgr(*args, env=env)
+            assert result.returncode == 0, (args, result.stderr)
+            outputs.append(result.stdout + result.stderr)
+        assert server.requests > 0 and server.refused == 0  # every request authenticated
+        bare = run_envmgr(
+            "resolve", "--conda", "six", "--python", "3.11", "--channel", server.url,
+            env={**env, "ENVMGR_CHANNELS": server.url},
+        )  # fmt: skip
+        assert bare.returncode != 0 and server.refused > 0  # the channel is really private
+    assert [text for text in outputs if token in text] == []
+    written = [
+        p
+        for p in tmp_path.rglob("*")
+        if p.is_file() and not p.is_symlink() and token.encode() in p.read_bytes()
+    ]
+    assert written == []
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from envmgr.auth import Credentials, rattler_client
 from envmgr.errors import EnvmgrError
 from envmgr.lock import LockedPackage, PlatformLock, strip_credentials
 from envmgr.platforms import Platform, VirtualPackage
@@ -66,12 +67,16 @@ class CondaTarget:
     virtual_packages: tuple[VirtualPackage, ...]
 
 
-def make_gateway(cache_dir: Path) -> Any:
-    """A py-rattler gateway caching repodata under *cache_dir*."""
+def make_gateway(cache_dir: Path, credentials: Credentials | None = None) -> Any:
+    """A py-rattler gateway caching repodata under *cache_dir*, authenticating to the hosts
+    in *credentials* (see :mod:`envmgr.auth`)."""
     import rattler  # noqa: PLC0415
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    return rattler.Gateway(cache_dir=cache_dir)
+    client = rattler_client(credentials or {})
+    if client is None:
+        return rattler.Gateway(cache_dir=cache_dir)
+    return rattler.Gateway(cache_dir=cache_dir, client=client)
 
 
 def conda_specs(spec: EnvSpec) -> list[str]:
