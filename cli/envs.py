@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -32,9 +30,12 @@ def _hydrate(
     channel: list[str],
     index_url: str | None,
     extra_index_url: list[str],
+    use_lock: list[int] | None = None,
 ) -> tuple[Path, bool, tuple[str, ...]]:
     """Hydrate what *target* names for this host; a lock file or flow step is built into
-    the store first when the store lacks it."""
+    the store first when the store lacks it. With *use_lock*, the env's shared use lock is
+    taken before hydrating, so ``gc`` cannot remove it in between; its descriptor is
+    appended there and stays open (the caller execs)."""
     from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
     from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
@@ -72,6 +73,10 @@ def _hydrate(
                 )
                 build_and_store(lock, options)
             env_id, steps = lock.env_id, found.steps
+        if use_lock is not None:
+            from envmgr.local_envs import open_use_lock  # noqa: PLC0415
+
+            use_lock.append(open_use_lock(cache, env_id))
         # A full envmgr install builds what the store lacks (workers only hydrate).
         result = hydrate(env_id, store_obj, cache, build_if_missing=True, progress=progress)
     if steps:
@@ -113,43 +118,18 @@ def run_command(
     extra_index_url: ExtraIndexOpt = [],
 ) -> None:
     """Hydrate TARGET, then run COMMAND inside the env (its bin first on PATH)."""
-    from envmgr.local_envs import hold_for_use  # noqa: PLC0415
+    from envmgr.local_envs import exec_in_env  # noqa: PLC0415
 
     if not command:
         fail("give the command to run after --, e.g. envmgr run ID -- python -V")
-    prefix, _downloaded, _steps = _hydrate(target, store, channel, index_url, extra_index_url)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "PYTHONPATH",
-            "PYTHONHOME",
-            "VIRTUAL_ENV",
-            "CONDA_PREFIX",
-            "CONDA_DEFAULT_ENV",
-            "PYTHONSTARTUP",
-        )
-    }
-    env.update(
-        {
-            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-            "CONDA_PREFIX": str(prefix),
-            "CONDA_DEFAULT_ENV": prefix.name,
-            "PYTHONNOUSERSITE": "1",
-            "ENVMGR_ENV_ID": prefix.name,
-        }
+    held: list[int] = []  # the use lock, from before hydrating through the exec
+    prefix, _downloaded, _steps = _hydrate(
+        target, store, channel, index_url, extra_index_url, use_lock=held
     )
-    program = command[0]
-    if "/" not in program and (prefix / "bin" / program).exists():
-        program = str(prefix / "bin" / program)
-    with hold_for_use(cache_dir(), prefix.name) as fd:
-        os.set_inheritable(fd, True)  # the command keeps the env from being collected
-        sys.stdout.flush()
-        try:
-            os.execvpe(program, [program, *command[1:]], env)  # noqa: S606
-        except OSError as exc:
-            fail(f"cannot run {command[0]!r} in env {prefix.name}: {exc.strerror}", code=127)
+    try:
+        exec_in_env(prefix, command, held[0])
+    except OSError as exc:
+        fail(f"cannot run {command[0]!r} in env {prefix.name}: {exc.strerror}", code=127)
 
 
 def ls_command(as_json: JsonOpt = False) -> None:

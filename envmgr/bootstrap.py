@@ -25,6 +25,7 @@ WORKER_MODULES = (
     "envmgr/ids.py",
     "envmgr/bootstrap.py",
     "envmgr/hydrate.py",
+    "envmgr/local_envs.py",
     "envmgr/archive.py",
     "envmgr/platforms.py",
     "envmgr/config.py",
@@ -125,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         help="print `export ENVMGR_PREFIX=... ENVMGR_PYTHON=... ENVMGR_ENV_ID=...` for eval",
     )
     parser.add_argument(
+        "--exec",
+        dest="exec_command",
+        nargs=argparse.REMAINDER,
+        metavar="CMD",
+        help="then run CMD inside the env, holding its use lock for as long as CMD runs (so "
+        "`envmgr gc` never removes it); must come last",
+    )
+    parser.add_argument(
         "--build-if-missing",
         action="store_true",
         help="build the env here when the store has its lock but no archive (needs a full "
@@ -157,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     from envmgr.hydrate import COMPLETE, env_dir, touch  # noqa: PLC0415
 
     final = env_dir(cache_dir, env_id)
+    if args.exec_command is not None:
+        if not args.exec_command:
+            parser.error("--exec needs a command")
+        from envmgr.local_envs import open_use_lock  # noqa: PLC0415
+
+        use_fd = open_use_lock(cache_dir, env_id)  # before hydrating: gc waits for us
     if (final / COMPLETE).is_file():  # warm: nothing else to import
         touch(final)
         downloaded = False
@@ -179,6 +194,18 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         downloaded = result.downloaded
     python = final / "bin" / "python"
+    if args.exec_command:
+        from envmgr.local_envs import exec_in_env  # noqa: PLC0415
+
+        try:
+            exec_in_env(final, args.exec_command, use_fd)
+        except OSError as exc:
+            print(
+                f"envmgr: error: cannot run {args.exec_command[0]!r} in env {env_id}: "
+                f"{exc.strerror}",
+                file=sys.stderr,
+            )
+            return 127
     if args.shell:
         import shlex  # noqa: PLC0415
 

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from envmgr.ids import check_under, parse_env_id
 
 __all__ = [
     "LocalEnv",
+    "exec_in_env",
     "gc",
     "hold_for_use",
     "list_envs",
+    "open_use_lock",
     "pack_dir_prefix",
     "parse_age",
     "parse_size",
@@ -101,18 +104,53 @@ def list_envs(cache_dir: Path) -> list[LocalEnv]:
     return sorted(found, key=lambda e: e.last_used, reverse=True)
 
 
-@contextlib.contextmanager
-def hold_for_use(cache_dir: Path, env_id: str) -> Iterator[int]:
-    """A shared lock that keeps :func:`gc` away; yields its file descriptor (inheritable, so
-    a command exec'd in its place keeps holding it)."""
+def open_use_lock(cache_dir: Path, env_id: str) -> int:
+    """Take the env's shared use lock, which keeps :func:`gc` away for as long as the
+    returned descriptor (or a copy inherited by an exec'd command) is open."""
     path = lock_path(cache_dir, env_id, "use")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextlib.contextmanager
+def hold_for_use(cache_dir: Path, env_id: str) -> Iterator[int]:
+    """:func:`open_use_lock` for the block; yields the descriptor."""
+    fd = open_use_lock(cache_dir, env_id)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
         yield fd
     finally:
         os.close(fd)
+
+
+#: Variables of the calling environment that would make a command leave its env.
+_FOREIGN = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+            "PYTHONSTARTUP")  # fmt: skip
+
+
+def exec_in_env(prefix: Path, command: list[str], use_fd: int) -> None:
+    """Replace this process with *command* run inside the env at *prefix* (its ``bin`` first
+    on ``PATH``, a bare program name found there first). *use_fd* (from :func:`hold_for_use`)
+    is inherited, so ``gc`` leaves the env alone for as long as the command runs. Returns
+    only by raising ``OSError`` when the command cannot be started."""
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN}
+    env.update(
+        {
+            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "CONDA_PREFIX": str(prefix),
+            "CONDA_DEFAULT_ENV": prefix.name,
+            "PYTHONNOUSERSITE": "1",
+            "ENVMGR_ENV_ID": prefix.name,
+        }
+    )
+    program = command[0]
+    if "/" not in program and (prefix / "bin" / program).exists():
+        program = str(prefix / "bin" / program)
+    os.set_inheritable(use_fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(program, [program, *command[1:]], env)  # noqa: S606
 
 
 def pack_dir_prefix() -> str:
