@@ -72,6 +72,8 @@ class S3Store:
     def _transient(exc: Exception) -> bool:
         """A broken connection, a timeout, a short read or a 5xx/429 answer: worth another
         try. Any other answer from the server (403, 404, 400, …) is not."""
+        if type(exc).__name__ in _NEVER_TRANSIENT:
+            return False  # trying again cannot help: say so at once
         response = getattr(exc, "response", None)
         if not response:
             return True
@@ -255,6 +257,13 @@ def _code(exc: Exception, default: str) -> str:
 
 class _ShortRead(Exception):  # noqa: N818 - internal signal, retried like a broken stream
     """The server ended the body early."""
+
+
+#: botocore errors that no retry can fix (configuration, not the network).
+_NEVER_TRANSIENT = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError",
+     "InvalidRegionError", "UnknownServiceError", "ProfileNotFound"}
+)  # fmt: skip
 
 
 def _retries() -> int:

@@ -108,6 +108,16 @@ def _run_app() -> None:
             err=True,
         )
         raise SystemExit(exc.exit_code) from None
+    except OSError as exc:
+        if exc.filename is None or STATE.verbose:
+            raise
+        # A cache, store or build root that cannot be written: say which and what to set.
+        typer.echo(
+            f"envmgr: error: cannot write {exc.filename}: {exc.strerror} (check the cache_dir, "
+            "store and build_root settings: `envmgr config show`)",
+            err=True,
+        )
+        raise SystemExit(1) from None
     except EnvmgrError as exc:
         if STATE.verbose:
             traceback.print_exc()

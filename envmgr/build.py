@@ -39,6 +39,7 @@ from envmgr.cache.lease import (
     read_lease,
     try_take,
 )
+from envmgr.errors import EnvmgrError
 from envmgr.hydrate import file_lock
 from envmgr.install import BuildError, Prefix, conda_records, create_prefix, tree_size
 from envmgr.local_envs import pack_dir_prefix, sweep_dead_pack_dirs
@@ -149,7 +150,10 @@ def read_stored_lock(store: Store, platform: str, env_id: str) -> PlatformLock |
         path = Path(tmp) / "conda-lock.yml"
         if not store.get_file(key, path):
             return None
-        lock = read_conda_lock(path).for_platform(platform)
+        try:
+            lock = read_conda_lock(path).for_platform(platform)
+        except EnvmgrError as exc:  # named by its store key, not the temp file it was read from
+            raise LockError(exc.message.replace(str(path), f"{store.url}/{key}")) from None
     if lock.env_id != env_id:
         raise LockError(f"{store.url}/{key} describes env {lock.env_id}, not {env_id}")
     return lock

@@ -126,6 +126,7 @@ def hydrate(
         return Hydrated(
             prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
         )
+    _check_writable(cache_dir, lock_path(cache_dir, env_id))
     with file_lock(lock_path(cache_dir, env_id)):
         if (final / COMPLETE).is_file():  # published while we waited for the lock
             return Hydrated(
@@ -146,6 +147,19 @@ def hydrate(
             ) from None
         _fetch_and_publish(store, manifest, final, progress)
     return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
+
+
+def _check_writable(cache_dir: Path, lock: Path) -> None:
+    """One clear error, before anything else, when the cache cannot be written."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a+b"):
+            pass
+    except OSError as exc:
+        raise HydrateError(
+            f"cannot write the env cache {cache_dir}: {exc.strerror} ({exc.filename})",
+            hint="point ENVMGR_CACHE_DIR (or --cache-dir) at a writable directory",
+        ) from None
 
 
 def _remove_leftovers(final: Path) -> None:

@@ -238,3 +238,38 @@ def test_a_wrong_size_in_a_manifest_is_named_as_a_size(tmp_path):
     with pytest.raises(HydrateError, match=rf"\({manifest.size} bytes, want {manifest.size + 7}\)"):
         hydrate(A, store, tmp_path / "cache", platform="linux-64")
     assert not env_dir(tmp_path / "cache", A).exists()
+
+
+def test_an_unwritable_cache_is_one_line_naming_it_and_the_setting(tmp_path):
+    """As root, permissions do not stop writes; a cache path under a regular file does."""
+    store = LocalStore(tmp_path / "store")
+    _stored_env(store, tmp_path, A, "a\n")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    done = _bootstrap(
+        "--store", store.url, "--env-id", A, "--platform", "linux-64",
+        "--cache-dir", str(blocker / "cache"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert f"cannot write the env cache {blocker / 'cache'}" in done.stderr
+    assert "ENVMGR_CACHE_DIR" in done.stderr
+    env = {**os.environ, "ENVMGR_CACHE_DIR": str(blocker / "c"), "ENVMGR_STORE": store.url}
+    from _helpers import run_envmgr
+
+    cli = run_envmgr("resolve", "--conda", "tabulate", "--python", "3.11", env=env)
+    assert cli.returncode == 1 and cli.stderr.count("\n") == 1, cli.stderr
+    assert f"cannot write {blocker / 'c'}" in cli.stderr and "config show" in cli.stderr
+
+
+def test_a_corrupt_stored_lock_is_named_by_its_store_key(tmp_path):
+    from envmgr.build import read_stored_lock
+    from envmgr.cache.layout import env_lock_key
+    from envmgr.lock import LockError
+
+    store = LocalStore(tmp_path / "store")
+    store.put(env_lock_key("linux-64", A), b"version: [unclosed\n")
+    with pytest.raises(LockError) as info:
+        read_stored_lock(store, "linux-64", A)
+    assert f"{store.url}/{env_lock_key('linux-64', A)}" in str(info.value)
+    assert "/tmp" not in str(info.value).replace(str(tmp_path), "")

@@ -67,3 +67,31 @@ def test_unreachable_s3_names_url_endpoint_and_credentials():
     text = str(info.value)
     assert "s3://bucket/prefix" in text and "http://127.0.0.1:9" in text
     assert "credentials from explicit" in text
+
+
+def test_missing_credentials_are_reported_at_once_not_retried(s3_server, s3_bucket, tmp_path):
+    """No credentials anywhere: one attempt, one line saying so (it was retried 6 times)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "ENVMGR_S3_RETRIES": "5",
+    }
+    code = (
+        "from envmgr.cache.s3 import S3Store\n"
+        f"try: S3Store('s3://{s3_bucket}/x').get('locks/a')\n"
+        "except Exception as e: print(type(e).__name__, e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    assert out[0].startswith("StoreError") and "NoCredentialsError" in out[0], out
+    assert "no credentials found" in out[0] and "after" not in out[0]  # no "after N attempts"
