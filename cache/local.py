@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,8 +47,18 @@ class LocalStore:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
 
     def _temp(self, path: Path) -> Path:
+        """A temp file beside *path*, named by host and pid; those of writers on this host
+        that died mid-write (SIGKILL) are removed on the way."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        host = socket.gethostname()
+        for stale in path.parent.glob(f".{path.name}.tmp-{host}-*"):
+            pid = stale.name.rsplit("-", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.tmp-{host}-{os.getpid()}-", dir=path.parent
+        )
         os.close(fd)
         return Path(tmp)
 
@@ -140,3 +151,13 @@ class LocalStore:
                 if key.startswith(prefix):
                     found.append(key)
         yield from sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

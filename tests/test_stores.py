@@ -95,3 +95,26 @@ def test_missing_credentials_are_reported_at_once_not_retried(s3_server, s3_buck
     ).stdout.splitlines()
     assert out[0].startswith("StoreError") and "NoCredentialsError" in out[0], out
     assert "no credentials found" in out[0] and "after" not in out[0]  # no "after N attempts"
+
+
+def test_temp_files_of_writers_killed_mid_write_are_swept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from envmgr.cache.local import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    leases = tmp_path / "store" / "leases"
+    leases.mkdir(parents=True)
+    host = socket.gethostname()
+    dead = leases / f".{'a' * 32}.tmp-{host}-{gone}-abc123"
+    live = leases / f".{'a' * 32}.tmp-{host}-{os.getpid()}-def456"
+    dead.write_text("half")
+    live.write_text("busy")
+    assert store.put_if_absent(f"leases/{'a' * 32}", b"me")
+    assert not dead.exists() and live.exists()
+    assert list(store.list("leases/")) == [f"leases/{'a' * 32}"]
