@@ -169,3 +169,20 @@ def test_ctrl_c_stops_a_build_in_process_and_releases_the_lease(mixed_lock, tmp_
     assert not store.exists(key)
     assert not store.exists(manifest_key("linux-64", mixed_lock.env_id))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_failed_upload_is_the_error_even_when_the_lease_cannot_be_released(mixed_lock, tmp_path):
+    """The store broke mid-build: the upload's error is what the user sees, not the failed
+    release of the lease after it (which used to mask it)."""
+    from envmgr.cache.store import StoreError
+
+    class Breaking(LocalStore):
+        def put_file(self, key, path, on_bytes=None):
+            raise StoreError(self.url, key, "upload refused: SlowDown")
+
+        def delete(self, key):
+            raise StoreError(self.url, key, "connection reset while releasing")
+
+    store = Breaking(tmp_path / "store")
+    with pytest.raises(StoreError, match="upload refused: SlowDown"):
+        build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
