@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -36,19 +37,28 @@ __all__ = ["BytecodeError", "BytecodeSource", "bytecode_python", "compile_tree",
 #: Where the interpreter that writes a target's bytecode comes from (see the module doc).
 BytecodeSource = Literal["auto", "tools"]
 
-# Run by the chosen interpreter: compile every .py below each argument, checked-hash, on
-# every core; files that do not compile (Python 2 test data in some packages) are skipped,
-# as pip and conda do. The last line reports how many .pyc files exist afterwards.
+# Run by the chosen interpreter, one process per core, each on its own list of files:
+# checked-hash .pyc files; files that do not compile (Python 2 test data in some packages)
+# are skipped, as pip and conda do. A worker dies with the builder (Linux), so a killed build
+# leaves no compiler writing into its prefix.
 _COMPILE = """
-import compileall, os, py_compile, sys
+import ctypes, os, py_compile, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(3)  # the builder is already gone
 mode = py_compile.PycInvalidationMode.CHECKED_HASH
-for root in sys.argv[1:]:
-    compileall.compile_dir(root, quiet=2, workers=0, invalidation_mode=mode)
-count = sum(
-    name.endswith(".pyc") for root in sys.argv[1:] for _, _, names in os.walk(root)
-    for name in names
-)
-print("compiled", count)
+done = 0
+with open(sys.argv[2], encoding="utf-8") as listing:
+    for line in listing:
+        try:
+            py_compile.compile(line.rstrip("\\n"), doraise=True, invalidation_mode=mode)
+            done += 1
+        except Exception:
+            pass
+print("compiled", done)
 """
 
 
@@ -139,26 +149,54 @@ async def _install_python(
     )
 
 
-def compile_tree(python: Path, roots: list[Path], *, env_id: str) -> int:
-    """Write checked-hash ``.pyc`` files below *roots* with *python*; returns how many
-    ``.pyc`` files are there afterwards. Raises ``BytecodeError`` when *python* cannot run.
+def _sources(roots: list[Path]) -> list[str]:
+    """Every ``.py`` below *roots*, not following linked directories (as compileall)."""
+    found = []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            found += [os.path.join(dirpath, n) for n in sorted(filenames) if n.endswith(".py")]  # noqa: PTH118
+    return found
 
-    Cost: one process; compiling is parallel over the host's cores (about 1.5 s for a
-    standard library on two cores).
+
+def compile_tree(python: Path, roots: list[Path], *, env_id: str) -> int:
+    """Write checked-hash ``.pyc`` files for every ``.py`` below *roots* with *python*;
+    returns how many were written. Raises ``BytecodeError`` when *python* cannot run.
+
+    Cost: one worker process per core (about 1.5 s for a standard library on two cores); an
+    interrupted build kills its workers.
     """
-    existing = [str(root) for root in roots if root.is_dir()]
-    if not existing:
+    sources = _sources([root for root in roots if root.is_dir()])
+    if not sources:
         return 0
+    jobs = max(1, min(os.cpu_count() or 1, len(sources) // 200 + 1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run(
-        [str(python), "-I", "-c", _COMPILE, *existing],
-        capture_output=True,
-        text=True,
-        env=environ,
-        check=False,
-    )
-    last = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode != 0 or not last.startswith("compiled "):
-        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise BytecodeError(f"env {env_id}: writing bytecode with {python} failed: {reason}")
-    return int(last.split()[1])
+    workers: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory(prefix="envmgr-pyc-") as tmp:
+        try:
+            for job in range(jobs):
+                listing = Path(tmp) / f"{job}.txt"
+                listing.write_text("".join(f"{path}\n" for path in sources[job::jobs]))
+                workers.append(
+                    subprocess.Popen(
+                        [str(python), "-I", "-c", _COMPILE, str(os.getpid()), str(listing)],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=environ,
+                    )
+                )
+            outputs = [worker.communicate() for worker in workers]
+        finally:
+            for worker in workers:  # only alive when we are being interrupted
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+    compiled = 0
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        last = (out.strip().splitlines() or [""])[-1]
+        if worker.returncode != 0 or not last.startswith("compiled "):
+            reason = (err.strip().splitlines() or [f"exit code {worker.returncode}"])[-1]
+            raise BytecodeError(f"env {env_id}: writing bytecode with {python} failed: {reason}")
+        compiled += int(last.split()[1])
+    return compiled
