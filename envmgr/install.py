@@ -184,12 +184,46 @@ def _install_wheels(
                 )
         try:
             with WheelFile.open(path) as source:
-                install(source, destination, additional_metadata={"INSTALLER": b"envmgr\n"})
+                install(
+                    _pip_like(source),
+                    destination,
+                    additional_metadata={"INSTALLER": b"envmgr\n"},
+                )
             task.advance()
         except Exception as exc:
             raise BuildError(
                 f"env {lock.env_id}: installing {wheel.name} {wheel.version} failed: {exc}"
             ) from None
+
+
+def _pip_like(source: Any) -> Any:
+    """*source* (an installer ``WheelFile``) as pip installs it: a ``.data/scripts`` file
+    named like one of the wheel's entry points is left out (the entry point wins, as with
+    pip; installer would fail with "File already exists"), the other scripts are made
+    executable, as pip does, and ``__pycache__`` members are left out quietly (the build
+    writes the target's own bytecode)."""
+    from installer.utils import parse_entrypoints  # noqa: PLC0415
+
+    names: set[str] = set()
+    if "entry_points.txt" in source.dist_info_filenames:
+        text = source.read_dist_info("entry_points.txt")
+        names = {name for name, _module, _attr, _section in parse_entrypoints(text)}
+    original = source.get_contents
+    data_scripts = f"{source.data_dir}/scripts/"
+
+    def get_contents() -> Any:
+        for element in original():
+            path = element[0][0]
+            if "__pycache__" in path.split("/")[:-1]:
+                continue
+            if path.startswith(data_scripts):
+                if path[len(data_scripts) :] in names:
+                    continue
+                element = (element[0], element[1], True)  # pip makes every script executable
+            yield element
+
+    source.get_contents = get_contents
+    return source
 
 
 def _install_reporter(task: Task) -> Any:

@@ -320,3 +320,48 @@ def test_two_processes_build_once_on_s3(s3_server, s3_bucket, conda_channel, tmp
     data = store.get(archive_key("linux-64", env_id))
     assert len(data) == manifest.size
     assert store.get(archive_key("linux-64", env_id), (0, 3)) == data[:4]
+
+
+def test_a_wheel_whose_script_and_entry_point_collide_installs_like_pip(mixed_lock, tmp_path):
+    """dbt-core 1.1.6 ships bin/dbt twice (a .data script and a console_scripts entry point):
+    pip installs it, the entry point winning; installer alone failed with 'File already
+    exists'. __pycache__ members in wheels are left out without a warning."""
+    import hashlib
+    import subprocess
+
+    from envmgr.hydrate import hydrate
+    from fixtures.wheelmaker import make_wheel
+
+    wheel = make_wheel(
+        tmp_path / "wheels",
+        "clash",
+        "1.0",
+        extra_files={
+            "clash/cli.py": b"def main():\n    print('entry-point')\n",
+            "clash-1.0.data/scripts/clash": b"#!/bin/sh\necho data-script\n",
+            "clash-1.0.data/scripts/clash-helper": b"#!/bin/sh\necho helper\n",
+            "clash/__pycache__/cli.cpython-311.pyc": b"stale bytecode from the wheel's build",
+        },
+        console_scripts={"clash": "clash.cli:main"},
+    )
+    package = LockedPackage(
+        manager="pypi",
+        name="clash",
+        version="1.0",
+        url=wheel.as_uri(),
+        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+    )
+    lock = PlatformLock(
+        platform="linux-64",
+        packages=(*mixed_lock.packages, package),
+        channels=mixed_lock.channels,
+    )
+    store = LocalStore(tmp_path / "store")
+    build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    prefix = hydrate(lock.env_id, store, tmp_path / "envs").prefix
+    ran = subprocess.run([str(prefix / "bin" / "clash")], capture_output=True, text=True)
+    assert ran.stdout.strip() == "entry-point", ran.stderr
+    helper = subprocess.run([str(prefix / "bin" / "clash-helper")], capture_output=True, text=True)
+    assert helper.stdout.strip() == "helper"  # other data scripts still install
+    cache = prefix / "lib" / "python3.11" / "site-packages" / "clash" / "__pycache__"
+    assert (cache / "cli.cpython-311.pyc").read_bytes() != b"stale bytecode from the wheel's build"
