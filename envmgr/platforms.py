@@ -42,7 +42,9 @@ _ARCH: Mapping[Platform, str] = {
     "osx-arm64": "arm64",
     "win-64": "x86_64",
 }
-_DEFAULT_OSX: Mapping[Platform, str] = {"osx-64": "10.15", "osx-arm64": "11.0"}
+#: The macOS a lock assumes unless told otherwise: uv's default deployment target (wheels for
+#: older releases still fit; scipy's arm64 wheels, for one, need 12.0).
+_DEFAULT_OSX: Mapping[Platform, str] = {"osx-64": "12.0", "osx-arm64": "12.0"}
 _LINUX_KERNEL = "5.10"
 
 
@@ -88,8 +90,9 @@ def virtual_packages(
 ) -> tuple[VirtualPackage, ...]:
     """The virtual packages to solve *target* with, sorted by name.
 
-    Precedence, lowest first: the platform defaults; *host* (detected versions by name, given
-    only when the target is the host); ``CONDA_OVERRIDE_<NAME>`` in *env*; the spec's *system*
+    Precedence, lowest first: the platform defaults (macOS 12.0, or
+    ``MACOSX_DEPLOYMENT_TARGET``); *host* (detected versions by name, given only when the
+    target is the host); ``CONDA_OVERRIDE_<NAME>`` in *env*; the spec's *system*
     packages; *cuda* (the ``--cuda`` flag). An empty override value removes the package, as
     conda does. Only ``__cuda`` is taken from *host*: see the module docstring.
     """
@@ -103,6 +106,9 @@ def virtual_packages(
         found["__glibc"] = DEFAULT_GLIBC
     elif os_name == "osx":
         found["__osx"] = _DEFAULT_OSX[target]
+        deployment = env.get("MACOSX_DEPLOYMENT_TARGET", "").strip()
+        if deployment:  # what compilers and uv read; "14" means 14.0
+            found["__osx"] = deployment if "." in deployment else f"{deployment}.0"
     else:
         found["__win"] = "0"
     # From the host only __cuda: the others would tie the lock to this machine's glibc,

@@ -60,6 +60,9 @@ def index(tmp_path_factory):
     w("binpkg", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
     w("binpkg", "1.0", tag="cp311-cp311-macosx_11_0_arm64")
     w("newglibc", "1.0", tag="cp311-cp311-manylinux_2_34_x86_64")
+    w("newmac", "1.0", tag="cp311-cp311-macosx_14_0_arm64")
+    w("newmac", "1.0", tag="cp311-cp311-macosx_10_9_x86_64")
+    w("mac12", "1.0", tag="cp311-cp311-macosx_12_0_arm64")
     w("needs-numpy", "1.0", requires=["numpy>=1.20"])
     w("old-numpy-user", "1.0", requires=["numpy<2"])
     w("extra-host", "1.0", extras=["fast"], requires=["six", "colorama; extra == 'fast'"])
@@ -340,3 +343,25 @@ def test_sdists_are_not_built_for_another_platform(resolve):
     text = str(info.value)
     assert "mixedpkg 2.0 has only a source distribution" in text
     assert "newest version with a wheel: 1.0" in text
+
+
+def test_macos_targets_default_like_uv_and_name_the_release_wheels_need(resolve):
+    """scipy's arm64 wheels need macOS 12: the default target is 12.0 (uv's), and a wheel
+    that needs a newer release is named with that release and the variables that set it."""
+    assert "macosx_12_0_arm64" in resolve(["mac12"], platform="osx-arm64")["mac12"].url
+    with pytest.raises(PypiConflictError) as info:
+        resolve(["newmac"], platform="osx-arm64")
+    text = str(info.value)
+    assert "its arm64 wheels need macOS 14.0 or newer and the target is macOS 12.0" in text
+    assert "MACOSX_DEPLOYMENT_TARGET=14.0" in text
+    for env in ({"MACOSX_DEPLOYMENT_TARGET": "14"}, {"CONDA_OVERRIDE_OSX": "14.2"}):
+        assert (
+            "macosx_14_0_arm64" in resolve(["newmac"], platform="osx-arm64", env=env)["newmac"].url
+        )
+    # The conda side assumes the same release.
+    from envmgr.platforms import virtual_packages
+
+    osx = {v.name: v.version for v in virtual_packages("osx-arm64", env={})}
+    assert osx["__osx"] == "12.0"
+    env = {"MACOSX_DEPLOYMENT_TARGET": "13", "CONDA_OVERRIDE_OSX": "15.1"}
+    assert {v.name: v.version for v in virtual_packages("osx-arm64", env=env)}["__osx"] == "15.1"

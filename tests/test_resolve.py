@@ -274,7 +274,7 @@ def test_virtual_package_defaults_and_overrides():
     linux = {v.name: v.version for v in virtual_packages("linux-64", env={})}
     assert linux == {"__archspec": "1", "__glibc": "2.28", "__linux": "5.10", "__unix": "0"}
     osx = {v.name: v.version for v in virtual_packages("osx-arm64", env={})}
-    assert osx["__osx"] == "11.0" and "__glibc" not in osx
+    assert osx["__osx"] == "12.0" and "__glibc" not in osx
     tuned = {
         v.name: v.version
         for v in virtual_packages(

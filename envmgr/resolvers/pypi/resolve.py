@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,7 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
         text = f"no wheel of {name} fits {target.platform} with CPython {target.python}"
         if seen:
             text += f" (its wheels are for: {', '.join(seen)})"
+        text += _macos_needed(wheels, target)
     sdist_only = sorted(
         {Version(f.version) for f in files} - {Version(f.version) for f in wheels} - set(fitting),
         reverse=True,
@@ -86,6 +88,30 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
             f"version with a wheel: {newest_wheel or 'none'}"
         )
     return text
+
+
+def _macos_needed(wheels: list[Any], target: PythonTarget) -> str:
+    """For a macOS target: the macOS release the project's wheels of this architecture need,
+    when it is newer than the target's (empty otherwise)."""
+    if not target.platform.startswith("osx"):
+        return ""
+    arch = "arm64" if target.platform == "osx-arm64" else "x86_64"
+    needed = []
+    for wheel in wheels:
+        for tag in parse_wheel_filename(wheel.filename)[3]:
+            parts = str(tag.platform).split("_")
+            if parts[0] == "macosx" and len(parts) >= 4 and parts[-1] in (arch, "universal2"):
+                with contextlib.suppress(ValueError):
+                    needed.append((int(parts[1]), int(parts[2])))
+    have = tuple(int(p) for p in (target.macos or "12.0").split(".")[:2])
+    if not needed or min(needed) <= have:
+        return ""
+    major, minor = min(needed)
+    return (
+        f"; its {arch} wheels need macOS {major}.{minor} or newer and the target is macOS "
+        f"{target.macos or '12.0'} (set MACOSX_DEPLOYMENT_TARGET={major}.{minor} or "
+        f"CONDA_OVERRIDE_OSX={major}.{minor})"
+    )
 
 
 def _chain(provider: PypiProvider, parent: Candidate | None) -> str:

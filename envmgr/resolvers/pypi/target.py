@@ -24,7 +24,7 @@ _MACHINE: Mapping[Platform, str] = {
     "osx-arm64": "arm64",
     "win-64": "AMD64",
 }
-_DEFAULT_MACOS: Mapping[Platform, tuple[int, int]] = {"osx-64": (10, 15), "osx-arm64": (11, 0)}
+_DEFAULT_MACOS: Mapping[Platform, tuple[int, int]] = {"osx-64": (12, 0), "osx-arm64": (12, 0)}
 
 
 def _version_tuple(text: str, width: int) -> tuple[int, ...]:
