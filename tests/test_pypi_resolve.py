@@ -365,3 +365,51 @@ def test_macos_targets_default_like_uv_and_name_the_release_wheels_need(resolve)
     assert osx["__osx"] == "12.0"
     env = {"MACOSX_DEPLOYMENT_TARGET": "13", "CONDA_OVERRIDE_OSX": "15.1"}
     assert {v.name: v.version for v in virtual_packages("osx-arm64", env=env)}["__osx"] == "15.1"
+
+
+def _static_index(root: Path, wheels: Path) -> Path:
+    """A PEP 503 index as plain files (what `pip download` + a script leaves on a share)."""
+    import hashlib
+    import html
+
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    files = root / "files"
+    files.mkdir(parents=True)
+    projects: dict[str, list[str]] = {}
+    for wheel in sorted(wheels.glob("*.whl")):
+        os.link(wheel, files / wheel.name)
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        name = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+        projects.setdefault(name, []).append(
+            f'<a href="../../files/{html.escape(wheel.name)}#sha256={digest}">{wheel.name}</a>'
+        )
+    for name, links in projects.items():
+        page = root / "simple" / name / "index.html"
+        page.parent.mkdir(parents=True)
+        page.write_text("<html><body>\n" + "\n".join(links) + "\n</body></html>\n")
+    return root / "simple"
+
+
+def test_a_file_index_resolves_and_builds(conda_channel, tmp_path):
+    """It failed with a bare InvalidSchema: metadata of a wheel on a file:// index is read
+    from the wheel where it lies, and the build installs it from there."""
+    from envmgr.build import BuildOptions, build_and_store
+    from envmgr.cache.local import LocalStore
+    from envmgr.hydrate import hydrate
+
+    simple = _static_index(tmp_path / "share", fetch_wheels())
+    options = fixture_options(tmp_path, conda_channel.url, simple.as_uri() + "/", force=True)
+    spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("python-dateutil"),))
+    lock = resolve_specs({"s": spec}, options)[0].lock
+    found = {p.name: p for p in lock.packages}
+    assert found["python-dateutil"].url.startswith("file://")
+    assert found["six"].version == "1.17.0"  # its dependency, from the same index
+    store = LocalStore(tmp_path / "store")
+    build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "b"))
+    python = hydrate(lock.env_id, store, tmp_path / "envs").python
+    ran = subprocess.run(
+        [str(python), "-c", "import dateutil; print(dateutil.__version__)"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ran.stdout.strip() == "2.9.0.post0", ran.stderr

@@ -384,7 +384,11 @@ class IndexClient:
             raise PackageIndexError(
                 f"{dist.filename}: metadata of source distributions needs a build"
             )
-        data = self._metadata_file(dist)
+        data: bytes | None
+        if urlsplit(dist.url).scheme == "file":
+            data = _local_metadata(dist)  # a file:// index: read the wheel where it lies
+        else:
+            data = self._metadata_file(dist)
         if data is None:
             data = self._metadata_by_range(dist)
         if data is None:
@@ -449,6 +453,23 @@ class IndexClient:
                 f"{strip_credentials(dist.url)} answered HTTP {answer.status_code}"
             )
         return _metadata_from_wheel(answer.content, dist)
+
+
+def _local_metadata(dist: DistFile) -> bytes:
+    """The METADATA of a wheel on this machine (its hash is checked when it is installed)."""
+    path = Path(unquote(urlsplit(dist.url).path))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [
+                n
+                for n in archive.namelist()
+                if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
+            ]
+            if not names:
+                raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
+            return archive.read(names[0])
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PackageIndexError(f"{path}: cannot read the wheel ({exc})") from None
 
 
 def _metadata_from_wheel(data: bytes, dist: DistFile) -> bytes:
