@@ -413,3 +413,14 @@ def test_a_file_index_resolves_and_builds(conda_channel, tmp_path):
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert ran.stdout.strip() == "2.9.0.post0", ran.stderr
+
+
+def test_a_hash_pin_that_matches_no_file_says_hash_mismatch(index, conda_channel, tmp_path):
+    """It said 'no wheel of six fits linux-64 ... (its wheels are for: any)'."""
+    options = fixture_options(tmp_path, conda_channel.url, index.url, force=True)
+    bad = PypiDep.parse("six==1.17.0", hashes=[f"sha256:{'0' * 64}"])
+    with pytest.raises(PypiConflictError) as info:
+        resolve_specs({"train": EnvSpec(python="3.11.*", pypi=(bad,))}, options)
+    text = str(info.value)
+    assert "hash mismatch: no file of six" in text and "000000000000…" in text
+    assert "fits" not in text

@@ -62,6 +62,13 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
     indexes = ", ".join(strip_credentials(u) for u in provider.client.index_urls)
     if not files:
         return f"no project named {name!r} on {indexes}"
+    allowed = provider.hashes.get(name)
+    if allowed and not any(f.sha256 in allowed for f in files):
+        pinned = ", ".join(sorted(f"{h[:12]}…" for h in allowed)[:3])
+        return (
+            f"hash mismatch: no file of {name} on {indexes} has a pinned sha256 ({pinned}); "
+            "the requirements' --hash values do not match what the index serves"
+        )
     fitting = sorted(provider.best_files(name), reverse=True)
     wheels = [f for f in files if f.is_wheel]
     if fitting:
