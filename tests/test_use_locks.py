@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from _helpers import run_bootstrap
 from test_ids import A, _stored_env
@@ -14,6 +15,15 @@ from test_ids import A, _stored_env
 from envmgr.cache.local import LocalStore
 from envmgr.hydrate import COMPLETE, env_dir
 from envmgr.local_envs import gc
+
+
+def _wait_until_started(task: subprocess.Popen[str], marker: Path) -> None:
+    """Until the task's command has written *marker* (it fails if the task ends first)."""
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert task.poll() is None, task.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_bootstrap_exec_holds_the_env_for_the_commands_lifetime(tmp_path):
@@ -27,11 +37,7 @@ def test_bootstrap_exec_holds_the_env_for_the_commands_lifetime(tmp_path):
          f'echo "$ENVMGR_ENV_ID $CONDA_PREFIX" > {started}; sleep 3'],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not started.exists():
-        assert task.poll() is None, task.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_until_started(task, started)
     assert started.read_text().split() == [A, str(env_dir(cache, A))]
     removed, busy = gc(cache, max_size=0)  # the task's env is in use: kept
     assert removed == [] and [e.env_id for e in busy] == [A]
@@ -66,11 +72,7 @@ def test_envmgr_run_holds_the_use_lock_while_its_command_runs(tmp_path):
          "sh", "-c", f"touch {started}; sleep 3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not started.exists():
-        assert task.poll() is None, task.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_until_started(task, started)
     removed, busy = gc(cache, max_size=0)
     assert removed == [] and [e.env_id for e in busy] == [A]
     task.communicate(timeout=60)

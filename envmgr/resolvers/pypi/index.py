@@ -39,7 +39,7 @@ from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
 
-__all__ = ["DistFile", "IndexClient", "PackageIndexError", "pip_index_urls"]
+__all__ = ["DistFile", "IndexClient", "PackageIndexError", "pip_index_urls", "wheel_metadata"]
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 _ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
@@ -455,21 +455,25 @@ class IndexClient:
         return _metadata_from_wheel(answer.content, dist)
 
 
+def wheel_metadata(archive: zipfile.ZipFile) -> bytes | None:
+    """The bytes of a wheel's ``<name>.dist-info/METADATA``, or ``None`` when it has none."""
+    for name in archive.namelist():
+        if name.count("/") == 1 and name.endswith(".dist-info/METADATA"):
+            return archive.read(name)
+    return None
+
+
 def _local_metadata(dist: DistFile) -> bytes:
     """The METADATA of a wheel on this machine (its hash is checked when it is installed)."""
     path = Path(unquote(urlsplit(dist.url).path))
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [
-                n
-                for n in archive.namelist()
-                if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
-            ]
-            if not names:
-                raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
-            return archive.read(names[0])
+            data = wheel_metadata(archive)
     except (OSError, zipfile.BadZipFile) as exc:
         raise PackageIndexError(f"{path}: cannot read the wheel ({exc})") from None
+    if data is None:
+        raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
+    return data
 
 
 def _metadata_from_wheel(data: bytes, dist: DistFile) -> bytes:
@@ -478,12 +482,10 @@ def _metadata_from_wheel(data: bytes, dist: DistFile) -> bytes:
             f"{dist.filename}: download does not match its sha256 ({strip_credentials(dist.url)})"
         )
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        names = [
-            n for n in archive.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
-        ]
-        if not names:
-            raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
-        return archive.read(names[0])
+        metadata = wheel_metadata(archive)
+    if metadata is None:
+        raise PackageIndexError(f"{dist.filename}: no .dist-info/METADATA in the wheel")
+    return metadata
 
 
 def _central_directory(tail: bytes) -> tuple[int, int]:

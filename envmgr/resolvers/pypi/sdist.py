@@ -79,15 +79,13 @@ class SdistBuilder:
 
     def metadata(self, dist: DistFile) -> email.message.Message:
         wheel = self.wheel_for(dist)
+        from envmgr.resolvers.pypi.index import wheel_metadata  # noqa: PLC0415
+
         with zipfile.ZipFile(wheel) as archive:
-            names = [
-                n
-                for n in archive.namelist()
-                if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
-            ]
-            if not names:
-                raise SdistBuildError(f"{dist.filename}: the built wheel has no METADATA")
-            return email.parser.BytesParser().parsebytes(archive.read(names[0]))
+            data = wheel_metadata(archive)
+        if data is None:
+            raise SdistBuildError(f"{dist.filename}: the built wheel has no METADATA")
+        return email.parser.BytesParser().parsebytes(data)
 
     def _build(self, dist: DistFile, out: Path) -> Path:
         import requests  # noqa: PLC0415
