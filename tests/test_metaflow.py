@@ -225,6 +225,47 @@ def test_a_bad_spec_stops_the_run_before_any_task(conda_channel, tmp_path):
     assert "Traceback" not in output and "Task is starting" not in output
 
 
+@pytest.mark.parametrize(
+    ("decorators", "named"),
+    [
+        (("", "    @conda(libraries={'six': '1.17.0'})\n"), "@conda decorator on step 'start'"),
+        (("", "    @pypi(packages={'six': '1.17.0'})\n"), "@pypi decorator on step 'start'"),
+        (("@conda_base(python='3.11')\n", ""), "@conda_base decorator on flow PlainFlow"),
+    ],
+    ids=["conda", "pypi", "conda_base"],
+)
+def test_without_an_envmgr_environment_the_run_is_refused_like_stock(
+    conda_channel, tmp_path, decorators, named
+):
+    """It ran on the host's python and failed in user code (or passed with other versions);
+    stock Metaflow refuses at start, naming the flag."""
+    flow_deco, step_deco = decorators
+    flow = tmp_path / "plainflow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, step, conda, conda_base, pypi\n"
+        f"{flow_deco}class PlainFlow(FlowSpec):\n"
+        f"{step_deco}"
+        "    @step\n"
+        "    def start(self):\n"
+        "        print('TASK RAN')\n"
+        "        self.next(self.end)\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n"
+        "if __name__ == '__main__':\n"
+        "    PlainFlow()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(flow), "run"],
+        capture_output=True, text=True, cwd=tmp_path, env=_flow_env(tmp_path, conda_channel.url),
+        check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{named} requires --environment=conda or --environment=pypi" in output, output
+    assert "TASK RAN" not in output and "Traceback" not in output
+
+
 def test_s3_datastore_flow_stores_envs_under_the_datastore(
     conda_channel, pypi_index, s3_server, s3_bucket, tmp_path
 ):

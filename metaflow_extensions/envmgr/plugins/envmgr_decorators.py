@@ -22,6 +22,35 @@ from metaflow_extensions.envmgr.plugins.envmgr_environment import remote_decorat
 _COMMON = {"python": None, "disabled": None, "system_packages": {}, "platforms": []}
 
 
+#: The environments that give @conda/@pypi their meaning (both are envmgr's here).
+_ENVIRONMENTS = ("conda", "pypi")
+
+
+def _require_envmgr_environment(environment: Any, what: str) -> None:
+    """Refuse like stock Metaflow, before any task: without the environment the step would
+    run on the host's python, failing in user code or passing with other versions."""
+    if getattr(environment, "TYPE", None) not in _ENVIRONMENTS:
+        from metaflow.metaflow_environment import InvalidEnvironmentException
+
+        flags = " or ".join(f"--environment={name}" for name in _ENVIRONMENTS)
+        raise InvalidEnvironmentException(f"{what} requires {flags}")
+
+
+class _EnvmgrFlow(FlowDecorator):  # type: ignore[misc]
+    def flow_init(
+        self,
+        flow: Any,
+        graph: Any,
+        environment: Any,
+        flow_datastore: Any,
+        metadata: Any,
+        logger: Any,
+        echo: Any,
+        options: Any,
+    ) -> None:
+        _require_envmgr_environment(environment, f"@{self.name} decorator on flow {flow.name}")
+
+
 class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
     defaults: ClassVar[dict[str, Any]] = {}
     _code_dir: ClassVar[Any] = None
@@ -37,6 +66,7 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         flow_datastore: Any,
         logger: Any,
     ) -> None:
+        _require_envmgr_environment(environment, f"@{self.name} decorator on step {step!r}")
         self.flow_name = flow.name
         self.step_name = step
         self.environment = environment
@@ -159,7 +189,7 @@ class PypiStepDecorator(_EnvmgrStep):
     }
 
 
-class CondaFlowDecorator(FlowDecorator):  # type: ignore[misc]
+class CondaFlowDecorator(_EnvmgrFlow):
     """Conda packages for every step of the flow."""
 
     name = "conda_base"
@@ -171,7 +201,7 @@ class CondaFlowDecorator(FlowDecorator):  # type: ignore[misc]
     }
 
 
-class PypiFlowDecorator(FlowDecorator):  # type: ignore[misc]
+class PypiFlowDecorator(_EnvmgrFlow):
     """PyPI packages for every step of the flow."""
 
     name = "pypi_base"
