@@ -171,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--exec needs a command")
         from envmgr.local_envs import open_use_lock  # noqa: PLC0415
 
-        use_fd = open_use_lock(cache_dir, env_id)  # before hydrating: gc waits for us
+        try:
+            use_fd = open_use_lock(cache_dir, env_id)  # before hydrating: gc waits for us
+        except OSError as exc:
+            print(
+                f"envmgr: error: cannot write the env cache {cache_dir}: {exc.strerror} "
+                "(point ENVMGR_CACHE_DIR (or --cache-dir) at a writable directory)",
+                file=sys.stderr,
+            )
+            return 1
     if (final / COMPLETE).is_file():  # warm: nothing else to import
         touch(final)
         downloaded = False

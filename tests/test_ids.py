@@ -254,6 +254,12 @@ def test_an_unwritable_cache_is_one_line_naming_it_and_the_setting(tmp_path):
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert f"cannot write the env cache {blocker / 'cache'}" in done.stderr
     assert "ENVMGR_CACHE_DIR" in done.stderr
+    with_exec = _bootstrap(
+        "--store", store.url, "--env-id", A, "--platform", "linux-64",
+        "--cache-dir", str(blocker / "cache"), "--exec", "true", cwd=tmp_path,
+    )  # fmt: skip
+    assert with_exec.returncode == 1 and with_exec.stderr.count("\n") == 1, with_exec.stderr
+    assert f"cannot write the env cache {blocker / 'cache'}" in with_exec.stderr
     env = {**os.environ, "ENVMGR_CACHE_DIR": str(blocker / "c"), "ENVMGR_STORE": store.url}
     from _helpers import run_envmgr
 
