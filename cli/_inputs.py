@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from envmgr.cache import open_store
-from envmgr.cli._common import fail
+from envmgr.cli._common import fail, tell
 from envmgr.config import load
 from envmgr.discovery import discover
 from envmgr.errors import Problem, SpecError
@@ -19,6 +19,11 @@ from envmgr.progress import NULL, Progress
 from envmgr.resolution import ResolveOptions
 from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
 from envmgr.specfiles import read_spec_file
+
+if TYPE_CHECKING:
+    from envmgr.build import BuildOptions
+    from envmgr.cache import Store
+    from envmgr.config import Config
 
 __all__ = ["SPEC_PARAMETERS", "Inputs", "gather", "spec_args"]
 
@@ -233,3 +238,22 @@ def channel_credentials(channel_flags: list[str]) -> dict[str, str]:
     from envmgr.auth import split_credentials  # noqa: PLC0415
 
     return split_credentials([*channel_flags, *load()["channels"]])[1]
+
+
+def build_options(
+    store: Store, cache: Path, progress: Progress, channel_flags: list[str], config: Config
+) -> BuildOptions:
+    """How the CLI builds: codec, level and lease from *config*, waits told on stderr,
+    channel credentials from the flags and the configuration."""
+    from envmgr.build import BuildOptions  # noqa: PLC0415  (the builder: only when building)
+
+    return BuildOptions(
+        store=store,
+        cache_dir=cache,
+        codec="gz" if config["codec"] == "gz" else "zst",
+        level=int(config["level"]),
+        progress=progress,
+        notify=tell,
+        lease_seconds=float(config["lease_seconds"]),
+        credentials=channel_credentials(channel_flags),
+    )

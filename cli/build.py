@@ -11,7 +11,7 @@ import typer
 
 from envmgr.build import BuildOptions, BuildOutcome, build_and_store
 from envmgr.cache import Store
-from envmgr.cli._common import STATE, emit_json, fail, tell
+from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -26,7 +26,7 @@ from envmgr.cli._inputs import (
     PythonOpt,
     ReqFiles,
     StoreOpt,
-    channel_credentials,
+    build_options,
     gather,
     spec_args,
 )
@@ -178,16 +178,7 @@ def build(
         store_obj, cache, jobs, resolved = _jobs(
             from_lock, env, {**spec_args(parameters), "specs_json": specs_json}, progress
         )
-        options = BuildOptions(
-            store=store_obj,
-            cache_dir=cache,
-            codec="gz" if config["codec"] == "gz" else "zst",
-            level=int(config["level"]),
-            progress=progress,
-            notify=tell,
-            lease_seconds=float(config["lease_seconds"]),
-            credentials=channel_credentials(channel),
-        )
+        options = build_options(store_obj, cache, progress, channel, config)
         rows = _build_all(jobs, resolved, options)
     for row in rows:
         if row["link_scripts"] and not STATE.quiet:

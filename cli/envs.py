@@ -8,14 +8,14 @@ from typing import Annotated
 
 import typer
 
-from envmgr.cli._common import STATE, emit_json, fail, tell
+from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
     ExtraIndexOpt,
     IndexOpt,
     JsonOpt,
     StoreOpt,
-    channel_credentials,
+    build_options,
 )
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import TargetArg
@@ -36,7 +36,7 @@ def _hydrate(
     the store first when the store lacks it. With *use_lock*, the env's shared use lock is
     taken before hydrating, so ``gc`` cannot remove it in between; its descriptor is
     appended there and stays open (the caller execs)."""
-    from envmgr.build import BuildOptions, build_and_store  # noqa: PLC0415
+    from envmgr.build import build_and_store  # noqa: PLC0415
     from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
@@ -63,15 +63,7 @@ def _hydrate(
             )
             lock = found.lock.for_platform(host)
             if not found.from_store:
-                options = BuildOptions(
-                    store=store_obj,
-                    cache_dir=cache,
-                    progress=progress,
-                    notify=tell,
-                    lease_seconds=float(config["lease_seconds"]),
-                    credentials=channel_credentials(channel),
-                )
-                build_and_store(lock, options)
+                build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
             env_id, steps = lock.env_id, found.steps
         if use_lock is not None:
             from envmgr.local_envs import open_use_lock  # noqa: PLC0415
