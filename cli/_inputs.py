@@ -17,7 +17,15 @@ from envmgr.errors import Problem, SpecError
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.progress import NULL, Progress
 from envmgr.resolution import ResolveOptions
-from envmgr.spec import CondaDep, EnvSpec, PypiDep, merge, parse_index_url, parse_python
+from envmgr.spec import (
+    CondaDep,
+    EnvSpec,
+    PypiDep,
+    merge,
+    parse_find_links,
+    parse_index_url,
+    parse_python,
+)
 from envmgr.specfiles import read_spec_file
 
 if TYPE_CHECKING:
@@ -51,6 +59,15 @@ IndexOpt = Annotated[
 ExtraIndexOpt = Annotated[
     list[str], typer.Option("--extra-index-url", help="Another PyPI index (repeatable).")
 ]
+FindLinksOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--find-links",
+        metavar="DIR|URL",
+        help="A directory of wheels and sdists, or an HTML page of links to them "
+        "(repeatable; pip's option).",
+    ),
+]
 StoreOpt = Annotated[
     str | None,
     typer.Option(
@@ -75,6 +92,7 @@ SPEC_PARAMETERS = (
     "channel",
     "index_url",
     "extra_index_url",
+    "find_links",
     "store",
     "cuda",
 )
@@ -167,6 +185,7 @@ def gather(
     extra_index_url: list[str],
     store: str | None,
     cuda: str | None,
+    find_links: list[str] | None = None,
     force: bool = False,
     check: bool = False,
     specs_json: Path | None = None,
@@ -197,6 +216,10 @@ def gather(
         ]
     except ValueError as exc:
         fail(f"{config.sources['index_url']}: {exc}")
+    try:
+        links = tuple(parse_find_links(u) for u in find_links or ())
+    except ValueError as exc:
+        fail(f"--find-links: {exc}")
     default_platforms = config["platforms"]
     bad = [p for p in default_platforms if not is_platform(p)]
     if bad:
@@ -225,6 +248,7 @@ def gather(
         check=check,
         index_url=indexes[0] if index_url else None,
         extra_index_urls=tuple(indexes[1:] if index_url else indexes),
+        find_links=links,
         steps_are_steps=flow is not None or specs_json is not None,
         env=dict(os.environ),
         progress=progress,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -51,13 +52,24 @@ def _root(
         help="Print the version and exit.",
     ),
     verbose: int = typer.Option(
-        0, "--verbose", "-v", count=True, help="More detail; tracebacks on errors."
+        0,
+        "--verbose",
+        "-v",
+        count=True,
+        help="More detail: -v the resolver's reasoning, -vv also tracebacks on errors.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ) -> None:
     """Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps."""
     STATE.verbose = verbose
     STATE.quiet = quiet
+    if verbose:
+        # -v: what the resolvers decide and where metadata comes from; -vv: also tracebacks.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("envmgr: %(message)s"))
+        logger = logging.getLogger("envmgr")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
 
 
 #: Each command and the example its help ends with (tests run every one).
@@ -109,7 +121,7 @@ def _run_app() -> None:
         )
         raise SystemExit(exc.exit_code) from None
     except OSError as exc:
-        if exc.filename is None or STATE.verbose:
+        if exc.filename is None or STATE.verbose > 1:
             raise
         # A cache, store or build root that cannot be written: say which and what to set.
         typer.echo(
@@ -119,8 +131,9 @@ def _run_app() -> None:
         )
         raise SystemExit(1) from None
     except EnvmgrError as exc:
-        if STATE.verbose:
+        if STATE.verbose > 1:
             traceback.print_exc()
+        if STATE.verbose:
             explanation = getattr(exc, "explanation", "")
             if explanation:
                 print(explanation, file=sys.stderr)

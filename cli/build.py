@@ -18,6 +18,7 @@ from envmgr.cli._inputs import (
     CudaOpt,
     EnvFiles,
     ExtraIndexOpt,
+    FindLinksOpt,
     FlowArg,
     IndexOpt,
     JsonOpt,
@@ -161,6 +162,7 @@ def build(
     ] = None,
     index_url: IndexOpt = None,
     extra_index_url: ExtraIndexOpt = [],
+    find_links: FindLinksOpt = [],
     store: StoreOpt = None,
     cuda: CudaOpt = None,
     codec: Annotated[

@@ -41,10 +41,26 @@ def show(as_json: JsonOpt = False) -> None:
 
     config = load()
     values = dict(config.values)
+    notes: list[str] = []
     if values["index_url"] is None:
-        from envmgr.resolvers.pypi.index import pip_index_urls  # noqa: PLC0415
+        from envmgr.resolvers.pypi.index import pip_sources  # noqa: PLC0415
 
-        values["index_url"], values["extra_index_urls"] = pip_index_urls()
+        values["index_url"], values["extra_index_urls"], links = pip_sources()
+        # What resolution leaves out of pip's configuration (see effective_spec).
+        for url in values["extra_index_urls"]:
+            if url.startswith("file:"):
+                notes.append(
+                    f"pip's extra index {url} is machine-local: not used (give "
+                    "--extra-index-url to use it)"
+                )
+        for url in links:
+            if url.startswith("file:"):
+                notes.append(
+                    f"pip's find-links {url} is machine-local: not used (give "
+                    "--find-links to use it)"
+                )
+            else:
+                notes.append(f"pip's find-links {strip_credentials(url)} is used")
     platform = host_platform()
     overrides = {k: v for k, v in sorted(os.environ.items()) if k.startswith("CONDA_OVERRIDE_")}
     data = {
@@ -59,6 +75,7 @@ def show(as_json: JsonOpt = False) -> None:
             "packages": [str(v) for v in virtual_packages(platform)],
             "overrides": overrides,
         },
+        "notes": notes,
     }
     if as_json:
         emit_json(data)
@@ -76,3 +93,5 @@ def show(as_json: JsonOpt = False) -> None:
     typer.echo(f"{'virtual packages':<17} {platform}: {packages}")
     if overrides:
         typer.echo(f"{'':<17} from {', '.join(overrides)}")
+    for note in notes:
+        typer.echo(f"{'note':<17} {note}")

@@ -107,20 +107,31 @@ def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
 
 
 def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -> Path:
-    """The wheel built from a locked sdist: from the store's ``wheels/``, else built here."""
-    from envmgr.resolvers.pypi.index import DistFile  # noqa: PLC0415
-    from envmgr.resolvers.pypi.sdist import SdistBuilder, stored_wheel  # noqa: PLC0415
+    """The wheel built from a locked sdist: from the store's ``wheels/``, else built here with
+    the build dependencies from the indexes it was locked with (else pip's own)."""
+    import json  # noqa: PLC0415
+
+    from envmgr.resolvers.pypi.index import DistFile, IndexClient, pip_index_urls  # noqa: PLC0415
+    from envmgr.resolvers.pypi.sdist import Sdists, stored_wheel  # noqa: PLC0415
 
     if store is None:
         raise BuildError(
             f"{package.name} {package.version} is locked as a source "
             "distribution; building it needs the store its wheel is kept in"
         )
-    local = cache_dir / "pypi" / "built" / package.sha256
+    local = cache_dir / "pypi" / "sdist" / "built" / package.sha256
     local.mkdir(parents=True, exist_ok=True)
     found = stored_wheel(store, package.sha256, local)
     if found is not None:
         return found
+    record = store.get(f"wheels/{package.sha256}/build.json")
+    try:
+        indexes = tuple(json.loads(record)["index_urls"]) if record else ()
+    except (ValueError, KeyError, TypeError):
+        indexes = ()
+    if not indexes:
+        index, extra = pip_index_urls()
+        indexes = (index, *(u for u in extra if not u.startswith("file:")))
     filename = package.url.split("#")[0].rsplit("/", 1)[-1]
     dist = DistFile(
         project=package.name,
@@ -132,7 +143,8 @@ def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -
         yanked=None,
         metadata_sha256=None,
     )
-    builder = SdistBuilder(store=store, cache_dir=cache_dir / "pypi", index_urls=())
+    client = IndexClient(indexes, cache_dir / "pypi")
+    builder = Sdists(store=store, cache_dir=cache_dir / "pypi", client=client, index_urls=indexes)
     return builder.wheel_for(dist)
 
 
@@ -147,6 +159,8 @@ def _install_wheels(
     from installer import install  # noqa: PLC0415
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
     from installer.sources import WheelFile  # noqa: PLC0415
+
+    from envmgr.resolvers.pypi.sdist import host_python_xy, wheel_is_pure  # noqa: PLC0415
 
     wheels = [p for p in lock.packages if p.manager == "pypi"]
     if not wheels:
@@ -174,7 +188,8 @@ def _install_wheels(
             path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
         else:
             path = _built_wheel(wheel, store, cache_dir)
-            if host != lock.platform and not path.name.endswith("-none-any.whl"):
+            foreign = host != lock.platform or xy != host_python_xy()
+            if foreign and not wheel_is_pure(path):
                 raise BuildError(
                     f"env {lock.env_id}: {wheel.name} {wheel.version} is locked as a source "
                     f"distribution whose wheel ({path.name}) is native: it must be compiled "

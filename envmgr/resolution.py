@@ -46,6 +46,7 @@ class ResolveOptions:
     default_channels: tuple[str, ...] = ("conda-forge",)
     index_url: str | None = None  # overrides pip's configured index for specs naming none
     extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()  # added to every PyPI spec's find-links
     cuda: str | None = None
     force: bool = False
     check: bool = False
@@ -78,16 +79,20 @@ def effective_spec(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
         return spec
     index_url = spec.index_url or options.index_url
     extra = (*spec.extra_index_urls, *options.extra_index_urls)
+    find_links = (*spec.find_links, *options.find_links)
     if index_url is None:
-        from envmgr.resolvers.pypi.index import pip_index_urls  # noqa: PLC0415
+        from envmgr.resolvers.pypi.index import pip_sources  # noqa: PLC0415
 
-        index_url, pip_extra = pip_index_urls()
-        # A file:// index from pip.conf would put machine-local paths into the lock.
+        index_url, pip_extra, pip_links = pip_sources()
+        # pip.conf's file:// indexes and local find-links would make the lock depend on this
+        # machine's disk without the spec saying so: only their http(s) ones are used.
         extra = (*extra, *(u for u in pip_extra if not u.startswith("file:")))
+        find_links = (*find_links, *(u for u in pip_links if not u.startswith("file:")))
     return replace(
         spec,
         index_url=parse_index_url(index_url),
         extra_index_urls=tuple(parse_index_url(u) for u in extra),
+        find_links=find_links,
     )
 
 
@@ -243,18 +248,19 @@ def _add_pypi(
     if python is None:
         raise EnvmgrError(f"{where}: the conda solve has no python for the PyPI packages")
     indexes = tuple(u for u in (spec.index_url, *spec.extra_index_urls) if u)
-    client = clients.get(indexes)
+    key = (*indexes, "--find-links", *spec.find_links)
+    client = clients.get(key)
     if client is None:
-        client = clients.setdefault(indexes, IndexClient(indexes, options.cache_dir / "pypi"))
+        client = clients.setdefault(
+            key, IndexClient(indexes, options.cache_dir / "pypi", find_links=spec.find_links)
+        )
     virtual = {v.name: v.version for v in target.virtual_packages}
     python_target = PythonTarget.from_virtual_packages(target.platform, python.version, virtual)
-    sdists = None
-    if target.platform == host_platform() and python_target.python_xy == sys.version_info[:2]:
-        from envmgr.resolvers.pypi.sdist import SdistBuilder  # noqa: PLC0415
+    from envmgr.resolvers.pypi.sdist import Sdists  # noqa: PLC0415
 
-        sdists = SdistBuilder(
-            store=options.store, cache_dir=options.cache_dir / "pypi", index_urls=indexes
-        )
+    sdists = Sdists(
+        store=options.store, cache_dir=options.cache_dir / "pypi", client=client, index_urls=indexes
+    )
     pypi = resolve_pypi(
         spec,
         python_target,
@@ -262,5 +268,8 @@ def _add_pypi(
         fixed=fixed_from_conda(lock.packages),
         where=where,
         sdists=sdists,
+        native_sdists=(
+            target.platform == host_platform() and python_target.python_xy == sys.version_info[:2]
+        ),
     )
     return replace(lock, packages=(*lock.packages, *pypi))

@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -52,6 +53,7 @@ __all__ = [
     "combine",
     "merge",
     "parse_channel",
+    "parse_find_links",
     "parse_index_url",
     "parse_python",
     "parse_system_package",
@@ -107,6 +109,23 @@ def parse_index_url(text: str) -> str:
     ):
         raise ValueError(f"index URL {text!r} must be an http://, https:// or file:// URL")
     return value.rstrip("/") + "/"
+
+
+def parse_find_links(text: str, base_dir: Path | None = None) -> str:
+    """A ``--find-links`` location as a URL: http(s) and file URLs as written, a directory
+    path (relative to *base_dir*, else the working directory) as its absolute file URL."""
+    value = text.strip()
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return value
+    if parts.scheme == "file":
+        return value
+    if parts.scheme or not value:
+        raise ValueError(f"find-links {text!r} must be a directory or an http(s):// URL")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    return path.resolve().as_uri()
 
 
 def parse_python(text: str) -> str:
@@ -217,7 +236,7 @@ class PypiDep:
     def parse(cls, text: str, *, hashes: Iterable[str] = ()) -> PypiDep:
         """Parse a PEP 508 requirement; ``hashes`` are ``algo:hexdigest`` pins.
 
-        Direct URLs must be http(s) (a VCS or local path cannot be locked reproducibly).
+        Direct URLs must be http(s) or absolute file URLs (a VCS checkout has no hash to lock).
         Raises ``ValueError``.
         """
         try:
@@ -231,10 +250,12 @@ class PypiDep:
                     f"{req.name} @ {req.url}: VCS requirements are not supported (envmgr locks "
                     "files with hashes); build a wheel and give its https:// URL"
                 )
-            if scheme not in ("http", "https"):
+            if scheme not in ("http", "https", "file") or (
+                scheme == "file" and not urlsplit(req.url).path.startswith("/")
+            ):
                 raise ValueError(
-                    f"{req.name} @ {req.url}: local files are not supported (a lock must work "
-                    "on every worker); publish the wheel to an index or give an https:// URL"
+                    f"{req.name} @ {req.url}: give an https:// URL or an absolute "
+                    "file:///path of a wheel or sdist"
                 )
         checked: list[str] = []
         for item in hashes:
@@ -315,6 +336,7 @@ class EnvSpec:
     channels: tuple[str, ...] = ()
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
     platforms: tuple[Platform, ...] = ()
     system: tuple[tuple[str, str], ...] = ()
     disabled: bool | None = None
@@ -332,6 +354,7 @@ class EnvSpec:
         set_(self, "pypi_constraints", _merge_pypi(self.pypi_constraints))
         set_(self, "channels", _unique(self.channels))
         set_(self, "extra_index_urls", _unique(self.extra_index_urls))
+        set_(self, "find_links", _unique(self.find_links))
         unknown = [p for p in self.platforms if not is_platform(p)]
         if unknown:
             raise ValueError(f"unknown platform(s) {unknown}; known: {', '.join(PLATFORMS)}")
@@ -350,7 +373,7 @@ class EnvSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data; :meth:`from_dict` reads it back to an equal spec."""
-        return {
+        data = {
             "format": SPEC_FORMAT,
             "python": self.python,
             "conda": [str(d) for d in self.conda],
@@ -363,6 +386,9 @@ class EnvSpec:
             "system": dict(self.system),
             "disabled": self.disabled,
         }
+        if self.find_links:  # only when given, so the ids of specs without stay as they were
+            data["find_links"] = list(self.find_links)
+        return data
 
     def canonical_json(self) -> str:
         """The canonical form hashed into :attr:`spec_id` (compact, sorted keys)."""
@@ -390,7 +416,7 @@ class EnvSpec:
             raise SpecError([Problem(where=where, key="-", message="not a mapping")])
         if data.get("format") != SPEC_FORMAT:
             bad("format", f"unsupported spec format {data.get('format')!r}, want {SPEC_FORMAT}")
-        known = set(cls().to_dict())
+        known = {*cls().to_dict(), "find_links"}
         for key in sorted(set(data) - known):
             bad(key, "unknown key")
 
@@ -432,6 +458,7 @@ class EnvSpec:
         constraints = parsed("pypi_constraints", _parse_pypi_line)
         channels = parsed("channels", parse_channel)
         extra = parsed("extra_index_urls", parse_index_url)
+        find_links = parsed("find_links", parse_find_links)
         platforms = strings("platforms")
         if problems:
             raise SpecError(problems)
@@ -444,6 +471,7 @@ class EnvSpec:
                 channels=tuple(channels),
                 index_url=index_url,
                 extra_index_urls=tuple(extra),
+                find_links=tuple(find_links),
                 platforms=tuple(platforms),  # type: ignore[arg-type]  # checked on construction
                 system=tuple((str(k), str(v)) for k, v in system.items()),
                 disabled=disabled,
@@ -473,6 +501,7 @@ def merge(base: EnvSpec, step: EnvSpec) -> EnvSpec:
         channels=(*step.channels, *base.channels),
         index_url=step.index_url if step.index_url is not None else base.index_url,
         extra_index_urls=(*base.extra_index_urls, *step.extra_index_urls),
+        find_links=(*base.find_links, *step.find_links),
         platforms=step.platforms or base.platforms,
         system=tuple((dict(base.system) | dict(step.system)).items()),
         disabled=step.disabled if step.disabled is not None else base.disabled,

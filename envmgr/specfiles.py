@@ -2,7 +2,7 @@
 
 Every reader reports all problems of a file at once (``SpecError``), each with the file and
 line. Nothing is silently dropped: lines envmgr cannot lock reproducibly (editable installs,
-local paths, VCS URLs) and options it does not implement are reported as unsupported.
+local directories, VCS URLs) and options it does not implement are reported as unsupported.
 
 ``environment.yml``: ``name`` (ignored), ``channels`` (``nodefaults`` dropped; the order is the
 priority), ``dependencies`` (conda match specs; ``python`` becomes the python version) with a
@@ -10,9 +10,11 @@ nested ``pip:`` list in requirements.txt syntax, conda-lock's ``platforms``, and
 and ``variables`` of ``conda env export`` (ignored: they are about one machine).
 
 ``requirements.txt``: PEP 508 lines with ``--hash`` options, ``-r``/``-c`` includes (relative
-to the including file), ``-i``/``--index-url``, ``--extra-index-url``, comments and ``\\``
-continuations. ``--require-hashes``, ``--only-binary :all:`` and ``--prefer-binary`` are accepted
-(envmgr always checks hashes and installs wheels). ``${VAR}`` stays unexpanded.
+to the including file), ``-i``/``--index-url``, ``--extra-index-url``, ``-f``/``--find-links``
+(a directory, relative to the file, or a URL), local wheel and sdist paths (as
+``name @ file:///abs/path``), comments and ``\\`` continuations. ``--require-hashes``,
+``--only-binary :all:`` and ``--prefer-binary`` are accepted (envmgr always checks hashes and
+installs wheels). ``${VAR}`` stays unexpanded.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from typing import Any
 from envmgr.errors import Problem, SpecError
 from envmgr.limits import InputError, check_yaml, read_bounded
 from envmgr.platforms import PLATFORMS, Platform, is_platform
-from envmgr.spec import CondaDep, EnvSpec, PypiDep, parse_channel, parse_index_url, parse_python
+from envmgr.spec import (
+    CondaDep,
+    EnvSpec,
+    PypiDep,
+    parse_channel,
+    parse_find_links,
+    parse_index_url,
+    parse_python,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +48,7 @@ __all__ = ["read_environment_yml", "read_pyproject", "read_requirements", "read_
 
 _COMMENT = re.compile(r"(^|\s+)#.*$")
 _ACCEPTED_FLAGS = {"--require-hashes", "--prefer-binary"}
+_VCS = re.compile(r"^(git|hg|svn|bzr)\+[a-z]+://", re.IGNORECASE)
 _LOCAL = re.compile(r"^(\.{1,2}(/|$)|/|~|[A-Za-z]:\\|file:)")
 
 
@@ -49,6 +60,7 @@ class _Requirements:
     constraints: list[PypiDep] = field(default_factory=list)
     index_url: str | None = None
     extra_index_urls: list[str] = field(default_factory=list)
+    find_links: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     def bad(self, where: str, key: str, message: str) -> None:
@@ -114,23 +126,57 @@ def _read_requirement_lines(
                 hashes.append(option.split("=", 1)[1])
             else:
                 acc.bad(where, requirement, f"unsupported per-requirement option {option!r}")
-        if _LOCAL.match(requirement) or (
-            requirement.endswith((".whl", ".tar.gz", ".zip")) and "@" not in requirement
-        ):
+        if _VCS.match(requirement):
             acc.bad(
                 where,
                 requirement,
-                "local paths and bare file URLs are not supported "
-                "(a lock must work on every worker); write "
-                "'name @ https://...' or use an index",
+                "VCS requirements are not supported (envmgr locks files with hashes); build a "
+                "wheel and publish it to an index, or give 'name @ https://.../file.whl'",
             )
             continue
+        if _LOCAL.match(requirement) or (
+            requirement.endswith((".whl", ".tar.gz", ".zip")) and "@" not in requirement
+        ):
+            local = _local_file(requirement, base_dir)
+            if local is None:
+                acc.bad(
+                    where,
+                    requirement,
+                    "a local path must name a wheel or sdist file (a directory or "
+                    "editable project is not supported); build a wheel first",
+                )
+                continue
+            requirement = local
         try:
             dep = PypiDep.parse(requirement, hashes=hashes)
         except ValueError as exc:
             acc.bad(where, requirement, str(exc))
             continue
         (acc.constraints if constraint else acc.pypi).append(dep)
+
+
+def _local_file(text: str, base_dir: Path | None) -> str | None:
+    """``./dist/x-1.0-py3-none-any.whl`` (or a file URL) as ``x @ file:///abs/path``, as pip
+    reads it; None when it does not name a wheel or sdist file."""
+    from packaging.utils import (  # noqa: PLC0415
+        InvalidSdistFilename,
+        InvalidWheelFilename,
+        parse_sdist_filename,
+        parse_wheel_filename,
+    )
+
+    value = text[len("file://") :] if text.startswith("file://") else text
+    path = Path(value.removeprefix("file:")).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    try:
+        if path.name.endswith(".whl"):
+            name = str(parse_wheel_filename(path.name)[0])
+        else:
+            name = str(parse_sdist_filename(path.name)[0])
+    except (InvalidWheelFilename, InvalidSdistFilename):
+        return None
+    return f"{name} @ {path.resolve().as_uri()}"
 
 
 def _read_option(
@@ -169,6 +215,16 @@ def _read_option(
             acc.bad(where, name, f"a second, different index URL (first: {acc.index_url})")
         else:
             acc.index_url = url
+        return
+    if name in ("-f", "--find-links") or head.startswith("-f"):
+        value, _ = _option_value(tokens, 0)
+        if value is None:
+            acc.bad(where, name, "needs a directory or URL")
+            return
+        try:
+            acc.find_links.append(parse_find_links(value, base_dir))
+        except ValueError as exc:
+            acc.bad(where, name, str(exc))
         return
     if name in ("-r", "--requirement", "-c", "--constraint") or head[:2] in ("-r", "-c"):
         value, _ = _option_value(tokens, 0)
@@ -242,6 +298,7 @@ def _finish(
             channels=tuple(channels or ()),
             index_url=acc.index_url,
             extra_index_urls=tuple(acc.extra_index_urls),
+            find_links=tuple(acc.find_links),
             platforms=tuple(platforms or ()),
         )
     except ValueError as exc:  # e.g. one name given two different URLs

@@ -313,10 +313,12 @@ def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     lock = resolve_specs({"train": spec}, options)[0].lock
     names = lock.names()
     assert names["sdist-only"].url.endswith("sdist_only-1.0.tar.gz") and "six" in names
-    stored = list(store.list(f"wheels/{names['sdist-only'].sha256}/"))
+    prefix = f"wheels/{names['sdist-only'].sha256}/"
+    assert not [k for k in store.list(prefix) if k.endswith(".whl")]  # resolving builds nothing
+    built = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "builder"))
+    stored = [k for k in store.list(prefix) if k.endswith(".whl")]
     assert len(stored) == 1 and stored[0].rsplit("/", 1)[1].startswith("sdist_only-1.0-")
     assert stored[0].endswith("-none-any.whl")
-    built = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "builder"))
     from envmgr.archive import relocate, unpack
     from envmgr.cache.layout import archive_key
 
@@ -336,13 +338,13 @@ def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     assert out == "1.0"
 
 
-def test_sdists_are_not_built_for_another_platform(resolve):
-    assert versions(resolve(["mixedpkg"], platform="osx-arm64"))["mixedpkg"] == "1.0"
-    with pytest.raises(PypiConflictError) as info:
-        resolve(["mixedpkg>=2"], platform="osx-arm64")
-    text = str(info.value)
-    assert "mixedpkg 2.0 has only a source distribution" in text
-    assert "newest version with a wheel: 1.0" in text
+def test_a_newer_sdist_only_release_beats_an_older_wheel_on_every_target(resolve):
+    """uv 0.13 and pip pick mixedpkg 2.0 (sdist only) over 1.0 (a wheel); it is pure Python,
+    so it locks for another platform too."""
+    for platform in ("linux-64", "osx-arm64"):
+        found = resolve(["mixedpkg"], platform=platform)["mixedpkg"]
+        assert found.version == "2.0" and found.url.endswith("mixedpkg-2.0.tar.gz")
+    assert versions(resolve(["mixedpkg<2"], platform="osx-arm64"))["mixedpkg"] == "1.0"
 
 
 def test_macos_targets_default_like_uv_and_name_the_release_wheels_need(resolve):

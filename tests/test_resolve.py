@@ -178,7 +178,7 @@ def test_unsatisfiable_flow_step_is_one_line_naming_step_and_packages(home, cond
     assert len(lines) == 1, result.stderr
     assert "step 'start'" in lines[0] and "fixture-beta" in lines[0]
     assert "fixture-gamma" in lines[0] and "fixture-alpha" in lines[0]
-    verbose = run_envmgr("-v", "resolve", str(flow), "--channel", conda_channel.url)
+    verbose = run_envmgr("-vv", "resolve", str(flow), "--channel", conda_channel.url)
     assert "Traceback" in verbose.stderr and "conflicts" in verbose.stderr
 
 

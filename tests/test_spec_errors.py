@@ -50,8 +50,8 @@ BAD = [
     (
         "pypi-local-url",
         P,
-        {"packages": {"mylib": "@ file:///tmp/mylib.whl"}},
-        "local files are not supported",
+        {"packages": {"mylib": "@ file:relative/mylib.whl"}},
+        "an absolute file:///path of a wheel or sdist",
     ),
     ("channels-not-list", C, {"channels": "conda-forge"}, "list of strings"),
     ("channel-bad-url", C, {"channels": ["ftp://mirror/conda"]}, "channels[0]"),

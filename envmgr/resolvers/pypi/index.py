@@ -39,7 +39,14 @@ from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
 
-__all__ = ["DistFile", "IndexClient", "PackageIndexError", "pip_index_urls", "wheel_metadata"]
+__all__ = [
+    "DistFile",
+    "IndexClient",
+    "PackageIndexError",
+    "pip_index_urls",
+    "pip_sources",
+    "wheel_metadata",
+]
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 _ACCEPT = f"{JSON_TYPE}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.01"
@@ -63,6 +70,12 @@ def pip_index_urls() -> tuple[str, tuple[str, ...]]:
 
     pip's own configuration loader and default are used, so envmgr agrees with pip.
     """
+    index, extra, _find_links = pip_sources()
+    return index, extra
+
+
+def pip_sources() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """pip's index URL, extra index URLs and find-links locations (as URLs) here."""
     from pip._internal.configuration import Configuration  # noqa: PLC0415
     from pip._internal.models.index import PyPI  # noqa: PLC0415
 
@@ -81,7 +94,13 @@ def pip_index_urls() -> tuple[str, tuple[str, ...]]:
 
     index = value("index-url") or PyPI.simple_url
     extra = tuple(value("extra-index-url").split())
-    return index, extra
+    find_links = []
+    for item in value("find-links").split():
+        if "://" in item:
+            find_links.append(item)
+        else:
+            find_links.append(Path(item).expanduser().resolve().as_uri())
+    return index, extra, tuple(find_links)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -241,6 +260,7 @@ class IndexClient:
         index_urls: Iterable[str],
         cache_dir: Path,
         *,
+        find_links: Iterable[str] = (),
         timeout: float = 30.0,
         pool_size: int = 16,
     ) -> None:
@@ -249,6 +269,8 @@ class IndexClient:
         from urllib3.util.retry import Retry  # noqa: PLC0415
 
         self.index_urls = tuple(dict.fromkeys(u.rstrip("/") + "/" for u in index_urls))
+        self.find_links = tuple(dict.fromkeys(find_links))
+        self._flat: dict[str, list[tuple[str, str, str]]] = {}  # location -> (project, name, url)
         self.cache_dir = cache_dir
         self.timeout = timeout
         self.session = requests.Session()
@@ -313,9 +335,160 @@ class IndexClient:
         files: list[DistFile] = []
         for index in self.index_urls:
             files += self._page(index, name)
+        for location in self.find_links:
+            files += self._flat_files(location, name)
         with self._lock:
             self._pages[name] = files
         return files
+
+    def project_names(self, limit: int = 8 << 20) -> list[str]:
+        """The projects the indexes list on their root pages (PEP 691 JSON or PEP 503 HTML) and
+        the find-links locations hold; a root page larger than *limit* bytes (PyPI's own) is
+        skipped. Used only to suggest a name for a typo."""
+        names: set[str] = set()
+        for index in self.index_urls:
+            parts = urlsplit(index)
+            if parts.scheme == "file":
+                root = Path(unquote(parts.path))
+                if root.is_dir():
+                    names.update(_canonical(p.name) for p in root.iterdir() if p.is_dir())
+                continue
+            names.update(self._root_names(index, limit))
+        for location in self.find_links:
+            try:
+                names.update(project for project, _f, _u in self._flat_entries(location))
+            except PackageIndexError:
+                continue
+        return sorted(names)
+
+    def _root_names(self, index: str, limit: int) -> set[str]:
+        import requests  # noqa: PLC0415
+
+        real, auth = self._auth_for(index)
+        try:
+            with self.session.get(
+                real, headers={"Accept": _ACCEPT}, timeout=self.timeout, auth=auth, stream=True
+            ) as answer:
+                if (
+                    answer.status_code != 200
+                    or int(answer.headers.get("Content-Length") or 0) > limit
+                ):
+                    return set()
+                body = b""
+                for chunk in answer.iter_content(1 << 16):
+                    body += chunk
+                    if len(body) > limit:
+                        return set()
+                kind = answer.headers.get("Content-Type", "").split(";")[0].strip()
+        except requests.RequestException:
+            return set()
+        if kind == JSON_TYPE:
+            try:
+                return {_canonical(p["name"]) for p in json.loads(body)["projects"]}
+            except (ValueError, KeyError, TypeError):
+                return set()
+        links = _Links()
+        links.feed(body.decode("utf-8", "replace"))
+        return {
+            _canonical(href.rstrip("/").rsplit("/", 1)[-1])
+            for href in (a.get("href") or "" for a in links.links)
+            if href
+        }
+
+    # -- find-links and direct URLs ---------------------------------------------------------
+
+    def _flat_entries(self, location: str) -> list[tuple[str, str, str]]:
+        """(project, file name, URL) of every wheel and sdist a find-links location lists: the
+        files of a directory, or the links of an HTML page."""
+        with self._lock:
+            known = self._flat.get(location)
+        if known is not None:
+            return known
+        entries: list[tuple[str, str, str]] = []
+        parts = urlsplit(location)
+        if parts.scheme == "file":
+            directory = Path(unquote(parts.path))
+            if not directory.is_dir():
+                raise PackageIndexError(
+                    f"find-links {directory}: not a directory",
+                    hint="give a directory of wheels and sdists, or an http(s):// page",
+                )
+            for path in sorted(directory.iterdir()):
+                parsed = _parse_filename(path.name)
+                if parsed is not None and path.is_file():
+                    entries.append((parsed[0], path.name, path.resolve().as_uri()))
+        else:
+            answer = self._get(location)
+            if answer.status_code != 200:
+                raise PackageIndexError(
+                    f"find-links {strip_credentials(location)} answered HTTP {answer.status_code}"
+                )
+            links = _Links()
+            links.feed(answer.text)
+            for attrs in links.links:
+                url = urljoin(strip_credentials(answer.url), attrs.get("href") or "")
+                filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+                parsed = _parse_filename(filename)
+                if parsed is not None:
+                    entries.append((parsed[0], filename, url))
+        with self._lock:
+            self._flat[location] = entries
+        return entries
+
+    def _flat_files(self, location: str, name: str) -> list[DistFile]:
+        return [
+            self.direct_file(url)
+            for project, _filename, url in self._flat_entries(location)
+            if project == name
+        ]
+
+    def direct_file(self, url: str) -> DistFile:
+        """The wheel or sdist at *url* (a direct URL or a find-links file) as a :class:`DistFile`;
+        its sha256 comes from a ``#sha256=`` fragment, else from its bytes (a local file's
+        hash is cached by path, size and mtime)."""
+        bare, _, fragment = url.partition("#")
+        filename = unquote(urlsplit(bare).path.rsplit("/", 1)[-1])
+        parsed = _parse_filename(filename)
+        if parsed is None:
+            raise PackageIndexError(
+                f"{strip_credentials(bare)}: not a wheel or sdist file name",
+                hint="name a .whl, .tar.gz or .zip file",
+            )
+        algo, _, digest = fragment.partition("=")
+        size = 0
+        if algo == "sha256" and digest:
+            sha256 = digest.lower()
+        elif urlsplit(bare).scheme == "file":
+            sha256, size = self._local_sha256(Path(unquote(urlsplit(bare).path)))
+        else:
+            data = self.fetch(bare)
+            sha256, size = hashlib.sha256(data).hexdigest(), len(data)
+        return DistFile(
+            project=parsed[0],
+            version=parsed[1],
+            filename=filename,
+            url=bare,
+            sha256=sha256,
+            requires_python=None,
+            yanked=None,
+            metadata_sha256=None,
+            size=size,
+        )
+
+    def _local_sha256(self, path: Path) -> tuple[str, int]:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise PackageIndexError(f"{path}: {exc.strerror}") from None
+        cache = self._cache_path("local-hashes", f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+        if cache.is_file():
+            return cache.read_text().strip(), stat.st_size
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        _write_atomic(cache, digest.hexdigest().encode())
+        return digest.hexdigest(), stat.st_size
 
     def _cache_path(self, kind: str, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -388,7 +561,7 @@ class IndexClient:
         if urlsplit(dist.url).scheme == "file":
             data = _local_metadata(dist)  # a file:// index: read the wheel where it lies
         else:
-            data = self._metadata_file(dist)
+            data = self.metadata_file(dist)
         if data is None:
             data = self._metadata_by_range(dist)
         if data is None:
@@ -399,7 +572,25 @@ class IndexClient:
     def _index_of(self, dist: DistFile) -> str:
         return urlsplit(dist.url).netloc
 
-    def _metadata_file(self, dist: DistFile) -> bytes | None:
+    def fetch(self, url: str) -> bytes:
+        """The bytes of one file of a project at *url*, with the index's credentials; the
+        caller checks them against the file's sha256."""
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            path = Path(unquote(parts.path))
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                raise PackageIndexError(f"{path}: {exc.strerror}") from None
+        answer = self._get(url)
+        if answer.status_code != 200:
+            raise PackageIndexError(f"{strip_credentials(url)} answered HTTP {answer.status_code}")
+        data: bytes = answer.content
+        return data
+
+    def metadata_file(self, dist: DistFile) -> bytes | None:
+        """The PEP 658 ``.metadata`` file of *dist* (checked when its hash is advertised), or
+        None; unadvertised files are probed on a few files per index, then no more."""
         probe = self._probes.setdefault(self._index_of(dist), [0, 0])
         if dist.metadata_sha256 is None:
             with self._lock:  # reserve a probe before asking: the prefetcher runs in parallel

@@ -6,6 +6,13 @@ pre-releases only when a specifier asks for one (or when nothing else exists, as
 Markers are evaluated for the target's environment. Extras are separate identifiers
 (``name[extra]``) that depend on their base at the same version, as in pip.
 
+Versions come newest first, a wheel standing for its version where one fits and its sdist
+where none does (pip's and uv's answer: a newer sdist-only release beats an older wheel).
+An sdist's metadata is read without building it (:mod:`envmgr.resolvers.pypi.sdist`); for a
+target other than this host's platform and Python, an sdist must be pure Python.
+``Requires-Python`` found only in an sdist's metadata becomes a requirement on the
+pseudo-project ``<python>``, whose one candidate is the target's Python (as pip does).
+
 *Fixed* distributions (installed by conda in a mixed env) have exactly one candidate, their
 conda version, with no dependencies to follow: the PyPI layer never replaces them.
 """
@@ -28,11 +35,19 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 from resolvelib import AbstractProvider
 
+from envmgr.errors import EnvmgrError
 from envmgr.resolvers.pypi.index import DistFile, IndexClient
-from envmgr.resolvers.pypi.sdist import SdistBuilder
+from envmgr.resolvers.pypi.sdist import Sdists
 from envmgr.resolvers.pypi.target import PythonTarget
 
-__all__ = ["Candidate", "PypiProvider", "Req"]
+__all__ = ["PYTHON", "Candidate", "NativeSdistError", "PypiProvider", "Req", "pinned"]
+
+#: The pseudo-project an sdist's ``Requires-Python`` becomes a requirement on.
+PYTHON = "<python>"
+
+
+class NativeSdistError(EnvmgrError):
+    """An sdist with compiled code was chosen for a target this host cannot compile for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +90,7 @@ class Candidate:
         return f"{self.identifier} {self.version}{suffix}"
 
 
-def _pinned(specifier: SpecifierSet) -> bool:
+def pinned(specifier: SpecifierSet) -> bool:
     return any(s.operator in ("==", "===") and "*" not in s.version for s in specifier)
 
 
@@ -91,7 +106,8 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         constraints: Mapping[str, SpecifierSet] | None = None,
         user_requested: Iterable[str] = (),
         prefetch_workers: int = 16,
-        sdists: SdistBuilder | None = None,
+        sdists: Sdists | None = None,
+        native_sdists: bool = False,
     ) -> None:
         self.client = client
         self.target = target
@@ -101,7 +117,8 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             canonicalize_name(n): i for i, n in enumerate(user_requested)
         }
         self.hashes: dict[str, set[str]] = {}  # name -> allowed sha256 (requirements' --hash)
-        self.sdists: SdistBuilder | None = sdists
+        self.sdists: Sdists | None = sdists
+        self.native_sdists = native_sdists  # the target is this host: sdists may compile
         self.required_by: dict[str, str] = {}
         self.markers = target.markers()
         self.python = Version(target.python)
@@ -117,6 +134,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         self._order: dict[str, list[Version]] = {}
         self._candidates: dict[tuple[str, Version, frozenset[str]], Candidate] = {}
         self._meta: dict[str, Future[email.message.Message]] = {}
+        self._direct: dict[str, Future[DistFile]] = {}
 
     def close(self) -> None:
         self._closed = True
@@ -209,7 +227,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
     ) -> Any:
         infos = list(information[identifier])
         base = identifier.split("[")[0]
-        pinned = any(_pinned(i.requirement.specifier) for i in infos)
+        is_pinned = any(pinned(i.requirement.specifier) for i in infos)
         direct = any(i.parent is None for i in infos)
         causes = {c.requirement.name for c in backtrack_causes} | {
             c.parent.name for c in backtrack_causes if c.parent is not None
@@ -217,7 +235,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         return (
             base not in self.fixed,
             base not in causes,
-            not pinned,
+            not is_pinned,
             not direct,
             self.user_requested.get(base, len(self.user_requested)),
             identifier,
@@ -238,14 +256,20 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             specifier &= req.specifier
         if name in self.constraints:
             specifier &= self.constraints[name]
+        if name == PYTHON:
+            if bad or not specifier.contains(self.python, prereleases=True):
+                return []
+            return [Candidate(name=PYTHON, version=self.python, fixed=True)]
         if name in self.fixed:
             version = self.fixed[name]
             if version in bad or not specifier.contains(version, prereleases=True):
                 return []
             return [Candidate(name=name, version=version, extras=extras, fixed=True)]
-        urls = {r.url for r in reqs if r.url}
+        urls = {r.url.split("#")[0] for r in reqs if r.url}
+        if urls:
+            return self._direct_matches(name, urls, specifier, extras, bad)
         by_version = self.best_files(name)
-        allow_yanked = any(_pinned(r.specifier) for r in reqs)
+        allow_yanked = any(pinned(r.specifier) for r in reqs)
         explicit_pre = any(s.prereleases for s in (r.specifier for r in reqs))
         # Backtracking asks the same questions thousands of times: each specifier's matching
         # versions are computed once per project, then intersected.
@@ -262,23 +286,45 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
                 continue
             if dist.yanked is not None and not allow_yanked:
                 continue
-            if urls and dist.url.split("#")[0] not in urls:
-                continue
             found.append(self._candidate(name, version, extras, dist))
-        wheels = [c for c in found if c.dist is None or c.dist.is_wheel]
-        if wheels:
-            # An sdist is a candidate only when no wheel satisfies the requirements: reading
-            # its metadata means building it, which backtracking could do dozens of times.
-            found = wheels
         finals = [c for c in found if not c.version.is_prerelease]
         if not explicit_pre and finals:
             found = finals
         # The resolver asks about the first candidate next; when it is backtracking it will
         # likely walk down the list, so fetch a few more ahead.
         for candidate in found[: 10 if bad else 1]:
-            if candidate.dist is not None:
+            if candidate.dist is not None and candidate.dist.is_wheel:
                 self.metadata(candidate.dist)
         return found
+
+    def _direct_matches(
+        self,
+        name: str,
+        urls: set[str],
+        specifier: SpecifierSet,
+        extras: frozenset[str],
+        bad: set[Version],
+    ) -> list[Candidate]:
+        """The one candidate of a direct URL requirement (``name @ URL``): that very file,
+        if it is *name*'s, fits the target and meets the other requirements on *name*."""
+        if len(urls) > 1:
+            return []
+        url = next(iter(urls))
+        with self._prefetch_lock:
+            future = self._direct.get(url)
+            if future is None:
+                future = self.pool.submit(self.client.direct_file, url)
+                self._direct[url] = future
+        dist = future.result()
+        version = _version(dist.version)
+        fits = not dist.is_wheel or self._tag_rank(
+            "-".join(dist.filename[:-4].split("-")[-3:])
+        ) < len(self.rank)
+        if dist.project != name or version is None or version in bad or not fits:
+            return []
+        if not specifier.contains(version, prereleases=True):
+            return []
+        return [Candidate(name=name, version=version, extras=extras, dist=dist)]
 
     def _matching(self, name: str, specifier: SpecifierSet) -> frozenset[Version]:
         key = (name, str(specifier))
@@ -325,7 +371,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             if version not in best or rank < best[version][0]:
                 best[version] = (rank, dist)
         if self.sdists is not None:
-            # No wheel fits these versions: their sdists can be built here (last choice).
+            # No wheel fits these versions: their sdists stand for them.
             for dist in self.page(name).result():
                 version = _version(dist.version)
                 if dist.is_wheel or version is None or version in best:
@@ -350,15 +396,36 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
 
     def is_satisfied_by(self, requirement: Req, candidate: Candidate) -> bool:
         if requirement.url and (
-            candidate.dist is None or candidate.dist.url.split("#")[0] != requirement.url
+            candidate.dist is None
+            or candidate.dist.url.split("#")[0] != requirement.url.split("#")[0]
         ):
             return candidate.fixed
         return requirement.specifier.contains(candidate.version, prereleases=True)
+
+    def newest_wheel(self, name: str) -> Version | None:
+        """The newest version of *name* with a wheel the target accepts."""
+        return max((v for v, d in self.best_files(name).items() if d.is_wheel), default=None)
+
+    def _check_sdist(self, candidate: Candidate) -> None:
+        """An sdist for another target must be pure Python (see the module docstring)."""
+        dist = candidate.dist
+        if dist is None or dist.is_wheel or self.native_sdists or self.sdists is None:
+            return
+        if not self.sdists.is_pure(dist):
+            newest = self.newest_wheel(candidate.name)
+            raise NativeSdistError(
+                f"{candidate.name} {candidate.version} has only a source distribution with "
+                f"compiled code, which must be compiled for {self.target.platform} with "
+                f"CPython {self.target.python} (envmgr compiles only for this host); newest "
+                f"version with a wheel for it: {newest or 'none'}",
+                hint=f"pin {candidate.name}=={newest}" if newest else "lock on such a host",
+            )
 
     def dependencies_of(self, candidate: Candidate) -> list[str]:
         """The applicable ``Requires-Dist`` lines of *candidate* (without extras' own)."""
         if candidate.fixed or candidate.dist is None:
             return []
+        self._check_sdist(candidate)
         meta = self.metadata(candidate.dist).result()
         out = []
         for line in meta.get_all("Requires-Dist") or []:
@@ -404,6 +471,16 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         deps = []
         for line in self.dependencies_of(candidate):
             deps += self.make_requirement(line)
+        requires_python = self.metadata(candidate.dist).result().get("Requires-Python")
+        if requires_python and not candidate.dist.requires_python:
+            with contextlib.suppress(InvalidSpecifier):  # pip ignores a broken one too
+                deps.append(
+                    Req(
+                        name=PYTHON,
+                        specifier=SpecifierSet(requires_python),
+                        text=f"Python {requires_python}",
+                    )
+                )
         for dep in deps:  # who first asked for each project, for conflict explanations
             self.required_by.setdefault(dep.name.split("[")[0], str(candidate))
         return deps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,10 +15,19 @@ from envmgr.errors import EnvmgrError
 from envmgr.lock import LockedPackage, strip_credentials
 from envmgr.resolvers.conda import SolveError
 from envmgr.resolvers.pypi.index import IndexClient
-from envmgr.resolvers.pypi.provider import Candidate, PypiProvider, Req, parse_version
-from envmgr.resolvers.pypi.sdist import SdistBuilder
+from envmgr.resolvers.pypi.provider import (
+    PYTHON,
+    Candidate,
+    PypiProvider,
+    Req,
+    parse_version,
+    pinned,
+)
+from envmgr.resolvers.pypi.sdist import Sdists
 from envmgr.resolvers.pypi.target import PythonTarget
 from envmgr.spec import EnvSpec
+
+log = logging.getLogger("envmgr.pypi")
 
 __all__ = ["CONDA_TO_PYPI", "PypiConflictError", "fixed_from_conda", "resolve_pypi"]
 
@@ -61,7 +71,11 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
     files = provider.page(name).result()
     indexes = ", ".join(strip_credentials(u) for u in provider.client.index_urls)
     if not files:
-        return f"no project named {name!r} on {indexes}"
+        if provider.client.find_links:
+            indexes += " or the find-links " + ", ".join(
+                strip_credentials(u) for u in provider.client.find_links
+            )
+        return f"no project named {name!r} on {indexes}" + _did_you_mean(provider, name)
     allowed = provider.hashes.get(name)
     if allowed and not any(f.sha256 in allowed for f in files):
         pinned = ", ".join(sorted(f"{h[:12]}…" for h in allowed)[:3])
@@ -83,18 +97,32 @@ def _why_no_candidates(provider: PypiProvider, name: str, target: PythonTarget) 
         if seen:
             text += f" (its wheels are for: {', '.join(seen)})"
         text += _macos_needed(wheels, target)
-    sdist_only = sorted(
-        {Version(f.version) for f in files} - {Version(f.version) for f in wheels} - set(fitting),
-        reverse=True,
-    )
-    if sdist_only and provider.sdists is None:
-        newest_wheel = max((Version(w.version) for w in wheels), default=None)
-        text += (
-            f"; {name} {sdist_only[0]} has only a source distribution, which envmgr "
-            "builds only when locking for this host's platform and Python; newest "
-            f"version with a wheel: {newest_wheel or 'none'}"
-        )
     return text
+
+
+#: Often-typed projects, for suggestions when an index is too large to list (PyPI).
+_WELL_KNOWN = (
+    "numpy", "pandas", "scipy", "scikit-learn", "matplotlib", "seaborn", "requests",
+    "torch", "torchvision", "tensorflow", "keras", "transformers", "sentence-transformers",
+    "xgboost", "lightgbm", "catboost", "statsmodels", "pyarrow", "polars", "dask",
+    "boto3", "botocore", "pydantic", "fastapi", "flask", "django", "sqlalchemy",
+    "pytest", "jupyter", "ipython", "notebook", "plotly", "bokeh", "altair", "nltk",
+    "spacy", "gensim", "opencv-python", "pillow", "beautifulsoup4", "lxml", "pyyaml",
+    "tabulate", "tqdm", "click", "typer", "rich", "attrs", "six", "python-dateutil",
+    "pytz", "networkx", "sympy", "numba", "jax", "jaxlib", "metaflow", "mlflow",
+    "datasets", "tokenizers", "accelerate", "huggingface-hub", "openai", "langchain",
+)  # fmt: skip
+
+
+def _did_you_mean(provider: PypiProvider, name: str) -> str:
+    """``; did you mean 'pandas'?`` for a near miss among the indexes' projects."""
+    import difflib  # noqa: PLC0415
+
+    known = {*provider.client.project_names(), *_WELL_KNOWN}
+    close = difflib.get_close_matches(name, sorted(known - {name}), n=2, cutoff=0.75)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 def _macos_needed(wheels: list[Any], target: PythonTarget) -> str:
@@ -131,15 +159,62 @@ def _chain(provider: PypiProvider, parent: Candidate | None) -> str:
     return "required by " + " ← ".join([*links, "the step"])
 
 
+def _bound(specifier: str) -> tuple[Version, str]:
+    """Order ``>=2.0``, ``>=2.1``, ``>=10``: by the version a specifier names, then its text."""
+    digits = specifier.lstrip("<>=!~ ").split(",")[0]
+    return (parse_version(digits) or Version("0"), specifier)
+
+
+def _summary(name: str, causes: list[Any]) -> str:
+    """A long conflict on *name* in one sentence: who needs what, grouped by project, with
+    the step's own requirement last ("every b 2.3.0 to 3.0.1 (5 versions) needs c>=4.32; the
+    step asks for c==4.30.1")."""
+    by_project: dict[str, list[tuple[Version, str]]] = {}
+    asked: list[str] = []
+    for cause in causes:
+        spec = str(cause.requirement.specifier) or "any version"
+        if cause.parent is None:
+            asked.append(str(cause.requirement))
+        else:
+            parent: Candidate = cause.parent
+            by_project.setdefault(parent.name, []).append((parent.version, spec))
+    parts = []
+    for project, needs in by_project.items():
+        versions = sorted({v for v, _ in needs})
+        specs = sorted({s for _, s in needs}, key=_bound)
+        wanted = f"{name}{specs[0]}" + (f" (or {', '.join(specs[1:3])})" if len(specs) > 1 else "")
+        if len(versions) == 1:
+            parts.append(f"{project} {versions[0]} needs {wanted}")
+        else:
+            parts.append(
+                f"every {project} {versions[0]} to {versions[-1]} that fits "
+                f"({len(versions)} versions) needs {wanted}"
+            )
+    if asked:
+        parts.append(f"the step asks for {' and '.join(dict.fromkeys(asked))}")
+    return "; ".join(parts)
+
+
 def _explain(exc: Any, provider: PypiProvider, target: PythonTarget, where: str) -> str:
     by_name: dict[str, list[str]] = {}
+    causes_of: dict[str, list[Any]] = {}
     for cause in exc.causes:
         req: Req = cause.requirement
         base = req.name.split("[")[0]
         by_name.setdefault(base, []).append(f"{req} ({_chain(provider, cause.parent)})")
+        causes_of.setdefault(base, []).append(cause)
     sentences = []
     for name, needs in by_name.items():
-        if name in provider.fixed:
+        if name == PYTHON:
+            parents = sorted({str(c.parent) for c in causes_of[name] if c.parent is not None})
+            sentences.append(
+                f"{', '.join(parents[:4])} need{'s' if len(parents) == 1 else ''} "
+                f"{' and '.join(sorted(set(needs)))[:80].split(' (')[0]}, and the target has "
+                f"CPython {target.python}"
+            )
+        elif len(needs) > 2:
+            sentences.append(_summary(name, causes_of[name]))
+        elif name in provider.fixed:
             sentences.append(
                 f"conda provides {name} {provider.fixed[name]}, but {' and '.join(needs)}"
             )
@@ -157,16 +232,24 @@ def resolve_pypi(
     client: IndexClient,
     fixed: Mapping[str, Version],
     where: str,
-    sdists: SdistBuilder | None = None,
+    sdists: Sdists | None = None,
+    native_sdists: bool = False,
 ) -> tuple[LockedPackage, ...]:
     """Lock the PyPI requirements of *spec* for *target*; conda-installed *fixed* distributions
-    are taken as they are. Raises :class:`PypiConflictError` or an index error."""
-    from resolvelib import BaseReporter, Resolver  # noqa: PLC0415
+    are taken as they are. *sdists* reads source distributions (None: wheels only); with
+    *native_sdists* the target is this host and sdists may be compiled when the env is built.
+    Raises :class:`PypiConflictError` or an index error."""
+    from resolvelib import Resolver  # noqa: PLC0415
     from resolvelib.resolvers import ResolutionImpossible, ResolutionTooDeep  # noqa: PLC0415
 
     constraints: dict[str, SpecifierSet] = {}
     provider = PypiProvider(
-        client, target, fixed=fixed, sdists=sdists, user_requested=[d.name for d in spec.pypi]
+        client,
+        target,
+        fixed=fixed,
+        sdists=sdists,
+        native_sdists=native_sdists,
+        user_requested=[d.name for d in spec.pypi],
     )
     for dep in spec.pypi_constraints:
         for req in provider.make_requirement(dep.requirement()):
@@ -181,7 +264,8 @@ def resolve_pypi(
     for dep in spec.pypi:
         roots += provider.make_requirement(dep.requirement())
     try:
-        result = Resolver(provider, BaseReporter()).resolve(roots, max_rounds=5000)
+        _check_pins(provider, roots, target)
+        result = Resolver(provider, _reporter(target)).resolve(roots, max_rounds=5000)
         packages = []
         for candidate in result.mapping.values():
             if candidate.fixed or candidate.extras or candidate.dist is None:
@@ -202,6 +286,64 @@ def resolve_pypi(
     finally:
         provider.close()
     return tuple(sorted(packages))
+
+
+def _reporter(target: PythonTarget) -> Any:
+    """A resolvelib reporter that tells ``-v`` what the resolver decides, and why."""
+    from resolvelib import BaseReporter  # noqa: PLC0415
+
+    prefix = f"{target.platform}: "
+
+    class Reasons(BaseReporter):  # type: ignore[type-arg]
+        def pinning(self, candidate: Candidate) -> None:
+            log.info("%schose %s", prefix, candidate)
+
+        def rejecting_candidate(self, criterion: Any, candidate: Candidate) -> None:
+            needs = sorted({str(i.requirement) for i in criterion.information})[:4]
+            log.info("%sreject %s: it conflicts with %s", prefix, candidate, ", ".join(needs))
+
+        def resolving_conflicts(self, causes: Any) -> None:
+            found = sorted({str(c.requirement) for c in causes})[:4]
+            log.info("%sbacktrack over %s", prefix, ", ".join(found))
+
+    return Reasons()
+
+
+def _check_pins(provider: PypiProvider, roots: list[Req], target: PythonTarget) -> None:
+    """A pinned version with no file for the target is reported at once, before any metadata
+    is read (an old pin with no cp311 wheel must not wait for other projects' sdists)."""
+    for req in roots:
+        if req.extras or req.url or req.name in provider.fixed or not pinned(req.specifier):
+            continue
+        fitting = provider.best_files(req.name)
+        if any(req.specifier.contains(v, prereleases=True) for v in fitting):
+            continue
+        files = provider.page(req.name).result()
+        wanted = [f for f in files if req.specifier.contains(f.version, prereleases=True)]
+        if not wanted or provider.hashes.get(req.name):
+            text = _why_no_candidates(provider, req.name, target)
+        else:
+            tags = sorted(
+                {
+                    f"{t.interpreter}-{t.platform}"
+                    for f in wanted
+                    if f.is_wheel
+                    for t in parse_wheel_filename(f.filename)[3]
+                }
+            )
+            text = (
+                f"{req.name} {wanted[0].version} has no file for {target.platform} with "
+                f"CPython {target.python}"
+                + (f" (its wheels are for: {', '.join(tags[:6])})" if tags else "")
+                + _macos_needed([f for f in wanted if f.is_wheel], target)
+            )
+            if fitting:
+                newest = sorted(fitting, reverse=True)[:5]
+                text += f"; versions for this target: {', '.join(map(str, newest))}"
+        raise PypiConflictError(
+            f"{target.platform}: cannot resolve PyPI packages: {req}: {text}",
+            hint="pin a version that has a file for this target",
+        )
 
 
 def _locked(provider: PypiProvider, candidate: Candidate) -> LockedPackage:

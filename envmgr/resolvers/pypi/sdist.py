@@ -1,11 +1,25 @@
-"""Wheels built from source distributions, once, and kept in the store under ``wheels/``.
+"""Source distributions: their metadata without building them, and their wheels, built once.
 
-When no wheel of a needed version fits, and the target is this host's platform with this
-host's Python version, the sdist is downloaded (its sha256 checked) and built with
-``pip wheel`` (a PEP 517 build in an isolated environment whose build dependencies come from
-the same indexes). The wheel is kept in the local cache and in the store at
-``wheels/<sdist sha256>/<wheel file>``, so the resolver reads its metadata and every builder of
-the env installs the very same wheel. The lock records the sdist's URL and sha256.
+Metadata comes from the cheapest source that is allowed to answer (:meth:`Sdists.metadata`):
+
+1. what an earlier resolution found, kept in the local cache and in the store at
+   ``wheels/<sdist sha256>/METADATA``;
+2. a PEP 658/714 ``.metadata`` file, when the index advertises one for the sdist;
+3. the sdist's own ``PKG-INFO``, when its Metadata-Version is 2.2 or newer and none of the
+   fields a resolver needs (``Requires-Dist``, ``Requires-Python``, ``Provides-Extra``) is
+   ``Dynamic`` (PEP 643);
+4. the build backend's PEP 517 ``prepare_metadata_for_build_wheel`` hook in an isolated build
+   environment (pip's, through ``pip install --dry-run --report``): it runs ``setup.py egg_info``
+   or its equivalent, never a compiler.
+
+Resolution never builds a wheel for the host target. A wheel is built (``pip wheel``) only when
+an env is built, once per sdist, and kept at ``wheels/<sdist sha256>/<wheel file>`` so every
+builder of every env installs the very same wheel. For another target (another platform or
+Python), an sdist is usable only if its project is pure Python: an sdist with compiled sources
+is refused without building; otherwise one host build decides from the wheel's tags (cached).
+
+All sdist work happens under ``<cache>/pypi/sdist`` (verified downloads, every build's
+``TMPDIR``, pip's cache, the logs of failed builds), never in loose temporary directories.
 """
 
 from __future__ import annotations
@@ -13,27 +27,78 @@ from __future__ import annotations
 import email.message
 import email.parser
 import hashlib
+import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
-import tempfile
+import tarfile
 import threading
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote, urlsplit
+
+from packaging.utils import parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
 
 if TYPE_CHECKING:
     from envmgr.cache.store import Store
-    from envmgr.resolvers.pypi.index import DistFile
+    from envmgr.resolvers.pypi.index import DistFile, IndexClient
 
-__all__ = ["SdistBuildError", "SdistBuilder", "host_python_xy", "stored_wheel"]
+__all__ = [
+    "MetadataSource",
+    "SdistBuildError",
+    "Sdists",
+    "host_python_xy",
+    "stored_wheel",
+    "wheel_is_pure",
+]
+
+log = logging.getLogger("envmgr.sdist")
+
+MetadataSource = Literal["cache", "store", "pep658", "pkg-info", "pep517"]
+
+#: What a resolver reads; if PEP 643 marks any of them Dynamic, PKG-INFO is not enough.
+_RESOLVER_FIELDS = frozenset({"requires-dist", "requires-python", "provides-extra"})
+#: Files that mean an sdist compiles code (a heuristic that never needs a build).
+_NATIVE_SUFFIXES = (".c", ".cc", ".cpp", ".cxx", ".pyx", ".f", ".f90", ".rs", ".cu", ".go")
+_NATIVE_NAMES = frozenset({"cargo.toml", "cmakelists.txt"})
+_NATIVE_SETUP = re.compile(rb"\bext_modules\b|\bExtension\s*\(|\bcythonize\s*\(")
+#: Lines of a build log that explain a failure, and pip's own framing around them.
+_EXPLAINS = re.compile(
+    r"error|fatal|no such file|not found|cannot find|could not|undefined reference|"
+    r"modulenotfounderror|importerror|exception|permission denied",
+    re.IGNORECASE,
+)
+_FRAMING = (
+    "this error originates from a subprocess",
+    "note:",
+    "hint:",
+    "[end of output]",
+    "see above for",
+    "failed to build",
+    "failed building wheel",
+    "could not build wheels",
+    "subprocess-exited-with-error",
+    "exit code:",
+    "error: metadata-generation-failed",
+    "encountered error while generating package metadata",
+    "building wheel for",
+    "running command",
+)
+_MAX_PKG_INFO = 4 << 20
 
 
 class SdistBuildError(EnvmgrError):
-    """A source distribution could not be built into a wheel; names it and why."""
+    """A source distribution could not be read, prepared or built; names it and why."""
 
 
 def host_python_xy() -> str:
@@ -50,26 +115,195 @@ def stored_wheel(store: Store, sdist_sha256: str, dest: Path) -> Path | None:
     return None
 
 
-class SdistBuilder:
-    """Builds (or finds) the wheel of an sdist; thread-safe, one build per sdist."""
+def wheel_is_pure(wheel: Path) -> bool:
+    """Whether *wheel* installs on every platform and Python 3 (its tags are ``none-any``)."""
+    tags = parse_wheel_filename(wheel.name)[3]
+    return all(t.abi == "none" and t.platform == "any" for t in tags)
 
-    def __init__(self, *, store: Store, cache_dir: Path, index_urls: tuple[str, ...]) -> None:
+
+def _metadata_version(text: str | None) -> Version | None:
+    try:
+        return Version(text or "")
+    except InvalidVersion:
+        return None
+
+
+def static_enough(meta: email.message.Message) -> bool:
+    """PEP 643: PKG-INFO answers a resolver when it is 2.2+ and nothing it needs is Dynamic."""
+    version = _metadata_version(meta.get("Metadata-Version"))
+    if version is None or version < Version("2.2"):
+        return False
+    dynamic = {d.strip().lower() for d in meta.get_all("Dynamic") or []}
+    return not (dynamic & _RESOLVER_FIELDS)
+
+
+def _message_from_report(data: dict[str, object]) -> email.message.Message:
+    """The JSON form of core metadata (PEP 566, in pip's install report) as a message."""
+    msg = email.message.Message()
+    for key, value in data.items():
+        header = "-".join(p.capitalize() for p in key.split("_"))
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and key != "description":
+                msg[header] = item
+    return msg
+
+
+def _explaining_lines(text: str, limit: int = 3) -> list[str]:
+    """The lines of a build log a user needs to see: the last distinct error-like lines, else
+    the last lines, without pip's framing."""
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("\u2502\u2570\u2500>\u00d7").strip()  # pip's box drawing
+        if line and not any(f in line.lower() for f in _FRAMING):
+            lines.append(line)
+    picked = [line for line in lines if _EXPLAINS.search(line)] or lines
+    out: list[str] = []
+    for line in reversed(picked):
+        if line not in out:
+            out.append(line[:240])
+        if len(out) == limit:
+            break
+    return list(reversed(out))
+
+
+def _safe_index(url: str) -> str:
+    """*url* as it may be written down: ``${VAR}`` references kept, literal passwords dropped."""
+    parts = urlsplit(url)
+    if parts.password and not parts.password.startswith("${"):
+        return strip_credentials(url)
+    return url
+
+
+class Sdists:
+    """Metadata and wheels of sdists for one resolution or build; thread-safe, one piece of
+    work per sdist at a time.
+
+    *client* reads ``.metadata`` files and downloads (with the index's credentials);
+    *index_urls* are where isolated builds get their build dependencies.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        cache_dir: Path,
+        client: IndexClient,
+        index_urls: tuple[str, ...],
+    ) -> None:
         self.store = store
-        self.cache_dir = cache_dir / "built"
-        self.index_urls = index_urls
+        self.client = client
+        self.index_urls = tuple(index_urls)
+        self.root = cache_dir / "sdist"
+        self.sources: dict[str, MetadataSource] = {}  # sdist sha256 -> where its metadata came
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def wheel_for(self, dist: DistFile) -> Path:
-        """The wheel of *dist* (an sdist): local cache, else the store, else built here."""
+    def _one(self, sha256: str) -> threading.Lock:
         with self._guard:
-            lock = self._locks.setdefault(dist.sha256, threading.Lock())
-        with lock:
-            local = self.cache_dir / dist.sha256
-            local.mkdir(parents=True, exist_ok=True)
-            found = sorted(local.glob("*.whl"))
+            return self._locks.setdefault(sha256, threading.Lock())
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def source(self, dist: DistFile) -> Path:
+        """The sdist file on this machine, downloaded once and checked against its sha256."""
+        if urlsplit(dist.url).scheme == "file":
+            path = Path(unquote(urlsplit(dist.url).path))
+            if _sha256_of(path) != dist.sha256:
+                raise SdistBuildError(f"{path} does not match its sha256")
+            return path
+        target = self.root / "src" / dist.sha256 / dist.filename
+        if target.is_file():
+            return target
+        answer = self.client.fetch(dist.url)
+        if hashlib.sha256(answer).hexdigest() != dist.sha256:
+            raise SdistBuildError(
+                f"{dist.filename} does not match its sha256 ({strip_credentials(dist.url)})",
+                hint="the index serves a different file than it advertises",
+            )
+        _write_atomic(target, answer)
+        return target
+
+    # -- metadata --------------------------------------------------------------------------------
+
+    def metadata(self, dist: DistFile) -> email.message.Message:
+        """The core metadata of *dist* from the cheapest allowed source (see the module doc)."""
+        with self._one(dist.sha256):
+            data, source = self._metadata_bytes(dist)
+        self.sources[dist.sha256] = source
+        log.info("%s: metadata from %s", dist.filename, source)
+        return email.parser.BytesParser().parsebytes(data)
+
+    def _metadata_bytes(self, dist: DistFile) -> tuple[bytes, MetadataSource]:
+        cached = self.root / "metadata" / f"{dist.sha256}.metadata"
+        if cached.is_file():
+            return cached.read_bytes(), "cache"
+        key = f"wheels/{dist.sha256}/METADATA"
+        stored = self.store.get(key)
+        if stored is not None:
+            _write_atomic(cached, stored)
+            return stored, "store"
+        data: bytes | None = None
+        source: MetadataSource = "pep658"
+        if dist.metadata_sha256 is not None:
+            data = self.client.metadata_file(dist)
+        if data is None:
+            path = self.source(dist)
+            pkg_info = _pkg_info(path)
+            if pkg_info is not None and static_enough(
+                email.parser.BytesParser().parsebytes(pkg_info)
+            ):
+                data, source = pkg_info, "pkg-info"
+            else:
+                data, source = self._prepare_metadata(dist, path), "pep517"
+        _write_atomic(cached, data)
+        self.store.put(key, data)
+        self._remember_indexes(dist)
+        return data, source
+
+    def _remember_indexes(self, dist: DistFile) -> None:
+        """Where this sdist's build dependencies come from, for the builder of the env."""
+        record = json.dumps({"index_urls": [_safe_index(u) for u in self.index_urls]})
+        self.store.put(f"wheels/{dist.sha256}/build.json", record.encode())
+
+    def _prepare_metadata(self, dist: DistFile, path: Path) -> bytes:
+        work = self._workdir(dist)
+        try:
+            report = work / "report.json"
+            self._pip(
+                dist,
+                [
+                    "install",
+                    "--dry-run",
+                    "--no-deps",
+                    "--ignore-installed",
+                    "--report",
+                    str(report),
+                    str(path),
+                ],
+                work,
+                what="preparing the metadata of",
+            )
+            try:
+                found = json.loads(report.read_text())["install"][0]["metadata"]
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                raise SdistBuildError(
+                    f"{dist.filename}: the build backend reported no metadata"
+                ) from None
+            msg = _message_from_report(found)
+            return msg.as_bytes()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # -- wheels ----------------------------------------------------------------------------------
+
+    def wheel_for(self, dist: DistFile) -> Path:
+        """The wheel of *dist*: local cache, else the store, else built here (once)."""
+        with self._one(dist.sha256):
+            local = self.root / "built" / dist.sha256
+            found = sorted(local.glob("*.whl")) if local.is_dir() else []
             if found:
                 return found[0]
+            local.mkdir(parents=True, exist_ok=True)
             stored = stored_wheel(self.store, dist.sha256, local)
             if stored is not None:
                 return stored
@@ -77,65 +311,149 @@ class SdistBuilder:
             self.store.put_file(f"wheels/{dist.sha256}/{wheel.name}", wheel)
             return wheel
 
-    def metadata(self, dist: DistFile) -> email.message.Message:
-        wheel = self.wheel_for(dist)
-        from envmgr.resolvers.pypi.index import wheel_metadata  # noqa: PLC0415
-
-        with zipfile.ZipFile(wheel) as archive:
-            data = wheel_metadata(archive)
-        if data is None:
-            raise SdistBuildError(f"{dist.filename}: the built wheel has no METADATA")
-        return email.parser.BytesParser().parsebytes(data)
+    def is_pure(self, dist: DistFile) -> bool:
+        """Whether *dist* builds a wheel for every platform: compiled sources say no at once;
+        otherwise a host build decides (and its wheel is kept for the env's build)."""
+        key = f"wheels/{dist.sha256}/"
+        for stored in self.store.list(key):
+            if stored.endswith(".whl"):
+                return wheel_is_pure(Path(stored.rsplit("/", 1)[-1]))
+        if has_native_sources(self.source(dist)):
+            return False
+        return wheel_is_pure(self.wheel_for(dist))
 
     def _build(self, dist: DistFile, out: Path) -> Path:
-        import requests  # noqa: PLC0415
-
-        with tempfile.TemporaryDirectory(prefix="envmgr-sdist-") as tmp:
-            source = Path(tmp) / dist.filename
-            try:
-                answer = requests.get(dist.url, timeout=120)
-            except requests.RequestException as exc:
-                raise SdistBuildError(
-                    f"download {strip_credentials(dist.url)}: {type(exc).__name__}"
-                ) from None
-            if answer.status_code != 200:
-                raise SdistBuildError(
-                    f"download {strip_credentials(dist.url)}: HTTP {answer.status_code}"
-                )
-            if hashlib.sha256(answer.content).hexdigest() != dist.sha256:
-                raise SdistBuildError(f"{dist.filename} does not match its sha256")
-            source.write_bytes(answer.content)
-            built = Path(tmp) / "wheel"
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--no-deps",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--wheel-dir",
-                str(built),
-                str(source),
-            ]
-            from envmgr.resolvers.pypi.index import expand  # noqa: PLC0415
-
-            if self.index_urls:
-                cmd += ["--index-url", expand(self.index_urls[0])]
-                for extra in self.index_urls[1:]:
-                    cmd += ["--extra-index-url", expand(extra)]
-            # Only the indexes of the spec: not find-links or extra indexes from pip.conf.
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-            env["PIP_CONFIG_FILE"] = os.devnull
-            result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if result.returncode != 0:
-                tail = " ".join(result.stderr.strip().splitlines()[-3:])[:400]
-                raise SdistBuildError(
-                    f"building a wheel from {dist.filename} failed: {strip_credentials(tail)}"
-                )
+        path = self.source(dist)
+        work = self._workdir(dist)
+        try:
+            built = work / "wheel"
+            self._pip(
+                dist,
+                ["wheel", "--no-deps", "--wheel-dir", str(built), str(path)],
+                work,
+                what="building a wheel from",
+            )
             wheels = sorted(built.glob("*.whl"))
             if not wheels:
                 raise SdistBuildError(f"building {dist.filename} produced no wheel")
             target = out / wheels[0].name
             wheels[0].replace(target)
             return target
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    # -- running pip -----------------------------------------------------------------------------
+
+    def _workdir(self, dist: DistFile) -> Path:
+        work = self.root / "tmp" / f"{dist.sha256[:16]}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        return work
+
+    def _pip(self, dist: DistFile, args: list[str], work: Path, *, what: str) -> None:
+        """Run pip for *dist* in isolation: only these indexes, temp files and cache under
+        envmgr's cache; a failure keeps the whole log and names the lines that explain it."""
+        from envmgr.resolvers.pypi.index import expand  # noqa: PLC0415
+
+        cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
+        if self.index_urls:
+            cmd += ["--index-url", expand(self.index_urls[0])]
+            for extra in self.index_urls[1:]:
+                cmd += ["--extra-index-url", expand(extra)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        tmp = work / "tmp"
+        tmp.mkdir()
+        env.update(
+            PIP_CONFIG_FILE=os.devnull,
+            PIP_CACHE_DIR=str(self.root / "pip-cache"),
+            TMPDIR=str(tmp),
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        start = time.monotonic()
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=work)
+        log.debug("%s %s: %.1f s", what, dist.filename, time.monotonic() - start)
+        if result.returncode == 0:
+            return
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{dist.filename}.{time.strftime('%Y%m%dT%H%M%S')}.log"
+        text = strip_credentials_in(result.stdout + "\n" + result.stderr)
+        log_path.write_text(f"$ {' '.join(strip_credentials(c) for c in cmd)}\n{text}")
+        cause = " | ".join(_explaining_lines(text)) or f"pip exited with {result.returncode}"
+        raise SdistBuildError(
+            f"{what} {dist.filename} failed: {cause} (whole log: {log_path})",
+            hint="install what the log says is missing, or pin a version that has a wheel",
+        )
+
+
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+def strip_credentials_in(text: str) -> str:
+    """*text* with the user info of every URL in it removed."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _members(path: Path) -> Iterator[tuple[str, int]]:
+    """(name, size) of every member of an sdist archive (.tar.gz, .tar.bz2, .zip, ...)."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                yield info.filename, info.file_size
+        return
+    with tarfile.open(path, "r:*") as archive:
+        for member in archive:
+            if member.isfile():
+                yield member.name, member.size
+
+
+def _read_member(path: Path, wanted: str) -> bytes | None:
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(wanted)
+    with tarfile.open(path, "r:*") as archive:
+        handle = archive.extractfile(wanted)
+        return handle.read(_MAX_PKG_INFO) if handle is not None else None
+
+
+def _pkg_info(path: Path) -> bytes | None:
+    """The top-level ``<name>-<version>/PKG-INFO`` of an sdist, or None."""
+    try:
+        for name, size in _members(path):
+            if name.count("/") == 1 and name.endswith("/PKG-INFO") and size <= _MAX_PKG_INFO:
+                return _read_member(path, name)
+    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        raise SdistBuildError(f"{path.name}: not a readable sdist archive ({exc})") from None
+    return None
+
+
+def has_native_sources(path: Path) -> bool:
+    """Whether the sdist at *path* carries code to compile (C, C++, Cython, Fortran, Rust, ...)
+    or a ``setup.py`` that declares extension modules."""
+    setup = None
+    for name, _size in _members(path):
+        lower = name.lower()
+        base = lower.rsplit("/", 1)[-1]
+        if lower.endswith(_NATIVE_SUFFIXES) or base in _NATIVE_NAMES:
+            return True
+        if lower.count("/") == 1 and base == "setup.py":
+            setup = name
+    if setup is not None:
+        data = _read_member(path, setup) or b""
+        return bool(_NATIVE_SETUP.search(data))
+    return False
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
