@@ -4,9 +4,11 @@
 
 For each set, in one run: envmgr cold (empty HTTP and metadata cache) and warm (same cache,
 ``--force`` so it really resolves again), ``uv pip compile`` cold and warm, and
-``pip install --dry-run --report`` (no cache), all for linux-64 / manylinux_2_28, CPython 3.11,
-against the same index (pip's configured one by default). Prints times, ratios, and how many
-packages got the same version as uv, with the differences.
+``pip install --dry-run --report`` (no cache, this host: linux-64, CPython 3.11), all for
+linux-64 / manylinux_2_28, CPython 3.11, against the same index (pip's configured one by
+default; the ``fixture-*`` sets use the fixture world's trait sdists on a local index). Prints
+times, ratios, and how many packages got the same version as uv, with the differences; for
+an unsatisfiable set the times are the times to the verdict.
 
 Needs the network (the index) and ``uv`` (``pip install uv``); envmgr's conda part (python
 and pip) comes from the offline fixture channel.
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,13 +53,28 @@ SETS: dict[str, list[str]] = {
     ],
     "mltrack": ["mlflow-skinny", "optuna", "xgboost", "lightgbm"],
     "cloudio": ["boto3", "s3fs", "pyarrow", "fsspec", "polars", "duckdb"],
+    # Public-style sets with sdists: an old pin whose sdist has a C extension and only old
+    # wheels (gensim 3.8.3), an sdist-only release that is the only solution beside a pin
+    # (sentence-transformers 2.2.2 with transformers 4.30.1), pure sdist-only projects.
+    "oldpins": ["gensim==3.8.3", "smart-open<6", "spacy==2.3.9"],
+    "sdistonly": ["sentence-transformers", "transformers==4.30.1"],
+    "puresdist": ["langdetect==1.0.9", "docopt==0.6.2", "pyyaml"],
+    # Unsatisfiable: tensorflow 2.0.0 has no cp311 file; the verdict should come at once.
+    "unsat": ["tensorflow==2.0.0", "gensim", "pandas<1"],
+    # The fixture world's traits on a local index (fixtures/sdists.py), offline.
+    "fixture-traits": [
+        "st-like",
+        "tf-like==4.30.1",
+        "static-meta",
+        "dyn-meta",
+        "slow-native",
+        "pure-sdist",
+        "wheel-twin==3.8.3",
+    ],
+    "fixture-unsat": ["tf-old==2.0.0", "slow-native", "dyn-meta", "st-like"],
 }
-PIP_PLATFORMS = [f"manylinux_2_{m}_x86_64" for m in range(28, 4, -1)] + [
-    "manylinux2014_x86_64",
-    "manylinux2010_x86_64",
-    "manylinux1_x86_64",
-    "linux_x86_64",
-]
+#: Sets that must fail: the time is the time to the verdict.
+UNSATISFIABLE = {"unsat", "fixture-unsat"}
 
 
 def _timed(
@@ -92,7 +110,7 @@ def _envmgr(
         cmd.append("--force")
     seconds, result = _timed(cmd, env, work)
     if result.returncode != 0:
-        raise RuntimeError(f"envmgr failed: {result.stderr.strip()}")
+        return seconds, {"<verdict>": result.stderr.strip().splitlines()[-1][:160]}
     # Like uv's output, the result is the lock in the store; no conda-lock file is written.
     spec_id = json.loads(result.stdout)["envs"][0]["spec_id"]
     entry = json.loads((work / "store" / "locks" / spec_id / "linux-64.json").read_text())
@@ -122,7 +140,7 @@ def _uv(reqs: list[str], index: str, work: Path, cache: Path) -> tuple[float, di
     ]
     seconds, result = _timed(cmd, {**os.environ}, work)
     if result.returncode != 0:
-        raise RuntimeError(f"uv failed: {result.stderr.strip()}")
+        return seconds, {"<verdict>": "unsatisfiable"}
     found = {}
     for line in result.stdout.splitlines():
         if "==" in line and not line.startswith("#"):
@@ -143,13 +161,6 @@ def _pip(reqs: list[str], index: str, work: Path) -> float:
         "install",
         "--dry-run",
         "--ignore-installed",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.11",
-        "--implementation",
-        "cp",
-        "--target",
-        str(work / "target"),
         "--report",
         str(work / "report.json"),
         "--index-url",
@@ -159,14 +170,26 @@ def _pip(reqs: list[str], index: str, work: Path) -> float:
         "-r",
         str(req),
     ]
-    for platform in PIP_PLATFORMS:
-        cmd += ["--platform", platform]
+    # No --platform: it would forbid sdists; this host is linux-64 with CPython 3.11 already.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env["PIP_CONFIG_FILE"] = os.devnull
-    seconds, result = _timed(cmd, env, work)
-    if result.returncode != 0:
-        raise RuntimeError(f"pip failed: {result.stderr.strip()[-400:]}")
+    seconds, _result = _timed(cmd, env, work)
     return seconds
+
+
+def _fixture_index() -> Any:
+    """The fixture world's wheels and trait sdists behind a local index; compiling a C
+    extension takes 30 s there, as a real one would."""
+    from fixtures.pypi_index import PypiIndexServer
+    from fixtures.sdists import write_sdist_world
+    from fixtures.wheels import fetch_wheels
+
+    house = Path(tempfile.mkdtemp(prefix="bench-sdist-world-"))
+    for wheel in fetch_wheels().glob("*.whl"):
+        os.link(wheel, house / wheel.name)
+    write_sdist_world(house)
+    os.environ["ENVMGR_FIXTURE_COMPILE_SECONDS"] = "30"
+    return PypiIndexServer(house).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,18 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     index = args.index_url or pip_index_urls()[0]
     channel = cached_channel().as_uri()
+    fixture_index = None
     rows = []
     for name in args.sets.split(","):
         reqs = SETS[name]
+        set_index = index
+        if name.startswith("fixture-"):
+            fixture_index = fixture_index or _fixture_index()
+            set_index = fixture_index.url
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
             work = Path(tmp)
             for sub in ("em", "uv", "pip"):
                 (work / sub).mkdir()
-            em_cold, em_versions = _envmgr(reqs, index, channel, work / "em", work / "emc", False)
-            em_warm, _ = _envmgr(reqs, index, channel, work / "em", work / "emc", True)
-            uv_cold, uv_versions = _uv(reqs, index, work / "uv", work / "uvc")
-            uv_warm, _ = _uv(reqs, index, work / "uv", work / "uvc")
-            pip_time = _pip(reqs, index, work / "pip")
+            em = work / "em", work / "emc"
+            em_cold, em_versions = _envmgr(reqs, set_index, channel, *em, False)
+            em_warm, _ = _envmgr(reqs, set_index, channel, *em, True)
+            uv_cold, uv_versions = _uv(reqs, set_index, work / "uv", work / "uvc")
+            uv_warm, _ = _uv(reqs, set_index, work / "uv", work / "uvc")
+            pip_time = _pip(reqs, set_index, work / "pip")
         same = sum(1 for k, v in em_versions.items() if uv_versions.get(k) == v)
         diffs = {
             k: (em_versions.get(k), uv_versions.get(k))

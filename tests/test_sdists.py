@@ -116,6 +116,15 @@ def test_metadata_comes_from_the_cheapest_source_and_nothing_is_built(
     assert set(_sources(caplog).values()) == {"store"}
 
 
+def test_an_sdist_takes_the_metadata_of_a_wheel_of_its_version(world, caplog):
+    """gensim 3.8.3's setup.py fails without numpy; uv reads a wheel of 3.8.3 for another
+    platform instead, preferring a Python 3 one (its Python 2 wheel needs other versions)."""
+    caplog.set_level(logging.INFO, logger="envmgr")
+    found = pypi_versions(world(["wheel-twin==3.8.3"]))
+    assert found == {"wheel-twin": "3.8.3", "six": "1.17.0"}
+    assert _sources(caplog) == {"wheel_twin-3.8.3.tar.gz": "wheel"}
+
+
 def test_only_build_compiles_and_only_once(world, compiled, tmp_path):
     lock = world(["slow-native"])
     assert not compiled.exists()

@@ -161,10 +161,34 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
                 if dist.is_wheel or self.sdists is None:
                     future = self.pool.submit(self.client.metadata, dist)
                 else:
-                    future = self.pool.submit(self.sdists.metadata, dist)
+                    future = self.pool.submit(self.sdists.metadata, dist, self._sibling(dist))
                 self._meta[dist.sha256] = future
                 future.add_done_callback(self._ahead_of_metadata)
         return future
+
+    def _sibling(self, sdist: DistFile) -> DistFile | None:
+        """A wheel of the same version as *sdist*, for any target (see the sdist module)."""
+        future = self._pages.get(sdist.project)
+        files = future.result() if future is not None else []
+        version = _version(sdist.version)
+        wheels = [f for f in files if f.is_wheel and _version(f.version) == version]
+        return min(wheels, key=self._sibling_rank, default=None)
+
+    def _sibling_rank(self, wheel: DistFile) -> tuple[int, int, bool]:
+        """Which wheel of a version stands best for its sdist: a Python 3 one of the newest
+        Python (old setup.py files chose dependencies by Python version), then one for the
+        target's operating system, then one with a PEP 658 metadata file."""
+        tags = parse_wheel_filename(wheel.filename)[3]
+        best = 0
+        for tag in tags:
+            digits = tag.interpreter[2:]
+            if tag.interpreter[:2] in ("cp", "py") and digits.startswith("3"):
+                best = max(best, 1000 + int(digits[1:] or 0) if digits[1:].isdigit() else 1000)
+        system = {"linux": "linux", "osx": "macosx", "win": "win"}[
+            self.target.platform.split("-")[0]
+        ]
+        same_os = any(system in t.platform or t.platform == "any" for t in tags)
+        return (-best, 0 if same_os else 1, wheel.metadata_sha256 is None)
 
     def _ahead_of_page(self, name: str, future: Future[list[DistFile]]) -> None:
         if future.cancelled() or future.exception() is not None or self._closed:
@@ -293,7 +317,8 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         # The resolver asks about the first candidate next; when it is backtracking it will
         # likely walk down the list, so fetch a few more ahead.
         for candidate in found[: 10 if bad else 1]:
-            if candidate.dist is not None and candidate.dist.is_wheel:
+            # Asked for next: fetch (or, for an sdist, prepare) its metadata in the pool.
+            if candidate.dist is not None and (candidate.dist.is_wheel or not bad):
                 self.metadata(candidate.dist)
         return found
 

@@ -5,14 +5,16 @@ Metadata comes from the cheapest source that is allowed to answer (:meth:`Sdists
 1. what an earlier resolution found, kept in the local cache and in the store at
    ``wheels/<sdist sha256>/METADATA``;
 2. a PEP 658/714 ``.metadata`` file, when the index advertises one for the sdist;
-3. the sdist's own ``PKG-INFO``, when its Metadata-Version is 2.2 or newer and none of the
+3. the metadata of a wheel of the same version, whatever its tags (uv's rule: all files of a
+   version describe one release; markers, not files, say what differs by platform);
+4. the sdist's own ``PKG-INFO``, when its Metadata-Version is 2.2 or newer and none of the
    fields a resolver needs (``Requires-Dist``, ``Requires-Python``, ``Provides-Extra``) is
    ``Dynamic`` (PEP 643);
-4. the build backend's PEP 517 ``prepare_metadata_for_build_wheel`` hook in an isolated build
+5. the build backend's PEP 517 ``prepare_metadata_for_build_wheel`` hook in an isolated build
    environment (pip's, through ``pip install --dry-run --report``): it runs ``setup.py egg_info``
    or its equivalent, never a compiler.
 
-Resolution never builds a wheel for the host target. A wheel is built (``pip wheel``) only when
+Resolution never builds a wheel for the host target. A wheel is built (``build_wheel``) only when
 an env is built, once per sdist, and kept at ``wheels/<sdist sha256>/<wheel file>`` so every
 builder of every env installs the very same wheel. For another target (another platform or
 Python), an sdist is usable only if its project is pure Python: an sdist with compiled sources
@@ -40,7 +42,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from packaging.utils import parse_wheel_filename
@@ -48,6 +50,13 @@ from packaging.version import InvalidVersion, Version
 
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
+from envmgr.resolvers.pypi.pep517 import (
+    BuildSystem,
+    Hook,
+    build_system,
+    hook_command,
+    unpack_sdist,
+)
 
 if TYPE_CHECKING:
     from envmgr.cache.store import Store
@@ -64,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger("envmgr.sdist")
 
-MetadataSource = Literal["cache", "store", "pep658", "pkg-info", "pep517"]
+MetadataSource = Literal["cache", "store", "pep658", "wheel", "pkg-info", "pep517"]
 
 #: What a resolver reads; if PEP 643 marks any of them Dynamic, PKG-INFO is not enough.
 _RESOLVER_FIELDS = frozenset({"requires-dist", "requires-python", "provides-extra"})
@@ -135,17 +144,6 @@ def static_enough(meta: email.message.Message) -> bool:
         return False
     dynamic = {d.strip().lower() for d in meta.get_all("Dynamic") or []}
     return not (dynamic & _RESOLVER_FIELDS)
-
-
-def _message_from_report(data: dict[str, object]) -> email.message.Message:
-    """The JSON form of core metadata (PEP 566, in pip's install report) as a message."""
-    msg = email.message.Message()
-    for key, value in data.items():
-        header = "-".join(p.capitalize() for p in key.split("_"))
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and key != "description":
-                msg[header] = item
-    return msg
 
 
 def _explaining_lines(text: str, limit: int = 3) -> list[str]:
@@ -225,15 +223,18 @@ class Sdists:
 
     # -- metadata --------------------------------------------------------------------------------
 
-    def metadata(self, dist: DistFile) -> email.message.Message:
-        """The core metadata of *dist* from the cheapest allowed source (see the module doc)."""
+    def metadata(self, dist: DistFile, sibling: DistFile | None = None) -> email.message.Message:
+        """The core metadata of *dist* from the cheapest allowed source (see the module doc);
+        *sibling* is a wheel of the same version, if the index has one."""
         with self._one(dist.sha256):
-            data, source = self._metadata_bytes(dist)
+            data, source = self._metadata_bytes(dist, sibling)
         self.sources[dist.sha256] = source
         log.info("%s: metadata from %s", dist.filename, source)
         return email.parser.BytesParser().parsebytes(data)
 
-    def _metadata_bytes(self, dist: DistFile) -> tuple[bytes, MetadataSource]:
+    def _metadata_bytes(
+        self, dist: DistFile, sibling: DistFile | None
+    ) -> tuple[bytes, MetadataSource]:
         cached = self.root / "metadata" / f"{dist.sha256}.metadata"
         if cached.is_file():
             return cached.read_bytes(), "cache"
@@ -246,6 +247,8 @@ class Sdists:
         source: MetadataSource = "pep658"
         if dist.metadata_sha256 is not None:
             data = self.client.metadata_file(dist)
+        if data is None and sibling is not None:
+            data, source = self.client.metadata(sibling).as_bytes(), "wheel"
         if data is None:
             path = self.source(dist)
             pkg_info = _pkg_info(path)
@@ -266,31 +269,27 @@ class Sdists:
         self.store.put(f"wheels/{dist.sha256}/build.json", record.encode())
 
     def _prepare_metadata(self, dist: DistFile, path: Path) -> bytes:
+        """The backend's ``prepare_metadata_for_build_wheel`` (a backend without that hook
+        builds the wheel, which is then kept as the sdist's wheel)."""
         work = self._workdir(dist)
         try:
-            report = work / "report.json"
-            self._pip(
-                dist,
-                [
-                    "install",
-                    "--dry-run",
-                    "--no-deps",
-                    "--ignore-installed",
-                    "--report",
-                    str(report),
-                    str(path),
-                ],
-                work,
-                what="preparing the metadata of",
-            )
-            try:
-                found = json.loads(report.read_text())["install"][0]["metadata"]
-            except (OSError, ValueError, KeyError, IndexError, TypeError):
-                raise SdistBuildError(
-                    f"{dist.filename}: the build backend reported no metadata"
-                ) from None
-            msg = _message_from_report(found)
-            return msg.as_bytes()
+            out = self._hook(dist, path, work, "prepare_metadata_for_build_wheel", "preparing")
+            if "metadata" in out:
+                found = work / "out" / str(out["metadata"]) / "METADATA"
+                try:
+                    return found.read_bytes()
+                except OSError:
+                    raise SdistBuildError(
+                        f"{dist.filename}: the build backend wrote no METADATA"
+                    ) from None
+            wheel = self._keep_wheel(dist, work / "out" / str(out["wheel"]))
+            from envmgr.resolvers.pypi.index import wheel_metadata  # noqa: PLC0415
+
+            with zipfile.ZipFile(wheel) as archive:
+                data = wheel_metadata(archive)
+            if data is None:
+                raise SdistBuildError(f"{dist.filename}: the built wheel has no METADATA")
+            return data
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -307,9 +306,7 @@ class Sdists:
             stored = stored_wheel(self.store, dist.sha256, local)
             if stored is not None:
                 return stored
-            wheel = self._build(dist, local)
-            self.store.put_file(f"wheels/{dist.sha256}/{wheel.name}", wheel)
-            return wheel
+            return self._build(dist)
 
     def is_pure(self, dist: DistFile) -> bool:
         """Whether *dist* builds a wheel for every platform: compiled sources say no at once;
@@ -322,25 +319,98 @@ class Sdists:
             return False
         return wheel_is_pure(self.wheel_for(dist))
 
-    def _build(self, dist: DistFile, out: Path) -> Path:
-        path = self.source(dist)
+    def _build(self, dist: DistFile) -> Path:
         work = self._workdir(dist)
         try:
-            built = work / "wheel"
-            self._pip(
-                dist,
-                ["wheel", "--no-deps", "--wheel-dir", str(built), str(path)],
-                work,
-                what="building a wheel from",
-            )
-            wheels = sorted(built.glob("*.whl"))
-            if not wheels:
-                raise SdistBuildError(f"building {dist.filename} produced no wheel")
-            target = out / wheels[0].name
-            wheels[0].replace(target)
-            return target
+            out = self._hook(dist, self.source(dist), work, "build_wheel", "building a wheel from")
+            return self._keep_wheel(dist, work / "out" / str(out["wheel"]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _keep_wheel(self, dist: DistFile, built: Path) -> Path:
+        """*built* (a wheel of *dist*) moved into the local cache and put in the store."""
+        if not built.name.endswith(".whl") or not built.is_file():
+            raise SdistBuildError(f"building {dist.filename} produced no wheel")
+        local = self.root / "built" / dist.sha256
+        local.mkdir(parents=True, exist_ok=True)
+        target = local / built.name
+        built.replace(target)
+        self.store.put_file(f"wheels/{dist.sha256}/{target.name}", target)
+        return target
+
+    # -- PEP 517 ---------------------------------------------------------------------------------
+
+    def _hook(
+        self, dist: DistFile, archive: Path, work: Path, hook: Hook, what: str
+    ) -> dict[str, Any]:
+        """Unpack *archive* under *work* and run *hook* of its backend in its isolated build
+        environment (plus what ``get_requires_for_build_wheel`` adds); the hook's answer."""
+        try:
+            source = unpack_sdist(archive, work / "src")
+            system = build_system(source)
+        except (ValueError, OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
+            raise SdistBuildError(f"{what} {dist.filename} failed: {exc}") from None
+        envs = [self._build_env(dist, system.requires, work)]
+        (work / "out").mkdir()
+        answer = self._call(dist, hook, system, source, envs, work, what, requires_done=False)
+        if "metadata" in answer or "wheel" in answer:
+            return answer
+        envs.insert(0, self._build_env(dist, tuple(answer["requires"]), work))
+        return self._call(dist, hook, system, source, envs, work, what, requires_done=True)
+
+    def _call(
+        self,
+        dist: DistFile,
+        hook: Hook,
+        system: BuildSystem,
+        source: Path,
+        envs: list[Path],
+        work: Path,
+        what: str,
+        *,
+        requires_done: bool,
+    ) -> dict[str, Any]:
+        result = work / f"{hook}.json"
+        cmd = hook_command(
+            hook=hook,
+            system=system,
+            source=source,
+            env_dirs=envs,
+            out=work / "out",
+            result=result,
+            requires_done=requires_done,
+        )
+        self._run(dist, cmd, work, what=what, cwd=source)
+        try:
+            answer: dict[str, Any] = json.loads(result.read_text())
+        except (OSError, ValueError):
+            raise SdistBuildError(
+                f"{what} {dist.filename}: the build backend gave no answer"
+            ) from None
+        return answer
+
+    def _build_env(self, dist: DistFile, requires: tuple[str, ...], work: Path) -> Path:
+        """A directory holding *requires* (for this Python), installed once and shared by
+        every sdist that needs the same build requirements."""
+        system = BuildSystem(requires=requires, backend="")
+        final = self.root / "buildenv" / system.env_key
+        with self._one(f"env:{system.env_key}"):
+            if (final / ".complete").is_file():
+                return final
+            staging = work / f"env-{system.env_key}"
+            if requires:
+                self._pip(
+                    dist,
+                    ["install", "--target", str(staging), "--no-compile", *requires],
+                    work,
+                    what="installing the build requirements of",
+                )
+            staging.mkdir(parents=True, exist_ok=True)
+            (staging / ".complete").write_text("\n".join(requires) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.replace(final)
+            return final
 
     # -- running pip -----------------------------------------------------------------------------
 
@@ -351,8 +421,7 @@ class Sdists:
         return work
 
     def _pip(self, dist: DistFile, args: list[str], work: Path, *, what: str) -> None:
-        """Run pip for *dist* in isolation: only these indexes, temp files and cache under
-        envmgr's cache; a failure keeps the whole log and names the lines that explain it."""
+        """Run pip for *dist* with only these indexes (not pip.conf's)."""
         from envmgr.resolvers.pypi.index import expand  # noqa: PLC0415
 
         cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
@@ -360,9 +429,14 @@ class Sdists:
             cmd += ["--index-url", expand(self.index_urls[0])]
             for extra in self.index_urls[1:]:
                 cmd += ["--extra-index-url", expand(extra)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+        self._run(dist, cmd, work, what=what, cwd=work)
+
+    def _run(self, dist: DistFile, cmd: list[str], work: Path, *, what: str, cwd: Path) -> None:
+        """Run *cmd* for *dist* with temp files and pip's cache under envmgr's cache; a
+        failure keeps the whole log and names the lines that explain it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
         tmp = work / "tmp"
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=True)
         env.update(
             PIP_CONFIG_FILE=os.devnull,
             PIP_CACHE_DIR=str(self.root / "pip-cache"),
@@ -370,7 +444,7 @@ class Sdists:
             PYTHONDONTWRITEBYTECODE="1",
         )
         start = time.monotonic()
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=work)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=cwd)
         log.debug("%s %s: %.1f s", what, dist.filename, time.monotonic() - start)
         if result.returncode == 0:
             return
@@ -378,8 +452,9 @@ class Sdists:
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{dist.filename}.{time.strftime('%Y%m%dT%H%M%S')}.log"
         text = strip_credentials_in(result.stdout + "\n" + result.stderr)
-        log_path.write_text(f"$ {' '.join(strip_credentials(c) for c in cmd)}\n{text}")
-        cause = " | ".join(_explaining_lines(text)) or f"pip exited with {result.returncode}"
+        shown = " ".join(strip_credentials(c) for c in cmd[:4] if "\n" not in c)
+        log_path.write_text(f"$ {shown} ...\n{text}")
+        cause = " | ".join(_explaining_lines(text)) or f"exit code {result.returncode}"
         raise SdistBuildError(
             f"{what} {dist.filename} failed: {cause} (whole log: {log_path})",
             hint="install what the log says is missing, or pin a version that has a wheel",
