@@ -314,3 +314,20 @@ def test_find_links_from_pip_configuration(
         world(["fl-only"], index_url=None)
     shown = run_envmgr("config", "show")
     assert f"pip's find-links {wheelhouse.as_uri()} is machine-local" in shown.stdout
+
+
+def test_find_links_on_the_command_line(index, conda_channel, wheelhouse, tmp_path):
+    env = {
+        **os.environ,
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+    }
+    lock = tmp_path / "lock.yml"
+    args = ["resolve", "--pypi", "fl-only==1.0", "--python", "3.11", "-o", str(lock)]
+    args += ["--channel", conda_channel.url, "--index-url", index.url]
+    result = run_envmgr(*args, "--find-links", str(wheelhouse), env=env)
+    assert result.returncode == 0, result.stderr
+    assert (wheelhouse / "fl_only-1.0-py3-none-any.whl").as_uri() in lock.read_text()
+    missing = run_envmgr(*args, "--find-links", str(tmp_path / "nowhere"), env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1 and "not a directory" in missing.stderr
