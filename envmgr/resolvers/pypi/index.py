@@ -459,7 +459,7 @@ class IndexClient:
         if algo == "sha256" and digest:
             sha256 = digest.lower()
         elif urlsplit(bare).scheme == "file":
-            sha256, size = self._local_sha256(Path(unquote(urlsplit(bare).path)))
+            sha256, size = self.local_sha256(Path(unquote(urlsplit(bare).path)))
         else:
             data = self.fetch(bare)
             sha256, size = hashlib.sha256(data).hexdigest(), len(data)
@@ -475,7 +475,8 @@ class IndexClient:
             size=size,
         )
 
-    def _local_sha256(self, path: Path) -> tuple[str, int]:
+    def local_sha256(self, path: Path) -> tuple[str, int]:
+        """(sha256, size) of a local file, cached by its path, size and mtime."""
         try:
             stat = path.stat()
         except OSError as exc:

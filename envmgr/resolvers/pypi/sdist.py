@@ -206,7 +206,7 @@ class Sdists:
         """The sdist file on this machine, downloaded once and checked against its sha256."""
         if urlsplit(dist.url).scheme == "file":
             path = Path(unquote(urlsplit(dist.url).path))
-            if _sha256_of(path) != dist.sha256:
+            if self.client.local_sha256(path)[0] != dist.sha256:
                 raise SdistBuildError(f"{path} does not match its sha256")
             return path
         target = self.root / "src" / dist.sha256 / dist.filename
@@ -467,14 +467,6 @@ _USERINFO = re.compile(r"(://)[^/@\s]+@")
 def strip_credentials_in(text: str) -> str:
     """*text* with the user info of every URL in it removed."""
     return _USERINFO.sub(r"\1", text)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _members(path: Path) -> Iterator[tuple[str, int]]:
