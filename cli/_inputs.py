@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,7 +12,7 @@ import typer
 from envmgr.cache import open_store
 from envmgr.cli._common import fail, tell
 from envmgr.config import load
-from envmgr.discovery import discover
+from envmgr.discovery import read_flow
 from envmgr.errors import Problem, SpecError
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.progress import NULL, Progress
@@ -78,6 +78,15 @@ StoreOpt = Annotated[
 ]
 CudaOpt = Annotated[str | None, typer.Option("--cuda", help="Assume this CUDA version (__cuda).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+DatastoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--datastore",
+        metavar="local|s3|azure|gs",
+        help="For a Metaflow flow: the datastore its run uses, which decides the packages "
+        "Metaflow's tasks add and the store (default: Metaflow's configuration).",
+    ),
+]
 
 
 #: The parameters through which ``resolve`` and ``build`` name their specs (see :func:`gather`).
@@ -95,6 +104,7 @@ SPEC_PARAMETERS = (
     "find_links",
     "store",
     "cuda",
+    "datastore",
 )
 
 
@@ -108,6 +118,8 @@ class Inputs:
     specs: dict[str, EnvSpec]
     sources: list[str]
     options: ResolveOptions
+    #: Steps that run in a named env (``@conda(name=...)``): step -> (name:tag, platforms).
+    named: dict[str, tuple[str, tuple[Platform, ...]]] = field(default_factory=dict)
 
 
 def _single_spec(
@@ -171,6 +183,47 @@ def _platforms(values: list[str]) -> tuple[Platform, ...]:
     return tuple(out)
 
 
+def _flow_specs(
+    flow: Path, datastore: str | None, python: str | None, store: str | None
+) -> tuple[dict[str, EnvSpec], str | None, dict[str, tuple[str, tuple[Platform, ...]]]]:
+    """The specs of a flow file's steps and, for a Metaflow flow, the store its run uses:
+    the specs the run hydrates (:mod:`envmgr.flows`), so building here warms the run."""
+    import dataclasses  # noqa: PLC0415
+
+    from envmgr.flows import (  # noqa: PLC0415
+        Placement,
+        metaflow_target_platform,
+        run_settings,
+        run_specs,
+        run_store,
+    )
+
+    found = read_flow(flow)
+    if not found.specs and not found.names:
+        fail(f"{flow}: no step has an environment (@conda, @pypi, @conda_base, @pypi_base)")
+    if not found.is_metaflow:
+        if python:
+            fail("--python with a flow file is for Metaflow flows (the launching python)")
+        return found.specs, None, {}
+    settings = run_settings(datastore, python)
+    placements = {
+        name: dataclasses.replace(place, target_platform=metaflow_target_platform(place.remote))
+        if place.remote
+        else place
+        for name, place in found.placements.items()
+    }
+    url, endpoint = run_store(settings.datastore, store)
+    if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ["AWS_ENDPOINT_URL"] = endpoint  # the store's client reads it, as boto3 does
+    from envmgr.flows import step_platforms  # noqa: PLC0415
+
+    named = {
+        step: (name, step_platforms(EnvSpec(), placements.get(step) or Placement()))
+        for step, name in found.names.items()
+    }
+    return run_specs(found.specs, placements, settings), url, named
+
+
 def gather(
     *,
     flow: Path | None,
@@ -186,6 +239,7 @@ def gather(
     store: str | None,
     cuda: str | None,
     find_links: list[str] | None = None,
+    datastore: str | None = None,
     force: bool = False,
     check: bool = False,
     specs_json: Path | None = None,
@@ -193,21 +247,20 @@ def gather(
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
     problems exit 2, spec problems raise ``SpecError``."""
-    singles = env_file or requirements or conda or pypi or python
-    if flow is not None and singles:
-        fail("give a flow file or -f/-r/--conda/--pypi/--python, not both")
+    if flow is not None and (env_file or requirements or conda or pypi):
+        fail("give a flow file or -f/-r/--conda/--pypi, not both")
+    singles = bool(env_file or requirements or conda or pypi or python)
     if specs_json is not None:
-        flow, singles = None, None
+        flow, singles = None, False
     elif flow is None and not singles:
         fail("nothing to do: give a flow file, -f, -r, --conda, --pypi or --python")
-    config = load(
-        flags={
-            "store": store,
-            "channels": channel,
-            "index_url": index_url,
-            "extra_index_urls": extra_index_url,
-        }
-    )
+    config_flags = {
+        "store": store,
+        "channels": channel,
+        "index_url": index_url,
+        "extra_index_urls": extra_index_url,
+    }
+    config = load(flags=config_flags)
     index_url = config["index_url"]
     try:
         indexes = [
@@ -224,13 +277,14 @@ def gather(
     bad = [p for p in default_platforms if not is_platform(p)]
     if bad:
         fail(f"{config.sources['platforms']}: unknown platform {bad[0]!r}")
+    named: dict[str, tuple[str, tuple[Platform, ...]]] = {}
     if specs_json is not None:
         specs = _specs_from_json(specs_json)
         sources = [str(specs_json)]
     elif flow is not None:
-        specs = discover(flow)
-        if not specs:
-            fail(f"{flow}: no step has an environment (@conda, @pypi, @conda_base, @pypi_base)")
+        specs, run_store_url, named = _flow_specs(flow, datastore, python, store)
+        if run_store_url is not None:
+            config = load(flags={**config_flags, "store": run_store_url})
         sources = [str(flow)]
     else:
         files = [*env_file, *requirements]
@@ -253,7 +307,7 @@ def gather(
         env=dict(os.environ),
         progress=progress,
     )
-    return Inputs(specs=specs, sources=sources, options=options)
+    return Inputs(specs=specs, sources=sources, options=options, named=named)
 
 
 def channel_credentials(channel_flags: list[str]) -> dict[str, str]:

@@ -41,6 +41,7 @@ class FlowOptions:
     index_url: str | None = None
     extra_index_url: tuple[str, ...] = ()
     platform: tuple[str, ...] = ()
+    datastore: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,6 +51,7 @@ class Target:
     lock: Lock
     steps: tuple[str, ...] = ()
     from_store: bool = False  # every platform's lock came from the store
+    store: Store | None = None  # a flow step's: the store its run uses (see envmgr.flows)
 
 
 def read_lock_file(path: Path, cache_dir: Path) -> Lock:
@@ -124,8 +126,22 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
         extra_index_url=list(options.extra_index_url),
         store=options.store,
         cuda=None,
+        datastore=options.datastore,
         progress=progress,
     )
+    if step in inputs.named:
+        from envmgr.names import lookup  # noqa: PLC0415
+
+        alias = lookup(inputs.options.store, inputs.named[step][0])
+        lock = _stored(inputs.options.store, dict(alias.envs), f"env {alias.ref}")
+        return Target(
+            text=text,
+            kind="name",
+            lock=lock,
+            steps=(step,),
+            from_store=True,
+            store=inputs.options.store,
+        )
     if step not in inputs.specs:
         fail(
             f"{flow}: no step {step!r} with an environment (steps with one: "
@@ -133,4 +149,4 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
         )
     results = resolve_specs({step: inputs.specs[step]}, inputs.options)
     lock = Lock(platforms=tuple(r.lock for r in results), spec_id=results[0].spec_id)
-    return Target(text=text, kind="flow step", lock=lock, steps=(step,))
+    return Target(text=text, kind="flow step", lock=lock, steps=(step,), store=inputs.options.store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -131,6 +132,10 @@ def _run_app() -> None:
         )
         raise SystemExit(1) from None
     except EnvmgrError as exc:
+        args = sys.argv[1:]
+        if "--json" in (args[: args.index("--")] if "--" in args else args):
+            # The whole error as data on stdout (the Metaflow extension shows it whole).
+            typer.echo(json.dumps({"error": exc.to_dict()}, indent=2))
         if STATE.verbose > 1:
             traceback.print_exc()
         if STATE.verbose:

@@ -4,6 +4,7 @@ Any host builds any supported platform's env; nothing of the target is executed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
     CudaOpt,
+    DatastoreOpt,
     EnvFiles,
     ExtraIndexOpt,
     FindLinksOpt,
@@ -93,10 +95,36 @@ def _jobs(
     from envmgr.resolution import resolve_specs  # noqa: PLC0415
 
     inputs = gather(**spec_args, progress=progress)
-    results = resolve_specs(inputs.specs, inputs.options)
+    results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
     resolved = {r.lock.env_id: (r.spec_id, r.cached) for r in results}
     jobs = [(r.steps, r.lock) for r in results]
+    jobs += _named_jobs(inputs.named, inputs.options.store, inputs.options.platforms)
     return inputs.options.store, inputs.options.cache_dir, jobs, resolved
+
+
+def _named_jobs(
+    named: Mapping[str, tuple[str, tuple[str, ...]]], store: Store, platforms: tuple[str, ...]
+) -> list[tuple[tuple[str, ...], PlatformLock]]:
+    """Steps with ``name=`` run in that name's env: it is built (if the store lacks its
+    archive) from its stored lock, never resolved."""
+    from envmgr.build import read_stored_lock  # noqa: PLC0415
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.names import lookup  # noqa: PLC0415
+
+    jobs: list[tuple[tuple[str, ...], PlatformLock]] = []
+    for step, (name, step_platforms) in sorted(named.items()):
+        alias = lookup(store, name)
+        for platform in platforms or step_platforms:
+            env_id = alias.envs.get(platform)
+            lock = read_stored_lock(store, platform, env_id) if env_id else None
+            if lock is None:
+                raise EnvmgrError(
+                    f"step {step!r}: named env {alias.ref} has no {platform} env in {store.url}"
+                    f" (it has: {', '.join(sorted(alias.envs)) or 'none'})",
+                    hint=f"point it at one: envmgr alias ENV_ID {alias.ref} --platform {platform}",
+                )
+            jobs.append(((step,), lock))
+    return jobs
 
 
 def _build_all(
@@ -165,6 +193,7 @@ def build(
     find_links: FindLinksOpt = [],
     store: StoreOpt = None,
     cuda: CudaOpt = None,
+    datastore: DatastoreOpt = None,
     codec: Annotated[
         str | None, typer.Option("--codec", help="zst (default) or gz; config: codec")
     ] = None,

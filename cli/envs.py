@@ -62,6 +62,7 @@ def _hydrate(
                 target, store_obj, cache, flow_options=flow_options, progress=progress
             )
             lock = found.lock.for_platform(host)
+            store_obj = found.store or store_obj
             if not found.from_store:
                 build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
             env_id, steps = lock.env_id, found.steps

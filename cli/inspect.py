@@ -11,7 +11,7 @@ import typer
 
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import JsonOpt, StoreOpt
-from envmgr.cli._targets import Target, TargetArg, load_target
+from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
 from envmgr.lock import LockedPackage, PlatformLock
 
@@ -27,7 +27,8 @@ def _load(target: str, store: str | None) -> tuple[Target, Any, Path]:
 
     config = load(flags={"store": store})
     store_obj, cache = open_store(config["store"]), Path(config["cache_dir"])
-    return load_target(target, store_obj, cache), store_obj, cache
+    found = load_target(target, store_obj, cache, flow_options=FlowOptions(store=store))
+    return found, found.store or store_obj, cache
 
 
 def _parts(target: Target, platform: str | None) -> list[PlatformLock]:

@@ -16,6 +16,7 @@ from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
     CudaOpt,
+    DatastoreOpt,
     EnvFiles,
     ExtraIndexOpt,
     FindLinksOpt,
@@ -81,6 +82,7 @@ def resolve(
     find_links: FindLinksOpt = [],
     store: StoreOpt = None,
     cuda: CudaOpt = None,
+    datastore: DatastoreOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Solve again even when cached.")] = False,
     check: Annotated[
         bool,

@@ -43,6 +43,7 @@ __all__ = [
     "layer_from_call",
     "pypi",
     "pypi_base",
+    "step_names",
     "step_specs",
 ]
 
@@ -54,8 +55,8 @@ ATTRIBUTE = "__envmgr_decorators__"
 
 _COMMON = frozenset({"python", "disabled", "system_packages", "platforms"})
 ALLOWED: Mapping[str, frozenset[str]] = {
-    "conda": _COMMON | {"libraries", "packages", "channels"},
-    "pypi": _COMMON | {"packages", "index_url", "extra_index_urls"},
+    "conda": _COMMON | {"libraries", "packages", "channels", "name"},
+    "pypi": _COMMON | {"packages", "index_url", "extra_index_urls", "name"},
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -168,30 +169,56 @@ class _Layer:
         return out
 
     def conda_packages(self) -> list[tuple[str, str, str]]:
-        """``(argument, name, version)`` from ``libraries=`` and ``packages=`` (which wins)."""
+        """``(argument, name, version)`` from ``libraries=`` and ``packages=``, which wins on
+        a clash (as in Metaflow, where ``libraries`` is the old name)."""
         libraries, packages = self.mapping("libraries"), self.mapping("packages")
-        for name in sorted(set(libraries) & set(packages)):
-            if libraries[name].strip() != packages[name].strip():
-                self.bad(
-                    f"libraries[{name!r}]",
-                    f"{libraries[name]!r} disagrees with packages[{name!r}] = "
-                    f"{packages[name]!r}; use packages= only",
-                )
         return [("libraries", n, v) for n, v in libraries.items() if n not in packages] + [
             ("packages", n, v) for n, v in packages.items()
         ]
 
+    def named(self) -> str | None:
+        """``name=``'s ``name:tag`` (steps only; nothing else may come with it)."""
+        from envmgr.names import AliasError, parse_name  # noqa: PLC0415
+
+        value = self.call.kwargs.get("name")
+        if value is None:
+            return None
+        if self.call.kind.endswith("_base"):
+            self.bad("name", f"a named env is for one step: use @{self.call.manager}(name=...)")
+            return None
+        if not isinstance(value, str):
+            self.bad("name", f'must be a string like "team/env:stable", not {value!r}')
+            return None
+        try:
+            name, tag = parse_name(value)
+        except AliasError as exc:
+            self.bad("name", str(exc))
+            return None
+        others = sorted(k for k in self.call.kwargs if k not in ("name", "disabled"))
+        if others:
+            self.bad(
+                "name",
+                f"a named env is used as it is; drop {', '.join(others)} (or drop name= to "
+                "resolve the step's own packages)",
+            )
+        return f"{name}:{tag}"
+
     def build(self) -> EnvSpec:
         kwargs = self.call.kwargs
-        for key in sorted(set(kwargs) - ALLOWED[self.call.manager]):
-            self.bad(
-                key,
-                f"unknown argument; @{self.call.kind} takes "
-                f"{', '.join(sorted(ALLOWED[self.call.manager]))}",
-            )
+        allowed = ALLOWED[self.call.manager]
+        for key in sorted(set(kwargs) - allowed):
+            self.bad(key, f"unknown argument; @{self.call.kind} takes {', '.join(sorted(allowed))}")
+        self.named()
         python = kwargs.get("python")
         if python is not None:
-            if not isinstance(python, str):
+            if isinstance(python, float):
+                self.bad(
+                    "python",
+                    f'is the number {python!r}; quote it (python="3.10"): as a number 3.10 '
+                    "reads 3.1",
+                )
+                python = None
+            elif not isinstance(python, str):
                 self.bad("python", f'must be a string like "3.11", not {python!r}')
                 python = None
             else:
@@ -328,6 +355,20 @@ def _level(calls: Iterable[DecoratorCall], where: str, problems: list[Problem]) 
             problems.extend(exc.problems)
             return layers[0]
     return layers[0] if layers else EnvSpec()
+
+
+def step_names(steps: Mapping[str, Iterable[DecoratorCall]]) -> dict[str, str]:
+    """``{step: "name:tag"}`` for the steps that use a named env (``@conda(name=...)``);
+    :func:`step_specs` reports bad names. Their specs are not resolved."""
+    out: dict[str, str] = {}
+    for step, calls in steps.items():
+        for call in calls:
+            if call.kind.endswith("_base"):
+                continue
+            named = _Layer(call, f"step {step!r}", []).named()
+            if named is not None:
+                out[step] = named
+    return out
 
 
 def step_specs(

@@ -9,20 +9,26 @@ decorators apply to all of them; module-level decorated functions are steps with
 Decorator arguments must be literals (dicts, lists, strings, numbers, booleans, ``None``) or
 names bound to literals at module level, since the file is read, not run; anything else is
 reported with its file, line and key.
+
+:func:`read_flow` also says, for a Metaflow flow (a class whose steps use Metaflow's
+``@step``), which steps there are and which run on remote compute (``@kubernetes``, ``@batch``,
+…): what :mod:`envmgr.flows` needs to compute the specs a run uses.
 """
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from envmgr.decorators import KINDS, DecoratorCall, Kind, step_specs
+from envmgr.decorators import KINDS, DecoratorCall, Kind, step_names, step_specs
 from envmgr.errors import Problem, SpecError
+from envmgr.flows import REMOTE_DECORATORS, Placement
 from envmgr.spec import EnvSpec
 
-__all__ = ["discover", "discover_source"]
+__all__ = ["FlowFile", "discover", "discover_source", "read_flow", "read_flow_source"]
 
 _SOURCES = ("metaflow", "envmgr")
 
@@ -33,6 +39,7 @@ class _Names:
     def __init__(self, tree: ast.Module) -> None:
         self.decorators: dict[str, Kind] = {}
         self.steps: set[str] = set()
+        self.remote: dict[str, str] = {}  # local name -> Metaflow's remote-compute decorator
         self.modules: set[str] = set()
         self.constants: dict[str, ast.expr] = {}
         for node in tree.body:
@@ -49,6 +56,8 @@ class _Names:
                         self.decorators[alias.asname or alias.name] = alias.name
                     elif alias.name == "step":
                         self.steps.add(alias.asname or "step")
+                    elif alias.name in REMOTE_DECORATORS:
+                        self.remote[alias.asname or alias.name] = alias.name
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.split(".")[0] in _SOURCES:
@@ -91,6 +100,14 @@ class _Names:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
         ref = self._ref(target)
         return ref == ".step" or (ref is not None and ref in self.steps)
+
+    def remote_of(self, decorator: ast.expr) -> str | None:
+        """The remote-compute decorator *decorator* is (``kubernetes``, …), if it is one."""
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        ref = self._ref(target)
+        if ref is not None and ref.startswith("."):
+            return ref[1:] if ref[1:] in REMOTE_DECORATORS else None
+        return self.remote.get(ref or "")
 
 
 class _Reader:
@@ -175,8 +192,29 @@ class _Reader:
         return found, is_step
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlowFile:
+    """What a flow file declares: each step's merged spec, and for Metaflow flows every step
+    (also those without an environment decorator, which a run gives the base env) and where
+    each runs."""
+
+    specs: dict[str, EnvSpec]
+    metaflow_steps: frozenset[str] = frozenset()
+    placements: dict[str, Placement] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # step -> "name:tag" it runs in
+
+    @property
+    def is_metaflow(self) -> bool:
+        return bool(self.metaflow_steps)
+
+
 def discover_source(source: str, filename: str = "<flow>") -> dict[str, EnvSpec]:
     """:func:`discover` on source text; ``filename`` is used in messages."""
+    return read_flow_source(source, filename).specs
+
+
+def read_flow_source(source: str, filename: str = "<flow>") -> FlowFile:
+    """:func:`read_flow` on source text; ``filename`` is used in messages."""
     try:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as exc:
@@ -193,6 +231,9 @@ def discover_source(source: str, filename: str = "<flow>") -> dict[str, EnvSpec]
     result: dict[str, EnvSpec] = {}
     errors: list[Problem] = []
     module_steps: dict[str, list[DecoratorCall]] = {}
+    metaflow_steps: set[str] = set()
+    placements: dict[str, Placement] = {}
+    names: dict[str, str] = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             base, _ = reader.calls(node.decorator_list, f"flow {node.name!r}")
@@ -202,18 +243,35 @@ def discover_source(source: str, filename: str = "<flow>") -> dict[str, EnvSpec]
                     calls, is_step = reader.calls(item.decorator_list, f"step {item.name!r}")
                     if calls or is_step:
                         steps[item.name] = calls
+                    if is_step:
+                        remote = next(
+                            filter(None, map(reader.names.remote_of, item.decorator_list)), None
+                        )
+                        placements[item.name] = Placement(remote=remote)
             if base or any(steps.values()):
                 errors += _collect(result, base, steps, node.name)
+                names.update(step_names(steps))
+                stepped = {n for n in steps if n in placements}
+                metaflow_steps |= stepped
+                # A run gives every step an env: those without a decorator get the base's.
+                for name in stepped - set(result):
+                    result[name] = step_specs(base, {name: []}, flow=node.name).get(name, EnvSpec())
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             calls, _ = reader.calls(node.decorator_list, f"step {node.name!r}")
             if calls:
                 module_steps[node.name] = calls
     if module_steps:
         errors += _collect(result, [], module_steps, Path(filename).stem)
+        names.update(step_names(module_steps))
     problems = reader.problems + errors
     if problems:
         raise SpecError(problems)
-    return result
+    return FlowFile(
+        specs={k: v for k, v in result.items() if k not in names},
+        names=names,
+        metaflow_steps=frozenset(metaflow_steps),
+        placements={k: v for k, v in placements.items() if k in metaflow_steps},
+    )
 
 
 def _collect(
@@ -239,6 +297,14 @@ def discover(path: str | Path) -> dict[str, EnvSpec]:
 
     Raises ``SpecError`` listing every problem in the file (each with the step, key and line).
     """
+    return read_flow(path).specs
+
+
+def read_flow(path: str | Path) -> FlowFile:
+    """What the flow file at *path* declares (see :class:`FlowFile`), read without running it.
+
+    Raises ``SpecError`` listing every problem in the file (each with the step, key and line).
+    """
     path = Path(path)
     try:
         source = path.read_text(encoding="utf-8")
@@ -246,4 +312,4 @@ def discover(path: str | Path) -> dict[str, EnvSpec]:
         raise SpecError(
             [Problem(where=str(path), key="-", message=f"cannot read flow file: {exc.strerror}")]
         ) from None
-    return discover_source(source, filename=path.name)
+    return read_flow_source(source, filename=path.name)

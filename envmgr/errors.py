@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["EnvmgrError", "Problem", "SpecError"]
 
@@ -31,6 +32,22 @@ class EnvmgrError(Exception):
         if self.hint:
             return f"{self.message} ({self.hint})"
         return self.message
+
+    def details(self) -> dict[str, Any]:
+        """What a subclass knows beyond the message (e.g. a build log's path and the lines
+        that explain it), as JSON-able data."""
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole error as data, for ``--json`` output and for a parent process (the
+        Metaflow extension) that shows it to a person."""
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "hint": self.hint,
+            "exit_code": self.exit_code,
+            **self.details(),
+        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,3 +78,10 @@ class SpecError(EnvmgrError):
             lines = "".join(f"\n  {problem}" for problem in self.problems)
             message = f"{len(self.problems)} problems in environment specs:{lines}"
         super().__init__(message, hint=hint)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "problems": [
+                {"where": p.where, "key": p.key, "message": p.message} for p in self.problems
+            ]
+        }

@@ -67,6 +67,25 @@ def pypi_index() -> Iterator[PypiIndexServer]:
 
 
 @pytest.fixture(scope="session")
+def sdist_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PypiIndexServer]:
+    """The fixture wheels plus sdists with each trait of ``fixtures/sdists.py`` (slow and
+    broken native builds, dynamic metadata, sdist-only releases, ...), behind an index."""
+    import os
+
+    from fixtures.sdists import write_sdist_world
+
+    house = tmp_path_factory.mktemp("sdist-world")
+    for wheel in fetch_wheels().glob("*.whl"):
+        os.link(wheel, house / wheel.name)
+    write_sdist_world(house)
+    server = PypiIndexServer(house).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS3]:
     """SeaweedFS on loopback for the whole session; stopped (and checked) at the end."""
     with launch(tmp_path_factory.mktemp("s3")) as server:

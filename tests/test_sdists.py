@@ -22,21 +22,12 @@ from envmgr.resolution import resolve_specs
 from envmgr.resolvers.pypi.resolve import PypiConflictError
 from envmgr.spec import EnvSpec, PypiDep
 from envmgr.specfiles import read_requirements
-from fixtures.pypi_index import PypiIndexServer
-from fixtures.sdists import write_sdist_world
 from fixtures.wheelmaker import make_wheel
-from fixtures.wheels import fetch_wheels
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory):
-    house = tmp_path_factory.mktemp("sdist-world")
-    for wheel in fetch_wheels().glob("*.whl"):
-        os.link(wheel, house / wheel.name)
-    write_sdist_world(house)
-    server = PypiIndexServer(house).start()
-    yield server
-    server.stop()
+def index(sdist_index):
+    return sdist_index
 
 
 @pytest.fixture

@@ -21,14 +21,11 @@ BAD = [
     ("channel-with-space", C, {"packages": {"conda forge::numpy": ""}}, "not a channel name"),
     ("libraries-not-dict", C, {"libraries": ["numpy"]}, "libraries"),
     ("version-not-string", C, {"libraries": {"numpy": 2}}, "version must be a string"),
-    (
-        "libraries-packages-disagree",
-        C,
-        {"libraries": {"numpy": "1.26"}, "packages": {"numpy": "2.0"}},
-        "disagrees",
-    ),
+    ("name-and-packages", C, {"name": "team/env", "packages": {"numpy": "2"}}, "drop packages"),
+    ("name-bad", P, {"name": "Team Env"}, "not an env name"),
+    ("name-not-string", C, {"name": 3}, "must be a string"),
     ("python-bad", C, {"python": "3..11"}, "python"),
-    ("python-float", C, {"python": 3.11}, "must be a string"),
+    ("python-float", C, {"python": 3.11}, "quote it"),
     ("disabled-string", C, {"disabled": "yes"}, "disabled"),
     ("unknown-kwarg", C, {"librairies": {"numpy": ""}}, "unknown argument"),
     ("pypi-bad-specifier", P, {"packages": {"requests": ">>1"}}, "packages['requests']"),
@@ -110,6 +107,21 @@ def test_decorators_at_the_wrong_level_and_twice():
     text = str(info.value)
     assert "use @conda_base on a flow class" in text
     assert "use @conda on a step" in text and "given twice" in text
+
+
+def test_packages_win_over_libraries_as_in_metaflow():
+    """``libraries`` is Metaflow's old name: on a clash ``packages`` wins, without an error."""
+    specs = step_specs(
+        [],
+        {"a": [DecoratorCall(kind="conda", kwargs={"libraries": {"numpy": "1.26", "six": ""},
+                                                    "packages": {"numpy": "2.0"}})]},
+    )  # fmt: skip
+    assert [str(d) for d in specs["a"].conda] == ["numpy ==2.0", "six"]
+
+
+def test_a_name_on_a_flow_is_refused():
+    with pytest.raises(SpecError, match="a named env is for one step"):
+        step_specs([DecoratorCall(kind="conda_base", kwargs={"name": "team/env"})], {"a": []})
 
 
 def test_step_conda_and_pypi_disagreeing_on_python():

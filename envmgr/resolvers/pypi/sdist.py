@@ -40,7 +40,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -107,7 +107,23 @@ _MAX_PKG_INFO = 4 << 20
 
 
 class SdistBuildError(EnvmgrError):
-    """A source distribution could not be read, prepared or built; names it and why."""
+    """A source distribution could not be read, prepared or built; names it and why, and for
+    a failed build the lines of its log that explain it (``lines``) and the log (``log``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        lines: Sequence[str] = (),
+        log: Path | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.lines = tuple(lines)
+        self.log = log
+
+    def details(self) -> dict[str, Any]:
+        return {"lines": list(self.lines), "log": str(self.log) if self.log else None}
 
 
 def host_python_xy() -> str:
@@ -454,10 +470,13 @@ class Sdists:
         text = strip_credentials_in(result.stdout + "\n" + result.stderr)
         shown = " ".join(strip_credentials(c) for c in cmd[:4] if "\n" not in c)
         log_path.write_text(f"$ {shown} ...\n{text}")
-        cause = " | ".join(_explaining_lines(text)) or f"exit code {result.returncode}"
+        explaining = _explaining_lines(text)
+        cause = " | ".join(explaining) or f"exit code {result.returncode}"
         raise SdistBuildError(
             f"{what} {dist.filename} failed: {cause} (whole log: {log_path})",
             hint="install what the log says is missing, or pin a version that has a wheel",
+            lines=explaining,
+            log=log_path,
         )
 
 

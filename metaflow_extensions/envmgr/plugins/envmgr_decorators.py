@@ -10,6 +10,7 @@ python and record which env it used.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any, ClassVar
 
@@ -20,7 +21,6 @@ from metaflow.packaging_sys import ContentType
 from metaflow_extensions.envmgr.plugins.envmgr_environment import remote_decorator
 
 _COMMON = {"python": None, "disabled": None, "system_packages": {}, "platforms": []}
-
 
 #: The environments that give @conda/@pypi their meaning (both are envmgr's here).
 _ENVIRONMENTS = ("conda", "pypi")
@@ -36,7 +36,51 @@ def _require_envmgr_environment(environment: Any, what: str) -> None:
         raise InvalidEnvironmentException(f"{what} requires {flags}")
 
 
-class _EnvmgrFlow(FlowDecorator):  # type: ignore[misc]
+def own_kwargs(deco: Any) -> dict[str, Any]:
+    """The arguments *deco* itself was given (before a step merged its flow's into it), as
+    envmgr's spec layer takes them: empty values dropped."""
+    attributes = getattr(deco, "_envmgr_own", None)
+    if attributes is None:
+        attributes = deco.attributes
+    return {
+        k: v for k, v in attributes.items() if v is not None and v != {} and v != [] and v != ()
+    }
+
+
+class _UserValues:
+    """Stock's bookkeeping of which attributes the user gave (``is_attribute_user_defined``),
+    and its ``init``: ``libraries`` merged into ``packages`` (``packages`` wins on a clash)
+    and emptied."""
+
+    attributes: dict[str, Any]
+    _user_defined_attributes: set[str]
+
+    def __init__(
+        self, attributes: Any = None, statically_defined: bool = False, inserted_by: Any = None
+    ) -> None:
+        self._attributes_with_user_values = set(attributes) if attributes is not None else set()
+        super().__init__(attributes, statically_defined, inserted_by)  # type: ignore[call-arg]
+
+    def _stock_init(self) -> None:
+        # Values that came from Metaflow configs count as the user's too.
+        self._attributes_with_user_values |= set(getattr(self, "_user_defined_attributes", ()))
+        if "libraries" in self.attributes:
+            self.attributes["packages"] = {
+                **(self.attributes["libraries"] or {}),
+                **(self.attributes["packages"] or {}),
+            }
+            self.attributes["libraries"] = {}  # kept: make_decorator_spec expects the key
+        if self.attributes.get("packages"):
+            self._attributes_with_user_values.add("packages")
+        python = self.attributes.get("python")
+        if isinstance(python, int) and not isinstance(python, bool):
+            self.attributes["python"] = str(python)  # a float (3.10) is refused by the spec
+
+    def is_attribute_user_defined(self, name: str) -> bool:
+        return name in self._attributes_with_user_values
+
+
+class _EnvmgrFlow(_UserValues, FlowDecorator):  # type: ignore[misc]
     def flow_init(
         self,
         flow: Any,
@@ -51,8 +95,9 @@ class _EnvmgrFlow(FlowDecorator):  # type: ignore[misc]
         _require_envmgr_environment(environment, f"@{self.name} decorator on flow {flow.name}")
 
 
-class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
+class _EnvmgrStep(_UserValues, StepDecorator):  # type: ignore[misc]
     defaults: ClassVar[dict[str, Any]] = {}
+    base_name: ClassVar[str] = ""
     _code_dir: ClassVar[Any] = None
     _code_env: ClassVar[dict[str, str]] = {}
 
@@ -67,11 +112,32 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         logger: Any,
     ) -> None:
         _require_envmgr_environment(environment, f"@{self.name} decorator on step {step!r}")
+        self.flow = flow
+        self.step = self.step_name = step
         self.flow_name = flow.name
-        self.step_name = step
         self.environment = environment
+        self.datastore = flow_datastore
         self.python = None
-        self.remote = remote_decorator(decos) is not None
+        self.decos = decos
+        # envmgr's spec is built from what this decorator was given; the attributes then
+        # read as stock's do after step_init (the flow's merged in, defaults filled).
+        if getattr(self, "_envmgr_own", None) is None:
+            self._envmgr_own = dict(self.attributes)
+        self._merge_base(flow)
+        if not self.attributes["disabled"]:
+            self.attributes["disabled"] = False
+        self.disabled = bool(self.attributes["disabled"])
+
+    def _merge_base(self, flow: Any) -> None:
+        bases = flow._flow_decorators.get(self.base_name) or []
+        if not bases:
+            return
+        base = bases[0]
+        self.attributes["packages"] = {**base.attributes["packages"], **self.attributes["packages"]}
+        self._attributes_with_user_values |= getattr(base, "_attributes_with_user_values", set())
+        self.attributes["python"] = self.attributes["python"] or base.attributes["python"]
+        if self.attributes["disabled"] is None:
+            self.attributes["disabled"] = base.attributes["disabled"]
 
     def _env(self) -> dict[str, Any] | None:
         envs = getattr(self.environment, "envmgr_envs", None) or {}
@@ -103,7 +169,8 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
     ) -> None:
         env = self._env()
         # A remote step's task runs here only to launch it (its pod hydrates its own env).
-        if env is not None and not self.remote:
+        # (Looked up here, in the launcher: a task's python has only the worker's modules.)
+        if env is not None and remote_decorator(self.decos) is None:
             self.python = self.environment.envmgr_python(self.step_name)
 
     def runtime_step_cli(
@@ -126,6 +193,7 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         env = self._env() or {}
         cli_args.env["ENVMGR_ENV_ID"] = self.environment.host_env_id(self.step_name) or ""
         cli_args.env["ENVMGR_SPEC_ID"] = env.get("spec_id", "")
+        cli_args.env["ENVMGR_ENV_NAME"] = env.get("name", "")
         cli_args.entrypoint[0] = self.python
 
     def task_pre_step(
@@ -143,19 +211,22 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
         inputs: Any,
     ) -> None:
         env_id = os.environ.get("ENVMGR_ENV_ID")
-        spec_id = os.environ.get("ENVMGR_SPEC_ID")
         if not env_id:
             return
         tags = [f"attempt_id:{retry_count}"]
+        fields = {
+            "envmgr_env_id": env_id,
+            "envmgr_spec_id": os.environ.get("ENVMGR_SPEC_ID", ""),
+            "envmgr_env_name": os.environ.get("ENVMGR_ENV_NAME", ""),
+        }
         metadata.register_metadata(
             run_id,
             step_name,
             task_id,
             [
-                MetaDatum(field="envmgr_env_id", value=env_id, type="envmgr_env_id", tags=tags),
-                MetaDatum(
-                    field="envmgr_spec_id", value=spec_id or "", type="envmgr_spec_id", tags=tags
-                ),
+                MetaDatum(field=key, value=value, type=key, tags=tags)
+                for key, value in fields.items()
+                if value or key != "envmgr_env_name"
             ],
         )
 
@@ -165,28 +236,50 @@ class _EnvmgrStep(StepDecorator):  # type: ignore[misc]
             _EnvmgrStep._code_dir = None
 
 
+# Metaflow runs ``init`` only when the class itself defines it (``"init" in __dict__``).
+
+
 class CondaStepDecorator(_EnvmgrStep):
-    """Conda packages for one step (Metaflow's arguments plus ``channels`` etc.)."""
+    """Conda packages for one step: Metaflow's arguments (``packages``, ``libraries``,
+    ``python``, ``disabled``), envmgr's (``channels``, ``system_packages``, ``platforms``), and
+    ``name="team/env:tag"`` to run in a named env instead of resolving one."""
 
     name = "conda"
+    base_name = "conda_base"
     defaults: ClassVar[dict[str, Any]] = {
         "packages": {},
         "libraries": {},
         "channels": [],
+        "name": None,
         **_COMMON,
     }
 
+    def init(self) -> None:
+        self._stock_init()
 
-class PypiStepDecorator(_EnvmgrStep):
-    """PyPI packages for one step."""
+    def step_init(self, flow: Any, graph: Any, step: str, *args: Any) -> None:
+        super().step_init(flow, graph, step, *args)
+        if not self.attributes["python"]:
+            # Stock: the launching interpreter (envmgr: its series, see envmgr.flows).
+            self.attributes["python"] = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+class PyPIStepDecorator(_EnvmgrStep):
+    """PyPI packages for one step (Metaflow's arguments plus ``index_url``,
+    ``extra_index_urls``, ``system_packages``, ``platforms`` and ``name``)."""
 
     name = "pypi"
+    base_name = "pypi_base"
     defaults: ClassVar[dict[str, Any]] = {
         "packages": {},
         "index_url": None,
         "extra_index_urls": [],
+        "name": None,
         **_COMMON,
     }
+
+    def init(self) -> None:
+        self._stock_init()
 
 
 class CondaFlowDecorator(_EnvmgrFlow):
@@ -200,8 +293,11 @@ class CondaFlowDecorator(_EnvmgrFlow):
         **_COMMON,
     }
 
+    def init(self) -> None:
+        self._stock_init()
 
-class PypiFlowDecorator(_EnvmgrFlow):
+
+class PyPIFlowDecorator(_EnvmgrFlow):
     """PyPI packages for every step of the flow."""
 
     name = "pypi_base"
@@ -211,3 +307,11 @@ class PypiFlowDecorator(_EnvmgrFlow):
         "extra_index_urls": [],
         **_COMMON,
     }
+
+    def init(self) -> None:
+        self._stock_init()
+
+
+#: The names of earlier envmgr releases.
+PypiStepDecorator = PyPIStepDecorator
+PypiFlowDecorator = PyPIFlowDecorator

@@ -1,12 +1,11 @@
 """``--environment=conda`` / ``pypi`` backed by envmgr: lock, build once, hydrate per host.
 
 At flow start (when Metaflow packages the code) every step's spec is read from its decorators
-(base + step, ``@conda`` and ``@pypi`` together allowed), resolved through envmgr's resolution
-cache for the platform the step runs on, and each env is built and stored once, whatever this
-host's platform: a step with a remote compute decorator (Metaflow's own list, from the flow or
-``--with``) targets envmgr's ``remote_platform`` setting (``ENVMGR_REMOTE_PLATFORM``; default
-the decorator's ``target_platform``, else linux-64), a step's ``@conda(platforms=[...])``
-wins over both, and other steps target this host. Local tasks run with the hydrated env's
+(base + step, ``@conda`` and ``@pypi`` together allowed) and completed for the run by
+:mod:`envmgr.flows` (python, Metaflow's task packages for the datastore, the platform the step
+runs on: the same specs ``envmgr build flow.py`` computes), resolved through envmgr's
+resolution cache, and each env is built and stored once, whatever this host's platform. A step
+with ``name="team/env:tag"`` runs in that named env. Local tasks run with the hydrated env's
 python (one hydration per host however many tasks); remote tasks hydrate their own platform's
 env with ``python -m envmgr.bootstrap`` from the store named in the code package.
 """
@@ -23,72 +22,38 @@ from metaflow.metaflow_environment import MetaflowEnvironment
 from metaflow.packaging_sys import ContentType
 
 _PACKAGE_FILE = "envmgr_envs.json"
-#: Metaflow itself needs these in every env its tasks run in.
-_METAFLOW_NEEDS = ("requests",)
-#: Decorators that run a step elsewhere: Metaflow's own list (its conda environment's), plus
-#: any decorator that says ``supports_conda_environment``.
-REMOTE_DECORATORS = ("batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step")
 
 
 def remote_decorator(decorators: Any) -> Any:
-    """Of a step's *decorators*, the one that runs it on remote compute (``None``: local)."""
+    """Of a step's *decorators*, the one that runs it on remote compute (``None``: local):
+    Metaflow's own list, plus any decorator that says ``supports_conda_environment``."""
+    from envmgr.flows import REMOTE_DECORATORS
+
     for deco in decorators:
         if getattr(deco, "supports_conda_environment", False) or deco.name in REMOTE_DECORATORS:
             return deco
     return None
 
 
-def step_platforms(step: Any, spec: Any) -> tuple[str, ...]:
-    """Where *step* runs: its spec's platforms, else the remote platform, else this host."""
-    from envmgr.config import load
-    from envmgr.ids import parse_platform
-    from envmgr.platforms import host_platform
+def placement(step: Any) -> Any:
+    """Where *step* runs, as :mod:`envmgr.flows` takes it."""
+    from envmgr.flows import Placement
 
-    if spec.platforms:
-        return tuple(spec.platforms)
     deco = remote_decorator(step.decorators)
     if deco is None:
-        return (host_platform(),)
-    config = load()
-    value = config["remote_platform"]
-    where = f"envmgr setting remote_platform ({config.sources['remote_platform']})"
-    if config.sources["remote_platform"].startswith("default"):
-        # Metaflow's own knob (e.g. METAFLOW_KUBERNETES_CONDA_ARCH) when envmgr has none.
-        value = getattr(deco, "target_platform", None) or value
-        where = f"@{deco.name} target_platform"
-    return (parse_platform(value, where=where),)
-
-
-def _store_url() -> str:
-    from envmgr.config import default_store_url
-
-    if os.environ.get("ENVMGR_STORE"):
-        return os.environ["ENVMGR_STORE"]
-    from metaflow.metaflow_config import DATASTORE_SYSROOT_S3, DEFAULT_DATASTORE
-
-    if DEFAULT_DATASTORE == "s3" and DATASTORE_SYSROOT_S3:
-        from metaflow.metaflow_config import S3_ENDPOINT_URL
-
-        if S3_ENDPOINT_URL and not os.environ.get("AWS_ENDPOINT_URL"):
-            os.environ["AWS_ENDPOINT_URL"] = S3_ENDPOINT_URL
-        return f"{DATASTORE_SYSROOT_S3.rstrip('/')}/envmgr"
-    return default_store_url()
+        return Placement()
+    return Placement(remote=deco.name, target_platform=getattr(deco, "target_platform", None))
 
 
 def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
     from envmgr.decorators import DecoratorCall
+    from metaflow_extensions.envmgr.plugins.envmgr_decorators import own_kwargs
 
-    calls = []
-    for deco in decorators:
-        if deco.name not in kinds:
-            continue
-        kwargs = {
-            k: v
-            for k, v in deco.attributes.items()
-            if v is not None and v != {} and v != [] and v != ()
-        }
-        calls.append(DecoratorCall(kind=deco.name, kwargs=kwargs))
-    return calls
+    return [
+        DecoratorCall(kind=deco.name, kwargs=own_kwargs(deco))
+        for deco in decorators
+        if deco.name in kinds
+    ]
 
 
 def _bootstrap_sources() -> list[tuple[str, str, Any]]:
@@ -98,6 +63,28 @@ def _bootstrap_sources() -> list[tuple[str, str, Any]]:
     from envmgr.bootstrap import worker_sources
 
     return [(str(path), arcname, ContentType.CODE_CONTENT) for path, arcname in worker_sources()]
+
+
+def _child_error(result: Any) -> str:
+    """What ``envmgr build --json`` said went wrong: its error object whole (the message, the
+    lines of a build log that explain it, the log's path), else its stderr's last lines."""
+    try:
+        error = json.loads(result.stdout)["error"]
+    except (ValueError, KeyError, TypeError):
+        error = None
+    if isinstance(error, dict) and error.get("message"):
+        text = str(error["message"])
+        if error.get("hint"):
+            text += f" ({error['hint']})"
+        for line in error.get("lines") or ():
+            text += f"\n    {line}"
+        if error.get("log"):
+            text += f"\n    whole log: {error['log']}"
+        return text
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    if not lines:
+        return f"envmgr build exited with code {result.returncode}"
+    return "\n".join(line.removeprefix("envmgr: error: ") for line in lines[-15:])
 
 
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
@@ -121,11 +108,11 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         # Every step gets @conda, so its hooks run (a step without one uses the base env).
         return ("conda", *super().decospecs())
 
-    def _specs(self) -> dict[str, Any]:
-        import dataclasses
-
-        from envmgr.decorators import step_specs
-        from envmgr.spec import CondaDep, PypiDep, merge
+    def _specs(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The run's spec of every step (:mod:`envmgr.flows`, as ``envmgr build flow.py``
+        computes them) and the named env of steps with ``name=``."""
+        from envmgr.decorators import step_names, step_specs
+        from envmgr.flows import run_settings, run_specs
 
         flow_decos = [
             d
@@ -136,20 +123,11 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         specs = step_specs(
             _calls(flow_decos, ("conda_base", "pypi_base")), steps, flow=self.flow.name
         )
-        out = {}
-        for name, spec in specs.items():
-            if spec.disabled:
-                continue
-            present = {d.name for d in spec.conda} | {d.name for d in spec.pypi}
-            needs = (*_METAFLOW_NEEDS, *(("boto3",) if self._datastore == "s3" else ()))
-            missing = [n for n in needs if n not in present]
-            if missing and spec.pypi and not spec.conda:
-                spec = merge(spec, type(spec)(pypi=tuple(PypiDep.parse(n) for n in missing)))
-            elif missing:
-                spec = merge(spec, type(spec)(conda=tuple(CondaDep.parse(n) for n in missing)))
-            step = next(s for s in self.flow if s.name == name)
-            out[name] = dataclasses.replace(spec, platforms=step_platforms(step, spec))
-        return out
+        names = {k: v for k, v in step_names(steps).items() if not specs[k].disabled}
+        placements = {step.name: placement(step) for step in self.flow}
+        settings = run_settings(self._datastore or None, where="--datastore")
+        unnamed = {k: v for k, v in specs.items() if k not in names}
+        return run_specs(unnamed, placements, settings), names
 
     def init_environment(self, echo: Any, only_steps: Any = None) -> None:
         from metaflow.exception import MetaflowException
@@ -168,13 +146,22 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         import sys
 
         from envmgr.errors import EnvmgrError
+        from envmgr.flows import run_settings, run_store
 
-        specs = self._specs()
+        specs, names = self._specs()
         if only_steps:
             specs = {k: v for k, v in specs.items() if k in only_steps}
-        if not specs:
+            names = {k: v for k, v in names.items() if k in only_steps}
+        if not specs and not names:
             return
-        store_url = _store_url()
+        store_url, endpoint = run_store(run_settings(self._datastore or None).datastore)
+        if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+            os.environ["AWS_ENDPOINT_URL"] = endpoint  # for the child and the hydrates here
+        if names:
+            self._named_envs(names, store_url, echo)
+        if not specs:
+            self._write_package_file()
+            return
         echo(f"envmgr: resolving {len(specs)} step environments (store {store_url})")
         # Solving and building run in a child process: py-rattler's runtime threads must not
         # live in Metaflow's process (they can abort an interpreter while it finalizes).
@@ -200,9 +187,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         finally:
             Path(handle.name).unlink()
         if result.returncode != 0:
-            lines = result.stderr.strip().splitlines()
-            message = lines[-1] if lines else f"exit code {result.returncode}"
-            raise EnvmgrError(message.removeprefix("envmgr: error: "))
+            raise EnvmgrError(_child_error(result))
         for row in json.loads(result.stdout)["envs"]:
             state = {
                 "built": "built",
@@ -219,9 +204,51 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                     step, {"spec_id": row["spec_id"], "store": store_url, "envs": {}}
                 )
                 entry["envs"][row["platform"]] = row["env_id"]
+        self._write_package_file()
+
+    def _write_package_file(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump(self.envmgr_envs, handle)
         self._package_file = handle.name
+
+    def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
+        """Steps with ``name=`` run in that named env's env for their platform, as it is."""
+        from envmgr.cache import open_store
+        from envmgr.decorators import DecoratorCall, layer_from_call
+        from envmgr.errors import EnvmgrError
+        from envmgr.flows import step_platforms
+        from envmgr.names import lookup
+        from envmgr.spec import EnvSpec
+
+        store = open_store(store_url)
+        for step_name, name in sorted(names.items()):
+            step = next(s for s in self.flow if s.name == step_name)
+            own = [
+                layer_from_call(
+                    DecoratorCall(kind=c.kind, kwargs={**c.kwargs, "name": None}),
+                    where=f"step {step_name!r}",
+                )
+                for c in _calls(step.decorators, ("conda", "pypi"))
+            ]
+            platforms = step_platforms(own[0] if own else EnvSpec(), placement(step))
+            alias = lookup(store, name)
+            missing = [p for p in platforms if p not in alias.envs]
+            if missing:
+                raise EnvmgrError(
+                    f"step {step_name!r}: named env {alias.ref} has no {', '.join(missing)} env "
+                    f"in {store_url} (it has: {', '.join(sorted(alias.envs)) or 'none'})",
+                    hint=f"point it at one: envmgr alias ENV_ID {alias.ref} "
+                    f"--platform {missing[0]}",
+                )
+            envs = {p: alias.envs[p] for p in platforms}
+            self.envmgr_envs[step_name] = {
+                "spec_id": "",
+                "store": store_url,
+                "envs": envs,
+                "name": alias.ref,
+            }
+            for platform_, env_id in envs.items():
+                echo(f"envmgr: {step_name}: {platform_} env {env_id[:12]} (named {alias.ref})")
 
     def add_to_package(self) -> list[tuple[str, str, Any]]:
         files = list(super().add_to_package())
@@ -272,7 +299,19 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             '--cache-dir "$(pwd)/.envmgr" --shell)',
             'eval "$ENVMGR_EXPORTS"',
             f"export ENVMGR_SPEC_ID={env['spec_id']}",
+            *([f"export ENVMGR_ENV_NAME={env['name']}"] if env.get("name") else []),
         ]
+
+    def is_disabled(self, step: Any) -> bool:
+        """Stock's question: does *step* run on the launching interpreter (``disabled``)?"""
+        return step.name not in self.envmgr_envs and any(
+            d.name in ("conda", "pypi") and str(d.attributes.get("disabled")).lower() == "true"
+            for d in step.decorators
+        )
+
+    def interpreter(self, step_name: str) -> str:
+        """Stock's name for the python a local task of *step_name* runs with."""
+        return self.envmgr_python(step_name)
 
     def executable(self, step_name: str, default: str | None = None) -> str:
         env = self.envmgr_envs.get(step_name)

@@ -5,11 +5,11 @@ Plugins named like Metaflow's own override them (Metaflow takes the latest entry
 
 STEP_DECORATORS_DESC = [
     ("conda", ".envmgr_decorators.CondaStepDecorator"),
-    ("pypi", ".envmgr_decorators.PypiStepDecorator"),
+    ("pypi", ".envmgr_decorators.PyPIStepDecorator"),
 ]
 FLOW_DECORATORS_DESC = [
     ("conda_base", ".envmgr_decorators.CondaFlowDecorator"),
-    ("pypi_base", ".envmgr_decorators.PypiFlowDecorator"),
+    ("pypi_base", ".envmgr_decorators.PyPIFlowDecorator"),
 ]
 ENVIRONMENTS_DESC = [
     ("conda", ".envmgr_environment.CondaEnvironment"),
