@@ -303,3 +303,269 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
             for name, version in versions.items():
                 assert locks[step][name] == version, (step, name)
     assert len(seen["fan"]) == 20
+
+
+PARITY_FLOW = """
+import contextlib
+from metaflow import FlowSpec, conda, pypi, step
+
+
+def seen():
+    import importlib.metadata as m
+    import sys
+
+    out = {}
+    for n in ("six", "tabulate", "requests", "numpy"):
+        with contextlib.suppress(m.PackageNotFoundError):
+            out[n] = m.version(n)
+    return sys.prefix, out
+
+
+class ParityFlow(FlowSpec):
+    @step
+    def start(self):
+        print("SEEN start", seen())
+        self.next(self.fetch)
+
+    @pypi(packages={"six": "1.17.0"}, python="3.11")
+    @step
+    def fetch(self):
+        print("SEEN fetch", seen())
+        self.next(self.named)
+
+    @conda(name="team/tab:stable")
+    @step
+    def named(self):
+        print("SEEN named", seen())
+        self.next(self.end)
+
+    @conda(libraries={"numpy": ">=2"})
+    @step
+    def end(self):
+        print("SEEN end", seen())
+
+
+if __name__ == "__main__":
+    ParityFlow()
+"""
+
+_RUNNER = """
+import json, sys
+from metaflow import Run, Runner, namespace
+
+with Runner(sys.argv[1], show_output=False, environment="conda") as runner:
+    result = runner.run(max_workers=2)
+    print(result.stdout + result.stderr)
+    print("STATUS " + result.status)
+    print("run-id " + result.run.id)
+"""
+
+_RUN_ENVS = """
+import json, sys
+from metaflow import Run, namespace
+
+namespace(None)
+out = {}
+for step in Run(sys.argv[1]):
+    for task in step:
+        meta = task.metadata_dict
+        out.setdefault(step.id, []).append([meta.get("envmgr_env_id"), meta.get("envmgr_env_name")])
+print(json.dumps(out))
+"""
+
+
+def _run_envs(home: Path, env: dict, pathspec: str) -> dict[str, list[list[str | None]]]:
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN_ENVS, pathspec],
+        capture_output=True, text=True, cwd=home, env=env, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def parity(conda_channel, pypi_index, tmp_path_factory):
+    """A named env, then ``envmgr build flow.py``, then a Runner API run of the same flow,
+    then a resume: what each printed and recorded."""
+    from _helpers import run_envmgr
+
+    home = tmp_path_factory.mktemp("parity")
+    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
+    flow = home / "parityflow.py"
+    flow.write_text(PARITY_FLOW)
+    made = run_envmgr(
+        "build", "--conda", "tabulate=0.9.0", "--conda", "requests", "--python", "3.11",
+        "--json", env=env, cwd=home,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    named_id = json.loads(made.stdout)["envs"][0]["env_id"]
+    aliased = run_envmgr("alias", named_id, "team/tab:stable", env=env, cwd=home)
+    assert aliased.returncode == 0, aliased.stderr
+    built = run_envmgr("build", str(flow), "--json", env=env, cwd=home)
+    assert built.returncode == 0, built.stderr
+    rows = json.loads(built.stdout)["envs"]
+    ran = subprocess.run(
+        [sys.executable, "-c", _RUNNER, str(flow)],
+        capture_output=True, text=True, cwd=home, env=env, check=False,
+    )  # fmt: skip
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0 and "STATUS successful" in output, output[-3000:]
+    run_id = re.search(r"run-id (\d+)", output).group(1)
+    resumed = subprocess.run(
+        [sys.executable, str(flow), "--environment=conda", "resume", "named"],
+        capture_output=True, text=True, cwd=home, env=env, check=False,
+    )  # fmt: skip
+    resume_output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, resume_output[-3000:]
+    resume_id = re.search(r"run-id (\d+)", resume_output).group(1)
+    return {
+        "home": home,
+        "env": env,
+        "named_id": named_id,
+        "rows": rows,
+        "output": output,
+        "run": _run_envs(home, env, f"ParityFlow/{run_id}"),
+        "resume_output": resume_output,
+        "resume": _run_envs(home, env, f"ParityFlow/{resume_id}"),
+    }
+
+
+def test_build_and_a_runner_run_give_every_step_the_same_env(parity):
+    built = {step: row["env_id"] for row in parity["rows"] for step in row["steps"]}
+    assert sorted(built) == ["end", "fetch", "named", "start"]
+    ran = {step: tasks[0][0] for step, tasks in parity["run"].items()}
+    assert ran == built
+    # The run solved and built nothing: `envmgr build flow.py` had made every env.
+    lines = [line for line in parity["output"].splitlines() if re.search(r"envmgr: .+ env ", line)]
+    assert lines and not any("solved" in line or "built" in line.split("(")[-1] for line in lines)
+    assert sum("(cached lock, stored already)" in line for line in lines) == 3, lines
+    # The undecorated step got the launching python's series and Metaflow's requests.
+    assert "'requests'" in next(
+        line for line in parity["output"].splitlines() if "SEEN start" in line
+    )
+
+
+def test_a_named_env_step_runs_in_it_and_records_the_name(parity):
+    seen = _seen(parity["output"])
+    prefix, versions = seen["named"][0]
+    assert prefix.endswith(parity["named_id"]) and versions["tabulate"] == "0.9.0"
+    assert parity["run"]["named"][0] == [parity["named_id"], "team/tab:stable"]
+    assert (
+        f"named: linux-64 env {parity['named_id'][:12]} (named team/tab:stable)" in parity["output"]
+    )
+
+
+def test_resume_reuses_the_original_runs_envs(parity):
+    assert parity["resume"] == {
+        step: [[env_id, name] for env_id, name in tasks] for step, tasks in parity["run"].items()
+    }
+    assert "solved" not in parity["resume_output"]
+    assert "Cloning" in parity["resume_output"] or "clon" in parity["resume_output"].lower()
+
+
+def test_show_of_a_flow_step_is_the_env_the_run_used(parity):
+    from _helpers import run_envmgr
+
+    flow = parity["home"] / "parityflow.py"
+    for step in ("start", "named"):
+        shown = run_envmgr(
+            "show", f"{flow}:{step}", "--json", env=parity["env"], cwd=parity["home"]
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert parity["run"][step][0][0] in shown.stdout
+
+
+def _one_step_flow(path: Path, decorator: str) -> Path:
+    path.write_text(
+        "from metaflow import FlowSpec, conda, pypi, step\n"
+        "class OneFlow(FlowSpec):\n"
+        f"    {decorator}\n"
+        "    @step\n"
+        "    def start(self):\n"
+        "        print('TASK RAN')\n"
+        "        self.next(self.end)\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n"
+        "if __name__ == '__main__':\n"
+        "    OneFlow()\n"
+    )
+    return path
+
+
+def test_a_named_env_missing_for_the_steps_platform_stops_the_run(
+    conda_channel, pypi_index, tmp_path
+):
+    from _helpers import run_envmgr
+
+    env = _flow_env(tmp_path, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
+    lock = tmp_path / "mac.yml"
+    made = run_envmgr(
+        "resolve", "--conda", "tabulate", "--python", "3.11", "--platform", "osx-arm64",
+        "-o", str(lock), env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert run_envmgr("alias", str(lock), "team/mac:stable", env=env, cwd=tmp_path).returncode == 0
+    for name, needle in (
+        ("team/mac:stable", "named env team/mac:stable has no linux-64 env"),
+        ("team/nope:stable", "no env named team/nope:stable"),
+    ):
+        flow = _one_step_flow(tmp_path / "oneflow.py", f"@conda(name={name!r})")
+        result = subprocess.run(
+            [sys.executable, str(flow), "--environment=conda", "run"],
+            capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and needle in output, output[-2000:]
+        assert "TASK RAN" not in output and "Traceback" not in output
+
+
+def test_a_failed_sdist_build_in_a_run_shows_its_cause(conda_channel, sdist_index, tmp_path):
+    from _helpers import run_envmgr
+
+    env = _flow_env(tmp_path, conda_channel.url, PIP_INDEX_URL=sdist_index.url)
+    env["ENVMGR_CACHE_DIR"] = str(tmp_path / "cache")
+    flow = _one_step_flow(
+        tmp_path / "oneflow.py", "@pypi(packages={'broken-native': '1.0'}, python='3.11')"
+    )
+    result = subprocess.run(
+        [sys.executable, str(flow), "--environment=conda", "run"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert "broken_native-1.0.tar.gz failed" in output
+    assert "envmgr_missing_header.h: No such file or directory" in output
+    assert "whole log: " + str(tmp_path / "cache") in output
+    assert "This error originates from a subprocess" not in output and "TASK RAN" not in output
+    # `envmgr build --json` hands the error over whole, as data.
+    built = run_envmgr("build", str(flow), "--json", env=env, cwd=tmp_path)
+    assert built.returncode == 1
+    error = json.loads(built.stdout)["error"]
+    assert error["type"] == "SdistBuildError"
+    assert any("envmgr_missing_header.h" in line for line in error["lines"])
+    assert Path(error["log"]).is_file()
+
+
+def test_the_checkout_root_is_a_metaflow_workspace(tmp_path):
+    """The editable install and the checkout's own metaflow_extensions are one extension."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        USER="envmgr-test",
+        METAFLOW_HOME=str(tmp_path),
+        METAFLOW_DATASTORE_SYSROOT_LOCAL=str(tmp_path),
+    )
+    code = (
+        "import metaflow.plugins as p; "
+        "print(sorted({e.TYPE: e.__module__ for e in p.ENVIRONMENTS}.items()))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "('conda', 'metaflow_extensions.envmgr.plugins.envmgr_environment')" in result.stdout
+    shown = subprocess.run(
+        [sys.executable, "fixtures/flows/mixedflow.py", "--environment=conda", "show"],
+        capture_output=True, text=True, cwd=ROOT, env=env, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0 and "Conflicts" not in shown.stderr, shown.stderr[-2000:]
