@@ -284,6 +284,14 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
         AWS_DEFAULT_REGION="us-east-1",
     )
     env.pop("ENVMGR_STORE", None)
+    # CI pre-builds the flow: the datastore (and so boto3 in every env, and the store under
+    # the datastore's root) comes from Metaflow's configuration, as for the run.
+    from _helpers import run_envmgr
+
+    built = run_envmgr("build", str(FLOW), "--json", env=env, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    prebuilt = json.loads(built.stdout)
+    assert prebuilt["store"] == f"s3://{s3_bucket}/metaflow/envmgr"
     result = subprocess.run(
         [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4"],
         capture_output=True,
@@ -295,6 +303,12 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert f"store s3://{s3_bucket}/metaflow/envmgr" in output
+    lines = [
+        line for line in output.splitlines() if re.search(r"envmgr: .+ env [0-9a-f]{12} ", line)
+    ]
+    assert len(lines) == 4 and all("(cached lock, stored already)" in line for line in lines)
+    for row in prebuilt["envs"]:
+        assert f"env {row['env_id'][:12]} " in output, row
     store = S3Store(f"s3://{s3_bucket}/metaflow/envmgr", client=s3_server.client())
     locks = _env_locks(tmp_path, env, output, store)
     seen = _seen(output)

@@ -206,3 +206,68 @@ def test_attribute_values_survive_the_decorator_spec_round_trip():
 
     with pytest.raises(SpecError, match=r"python: is the number 3.1; quote it"):
         layer_from_call(DecoratorCall(kind="conda", kwargs={"python": 3.1}), where="step 'a'")
+
+
+PLACED_FLOW = """
+from metaflow import FlowSpec, conda, conda_base, kubernetes, pypi, step
+
+@conda_base(libraries={"numpy": ">=2"})
+class PlacedFlow(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.train)
+
+    @kubernetes(cpu=1)
+    @pypi(packages={"six": "1.17.0"})
+    @step
+    def train(self):
+        self.next(self.mac)
+
+    @conda(libraries={"tabulate": "0.9.*"}, platforms=["osx-arm64"])
+    @step
+    def mac(self):
+        self.next(self.end)
+
+    @conda(name="team/env:stable")
+    @step
+    def end(self):
+        pass
+"""
+
+
+@pytest.mark.parametrize("datastore", ["local", "s3", "gs"])
+def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, monkeypatch):
+    """``envmgr build flow.py`` reads the file; the run reads the decorator objects. Both go
+    through envmgr.flows, so every step's spec id (and so its lock and env) is the same."""
+    from envmgr.discovery import read_flow
+    from envmgr.flows import run_settings, run_specs
+
+    monkeypatch.setenv("USER", "envmgr-test")
+    monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
+    path = tmp_path / "placed.py"
+    path.write_text(textwrap.dedent(PLACED_FLOW))
+    spec = importlib.util.spec_from_file_location("placed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flow = module.PlacedFlow(use_cli=False)
+    environment = next(e for e in ENVIRONMENTS if e.TYPE == "conda")(flow)
+    environment._datastore = datastore
+    for step in flow:
+        if not any(d.name == "conda" for d in step.decorators):  # what decospecs() adds
+            step.decorators.append(STEP["conda"](attributes=None))
+        for deco in step.decorators:
+            deco.external_init()
+    run, run_names = environment._specs()
+
+    found = read_flow(path)
+    cli = run_specs(found.specs, found.placements, run_settings(datastore))
+    assert {k: v.spec_id for k, v in cli.items()} == {k: v.spec_id for k, v in run.items()}
+    assert sorted(run) == ["mac", "start", "train"]
+    assert run_names == found.names == {"end": "team/env:stable"}
+    assert run["train"].platforms == ("linux-64",)  # @kubernetes: the remote platform
+    assert run["mac"].platforms == ("osx-arm64",)
+    names = {d.name for d in run["train"].pypi} | {d.name for d in run["train"].conda}
+    if datastore == "s3":
+        assert "boto3" in names
+    if datastore == "gs":
+        assert {"google-cloud-storage", "google-auth"} <= names
