@@ -184,3 +184,84 @@ def test_unreadable_and_invalid_files(tmp_path):
     bad.write_text("def broken(:\n")
     with pytest.raises(SpecError, match=r"bad.py:1.*not valid Python"):
         envmgr.discover(bad)
+
+
+METAFLOW_FLOW = """
+import metaflow as mf
+from metaflow import FlowSpec, conda, pypi, step, kubernetes as k8s
+
+class Placed(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.train)
+
+    @k8s(cpu=2)
+    @pypi(packages={"six": "1.17.0"})
+    @step
+    def train(self):
+        self.next(self.score)
+
+    @mf.batch
+    @conda(name="team/score:stable")
+    @step
+    def score(self):
+        self.next(self.end)
+
+    @conda(disabled=True)
+    @step
+    def end(self):
+        pass
+"""
+
+
+def test_read_flow_knows_every_metaflow_step_where_it_runs_and_its_named_env():
+    from envmgr.discovery import read_flow_source
+    from envmgr.flows import Placement
+
+    found = read_flow_source(METAFLOW_FLOW, "placed.py")
+    assert found.is_metaflow and found.metaflow_steps == {"start", "train", "score", "end"}
+    # start has no decorator: a run gives it the (empty) base env all the same.
+    assert sorted(found.specs) == ["end", "start", "train"]
+    assert found.names == {"score": "team/score:stable"}
+    assert found.placements["train"] == Placement(remote="kubernetes")
+    assert found.placements["score"] == Placement(remote="batch")
+    assert found.placements["start"] == Placement()
+
+
+def test_run_specs_complete_a_step_like_a_run(monkeypatch):
+    """On a host without Metaflow too (its pins are then envmgr's copy of them)."""
+    from envmgr import flows
+    from envmgr.discovery import read_flow_source
+    from envmgr.flows import run_settings, run_specs
+
+    monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
+    monkeypatch.setattr(flows, "_metaflow_config", lambda: None)
+    found = read_flow_source(METAFLOW_FLOW, "placed.py")
+    specs = run_specs(found.specs, found.placements, run_settings("s3", "3.12"))
+    assert sorted(specs) == ["start", "train"]  # end is disabled, score is named
+    assert specs["start"].python == "3.12.*"
+    assert [str(d) for d in specs["start"].conda] == ["boto3 >=1.14.0", "requests >=2.21.0"]
+    # A PyPI-only step gets Metaflow's packages from PyPI, as stock does.
+    assert [str(d) for d in specs["train"].pypi] == [
+        "boto3>=1.14.0",
+        "requests>=2.21.0",
+        "six==1.17.0",
+    ]
+    assert specs["train"].platforms == ("linux-64",)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--datastore", "nope"), "--datastore: unknown datastore 'nope'"),
+        (("--python", "3..12"), "--python: bad python version '3..12'"),
+    ],
+)
+def test_bad_run_settings_for_a_flow_are_one_line(tmp_path, args, needle):
+    from _helpers import run_envmgr
+
+    flow = tmp_path / "placed.py"
+    flow.write_text(METAFLOW_FLOW)
+    result = run_envmgr("build", str(flow), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -271,3 +271,14 @@ def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, m
         assert "boto3" in names
     if datastore == "gs":
         assert {"google-cloud-storage", "google-auth"} <= names
+
+
+def test_envmgrs_copy_of_metaflows_task_packages_is_metaflows():
+    """Without Metaflow installed, ``envmgr build flow.py`` uses its copy of the pins."""
+    from metaflow import metaflow_config
+
+    from envmgr.flows import _TASK_PACKAGES, DATASTORES, task_packages
+
+    for datastore in DATASTORES:
+        assert metaflow_config.get_pinned_conda_libs(None, datastore) == _TASK_PACKAGES[datastore]
+        assert task_packages(datastore) == _TASK_PACKAGES[datastore]
