@@ -205,6 +205,12 @@ def _flow_specs(
         if python:
             fail("--python with a flow file is for Metaflow flows (the launching python)")
         return found.specs, None, {}
+    if found.dynamic:
+        tell(
+            f"warning: {flow} uses Metaflow's {', '.join(found.dynamic)}: envmgr reads the "
+            "decorators as written, so a run may resolve other envs than these (the run "
+            "prints the env id of each step)"
+        )
     settings = run_settings(datastore, python)
     placements = {
         name: dataclasses.replace(place, target_platform=metaflow_target_platform(place.remote))

@@ -31,6 +31,12 @@ from envmgr.spec import EnvSpec
 __all__ = ["FlowFile", "discover", "discover_source", "read_flow", "read_flow_source"]
 
 _SOURCES = ("metaflow", "envmgr")
+#: Metaflow names that change decorators when a flow is loaded (configs, mutators, user
+#: decorators): a file read without running it cannot see what they do.
+_DYNAMIC = frozenset(
+    {"Config", "config_expr", "FlowMutator", "StepMutator", "UserStepDecorator",
+     "user_step_decorator"}
+)  # fmt: skip
 
 
 class _Names:
@@ -40,6 +46,7 @@ class _Names:
         self.decorators: dict[str, Kind] = {}
         self.steps: set[str] = set()
         self.remote: dict[str, str] = {}  # local name -> Metaflow's remote-compute decorator
+        self.dynamic: set[str] = set()  # Metaflow's configs and mutators the file imports
         self.modules: set[str] = set()
         self.constants: dict[str, ast.expr] = {}
         for node in tree.body:
@@ -58,6 +65,8 @@ class _Names:
                         self.steps.add(alias.asname or "step")
                     elif alias.name in REMOTE_DECORATORS:
                         self.remote[alias.asname or alias.name] = alias.name
+                    elif alias.name in _DYNAMIC:
+                        self.dynamic.add(alias.name)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.split(".")[0] in _SOURCES:
@@ -202,6 +211,8 @@ class FlowFile:
     metaflow_steps: frozenset[str] = frozenset()
     placements: dict[str, Placement] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)  # step -> "name:tag" it runs in
+    #: Metaflow configs/mutators the file uses: a run may change decorators this read misses.
+    dynamic: tuple[str, ...] = ()
 
     @property
     def is_metaflow(self) -> bool:
@@ -269,6 +280,7 @@ def read_flow_source(source: str, filename: str = "<flow>") -> FlowFile:
     return FlowFile(
         specs={k: v for k, v in result.items() if k not in names},
         names=names,
+        dynamic=tuple(sorted(reader.names.dynamic)),
         metaflow_steps=frozenset(metaflow_steps),
         placements={k: v for k, v in placements.items() if k in metaflow_steps},
     )

@@ -265,3 +265,23 @@ def test_bad_run_settings_for_a_flow_are_one_line(tmp_path, args, needle):
     result = run_envmgr("build", str(flow), *args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_configs_and_mutators_are_named_since_a_read_cannot_apply_them():
+    from envmgr.discovery import read_flow_source
+
+    source = (
+        "from metaflow import FlowSpec, FlowMutator, Config, conda, step\n"
+        "class Adds(FlowMutator):\n"
+        "    def mutate(self, flow):\n"
+        "        pass\n"
+        "@Adds\n"
+        "class F(FlowSpec):\n"
+        "    cfg = Config('cfg', default='cfg.json')\n"
+        "    @conda(packages={'six': ''})\n"
+        "    @step\n"
+        "    def start(self):\n"
+        "        pass\n"
+    )
+    assert read_flow_source(source).dynamic == ("Config", "FlowMutator")
+    assert read_flow_source(METAFLOW_FLOW).dynamic == ()
