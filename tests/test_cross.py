@@ -243,7 +243,7 @@ if sys.argv[4:] == ["--with-kubernetes"]:
     _attach_decorators(flow, ["kubernetes"])
 environment = [e for e in ENVIRONMENTS if e.TYPE == "conda"][0](flow)
 if sys.argv[4:] == ["--with-kubernetes"]:
-    print(json.dumps({k: list(v.platforms) for k, v in environment._specs().items()}))
+    print(json.dumps({k: list(v.platforms) for k, v in environment._specs()[0].items()}))
     raise SystemExit(0)
 lines = []
 environment.init_environment(lines.append)
