@@ -230,7 +230,7 @@ def test_a_bad_spec_stops_the_run_before_any_task(conda_channel, tmp_path):
     [
         (("", "    @conda(libraries={'six': '1.17.0'})\n"), "@conda decorator on step 'start'"),
         (("", "    @pypi(packages={'six': '1.17.0'})\n"), "@pypi decorator on step 'start'"),
-        (("@conda_base(python='3.11')\n", ""), "@conda_base decorator on flow PlainFlow"),
+        (("@conda_base(python='3.11')\n", ""), "@conda_base decorator on flow OneFlow"),
     ],
     ids=["conda", "pypi", "conda_base"],
 )
@@ -240,21 +240,7 @@ def test_without_an_envmgr_environment_the_run_is_refused_like_stock(
     """It ran on the host's python and failed in user code (or passed with other versions);
     stock Metaflow refuses at start, naming the flag."""
     flow_deco, step_deco = decorators
-    flow = tmp_path / "plainflow.py"
-    flow.write_text(
-        "from metaflow import FlowSpec, step, conda, conda_base, pypi\n"
-        f"{flow_deco}class PlainFlow(FlowSpec):\n"
-        f"{step_deco}"
-        "    @step\n"
-        "    def start(self):\n"
-        "        print('TASK RAN')\n"
-        "        self.next(self.end)\n"
-        "    @step\n"
-        "    def end(self):\n"
-        "        pass\n"
-        "if __name__ == '__main__':\n"
-        "    PlainFlow()\n"
-    )
+    flow = _one_step_flow(tmp_path / "plainflow.py", step_deco.strip(), flow_deco)
     result = subprocess.run(
         [sys.executable, str(flow), "run"],
         capture_output=True, text=True, cwd=tmp_path, env=_flow_env(tmp_path, conda_channel.url),
@@ -488,10 +474,11 @@ def test_show_of_a_flow_step_is_the_env_the_run_used(parity):
         assert parity["run"][step][0][0] in shown.stdout
 
 
-def _one_step_flow(path: Path, decorator: str) -> Path:
+def _one_step_flow(path: Path, decorator: str, flow_decorator: str = "") -> Path:
+    """A two-step flow (class OneFlow) whose start has *decorator* and prints TASK RAN."""
     path.write_text(
-        "from metaflow import FlowSpec, conda, pypi, step\n"
-        "class OneFlow(FlowSpec):\n"
+        "from metaflow import FlowSpec, conda, conda_base, pypi, step\n"
+        f"{flow_decorator}class OneFlow(FlowSpec):\n"
         f"    {decorator}\n"
         "    @step\n"
         "    def start(self):\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,17 @@ FLOW = {d.name: d for d in FLOW_DECORATORS}
 SERIES = f"{sys.version_info[0]}.{sys.version_info[1]}"
 ALL = [STEP["conda"], STEP["pypi"], FLOW["conda_base"], FLOW["pypi_base"]]
 CONDA_KINDS = [STEP["conda"], FLOW["conda_base"]]
+
+
+def _load(path: Path, source: str, class_name: str):
+    """The flow class in *source* (written to *path*), instantiated as Metaflow's runtime
+    would without a CLI, and the conda environment for it."""
+    path.write_text(textwrap.dedent(source))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flow = getattr(module, class_name)(use_cli=False)
+    return flow, next(e for e in ENVIRONMENTS if e.TYPE == "conda")(flow)
 
 
 def _initialised(cls, **attributes):
@@ -110,12 +122,7 @@ class AttrFlow(FlowSpec):
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, monkeypatch_module):
     path = tmp_path_factory.mktemp("attrflow") / "attrflow.py"
-    path.write_text(textwrap.dedent(FLOW_SOURCE))
-    spec = importlib.util.spec_from_file_location("attrflow", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    flow = module.AttrFlow(use_cli=False)
-    environment = next(e for e in ENVIRONMENTS if e.TYPE == "conda")(flow)
+    flow, environment = _load(path, FLOW_SOURCE, "AttrFlow")
     for deco in (d for decos in flow._flow_decorators.values() for d in decos):
         deco.external_init()
     for step in flow:
@@ -151,8 +158,8 @@ def test_after_step_init_attributes_read_as_stock(flow):
 
 
 def test_a_step_without_python_gets_the_launching_series(tmp_path):
-    source = tmp_path / "nopy.py"
-    source.write_text(
+    flow, environment = _load(
+        tmp_path / "nopy.py",
         "from metaflow import FlowSpec, conda, step\n"
         "class NoPy(FlowSpec):\n"
         "    @conda(packages={'six': ''})\n"
@@ -161,13 +168,9 @@ def test_a_step_without_python_gets_the_launching_series(tmp_path):
         "        self.next(self.end)\n"
         "    @step\n"
         "    def end(self):\n"
-        "        pass\n"
+        "        pass\n",
+        "NoPy",
     )
-    spec = importlib.util.spec_from_file_location("nopy", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    flow = module.NoPy(use_cli=False)
-    environment = next(e for e in ENVIRONMENTS if e.TYPE == "conda")(flow)
     deco = _deco(flow, "start", "conda")
     deco.external_init()
     deco.step_init(flow, flow._graph, "start", flow.start.decorators, environment, None, print)
@@ -245,12 +248,7 @@ def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, m
     monkeypatch.setenv("USER", "envmgr-test")
     monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
     path = tmp_path / "placed.py"
-    path.write_text(textwrap.dedent(PLACED_FLOW))
-    spec = importlib.util.spec_from_file_location("placed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    flow = module.PlacedFlow(use_cli=False)
-    environment = next(e for e in ENVIRONMENTS if e.TYPE == "conda")(flow)
+    flow, environment = _load(path, PLACED_FLOW, "PlacedFlow")
     environment._datastore = datastore
     for step in flow:
         if not any(d.name == "conda" for d in step.decorators):  # what decospecs() adds
