@@ -107,7 +107,11 @@ def resolve(
             results, sources = _adopt(adopt_file, args)
         else:
             inputs = gather(**args, force=force, check=check, progress=progress)
-            results, sources = resolve_specs(inputs.specs, inputs.options), inputs.sources
+            results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
+            sources = inputs.sources
+            if not as_json and not STATE.quiet:
+                for step, (name, _platforms) in sorted(inputs.named.items()):
+                    typer.echo(f"{step:<16} named env {name}: used as it is, never resolved")
     if output is not None:
         if len({r.spec_id for r in results}) > 1:
             fail("-o/--output takes a single spec; this flow has several: use --lock-dir")

@@ -445,6 +445,12 @@ def test_build_and_a_runner_run_give_every_step_the_same_env(parity):
 
 
 def test_a_named_env_step_runs_in_it_and_records_the_name(parity):
+    from _helpers import run_envmgr
+
+    flow = str(parity["home"] / "parityflow.py")
+    resolved = run_envmgr("resolve", flow, env=parity["env"], cwd=parity["home"])
+    assert resolved.returncode == 0, resolved.stderr
+    assert "named env team/tab:stable: used as it is, never resolved" in resolved.stdout
     seen = _seen(parity["output"])
     prefix, versions = seen["named"][0]
     assert prefix.endswith(parity["named_id"]) and versions["tabulate"] == "0.9.0"
