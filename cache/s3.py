@@ -2,13 +2,16 @@
 
 boto3 with the default credential chain; the endpoint comes from ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL`` (both read by boto3 itself) or the explicit *endpoint_url*. Large files
-go up as multipart uploads and come down as parallel ranged GETs; requests are retried with
-backoff (botocore's ``standard`` mode). ``put_if_absent`` is a conditional ``PutObject`` with
+go up as multipart uploads; a reader (:meth:`S3Store.open`, what hydrate streams from) is one
+GET stream, resumed from the first missing byte when it breaks, or with ``ENVMGR_S3_PARTS=N``
+N parallel ranged GETs (for stores where one stream is latency-bound). Requests are retried
+with backoff (botocore's ``standard`` mode). ``put_if_absent`` is a conditional ``PutObject`` with
 ``If-None-Match: *``, which S3 and SeaweedFS enforce atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -214,7 +217,10 @@ class S3Store:
         size = self.size(key)
         if size is None:
             return None
-        return cast(IO[bytes], _RangedReader(self, key, size))
+        parts = _parts()
+        if parts:
+            return cast(IO[bytes], _RangedReader(self, key, size, threads=parts))
+        return cast(IO[bytes], _StreamReader(self, key, size))
 
     def size(self, key: str) -> int | None:
         full = self._key(key)
@@ -266,6 +272,15 @@ _NEVER_TRANSIENT = frozenset(
 )  # fmt: skip
 
 
+def _parts() -> int:
+    """``ENVMGR_S3_PARTS``: parallel ranged GETs per reader (0, the default: one stream, which
+    on loopback was faster than 8 parts with half the CPU)."""
+    try:
+        return max(0, int(os.environ.get("ENVMGR_S3_PARTS", "0")))
+    except ValueError:
+        return 0
+
+
 def _retries() -> int:
     try:
         return max(0, int(os.environ.get("ENVMGR_S3_RETRIES", "5")))
@@ -281,14 +296,20 @@ class _RangedReader(io.RawIOBase):
     """
 
     def __init__(
-        self, store: S3Store, key: str, size: int, *, part: int = 8 * _MiB, window: int = 0
+        self,
+        store: S3Store,
+        key: str,
+        size: int,
+        *,
+        part: int = 8 * _MiB,
+        window: int = 0,
+        threads: int = 0,
     ) -> None:
         super().__init__()
         self.store, self.key, self.total, self.part = store, key, size, part
-        self.window = window or store.threads * 2
-        self.pool = ThreadPoolExecutor(
-            max_workers=store.threads, thread_name_prefix="envmgr-s3-get"
-        )
+        threads = threads or store.threads
+        self.window = window or threads * 2
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="envmgr-s3-get")
         self.parts = [(start, min(start + part, size) - 1) for start in range(0, size, part)]
         self.pending: dict[int, Future[bytes]] = {}
         self.next_submit = 0
@@ -330,4 +351,73 @@ class _RangedReader(io.RawIOBase):
             for future in self.pending.values():
                 future.cancel()
             self.pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+
+class _StreamReader(io.RawIOBase):
+    """Reads an object with one GET stream. When the stream breaks (a reset, a timeout, a
+    short body, a 5xx), it goes on from the first byte not yet read with a ranged GET pinned
+    to the first answer's ETag, up to ``ENVMGR_S3_RETRIES`` times with backoff, as
+    :meth:`S3Store.get` does; an object that changes meanwhile is an error, never a mix."""
+
+    def __init__(self, store: S3Store, key: str, size: int) -> None:
+        super().__init__()
+        self.store, self.key, self.total = store, key, size
+        self.offset = 0
+        self.etag: str | None = None
+        self.body: Any = None
+        self.attempt = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        extra: dict[str, str] = {}
+        if self.offset:
+            extra["Range"] = f"bytes={self.offset}-"
+        if self.etag:
+            extra["IfMatch"] = self.etag
+        answer = self.store.client.get_object(
+            Bucket=self.store.bucket, Key=self.store._key(self.key), **extra
+        )
+        self.etag = self.etag or answer.get("ETag")
+        self.body = answer["Body"]
+
+    def _drop_body(self) -> None:
+        body, self.body = self.body, None
+        if body is not None:
+            with contextlib.suppress(Exception):  # a broken stream may fail to close too
+                body.close()
+
+    def readinto(self, target: Any) -> int:
+        if self.offset >= self.total:
+            return 0
+        while True:
+            try:
+                if self.body is None:
+                    self._open()
+                data = self.body.read(min(len(target), self.total - self.offset))
+                if not data:
+                    raise _ShortRead(f"{self.offset} of {self.total} bytes")
+            except Exception as exc:
+                self._drop_body()
+                store = self.store
+                if store._missing(exc) or store._changed(exc):
+                    raise StoreError(
+                        store.url, self.key, "the object changed or vanished while it was read"
+                    ) from None
+                if not store._transient(exc) or self.attempt >= _retries():
+                    detail = f" after {self.attempt + 1} attempts ({self.offset} bytes read)"
+                    raise store._fail(self.key, exc, detail if self.attempt else "") from None
+                self.attempt += 1
+                time.sleep(min(4.0, 0.25 * 2**self.attempt))
+                continue
+            count = len(data)
+            target[:count] = data
+            self.offset += count
+            return count
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drop_body()
         super().close()

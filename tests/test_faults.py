@@ -84,7 +84,12 @@ def test_cut_downloads_resume_with_ranged_gets(s3_server, s3_bucket, proxy):
     assert retries and all(int(r.split("-")[0]) > 0 for r in retries), retries
 
 
-def test_hydrate_through_cut_and_slow_connections(built, s3_server, proxy, tmp_path):
+@pytest.mark.parametrize("parts", ["0", "3"], ids=["one-stream", "ranged-parts"])
+def test_hydrate_through_cut_and_slow_connections(
+    built, s3_server, proxy, tmp_path, monkeypatch, parts
+):
+    """Both readers: one GET stream (the default) and ENVMGR_S3_PARTS ranged GETs."""
+    monkeypatch.setenv("ENVMGR_S3_PARTS", parts)
     url, lock, manifest = built
     store = S3Store(url, client=_client(s3_server, proxy.url), threads=2)
     proxy.faults = Faults(cut_after=3 << 20, cuts=4, latency=0.002)
