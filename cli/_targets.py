@@ -20,14 +20,24 @@ from envmgr.lock import Lock
 from envmgr.platforms import PLATFORMS
 from envmgr.progress import NULL, Progress
 
-__all__ = ["FlowOptions", "Target", "TargetArg", "load_target", "read_lock_file"]
+__all__ = [
+    "FlowOptions",
+    "Target",
+    "TargetArg",
+    "expand_env_id",
+    "load_target",
+    "read_lock_file",
+]
 
 ENV_ID = re.compile(r"^[0-9a-f]{32}$")
+#: A shortened env id, as envmgr prints them (12 digits), like git's abbreviated hashes.
+ID_PREFIX = re.compile(r"^[0-9a-f]{8,31}$")
 
 TargetArg = Annotated[
     str,
     typer.Argument(
-        help="An env id, an env name[:tag], a conda-lock or @EXPLICIT file, or FLOW.py:step."
+        help="An env id (or its first 8+ digits), an env name[:tag], a conda-lock or @EXPLICIT "
+        "file, or FLOW.py:step."
     ),
 ]
 
@@ -64,6 +74,29 @@ def read_lock_file(path: Path, cache_dir: Path) -> Lock:
     return adopt(read_conda_lock(path), where=str(path))
 
 
+def expand_env_id(prefix: str, store: Store, *, names_too: bool = False) -> str | None:
+    """The env id in *store* that starts with *prefix* (8+ hex digits). Exits with one line
+    when several do (listing them) or, unless *prefix* may also be a name (*names_too*:
+    then ``None``), when none does."""
+    found = sorted(
+        {
+            key.split("/")[2]
+            for platform in PLATFORMS
+            for key in store.list(f"envs/{platform}/{prefix}")
+            if key.endswith(("/conda-lock.yml", "/manifest.json"))
+        }
+    )
+    if len(found) > 1:
+        shown = ", ".join(f[:16] for f in found[:8]) + (", ..." if len(found) > 8 else "")
+        fail(f"env id prefix {prefix} is ambiguous in {store.url}: {shown} (give more digits)")
+    if found:
+        return found[0]
+    if names_too:
+        return None
+    fail(f"no env id starts with {prefix} in {store.url}", code=1)
+    raise AssertionError  # fail() exits
+
+
 def _stored(store: Store, env_ids: dict[str, str] | str, what: str) -> Lock:
     """The stored locks of an env id (any platform) or of a name's platform → env id map."""
     from envmgr.build import read_stored_lock  # noqa: PLC0415
@@ -93,6 +126,11 @@ def load_target(
 
     if ENV_ID.match(text):
         return Target(text=text, kind="env id", lock=_stored(store, text, f"env {text}"))
+    if ID_PREFIX.match(text) and not Path(text).exists():
+        env_id = expand_env_id(text, store, names_too=is_name(text))
+        if env_id is not None:
+            lock = _stored(store, env_id, f"env {env_id}")
+            return Target(text=text, kind="env id", lock=lock, from_store=True)
     if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
         return _flow_step(text, flow_options or FlowOptions(), progress)
     path = Path(text)

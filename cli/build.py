@@ -51,13 +51,17 @@ def _stored_jobs(
     from envmgr.ids import parse_env_id, parse_platform  # noqa: PLC0415
     from envmgr.platforms import PLATFORMS  # noqa: PLC0415
 
+    config = load(flags={"store": spec_args["store"]})
+    store = open_store(config["store"])
+    from envmgr.cli._targets import ID_PREFIX, expand_env_id  # noqa: PLC0415
+
+    if ID_PREFIX.match(env):
+        env = expand_env_id(env, store) or env
     try:
         env_id = parse_env_id(env, where="--env")
         platforms = [parse_platform(p, where="--platform") for p in spec_args["platform"]]
     except EnvmgrError as exc:
         fail(str(exc))
-    config = load(flags={"store": spec_args["store"]})
-    store = open_store(config["store"])
     locks = [
         lock
         for platform in platforms or PLATFORMS
