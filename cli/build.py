@@ -113,19 +113,17 @@ def _named_jobs(
     archive) from its stored lock, never resolved."""
     from envmgr.build import read_stored_lock  # noqa: PLC0415
     from envmgr.errors import EnvmgrError  # noqa: PLC0415
-    from envmgr.names import lookup  # noqa: PLC0415
+    from envmgr.names import step_envs  # noqa: PLC0415
 
     jobs: list[tuple[tuple[str, ...], PlatformLock]] = []
     for step, (name, step_platforms) in sorted(named.items()):
-        alias = lookup(store, name)
-        for platform in platforms or step_platforms:
-            env_id = alias.envs.get(platform)
-            lock = read_stored_lock(store, platform, env_id) if env_id else None
+        envs = step_envs(store, name, platforms or step_platforms, step=step)
+        for platform, env_id in envs.items():
+            lock = read_stored_lock(store, platform, env_id)
             if lock is None:
                 raise EnvmgrError(
-                    f"step {step!r}: named env {alias.ref} has no {platform} env in {store.url}"
-                    f" (it has: {', '.join(sorted(alias.envs)) or 'none'})",
-                    hint=f"point it at one: envmgr alias ENV_ID {alias.ref} --platform {platform}",
+                    f"step {step!r}: named env {name} points at {platform} env {env_id}, "
+                    f"whose lock is not in {store.url}"
                 )
             jobs.append(((step,), lock))
     return jobs

@@ -15,7 +15,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from envmgr.cache import Store
@@ -33,6 +33,7 @@ __all__ = [
     "lookup",
     "parse_name",
     "set_alias",
+    "step_envs",
 ]
 
 DEFAULT_TAG = "latest"
@@ -114,6 +115,22 @@ def lookup(store: Store, text: str) -> Alias:
         hint = f"tags of {name}: {', '.join(tags)}" if tags else "create it with `envmgr alias`"
         raise AliasError(f"no env named {name}:{tag} in {store.url}", hint=hint)
     return _decode(store, key, raw, name, tag)
+
+
+def step_envs(store: Store, text: str, platforms: Iterable[str], *, step: str) -> dict[str, str]:
+    """``{platform: env_id}`` of the named env *text* for the *platforms* a step runs on (a
+    step with ``@conda(name=...)``); raises ``AliasError`` naming the step when the name does
+    not exist or has no env for one of them."""
+    alias = lookup(store, text)
+    platforms = list(platforms)
+    missing = [p for p in platforms if p not in alias.envs]
+    if missing:
+        raise AliasError(
+            f"step {step!r}: named env {alias.ref} has no {', '.join(missing)} env in "
+            f"{store.url} (it has: {', '.join(sorted(alias.envs)) or 'none'})",
+            hint=f"point it at one: envmgr alias ENV_ID {alias.ref} --platform {missing[0]}",
+        )
+    return {p: alias.envs[p] for p in platforms}
 
 
 def set_alias(store: Store, text: str, envs: Mapping[str, str]) -> tuple[Alias, bool]:

@@ -214,41 +214,24 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
         """Steps with ``name=`` run in that named env's env for their platform, as it is."""
         from envmgr.cache import open_store
-        from envmgr.decorators import DecoratorCall, layer_from_call
-        from envmgr.errors import EnvmgrError
         from envmgr.flows import step_platforms
-        from envmgr.names import lookup
+        from envmgr.names import step_envs
         from envmgr.spec import EnvSpec
 
         store = open_store(store_url)
         for step_name, name in sorted(names.items()):
             step = next(s for s in self.flow if s.name == step_name)
-            own = [
-                layer_from_call(
-                    DecoratorCall(kind=c.kind, kwargs={**c.kwargs, "name": None}),
-                    where=f"step {step_name!r}",
-                )
-                for c in _calls(step.decorators, ("conda", "pypi"))
-            ]
-            platforms = step_platforms(own[0] if own else EnvSpec(), placement(step))
-            alias = lookup(store, name)
-            missing = [p for p in platforms if p not in alias.envs]
-            if missing:
-                raise EnvmgrError(
-                    f"step {step_name!r}: named env {alias.ref} has no {', '.join(missing)} env "
-                    f"in {store_url} (it has: {', '.join(sorted(alias.envs)) or 'none'})",
-                    hint=f"point it at one: envmgr alias ENV_ID {alias.ref} "
-                    f"--platform {missing[0]}",
-                )
-            envs = {p: alias.envs[p] for p in platforms}
+            # name= comes alone (the spec layer refuses platforms= beside it).
+            platforms = step_platforms(EnvSpec(), placement(step))
+            envs = step_envs(store, name, platforms, step=step_name)
             self.envmgr_envs[step_name] = {
                 "spec_id": "",
                 "store": store_url,
                 "envs": envs,
-                "name": alias.ref,
+                "name": name,
             }
             for platform_, env_id in envs.items():
-                echo(f"envmgr: {step_name}: {platform_} env {env_id[:12]} (named {alias.ref})")
+                echo(f"envmgr: {step_name}: {platform_} env {env_id[:12]} (named {name})")
 
     def add_to_package(self) -> list[tuple[str, str, Any]]:
         files = list(super().add_to_package())
