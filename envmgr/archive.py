@@ -1,16 +1,19 @@
 """Pack an environment prefix into a relocatable archive, and unpack it safely elsewhere.
 
 :func:`pack` streams a deterministic tar (members sorted, owner root, fixed mtime, no pax
-timestamps) through multi-threaded zstd (or gzip) into any binary writer, hashing as it goes:
-no temporary copy of the env. :func:`scan_relocations` lists every file that contains the
-build prefix (text or binary) and every symlink pointing into it; the :class:`Manifest` carries
-that list with the archive's size and sha256.
+timestamps) into any binary writer, hashing as it goes: no temporary copy of the env. With
+zstd it writes format 2 (see :mod:`envmgr.chunked`): the tar cut into independently decodable
+frames, compressed on all cores, listed with their hashes in the manifest, so a worker decodes
+and writes them on all cores while the download goes on; ``chunk_size=None`` (and gzip) writes
+format 1, one stream. While it reads each file, pack also finds the files that hold the build
+prefix (text or binary), which the :class:`Manifest` lists with the archive's size and sha256;
+:func:`scan_relocations` does that alone.
 
 :func:`unpack` refuses members that would escape the target (absolute paths, ``..``, links
-pointing outside, devices) and more bytes than the manifest declares; :func:`relocate`
-rewrites the listed files for the new prefix: text files by replacement, binary files by
-replacing inside each NUL-terminated string and padding with NULs (so the new prefix must not be
-longer than the build prefix; the build prefix is long on purpose).
+pointing outside, devices) and more bytes than the manifest declares, in either format;
+:func:`relocate` rewrites the listed files for the new prefix: text files by replacement,
+binary files by replacing inside each NUL-terminated string and padding with NULs (so the new
+prefix must not be longer than the build prefix; the build prefix is long on purpose).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import re
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,8 +39,12 @@ from envmgr.errors import EnvmgrError
 from envmgr.ids import BadIdError, parse_env_id, parse_platform
 
 __all__ = [
+    "CHUNK_SIZE",
     "MANIFEST_FORMAT",
+    "MANIFEST_FORMATS",
     "ArchiveError",
+    "Chunk",
+    "ChunkDigestError",
     "Codec",
     "Manifest",
     "PackResult",
@@ -48,12 +56,18 @@ __all__ = [
     "unpack",
 ]
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+#: The manifest formats this reader accepts: 1 (one stream), 2 (indexed frames).
+MANIFEST_FORMATS = (1, 2)
 Codec = Literal["zst", "gz"]
 RelocationMode = Literal["text", "binary", "symlink"]
 
 #: Every member's mtime: a fixed point, so packing the same tree twice gives the same bytes.
 ARCHIVE_MTIME = 946684800  # 2000-01-01T00:00:00Z
+#: Uncompressed bytes per frame of a format-2 archive (a frame may run to twice this).
+CHUNK_SIZE = 8 << 20
+#: The most one frame may decode to: bounds what a hostile index can make a reader allocate.
+MAX_CHUNK_RAW = 64 << 20
 _CHUNK = 1 << 20
 _SMALL = 4 << 20  # files up to this size are written by the unpack pool
 _IN_FLIGHT = 256  # at most this many files (so at most 1 GiB) wait for the pool
@@ -61,6 +75,10 @@ _IN_FLIGHT = 256  # at most this many files (so at most 1 GiB) wait for the pool
 
 class ArchiveError(EnvmgrError):
     """An archive is unsafe, damaged or cannot be relocated to the asked prefix."""
+
+
+class ChunkDigestError(ArchiveError):
+    """A downloaded frame of a format-2 archive does not match its hash in the manifest."""
 
 
 class WriteError(EnvmgrError):
@@ -85,6 +103,53 @@ class Relocation:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Chunk:
+    """One independently decodable zstd frame of a format-2 archive."""
+
+    offset: int  # where its compressed bytes start in the archive
+    size: int  # compressed bytes
+    raw: int  # the tar bytes it decodes to
+    sha256: str  # of the compressed bytes
+    #: It goes on with the last member of the chunk before (a file larger than a chunk).
+    cont: bool
+
+    def to_list(self) -> list[Any]:
+        return [self.offset, self.size, self.raw, self.sha256, self.cont]
+
+
+def _chunks_from(data: Any, size: int, codec: str) -> tuple[Chunk, ...]:
+    """The chunk index of a format-2 manifest, checked: the chunks tile the archive from
+    byte 0 to *size* in order (no gap, overlap or byte past the end), each decodes to at most
+    :data:`MAX_CHUNK_RAW`, the first starts a member. Raises ``ValueError`` naming the entry."""
+    if codec != "zst":
+        raise ValueError(f"format 2 needs codec zst, not {codec!r}")
+    if not isinstance(data, list) or not data:
+        raise ValueError("format 2 needs a non-empty chunk list")
+    chunks = []
+    end = 0
+    for number, entry in enumerate(data):
+        offset, length, raw, sha256, cont = entry
+        if type(offset) is not int or type(length) is not int or type(raw) is not int:
+            raise ValueError(f"chunk {number}: offsets and sizes must be integers")
+        if offset != end:
+            what = "overlaps the one before" if offset < end else "leaves a gap before it"
+            raise ValueError(f"chunk {number} starts at byte {offset} and {what} (want {end})")
+        if length <= 0 or not 0 < raw <= MAX_CHUNK_RAW:
+            raise ValueError(f"chunk {number}: size {length} or raw size {raw} out of range")
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"chunk {number}: bad sha256")
+        if not isinstance(cont, bool) or (cont and number == 0):
+            raise ValueError(f"chunk {number}: bad continuation flag")
+        end = offset + length
+        if end > size:
+            raise ValueError(f"chunk {number} ends at byte {end}, past the archive's {size}")
+        chunks.append(Chunk(offset=offset, size=length, raw=raw, sha256=sha256, cont=cont))
+    if end != size:
+        raise ValueError(f"the chunks cover {end} of the archive's {size} bytes")
+    return tuple(chunks)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Manifest:
     """What readers of a stored env trust; written to the store after the archive."""
 
@@ -101,10 +166,16 @@ class Manifest:
     created: str = ""
     #: Packages whose conda link scripts the builder did not run (it runs no target code).
     link_scripts: tuple[str, ...] = ()
+    #: Format 2: the frames, in order, that tile the archive; empty for format 1.
+    chunks: tuple[Chunk, ...] = ()
+
+    @property
+    def format(self) -> int:
+        return 2 if self.chunks else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": MANIFEST_FORMAT,
+        out = {
+            "format": self.format,
             "env_id": self.env_id,
             "platform": self.platform,
             "build_prefix": self.build_prefix,
@@ -118,13 +189,19 @@ class Manifest:
             "created": self.created,
             "link_scripts": list(self.link_scripts),
         }
+        if self.chunks:
+            out["chunks"] = [chunk.to_list() for chunk in self.chunks]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "manifest") -> Manifest:
         """Read :meth:`to_dict` output; raises ``ArchiveError`` on anything else."""
         try:
-            if data["format"] != MANIFEST_FORMAT:
-                raise ValueError(f"format {data['format']!r}, want {MANIFEST_FORMAT}")
+            if data["format"] not in MANIFEST_FORMATS:
+                raise ValueError(
+                    f"format {data['format']!r}; this envmgr reads formats 1 and 2 "
+                    "(a newer envmgr wrote it?)"
+                )
             codec = data["codec"]
             if codec not in ("zst", "gz"):
                 raise ValueError(f"unknown codec {codec!r}")
@@ -146,6 +223,9 @@ class Manifest:
                 envmgr_version=str(data.get("envmgr_version", "")),
                 created=str(data.get("created", "")),
                 link_scripts=tuple(str(name) for name in data.get("link_scripts", ())),
+                chunks=_chunks_from(data["chunks"], int(data["size"]), codec)
+                if data["format"] == 2
+                else (),
             )
         except (KeyError, TypeError, ValueError, ArchiveError, BadIdError) as exc:
             raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None
@@ -162,6 +242,10 @@ class PackResult:
     sha256: str
     files: int
     unpacked_size: int
+    #: Format 2's frames (empty for format 1).
+    chunks: tuple[Chunk, ...] = ()
+    #: The files holding the prefix that pack was asked to find (``find_prefix``).
+    relocations: tuple[Relocation, ...] = ()
 
 
 class _HashingWriter(io.RawIOBase):
@@ -201,22 +285,72 @@ def _members(prefix: Path) -> list[Path]:
 
 def scan_relocations(prefix: Path) -> tuple[Relocation, ...]:
     """Files containing *prefix*: ``text`` if they hold no NUL byte, else ``binary``
-    (``.pyc`` files excepted: see below)."""
-    needle = str(prefix).encode()
-    found = []
+    (``.pyc`` files excepted: see :class:`_PrefixFinder`). :func:`pack` finds the same list
+    while it reads the files (``find_prefix``); this reads them once more."""
+    finder = _PrefixFinder(str(prefix))
     for path in _members(prefix):
-        rel = path.relative_to(prefix).as_posix()
-        if path.is_symlink():
+        if path.is_symlink() or not path.is_file():
             continue  # pack makes links into the prefix relative
-        if path.suffix == ".pyc":
-            # The prefix in a .pyc is only co_filename (for tracebacks), stored as a
-            # length-prefixed string: NUL padding would corrupt it; the bytecode stays valid.
-            continue
-        if path.is_file():
-            data = path.read_bytes()
-            if needle in data:
-                found.append(Relocation(path=rel, mode="binary" if b"\0" in data else "text"))
-    return tuple(found)
+        rel = path.relative_to(prefix).as_posix()
+        finder.start(rel)
+        with path.open("rb") as handle:
+            while piece := handle.read(_CHUNK):
+                finder.feed(piece)
+        finder.end()
+    return tuple(finder.found)
+
+
+class _PrefixFinder:
+    """Finds the build prefix in a file fed in pieces (it may straddle two): ``binary``
+    when the file holds a NUL byte anywhere, else ``text``. ``.pyc`` files are skipped: the
+    prefix in one is only co_filename (for tracebacks), stored as a length-prefixed string
+    that NUL padding would corrupt; the bytecode stays valid."""
+
+    def __init__(self, prefix: str) -> None:
+        self.needle = prefix.encode()
+        self.found: list[Relocation] = []
+        self.path = ""
+        self.skip = False
+        self.hit = self.nul = False
+        self.tail = b""
+
+    def start(self, rel: str) -> None:
+        self.path = rel
+        self.skip = rel.endswith(".pyc")
+        self.hit = self.nul = False
+        self.tail = b""
+
+    def feed(self, piece: bytes) -> None:
+        if self.skip:
+            return
+        if not self.nul and b"\0" in piece:
+            self.nul = True
+        if not self.hit:
+            window = self.tail + piece if self.tail else piece
+            self.hit = self.needle in window
+            keep = len(self.needle) - 1
+            self.tail = window[len(window) - keep :] if keep else b""
+        elif self.nul:
+            self.skip = True  # the answer cannot change: binary
+
+    def end(self) -> None:
+        if self.hit and self.path:
+            self.found.append(Relocation(path=self.path, mode="binary" if self.nul else "text"))
+        self.path = ""
+
+
+class _Sink:
+    """Where :func:`pack` writes tar bytes: one compressed stream (format 1)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def member_end(self) -> None:
+        """A member is whole: the only places format 2 starts a frame that is no
+        continuation."""
 
 
 def pack(
@@ -227,55 +361,117 @@ def pack(
     level: int = 3,
     threads: int = 0,
     on_bytes: Callable[[int], None] | None = None,
+    chunk_size: int | None = CHUNK_SIZE,
+    find_prefix: str | None = None,
 ) -> PackResult:
     """Stream a deterministic archive of *prefix* into *out*; returns size and sha256.
 
-    *threads* is zstd's worker count (0: all cores); *on_bytes* is called with the size of
-    each file packed. Cost: one read of every file.
+    With zstd and a *chunk_size*, the archive is format 2: frames of about *chunk_size* tar
+    bytes compressed on *threads* threads (0: all cores), their index in the result;
+    otherwise format 1, one stream. *on_bytes* is called with the size of each file packed;
+    *find_prefix* lists the files holding that string (see :func:`scan_relocations`).
+    Cost: one read of every file; the same tree gives the same bytes on any machine.
     """
+    from envmgr.chunked import ChunkWriter  # noqa: PLC0415
+
     hashing = _HashingWriter(out)
-    if codec == "zst":
+    writer: ChunkWriter | None = None
+    if codec == "zst" and chunk_size is not None:
+        writer = ChunkWriter(hashing, level=level, threads=threads, chunk_size=chunk_size)
+        sink: Any = writer
+        stream: Any = contextlib.nullcontext()
+    elif codec == "zst":
         import zstandard  # noqa: PLC0415
 
         compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1)
-        stream: Any = compressor.stream_writer(cast(IO[bytes], hashing), closefd=False)
+        stream = compressor.stream_writer(cast(IO[bytes], hashing), closefd=False)
+        sink = _Sink(stream)
     else:
         stream = gzip.GzipFile(fileobj=hashing, mode="wb", compresslevel=min(level, 9), mtime=0)
-    files = unpacked = 0
-    with stream, tarfile.open(fileobj=stream, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for path in _members(prefix):
-            rel = path.relative_to(prefix).as_posix()
-            info = tarfile.TarInfo(rel)
-            info.mtime = ARCHIVE_MTIME
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                info.type = tarfile.SYMTYPE
-                target = str(path.readlink())
-                if target.startswith(str(prefix)):  # keep links inside the env relative
-                    target = os.path.relpath(target, path.parent)
-                info.linkname = target
-                info.mode = 0o777
-                tar.addfile(info)
-            elif stat.S_ISDIR(st.st_mode):
-                info.type = tarfile.DIRTYPE
-                info.mode = stat.S_IMODE(st.st_mode) | 0o700
-                tar.addfile(info)
-            elif stat.S_ISREG(st.st_mode):
-                info.size = st.st_size
-                info.mode = stat.S_IMODE(st.st_mode) | 0o600
-                with path.open("rb") as handle:
-                    tar.addfile(info, handle)
-                files += 1
-                unpacked += st.st_size
-                if on_bytes is not None:
-                    on_bytes(st.st_size)
-            else:
-                raise ArchiveError(f"{path}: not a file, directory or symlink; cannot pack it")
+        sink = _Sink(stream)
+    finder = _PrefixFinder(find_prefix) if find_prefix else None
+    with stream:
+        try:
+            files, unpacked = _write_tar(prefix, sink, finder, on_bytes)
+            chunks = writer.close() if writer is not None else ()
+        finally:
+            if writer is not None:
+                writer.abandon()
     return PackResult(
-        size=hashing.size, sha256=hashing.digest.hexdigest(), files=files, unpacked_size=unpacked
+        size=hashing.size,
+        sha256=hashing.digest.hexdigest(),
+        files=files,
+        unpacked_size=unpacked,
+        chunks=chunks,
+        relocations=tuple(finder.found) if finder is not None else (),
     )
+
+
+def _write_tar(
+    prefix: Path,
+    sink: Any,
+    finder: _PrefixFinder | None,
+    on_bytes: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """The tar stream of *prefix* into *sink*, as ``tarfile``'s GNU format writes it (header,
+    data, NUL padding to 512 bytes; two zero blocks and padding to 10 KiB at the end).
+    Returns (files, bytes of the files)."""
+    files = unpacked = 0
+    offset = 0
+    root = str(prefix)
+    for path in _members(prefix):
+        rel = path.relative_to(prefix).as_posix()
+        info = tarfile.TarInfo(rel)
+        info.mtime = ARCHIVE_MTIME
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            info.type = tarfile.SYMTYPE
+            target = str(path.readlink())
+            if target.startswith(root):  # keep links inside the env relative
+                target = os.path.relpath(target, path.parent)
+            info.linkname = target
+            info.mode = 0o777
+        elif stat.S_ISDIR(st.st_mode):
+            info.type = tarfile.DIRTYPE
+            info.mode = stat.S_IMODE(st.st_mode) | 0o700
+        elif stat.S_ISREG(st.st_mode):
+            info.size = st.st_size
+            info.mode = stat.S_IMODE(st.st_mode) | 0o600
+        else:
+            raise ArchiveError(f"{path}: not a file, directory or symlink; cannot pack it")
+        header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+        sink.write(header)
+        offset += len(header)
+        if info.isreg():
+            if finder is not None:
+                finder.start(rel)
+            left = info.size
+            with path.open("rb", buffering=0) as handle:
+                while left > 0:
+                    piece = handle.read(min(left, _CHUNK))
+                    if not piece:
+                        raise ArchiveError(f"{path} shrank while it was packed")
+                    left -= len(piece)
+                    if finder is not None:
+                        finder.feed(piece)
+                    sink.write(piece)
+            if finder is not None:
+                finder.end()
+            padding = -info.size % tarfile.BLOCKSIZE
+            if padding:
+                sink.write(tarfile.NUL * padding)
+            offset += info.size + padding
+            files += 1
+            unpacked += info.size
+            if on_bytes is not None:
+                on_bytes(info.size)
+        sink.member_end()
+    end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+    end += tarfile.NUL * (-(offset + len(end)) % tarfile.RECORDSIZE)
+    sink.write(end)
+    return files, unpacked
 
 
 def _safe_name(name: str) -> str:
@@ -312,77 +508,23 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
 
     Raises ``ArchiveError`` for unsafe members (absolute or ``..`` names, links pointing out
     of *dest*, devices, FIFOs), and when the members exceed the manifest's declared size or
-    file count. Modes are capped at 0755 and the process umask: a shared cache never gets
-    group- or world-writable files from an archive.
+    file count; for format 2 also ``ChunkDigestError`` when a frame does not match its hash
+    (each frame is checked before it is decoded; format 1's hash is the caller's to check).
+    Modes are capped at 0755 and the process umask: a shared cache never gets group- or
+    world-writable files from an archive.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    cap = _MODE_CAP & ~_umask()
-    files_left = manifest.files
-    # Directories and links are not counted in the manifest: a generous bound on them.
-    members_left = 2 * manifest.files + 10_000
-    if manifest.codec == "zst":
-        stream: Any = _zstd_reader(source)
-    else:
-        stream = gzip.GzipFile(fileobj=source, mode="rb")
-    budget = manifest.unpacked_size
-    deferred_dirs: list[tuple[Path, int]] = []
-    writes: list[Future[None]] = []
-    tree = _Tree(dest)
-    unpacked = False
+    extractor = _Extractor(dest, manifest, defer_links=bool(manifest.chunks))
     try:
-        with (
-            ThreadPoolExecutor(max_workers=8, thread_name_prefix="envmgr-unpack") as pool,
-            stream,
-            tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
-        ):
-            for member in tar:
-                members_left -= 1
-                if members_left < 0:
-                    raise ArchiveError("archive holds far more members than its manifest's files")
-                name = _safe_name(member.name)
-                target = dest / name
-                tree.make_parent(target, name)
-                if member.isdir():
-                    tree.make_dir(target)
-                    deferred_dirs.append((target, (member.mode & cap) | 0o700))
-                elif member.issym():
-                    link = member.linkname
-                    if link.startswith("/") or not _inside(dest, target.parent / link):
-                        raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
-                    target.symlink_to(link)
-                    tree.links.append(str(target))
-                    if _loops(target):  # e.g. a -> a/..: a checker that resolves loosely escapes
-                        raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
-                elif member.isfile():
-                    budget -= member.size
-                    files_left -= 1
-                    if budget < 0:
-                        raise ArchiveError("archive holds more data than its manifest declares")
-                    if files_left < 0:
-                        raise ArchiveError(
-                            f"archive holds more files than its manifest declares "
-                            f"({manifest.files})"
-                        )
-                    mode = (member.mode & cap) | 0o600
-                    handle = tar.extractfile(member)
-                    if handle is None:
-                        raise ArchiveError(f"cannot read member {name!r}")
-                    if member.size <= _SMALL:
-                        # File creation is slow on many filesystems and releases the GIL:
-                        # small files are written by a pool while the stream goes on.
-                        writes.append(pool.submit(_write_file, target, handle.read(), mode))
-                        if len(writes) >= _IN_FLIGHT:  # bound the memory held by the pool
-                            for write in writes:
-                                write.result()
-                            writes.clear()
-                    else:
-                        _write_file(target, handle, mode)
-                else:
-                    raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
-        for write in writes:
-            write.result()
-        tree.check_links()
-        unpacked = True
+        if manifest.chunks:
+            from envmgr.chunked import unpack_chunks  # noqa: PLC0415
+
+            unpack_chunks(source, extractor, manifest)
+            extractor.make_links()
+        else:
+            _unpack_stream(source, extractor, manifest)
+        extractor.tree.check_links()
+        extractor.unpacked = True
     except _stream_errors() as exc:
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
             raise WriteError(f"cannot write under {dest}: {exc.strerror}", code=exc.errno) from None
@@ -390,10 +532,130 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
             raise ArchiveError(f"archive repeats a member ({exc.filename})") from None
         raise ArchiveError(f"damaged archive: {exc}") from None
     finally:
-        if not unpacked:  # a refused or broken archive leaves no link for a loose reader
-            tree.drop_links()
-    for directory, mode in reversed(deferred_dirs):
-        directory.chmod(mode)
+        if not extractor.unpacked:  # a refused or broken archive leaves no link for a loose reader
+            extractor.tree.drop_links()
+    extractor.set_dir_modes()
+
+
+def _unpack_stream(source: IO[bytes], extractor: _Extractor, manifest: Manifest) -> None:
+    """Format 1: one stream, decoded here; small files are written by a pool of threads
+    while the stream goes on (file creation is slow on many filesystems and releases the GIL)."""
+    if manifest.codec == "zst":
+        stream: Any = _zstd_reader(source)
+    else:
+        stream = gzip.GzipFile(fileobj=source, mode="rb")
+    with (
+        ThreadPoolExecutor(max_workers=8, thread_name_prefix="envmgr-unpack") as pool,
+        stream,
+        tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar,
+    ):
+        writes: list[Future[None]] = []
+
+        def write_later(target: str, data: bytes, mode: int) -> None:
+            writes.append(pool.submit(_write_file, target, data, mode))
+            if len(writes) >= _IN_FLIGHT:  # bound the memory held by the pool
+                for write in writes:
+                    write.result()
+                writes.clear()
+
+        extractor.extract(tar, write_later)
+        for write in writes:
+            write.result()
+
+
+class _Extractor:
+    """Writes the members of one tar stream, or (format 2) of several at once from threads,
+    into *dest*, checking each against the manifest's totals and the target's bounds.
+
+    With *defer_links*, symlinks are recorded and made by :meth:`make_links` after every file
+    is written: no file is ever written through a link, so streams extracted in parallel need
+    not see each other's links (a member under a link's name then fails as a repeat).
+    """
+
+    def __init__(self, dest: Path, manifest: Manifest, *, defer_links: bool) -> None:
+        self.dest = dest
+        self.tree = _Tree(dest)
+        self.cap = _MODE_CAP & ~_umask()
+        self.defer_links = defer_links
+        self.lock = threading.Lock()
+        self.files_left = manifest.files
+        # Directories and links are not counted in the manifest: a generous bound on them.
+        self.members_left = 2 * manifest.files + 10_000
+        self.budget = manifest.unpacked_size
+        self.declared_files = manifest.files
+        self.dirs: list[tuple[str, int]] = []
+        self.links: list[tuple[tuple[int, int], str, str]] = []
+        self.unpacked = False
+
+    def extract(
+        self,
+        tar: tarfile.TarFile,
+        write_later: Callable[[str, bytes, int], None] | None = None,
+        order: int = 0,
+    ) -> None:
+        """Every member of *tar*; small files through *write_later* when given. *order*
+        sorts this stream's deferred links among the others'."""
+        dest = str(self.dest)
+        for number, member in enumerate(tar):
+            with self.lock:
+                self.members_left -= 1
+                if self.members_left < 0:
+                    raise ArchiveError("archive holds far more members than its manifest's files")
+                if member.isfile():
+                    self.budget -= member.size
+                    self.files_left -= 1
+                    if self.budget < 0:
+                        raise ArchiveError("archive holds more data than its manifest declares")
+                    if self.files_left < 0:
+                        raise ArchiveError(
+                            f"archive holds more files than its manifest declares "
+                            f"({self.declared_files})"
+                        )
+            name = _safe_name(member.name)
+            target = dest + "/" + name
+            self.tree.make_parent(target, name)
+            if member.isdir():
+                self.tree.make_dir(target)
+                self.dirs.append((target, (member.mode & self.cap) | 0o700))
+            elif member.issym():
+                if self.defer_links:
+                    self.links.append(((order, number), name, member.linkname))
+                else:
+                    self.make_link(name, member.linkname)
+            elif member.isfile():
+                mode = (member.mode & self.cap) | 0o600
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise ArchiveError(f"cannot read member {name!r}")
+                if member.size <= _SMALL:
+                    data = handle.read()
+                    if write_later is not None:
+                        write_later(target, data, mode)
+                    else:
+                        _write_file(target, data, mode)
+                else:
+                    _write_file(target, handle, mode)
+            else:
+                raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
+
+    def make_link(self, name: str, link: str) -> None:
+        target = self.dest / name
+        if link.startswith("/") or not _inside(self.dest, target.parent / link):
+            raise ArchiveError(f"symlink {name!r} -> {link!r} points outside the env")
+        target.symlink_to(link)
+        self.tree.links.append(str(target))
+        if _loops(target):  # e.g. a -> a/..: a checker that resolves loosely escapes
+            raise ArchiveError(f"symlink {name!r} -> {link!r} makes a link loop")
+
+    def make_links(self) -> None:
+        """The deferred links, in archive order, each checked as :meth:`make_link` does."""
+        for _order, name, link in sorted(self.links):
+            self.make_link(name, link)
+
+    def set_dir_modes(self) -> None:
+        """Last: a directory's own mode may forbid writing into it. Deepest first."""
+        for directory, mode in sorted(self.dirs, reverse=True):
+            os.chmod(directory, mode)  # noqa: PTH101 - str paths, thousands of them
 
 
 #: The most an unpacked member may be: no group or world write, whatever the archive says.
@@ -426,13 +688,13 @@ class _Tree:
     def _through_link(self, path: str) -> bool:
         return any(path == link or path.startswith(link + "/") for link in self.links)
 
-    def make_dir(self, directory: Path) -> None:
-        key = str(directory)
-        if key in self.dirs:
+    def make_dir(self, directory: str) -> None:
+        if directory in self.dirs:
             return
-        if self._through_link(key) and not _inside(self.dest, directory):
-            raise ArchiveError(f"directory {key!r} would be made outside the env")
-        directory.mkdir(parents=True, exist_ok=True)
+        if self._through_link(directory) and not _inside(self.dest, Path(directory)):
+            raise ArchiveError(f"directory {directory!r} would be made outside the env")
+        os.makedirs(directory, exist_ok=True)  # noqa: PTH103 - str paths, a hot loop
+        key = directory
         while key not in self.dirs and key != "/":
             self.dirs.add(key)
             key = os.path.dirname(key)  # noqa: PTH120 - a str op, for thousands of members
@@ -459,11 +721,11 @@ class _Tree:
             with contextlib.suppress(OSError):
                 Path(link).unlink()
 
-    def make_parent(self, target: Path, name: str) -> None:
-        parent = target.parent
-        if str(parent) in self.dirs:
+    def make_parent(self, target: str, name: str) -> None:
+        parent = os.path.dirname(target)  # noqa: PTH120 - a str op, for thousands of members
+        if parent in self.dirs:
             return
-        if self._through_link(str(parent)) and not _inside(self.dest, parent):
+        if self._through_link(parent) and not _inside(self.dest, Path(parent)):
             raise ArchiveError(f"member {name!r} would be written outside the env")
         self.make_dir(parent)
 

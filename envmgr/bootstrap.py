@@ -27,6 +27,7 @@ WORKER_MODULES = (
     "envmgr/hydrate.py",
     "envmgr/local_envs.py",
     "envmgr/archive.py",
+    "envmgr/chunked.py",
     "envmgr/platforms.py",
     "envmgr/config.py",
     "envmgr/cache/__init__.py",

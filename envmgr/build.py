@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from envmgr import __version__
-from envmgr.archive import Codec, Manifest, pack, scan_relocations
+from envmgr.archive import Codec, Manifest, pack
 from envmgr.bytecode import BytecodeSource
 from envmgr.cache import Store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
@@ -308,7 +308,6 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
             bytecode=options.bytecode,
             credentials=options.credentials,
         )
-        relocations = scan_relocations(prefix)
         options.cache_dir.mkdir(parents=True, exist_ok=True)
         sweep_dead_pack_dirs(options.cache_dir)  # of builders killed before they cleaned up
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=pack_dir_prefix()) as tmp:
@@ -316,7 +315,12 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
             task = options.progress.task(f"pack {lock.env_id[:12]}", total=tree_size(prefix))
             with archive.open("wb") as out:
                 result = pack(
-                    prefix, out, codec=options.codec, level=options.level, on_bytes=task.advance
+                    prefix,
+                    out,
+                    codec=options.codec,
+                    level=options.level,
+                    on_bytes=task.advance,
+                    find_prefix=str(prefix),
                 )
             task.close()
             manifest = Manifest(
@@ -328,10 +332,11 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 sha256=result.sha256,
                 files=result.files,
                 unpacked_size=result.unpacked_size,
-                relocations=relocations,
+                relocations=result.relocations,
                 envmgr_version=__version__,
                 created=_now(),
                 link_scripts=made.link_scripts,
+                chunks=result.chunks,
             )
             task = options.progress.task(f"upload {lock.env_id[:12]}", total=result.size)
             options.store.put_file(

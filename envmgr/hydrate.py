@@ -251,15 +251,20 @@ def _build_here(
 
 
 class _Hashing:
-    def __init__(self, source: IO[bytes], task: Task | None) -> None:
+    """Counts (and for format 1, hashes) what the extractor reads; format 2's frames are
+    each checked against their own hash, which covers every byte."""
+
+    def __init__(self, source: IO[bytes], task: Task | None, *, digest: bool = True) -> None:
         self.source = source
         self.digest = hashlib.sha256()
+        self.hashing = digest
         self.size = 0
         self.task = task
 
     def read(self, size: int = -1) -> bytes:
         data = self.source.read(size)
-        self.digest.update(data)
+        if self.hashing:
+            self.digest.update(data)
         self.size += len(data)
         if self.task is not None:
             self.task.advance(len(data))
@@ -274,7 +279,13 @@ class _Hashing:
 def _fetch_and_publish(
     store: Store, manifest: Manifest, final: Path, progress: Progress | None = None
 ) -> None:
-    from envmgr.archive import ArchiveError, WriteError, relocate, unpack  # noqa: PLC0415
+    from envmgr.archive import (  # noqa: PLC0415
+        ArchiveError,
+        ChunkDigestError,
+        WriteError,
+        relocate,
+        unpack,
+    )
     from envmgr.cache.layout import archive_key  # noqa: PLC0415
     from envmgr.cache.store import StoreError  # noqa: PLC0415
 
@@ -300,10 +311,18 @@ def _fetch_and_publish(
         if progress is not None:
             task = progress.task(f"hydrate {manifest.env_id[:12]}", total=manifest.size)
         with source:
-            hashing = _Hashing(source, task)
+            hashing = _Hashing(source, task, digest=not manifest.chunks)
             try:
                 unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
+            except ChunkDigestError as exc:
+                raise HashMismatchError(
+                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
+                    f"its manifest ({exc.message}); nothing was published",
+                    hint="rebuild it with `envmgr build` or restore the object",
+                ) from None
             except ArchiveError:
+                if manifest.chunks:  # each frame was checked before it was decoded
+                    raise
                 # A damaged download usually breaks the stream first: say so if the bytes
                 # do not match, which is the actionable cause.
                 while hashing.read(1 << 20):
@@ -312,7 +331,7 @@ def _fetch_and_publish(
                     raise
             while hashing.read(1 << 20):  # the tar end padding the extractor left unread
                 pass
-        got = hashing.digest.hexdigest()
+        got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
         if got != manifest.sha256 or hashing.size != manifest.size:
             what = (
                 f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from envmgr.archive import Manifest
+from envmgr.archive import Chunk, Manifest
 from envmgr.cache.local import LocalStore
 from envmgr.resolution import ResolveOptions
 
@@ -48,11 +49,16 @@ def fixture_options(
 
 
 def archive_manifest(
-    packed: bytes, codec: Literal["zst", "gz"] = "zst", files: int = 1, unpacked_size: int = 10_000
+    packed: bytes,
+    codec: Literal["zst", "gz"] = "zst",
+    files: int = 1,
+    unpacked_size: int = 10_000,
+    chunks: tuple[Chunk, ...] = (),
 ) -> Manifest:
     """A manifest for a hand-made archive *packed*, for feeding the extractor directly
-    (the hash is not checked there)."""
+    (format 1's hash is not checked there; format 2's *chunks* are)."""
     return Manifest(
+        chunks=chunks,
         env_id="e" * 32,
         platform="linux-64",
         build_prefix="/b" * 80,
@@ -63,6 +69,35 @@ def archive_manifest(
         unpacked_size=unpacked_size,
         relocations=(),
     )
+
+
+def framed(
+    raw: bytes, cuts: list[int], conts: list[bool] | None = None
+) -> tuple[bytes, tuple[Chunk, ...]]:
+    """*raw* (tar bytes) as format-2 frames cut at the offsets *cuts*, the frame after each
+    cut flagged as a continuation or not by *conts* (default: not); returns the archive and
+    its index, true to the bytes (hostile tests then make the index lie)."""
+    import hashlib
+
+    import zstandard
+
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(raw)}), len(raw)]
+    flags = [False, *(conts or [False] * len(bounds))]
+    out = b""
+    chunks = []
+    for number, (start, end) in enumerate(itertools.pairwise(bounds)):
+        frame = zstandard.ZstdCompressor().compress(raw[start:end])
+        chunks.append(
+            Chunk(
+                offset=len(out),
+                size=len(frame),
+                raw=end - start,
+                sha256=hashlib.sha256(frame).hexdigest(),
+                cont=number > 0 and flags[number],
+            )
+        )
+        out += frame
+    return out, tuple(chunks)
 
 
 def s3_env(server: Any) -> dict[str, str]:

@@ -51,6 +51,9 @@ def test_build_stores_archive_lock_and_manifest(built, mixed_lock):
     assert manifest.size == store.size(archive_key("linux-64", mixed_lock.env_id))
     assert {"bin/tabulate", "etc/prefix-demo.conf"} <= {r.path for r in manifest.relocations}
     assert any(r.mode == "binary" for r in manifest.relocations)
+    # Format 2: frames a worker decodes on all its cores (hydrate tests then use them).
+    assert manifest.format == 2 and len(manifest.chunks) > 3
+    assert sum(c.size for c in manifest.chunks) == manifest.size
     assert not store.exists(lease_key(mixed_lock.env_id))
     lock_file = store.root / env_lock_key("linux-64", mixed_lock.env_id)
     assert read_conda_lock(lock_file).for_platform("linux-64").env_id == mixed_lock.env_id

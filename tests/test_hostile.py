@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _helpers import archive_manifest, run_envmgr
+from _helpers import archive_manifest, framed, run_envmgr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -153,6 +153,29 @@ def test_the_extractor_never_writes_outside_its_target(members, codec):
     real = Path(os.path.realpath(target))
     for path in target.rglob("*"):
         if path.is_symlink():  # realpath, not resolve(): a link loop inside is not an escape
+            resolved = Path(os.path.realpath(path.parent / path.readlink()))
+            assert resolved == real or real in resolved.parents
+
+
+@FUZZ
+@given(_archives(), st.lists(st.integers(1, 40), max_size=3), st.lists(st.booleans(), max_size=4))
+@example([("symlink", "a", "a/..", b""), ("file", "a/x", "", b"1")], [1], [False, False])
+@example([("symlink", "d", ".", b""), ("file", "d/d/x", "", b"1")], [1, 2], [False, True, True])
+def test_the_parallel_extractor_never_writes_outside_its_target(members, cuts, conts):
+    """Format 2: the same members cut into frames anywhere (at 512-byte blocks), flagged
+    as continuations or not, extracted by several threads with links made last."""
+    raw = _tar(members)
+    packed, chunks = framed(raw, [512 * c for c in cuts], [False, *conts, *[False] * 4])
+    root = Path(tempfile.mkdtemp(prefix="fuzz-p-"))
+    target = root / "env"
+    manifest = archive_manifest(packed, "zst", len(members), 10_000, chunks=chunks)
+    with contextlib.suppress(ArchiveError):
+        unpack(io.BytesIO(packed), target, manifest)
+    outside = [p for p in root.rglob("*") if not (p == target or target in p.parents)]
+    assert outside == []
+    real = Path(os.path.realpath(target))
+    for path in target.rglob("*"):
+        if path.is_symlink():
             resolved = Path(os.path.realpath(path.parent / path.readlink()))
             assert resolved == real or real in resolved.parents
 
