@@ -156,10 +156,8 @@ def _install_wheels(
     task: Task,
     host: Platform,
 ) -> None:
-    from installer import install  # noqa: PLC0415
-    from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
-    from installer.sources import WheelFile  # noqa: PLC0415
-
+    """Every locked wheel into *prefix*: fetched (or built) here, then installed by one
+    worker process per core, the largest wheels first, when there is enough to share."""
     from envmgr.resolvers.pypi.sdist import host_python_xy, wheel_is_pure  # noqa: PLC0415
 
     wheels = [p for p in lock.packages if p.manager == "pypi"]
@@ -176,13 +174,7 @@ def _install_wheels(
         "data": str(prefix),
         "headers": str(prefix / "include" / f"python{xy}"),
     }
-    destination = SchemeDictionaryDestination(
-        scheme,
-        interpreter=str(prefix / "bin" / f"python{xy}"),
-        script_kind="posix",
-        # The whole tree is byte-compiled for the target afterwards (compile_tree).
-        bytecode_optimization_levels=(),
-    )
+    jobs: list[tuple[str, str, str]] = []
     for wheel in wheels:
         if wheel.url.split("#")[0].endswith(".whl"):
             path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
@@ -197,17 +189,159 @@ def _install_wheels(
                     hint=f"pin a version of {wheel.name} that has a {lock.platform} wheel, "
                     f"or run `envmgr build --platform {lock.platform}` on such a machine",
                 )
+        jobs.append((str(path), wheel.name, wheel.version))
+    job = _WheelJob(
+        env_id=lock.env_id,
+        scheme=scheme,
+        interpreter=str(prefix / "bin" / f"python{xy}"),
+        wheels=tuple(jobs),
+    )
+    groups = _share(job, _install_workers(jobs))
+    if len(groups) == 1:
+        install_wheel_job(job)
+    else:
+        _install_in_workers(groups)
+    task.advance(len(jobs))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _WheelJob:
+    """Wheels for one installer: what :func:`install_wheel_job` takes, in a process or here."""
+
+    env_id: str
+    scheme: dict[str, str]
+    interpreter: str
+    wheels: tuple[tuple[str, str, str], ...]  # (file, name, version)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "env_id": self.env_id,
+                "scheme": self.scheme,
+                "interpreter": self.interpreter,
+                "wheels": self.wheels,
+            }
+        )
+
+
+#: Below this many bytes of wheels, starting worker processes costs more than it saves.
+_SHARE_BYTES = 16 << 20
+
+
+def _install_workers(jobs: list[tuple[str, str, str]]) -> int:
+    total = sum(os.path.getsize(path) for path, _n, _v in jobs)  # noqa: PTH202
+    if len(jobs) < 2 or total < _SHARE_BYTES:
+        return 1
+    from envmgr.chunked import workers  # noqa: PLC0415
+
+    return min(workers(), len(jobs))
+
+
+def _share(job: _WheelJob, count: int) -> list[_WheelJob]:
+    """*job* split into *count* jobs of about equal bytes, the largest wheels placed first."""
+    if count <= 1:
+        return [job]
+    bins: list[list[tuple[str, str, str]]] = [[] for _ in range(count)]
+    sizes = [0] * count
+    by_size = sorted(job.wheels, key=lambda w: os.path.getsize(w[0]), reverse=True)  # noqa: PTH202
+    for wheel in by_size:
+        smallest = sizes.index(min(sizes))
+        bins[smallest].append(wheel)
+        sizes[smallest] += os.path.getsize(wheel[0])  # noqa: PTH202
+    return [
+        _WheelJob(
+            env_id=job.env_id, scheme=job.scheme, interpreter=job.interpreter, wheels=tuple(b)
+        )
+        for b in bins
+        if b
+    ]
+
+
+_WORKER = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(3)  # the builder is already gone
+from envmgr.errors import EnvmgrError
+from envmgr.install import _WheelJob, install_wheel_job
+import json
+with open(sys.argv[2], encoding="utf-8") as handle:
+    data = json.load(handle)
+data["wheels"] = tuple(tuple(w) for w in data["wheels"])
+try:
+    install_wheel_job(_WheelJob(**data))
+except EnvmgrError as exc:
+    print(exc.message, file=sys.stderr)
+    sys.exit(1)
+print("installed", len(data["wheels"]))
+"""
+
+
+def _install_in_workers(jobs: list[_WheelJob]) -> None:
+    """Each job in its own process of this interpreter (installer is pure Python: threads
+    would share one core); an interrupted build kills them."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    workers: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory(prefix="envmgr-wheels-") as tmp:
         try:
-            with WheelFile.open(path) as source:
+            for number, job in enumerate(jobs):
+                listing = Path(tmp) / f"{number}.json"
+                listing.write_text(job.to_json())
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", _WORKER, str(os.getpid()), str(listing)],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=environ,
+                    )
+                )
+            outputs = [worker.communicate() for worker in workers]
+        finally:
+            for worker in workers:  # only alive when we are being interrupted
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+    for job, worker, (out, err) in zip(jobs, workers, outputs, strict=True):
+        if worker.returncode != 0 or not out.startswith("installed "):
+            reason = (err.strip().splitlines() or [f"exit code {worker.returncode}"])[-1]
+            if worker.returncode == 1 and reason.startswith(f"env {job.env_id}:"):
+                raise BuildError(reason)
+            raise BuildError(f"env {job.env_id}: a wheel installer process failed: {reason}")
+
+
+def install_wheel_job(job: _WheelJob) -> None:
+    """Install *job*'s wheels as pip would (see :func:`_pip_like`); raises ``BuildError``
+    naming the wheel that failed."""
+    from installer import install  # noqa: PLC0415
+    from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
+    from installer.sources import WheelFile  # noqa: PLC0415
+
+    destination = SchemeDictionaryDestination(
+        job.scheme,
+        interpreter=job.interpreter,
+        script_kind="posix",
+        # The whole tree is byte-compiled for the target afterwards (compile_tree).
+        bytecode_optimization_levels=(),
+    )
+    for path, name, version in job.wheels:
+        try:
+            with WheelFile.open(Path(path)) as source:
                 install(
                     _pip_like(source),
                     destination,
                     additional_metadata={"INSTALLER": b"envmgr\n"},
                 )
-            task.advance()
         except Exception as exc:
             raise BuildError(
-                f"env {lock.env_id}: installing {wheel.name} {wheel.version} failed: {exc}"
+                f"env {job.env_id}: installing {name} {version} failed: {exc}"
             ) from None
 
 

@@ -368,3 +368,45 @@ def test_a_wheel_whose_script_and_entry_point_collide_installs_like_pip(mixed_lo
     assert helper.stdout.strip() == "helper"  # other data scripts still install
     cache = prefix / "lib" / "python3.11" / "site-packages" / "clash" / "__pycache__"
     assert (cache / "cli.cpython-311.pyc").read_bytes() != b"stale bytecode from the wheel's build"
+
+
+def test_wheels_installed_by_worker_processes_give_the_same_archive(
+    mixed_lock, built, tmp_path, monkeypatch
+):
+    """Wheels shared among one installer process per core (here even the fixture's few
+    small ones) make the same bytes as one installer; a wheel that cannot be installed is
+    one line naming it."""
+    import hashlib
+
+    import envmgr.install
+    from fixtures.wheelmaker import make_wheel
+
+    _store, serial = built
+    monkeypatch.setattr(envmgr.install, "_SHARE_BYTES", 0)
+    shares: list[int] = []
+    real = envmgr.install._install_in_workers
+
+    def spy(jobs):
+        shares.append(len(jobs))
+        real(jobs)
+
+    monkeypatch.setattr(envmgr.install, "_install_in_workers", spy)
+    store = LocalStore(tmp_path / "store")
+    shared = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    assert shares == [2]
+    assert shared.manifest.sha256 == serial.manifest.sha256
+    wheel = make_wheel(tmp_path / "wheels", "broken", "1.0")
+    wheel.write_bytes(wheel.read_bytes()[:200])  # not a zip any more
+    package = LockedPackage(
+        manager="pypi",
+        name="broken",
+        version="1.0",
+        url=wheel.as_uri(),
+        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+    )
+    lock = PlatformLock(
+        platform="linux-64", packages=(*mixed_lock.packages, package), channels=mixed_lock.channels
+    )
+    with pytest.raises(BuildError, match=r"^env \w+: installing broken 1.0 failed: ") as caught:
+        build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "cache2"))
+    assert "\n" not in str(caught.value)
