@@ -236,12 +236,14 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
     warm = Row("envmgr warm bootstrap (process)")
     warm_cache = work / f"{name}-warm"
     timed(Row("-"), bootstrap(warm_cache), aws)
+    start_only = Row("python -c pass (the interpreter's own start)")
     for _ in range(10):
         timed(warm, bootstrap(warm_cache), aws)
+        timed(start_only, [sys.executable, "-c", "pass"])
     rows = [cold, get, plain, tar]
     if real:
         rows += [uv_plain, uv_pyc]
-    rows += [per_package, warm, first, again]
+    rows += [per_package, warm, start_only, first, again]
     if name == "fixture":
         rows.append(_concurrent(bootstrap, work, aws, repeat))
     if real:

@@ -8,8 +8,7 @@ and what to do next.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["EnvmgrError", "Problem", "SpecError"]
 
@@ -50,9 +49,11 @@ class EnvmgrError(Exception):
         }
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Problem:
-    """One thing wrong in an input: where (a step, or a file and line), which key, what."""
+class Problem(NamedTuple):
+    """One thing wrong in an input: where (a step, or a file and line), which key, what.
+
+    A named tuple, not a dataclass: this module is imported on every task's start, and
+    ``dataclasses`` (with ``inspect``) would be a third of that import."""
 
     where: str
     key: str
