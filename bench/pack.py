@@ -30,7 +30,7 @@ def _timed(action: Callable[[], object]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envmgr.archive import Manifest, pack, relocate, scan_relocations, unpack
+    from envmgr.archive import CHUNK_SIZE, Manifest, pack, relocate, unpack
     from envmgr.build import build_prefix, create_prefix
     from envmgr.cache.local import LocalStore
     from envmgr.resolution import ResolveOptions, resolve_specs
@@ -62,22 +62,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"env: {len(lock.packages)} packages, {size / 1e6:.1f} MB on disk")
 
         outputs: dict[str, Path] = {}
-        for codec, level in (("zst", 3), ("gz", 6)):
-            out = work / f"envmgr.tar.{codec}"
-            outputs[f"envmgr {codec}"] = out
+        results = {}
+        for label, codec, level, chunk in (
+            ("zst", "zst", 3, CHUNK_SIZE),
+            ("zst-1", "zst", 3, None),
+            ("gz", "gz", 6, None),
+        ):
+            out = work / f"envmgr-{label}.tar.{codec}"
+            outputs[f"envmgr {label}"] = out
 
-            def run(out: Path = out, codec: str = codec, level: int = level) -> None:
+            def run(
+                out: Path = out,
+                codec: str = codec,
+                level: int = level,
+                chunk: int | None = chunk,
+                label: str = label,
+            ) -> None:
                 with out.open("wb") as handle:
-                    pack(prefix, handle, codec=codec, level=level)  # type: ignore[arg-type]
-                scan_relocations(prefix)
+                    results[label] = pack(
+                        prefix,
+                        handle,
+                        codec=codec,  # type: ignore[arg-type]
+                        level=level,
+                        chunk_size=chunk,
+                        find_prefix=str(prefix),
+                    )
 
+            what = {"zst": "tar.zst, format 2", "zst-1": "tar.zst, format 1", "gz": "tar.gz"}[label]
             rows.append(
-                (
-                    f"envmgr pack tar.{codec} (+ relocation scan)",
-                    _timed(run),
-                    out.stat().st_size,
-                    "",
-                )
+                (f"envmgr pack {what} (+ relocations)", _timed(run), out.stat().st_size, "")
             )
         conda_pack = shutil.which("conda-pack") or str(Path(sys.executable).parent / "conda-pack")
         for ext in ("tar.zst", "tar.gz"):
@@ -109,16 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows.append(("plain tar | zstd", 0.0, 0, "zstd command not installed"))
 
+        packed = results["zst"]
         manifest = Manifest(
             env_id=lock.env_id,
             platform="linux-64",
             build_prefix=str(prefix),
             codec="zst",
-            size=0,
-            sha256="0" * 64,
-            files=0,
-            unpacked_size=size * 2,
-            relocations=scan_relocations(prefix),
+            size=packed.size,
+            sha256=packed.sha256,
+            files=packed.files,
+            unpacked_size=packed.unpacked_size,
+            relocations=packed.relocations,
+            chunks=packed.chunks,
         )
         dest = work / "u"
 
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 unpack(handle, dest, manifest)
             relocate(dest, manifest)
 
-        rows.append(("envmgr unpack + relocate (zst)", _timed(unpack_envmgr), 0, "unpack"))
+        rows.append(("envmgr unpack + relocate (format 2)", _timed(unpack_envmgr), 0, "unpack"))
         plain = work / "plain-u"
         plain.mkdir()
         if shutil.which("zstd"):
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             rows.append(("plain zstd -d | tar -x (same archive)", seconds, 0, "unpack"))
-    base = next(r[1] for r in rows if r[0].startswith("envmgr pack tar.zst"))
+    base = next(r[1] for r in rows if r[0].startswith("envmgr pack tar.zst, format 2"))
     print(f"{'what':<42}{'seconds':>9}{'MB':>8}{'vs envmgr zst':>15}")
     for what, seconds, nbytes, note in rows:
         size = f"{nbytes / 1e6:.1f}" if nbytes else "-"

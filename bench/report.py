@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS: tuple[tuple[str, str, list[str]], ...] = (
     ("PyPI resolution", "pypi_resolve.py", []),
     ("Packing", "pack.py", []),
-    ("Hydrating", "hydrate.py", ["--repeat", "5"]),
+    ("Hydrating", "hydrate.py", ["--repeat", "3"]),
 )
 
 

@@ -474,7 +474,13 @@ def _write_tar(
     return files, unpacked
 
 
+#: What a plain relative name cannot hold (anything else takes the careful path).
+_UNPLAIN = re.compile(r"^/|^\./|/\./|//|\.\.|\\|/\.?$|^\.?$")
+
+
 def _safe_name(name: str) -> str:
+    if not _UNPLAIN.search(name):
+        return name  # nothing to normalise: the common case, without a PurePosixPath
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
         raise ArchiveError(f"unsafe member name {name!r}")
@@ -574,6 +580,7 @@ class _Extractor:
 
     def __init__(self, dest: Path, manifest: Manifest, *, defer_links: bool) -> None:
         self.dest = dest
+        self.root = str(dest)
         self.tree = _Tree(dest)
         self.cap = _MODE_CAP & ~_umask()
         self.defer_links = defer_links
@@ -595,34 +602,14 @@ class _Extractor:
     ) -> None:
         """Every member of *tar*; small files through *write_later* when given. *order*
         sorts this stream's deferred links among the others'."""
-        dest = str(self.dest)
         for number, member in enumerate(tar):
-            with self.lock:
-                self.members_left -= 1
-                if self.members_left < 0:
-                    raise ArchiveError("archive holds far more members than its manifest's files")
-                if member.isfile():
-                    self.budget -= member.size
-                    self.files_left -= 1
-                    if self.budget < 0:
-                        raise ArchiveError("archive holds more data than its manifest declares")
-                    if self.files_left < 0:
-                        raise ArchiveError(
-                            f"archive holds more files than its manifest declares "
-                            f"({self.declared_files})"
-                        )
-            name = _safe_name(member.name)
-            target = dest + "/" + name
-            self.tree.make_parent(target, name)
+            is_file = member.isfile()
+            name, target = self.admit(member.name, is_file=is_file, size=member.size)
             if member.isdir():
-                self.tree.make_dir(target)
-                self.dirs.append((target, (member.mode & self.cap) | 0o700))
+                self.add_dir(target, member.mode)
             elif member.issym():
-                if self.defer_links:
-                    self.links.append(((order, number), name, member.linkname))
-                else:
-                    self.make_link(name, member.linkname)
-            elif member.isfile():
+                self.add_link((order, number), name, member.linkname)
+            elif is_file:
                 mode = (member.mode & self.cap) | 0o600
                 handle = tar.extractfile(member)
                 if handle is None:
@@ -637,6 +624,41 @@ class _Extractor:
                     _write_file(target, handle, mode)
             else:
                 raise ArchiveError(f"member {name!r} is a link, device or FIFO; refused")
+
+    def admit(self, raw_name: str, *, is_file: bool, size: int) -> tuple[str, str]:
+        """Count one member against the manifest, check its name, make its parent; returns
+        (name, target path)."""
+        with self.lock:
+            self.members_left -= 1
+            if self.members_left < 0:
+                raise ArchiveError("archive holds far more members than its manifest's files")
+            if is_file:
+                self.budget -= size
+                self.files_left -= 1
+                if self.budget < 0:
+                    raise ArchiveError("archive holds more data than its manifest declares")
+                if self.files_left < 0:
+                    raise ArchiveError(
+                        f"archive holds more files than its manifest declares "
+                        f"({self.declared_files})"
+                    )
+        name = _safe_name(raw_name)
+        target = self.root + "/" + name
+        self.tree.make_parent(target, name)
+        return name, target
+
+    def add_dir(self, target: str, mode: int) -> None:
+        self.tree.make_dir(target)
+        self.dirs.append((target, (mode & self.cap) | 0o700))
+
+    def add_link(self, order: tuple[int, int], name: str, link: str) -> None:
+        if self.defer_links:
+            self.links.append((order, name, link))
+        else:
+            self.make_link(name, link)
+
+    def file_mode(self, mode: int) -> int:
+        return (mode & self.cap) | 0o600
 
     def make_link(self, name: str, link: str) -> None:
         target = self.dest / name

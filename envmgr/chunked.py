@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
-import tarfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -182,11 +181,124 @@ class _JobReader:
             out, self.view = self.view[:size], self.view[size:]
         return bytes(out)
 
+    def exact(self, size: int) -> bytes:
+        """*size* bytes, across frames if need be; fewer only where the job ends."""
+        if len(self.view) >= size:
+            out, self.view = self.view[:size], self.view[size:]
+            return bytes(out)
+        parts = []
+        while size > 0 and (piece := self.read(size)):
+            parts.append(piece)
+            size -= len(piece)
+        return b"".join(parts)
+
     def drain(self) -> None:
         """Take the job's frames a stream that ended early (at a zero block) left."""
         while not self.done:
             self.view = memoryview(b"")
             self._next()
+
+
+class _Exact:
+    """A member's data: exactly *size* bytes of *reader*, else the archive is damaged."""
+
+    def __init__(self, reader: _JobReader, size: int) -> None:
+        self.reader = reader
+        self.left = size
+
+    def read(self, size: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.reader.read(min(size, self.left))
+        if not data:
+            raise ArchiveError("damaged archive: a member's data is cut short")
+        self.left -= len(data)
+        return data
+
+
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")
+
+
+def _number(field: bytes) -> int:
+    """A header's number: octal, or GNU's base-256 for large values."""
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        raise ArchiveError("damaged archive: a header holds a bad number") from None
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _extract_job(reader: _JobReader, extractor: _Extractor, order: int) -> None:
+    """The members of one job, read straight from the decoded frames: the GNU tar that
+    :func:`envmgr.archive.pack` writes (ustar headers, ``././@LongLink`` names), files,
+    directories and symlinks; anything else (pax headers, hard links, devices) is refused."""
+    from envmgr.archive import _SMALL, _write_file  # noqa: PLC0415
+
+    long_name = long_link = None
+    number = 0
+    while True:
+        header = reader.exact(_BLOCK)
+        if len(header) < _BLOCK:
+            if header:
+                raise ArchiveError("damaged archive: a member header is cut short")
+            return  # the job ends where a member ends
+        if header == _ZERO:
+            return  # the archive's end
+        stored = _number(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ArchiveError("damaged archive: a member header's checksum does not match")
+        kind = header[156:157]
+        size = _number(header[124:136])
+        padding = -size % _BLOCK
+        if kind in (b"L", b"K"):
+            if size > 1 << 16:
+                raise ArchiveError("damaged archive: a long name of more than 64 KiB")
+            value = _text(reader.exact(size))
+            reader.exact(padding)
+            if kind == b"L":
+                long_name = value
+            else:
+                long_link = value
+            continue
+        name = long_name if long_name is not None else _text(header[:100])
+        if long_name is None and header[257:263] == b"ustar\0" and header[345] != 0:
+            name = _text(header[345:500]) + "/" + name  # POSIX ustar's name prefix
+        link = long_link if long_link is not None else _text(header[157:257])
+        long_name = long_link = None
+        mode = _number(header[100:108])
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"
+        is_file = kind in _FILE_TYPES
+        if kind == b"5":
+            name = name.rstrip("/") or name
+        name, target = extractor.admit(name, is_file=is_file, size=size)
+        if kind == b"5":
+            extractor.add_dir(target, mode)
+        elif kind == b"2":
+            extractor.add_link((order, number), name, link)
+        elif is_file:
+            mode = extractor.file_mode(mode)
+            if size <= _SMALL:
+                data = reader.exact(size)
+                if len(data) != size:
+                    raise ArchiveError("damaged archive: a member's data is cut short")
+                _write_file(target, data, mode)
+            else:
+                _write_file(target, _Exact(reader, size), mode)  # type: ignore[arg-type]
+        else:
+            raise ArchiveError(
+                f"member {name!r} is a link, device, FIFO or tar extension (type {kind!r}); refused"
+            )
+        if padding and len(reader.exact(padding)) != padding:
+            raise ArchiveError("damaged archive: a member's padding is cut short")
+        number += 1
 
 
 def _read_exact(source: IO[bytes], size: int) -> bytes:
@@ -218,8 +330,7 @@ def unpack_chunks(source: IO[bytes], extractor: _Extractor, manifest: Manifest) 
     def run(frames: queue.SimpleQueue[Any], order: int) -> None:
         reader = _JobReader(frames, slots)
         try:
-            with tarfile.open(fileobj=reader, mode="r|", bufsize=1 << 16) as tar:  # type: ignore[call-overload]
-                extractor.extract(tar, order=order)
+            _extract_job(reader, extractor, order)
             reader.drain()
         except BaseException:
             failed.set()
