@@ -30,7 +30,7 @@ def _timed(action: Callable[[], object]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envmgr.archive import CHUNK_SIZE, Manifest, pack, relocate, unpack
+    from envmgr.archive import CHUNK_SIZE, pack, relocate, unpack
     from envmgr.build import build_prefix, create_prefix
     from envmgr.cache.local import LocalStore
     from envmgr.resolution import ResolveOptions, resolve_specs
@@ -123,17 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("plain tar | zstd", 0.0, 0, "zstd command not installed"))
 
         packed = results["zst"]
-        manifest = Manifest(
-            env_id=lock.env_id,
-            platform="linux-64",
-            build_prefix=str(prefix),
-            codec="zst",
-            size=packed.size,
-            sha256=packed.sha256,
-            files=packed.files,
-            unpacked_size=packed.unpacked_size,
-            relocations=packed.relocations,
-            chunks=packed.chunks,
+        manifest = packed.manifest(
+            env_id=lock.env_id, platform="linux-64", build_prefix=str(prefix)
         )
         dest = work / "u"
 
@@ -155,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(("plain zstd -d | tar -x (same archive)", seconds, 0, "unpack"))
     base = next(r[1] for r in rows if r[0].startswith("envmgr pack tar.zst, format 2"))
-    print(f"{'what':<42}{'seconds':>9}{'MB':>8}{'vs envmgr zst':>15}")
+    print(f"{'what':<48}{'seconds':>9}{'MB':>8}{'vs envmgr zst':>15}")
     for what, seconds, nbytes, note in rows:
         size = f"{nbytes / 1e6:.1f}" if nbytes else "-"
-        print(f"{what:<42}{seconds:>9.2f}{size:>8}{seconds / base:>14.2f}x  {note}")
+        print(f"{what:<48}{seconds:>9.2f}{size:>8}{seconds / base:>14.2f}x  {note}")
     return 0
 
 

@@ -246,6 +246,24 @@ class PackResult:
     chunks: tuple[Chunk, ...] = ()
     #: The files holding the prefix that pack was asked to find (``find_prefix``).
     relocations: tuple[Relocation, ...] = ()
+    codec: Codec = "zst"
+
+    def manifest(self, *, env_id: str, platform: str, build_prefix: str, **more: Any) -> Manifest:
+        """The manifest of this archive for *env_id*; *more* sets the other fields
+        (``envmgr_version``, ``created``, ``link_scripts``)."""
+        return Manifest(
+            env_id=env_id,
+            platform=platform,
+            build_prefix=build_prefix,
+            codec=self.codec,
+            size=self.size,
+            sha256=self.sha256,
+            files=self.files,
+            unpacked_size=self.unpacked_size,
+            relocations=self.relocations,
+            chunks=self.chunks,
+            **more,
+        )
 
 
 class _HashingWriter(io.RawIOBase):
@@ -404,6 +422,7 @@ def pack(
         unpacked_size=unpacked,
         chunks=chunks,
         relocations=tuple(finder.found) if finder is not None else (),
+        codec=codec,
     )
 
 

@@ -323,20 +323,13 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                     find_prefix=str(prefix),
                 )
             task.close()
-            manifest = Manifest(
+            manifest = result.manifest(
                 env_id=lock.env_id,
                 platform=lock.platform,
                 build_prefix=str(prefix),
-                codec=options.codec,
-                size=result.size,
-                sha256=result.sha256,
-                files=result.files,
-                unpacked_size=result.unpacked_size,
-                relocations=result.relocations,
                 envmgr_version=__version__,
                 created=_now(),
                 link_scripts=made.link_scripts,
-                chunks=result.chunks,
             )
             task = options.progress.task(f"upload {lock.env_id[:12]}", total=result.size)
             options.store.put_file(

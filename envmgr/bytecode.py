@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +29,7 @@ from envmgr.errors import EnvmgrError
 from envmgr.hydrate import file_lock
 from envmgr.lock import PlatformLock, strip_credentials
 from envmgr.platforms import Platform
+from envmgr.processes import run_shares
 
 __all__ = ["BytecodeError", "BytecodeSource", "bytecode_python", "compile_tree", "python_xy"]
 
@@ -42,13 +41,7 @@ BytecodeSource = Literal["auto", "tools"]
 # are skipped, as pip and conda do. A worker dies with the builder (Linux), so a killed build
 # leaves no compiler writing into its prefix.
 _COMPILE = """
-import ctypes, os, py_compile, signal, sys
-try:
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-except (AttributeError, OSError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(3)  # the builder is already gone
+import py_compile
 mode = py_compile.PycInvalidationMode.CHECKED_HASH
 done = 0
 with open(sys.argv[2], encoding="utf-8") as listing:
@@ -171,32 +164,13 @@ def compile_tree(python: Path, roots: list[Path], *, env_id: str) -> int:
         return 0
     jobs = max(1, min(os.cpu_count() or 1, len(sources) // 200 + 1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    workers: list[subprocess.Popen[str]] = []
-    with tempfile.TemporaryDirectory(prefix="envmgr-pyc-") as tmp:
-        try:
-            for job in range(jobs):
-                listing = Path(tmp) / f"{job}.txt"
-                listing.write_text("".join(f"{path}\n" for path in sources[job::jobs]))
-                workers.append(
-                    subprocess.Popen(
-                        [str(python), "-I", "-c", _COMPILE, str(os.getpid()), str(listing)],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                        env=environ,
-                    )
-                )
-            outputs = [worker.communicate() for worker in workers]
-        finally:
-            for worker in workers:  # only alive when we are being interrupted
-                if worker.poll() is None:
-                    worker.kill()
-                    worker.wait()
+    shares = ["".join(f"{path}\n" for path in sources[job::jobs]) for job in range(jobs)]
+    results = run_shares([str(python), "-I"], _COMPILE, shares, environ)
     compiled = 0
-    for worker, (out, err) in zip(workers, outputs, strict=True):
+    for code, out, err in results:
         last = (out.strip().splitlines() or [""])[-1]
-        if worker.returncode != 0 or not last.startswith("compiled "):
-            reason = (err.strip().splitlines() or [f"exit code {worker.returncode}"])[-1]
+        if code != 0 or not last.startswith("compiled "):
+            reason = (err.strip().splitlines() or [f"exit code {code}"])[-1]
             raise BytecodeError(f"env {env_id}: writing bytecode with {python} failed: {reason}")
         compiled += int(last.split()[1])
     return compiled

@@ -258,13 +258,6 @@ def _share(job: _WheelJob, count: int) -> list[_WheelJob]:
 
 
 _WORKER = """
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-except (AttributeError, OSError):
-    pass
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(3)  # the builder is already gone
 from envmgr.errors import EnvmgrError
 from envmgr.install import _WheelJob, install_wheel_job
 import json
@@ -283,36 +276,17 @@ print("installed", len(data["wheels"]))
 def _install_in_workers(jobs: list[_WheelJob]) -> None:
     """Each job in its own process of this interpreter (installer is pure Python: threads
     would share one core); an interrupted build kills them."""
-    import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
+
+    from envmgr.processes import run_shares  # noqa: PLC0415
 
     environ = dict(os.environ)
     environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    workers: list[subprocess.Popen[str]] = []
-    with tempfile.TemporaryDirectory(prefix="envmgr-wheels-") as tmp:
-        try:
-            for number, job in enumerate(jobs):
-                listing = Path(tmp) / f"{number}.json"
-                listing.write_text(job.to_json())
-                workers.append(
-                    subprocess.Popen(
-                        [sys.executable, "-c", _WORKER, str(os.getpid()), str(listing)],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                        env=environ,
-                    )
-                )
-            outputs = [worker.communicate() for worker in workers]
-        finally:
-            for worker in workers:  # only alive when we are being interrupted
-                if worker.poll() is None:
-                    worker.kill()
-                    worker.wait()
-    for job, worker, (out, err) in zip(jobs, workers, outputs, strict=True):
-        if worker.returncode != 0 or not out.startswith("installed "):
-            reason = (err.strip().splitlines() or [f"exit code {worker.returncode}"])[-1]
-            if worker.returncode == 1 and reason.startswith(f"env {job.env_id}:"):
+    results = run_shares([sys.executable], _WORKER, [job.to_json() for job in jobs], environ)
+    for job, (code, out, err) in zip(jobs, results, strict=True):
+        if code != 0 or not out.startswith("installed "):
+            reason = (err.strip().splitlines() or [f"exit code {code}"])[-1]
+            if code == 1 and reason.startswith(f"env {job.env_id}:"):
                 raise BuildError(reason)
             raise BuildError(f"env {job.env_id}: a wheel installer process failed: {reason}")
 

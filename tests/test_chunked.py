@@ -71,18 +71,7 @@ def _packed(prefix: Path, **kwargs) -> tuple[bytes, Manifest]:
     out = io.BytesIO()
     result = pack(prefix, out, find_prefix=str(prefix), **kwargs)
     data = out.getvalue()
-    manifest = Manifest(
-        env_id="c" * 32,
-        platform="linux-64",
-        build_prefix=str(prefix),
-        codec="zst",
-        size=result.size,
-        sha256=result.sha256,
-        files=result.files,
-        unpacked_size=result.unpacked_size,
-        relocations=result.relocations,
-        chunks=result.chunks,
-    )
+    manifest = result.manifest(env_id="c" * 32, platform="linux-64", build_prefix=str(prefix))
     return data, manifest
 
 
