@@ -191,8 +191,9 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
         timed(first, [out["python"], "-c", f"import {IMPORTS[name]}"])
         for _ in range(3):
             timed(again, [out["python"], "-c", f"import {IMPORTS[name]}"])
-        again.wall[-3:] = [min(again.wall[-3:])]
-        again.cpu[-3:] = [min(again.cpu[-3:])]
+        # One sample per round on each side: the median of the three warm imports.
+        again.wall[-3:] = [statistics.median(again.wall[-3:])]
+        again.cpu[-3:] = [statistics.median(again.cpu[-3:])]
 
     def run_plain(i: int) -> None:
         target = work / f"{name}-plain{i}"

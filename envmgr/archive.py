@@ -539,13 +539,25 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     world-writable files from an archive.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    extractor = _Extractor(dest, manifest, defer_links=bool(manifest.chunks))
+    parallel = bool(manifest.chunks) and _has_zstandard()
+    extractor = _Extractor(dest, manifest, defer_links=parallel)
     try:
-        if manifest.chunks:
+        if parallel:
             from envmgr.chunked import unpack_chunks  # noqa: PLC0415
 
             unpack_chunks(source, extractor, manifest)
             extractor.make_links()
+        elif manifest.chunks:  # no zstandard here: the zstd program, one stream, frames checked
+            from envmgr.chunked import CheckedFrames  # noqa: PLC0415
+
+            checked = CheckedFrames(source, manifest)
+            failures: tuple[type[BaseException], ...] = (*_stream_errors(), ArchiveError)
+            try:  # the zstd feeder reads every frame (and checks for more) before it ends
+                _unpack_stream(checked, extractor, manifest, program=True)  # type: ignore[arg-type]
+            except failures:
+                if checked.error is not None:  # the cause, not the broken stream it made
+                    raise checked.error from None
+                raise
         else:
             _unpack_stream(source, extractor, manifest)
         extractor.tree.check_links()
@@ -562,11 +574,14 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     extractor.set_dir_modes()
 
 
-def _unpack_stream(source: IO[bytes], extractor: _Extractor, manifest: Manifest) -> None:
-    """Format 1: one stream, decoded here; small files are written by a pool of threads
-    while the stream goes on (file creation is slow on many filesystems and releases the GIL)."""
+def _unpack_stream(
+    source: IO[bytes], extractor: _Extractor, manifest: Manifest, *, program: bool = False
+) -> None:
+    """One stream, decoded here (with the ``zstd`` program when *program*); small files are
+    written by a pool of threads while the stream goes on (file creation is slow on many
+    filesystems and releases the GIL)."""
     if manifest.codec == "zst":
-        stream: Any = _zstd_reader(source)
+        stream: Any = _ZstdProcess(source) if program else _zstd_reader(source)
     else:
         stream = gzip.GzipFile(fileobj=source, mode="rb")
     with (
@@ -792,6 +807,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _has_zstandard() -> bool:
+    try:
+        import zstandard  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
 def _stream_errors() -> tuple[type[BaseException], ...]:
     """What a damaged stream raises while it is decompressed and read as a tar."""
     errors: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
@@ -852,9 +875,12 @@ class _ZstdProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.process.stdout.read()  # type: ignore[union-attr]
-        self.thread.join()
-        code = self.process.wait()
+        try:
+            self.process.stdout.read()  # type: ignore[union-attr]
+        finally:
+            self.process.stdout.close()  # type: ignore[union-attr]
+            self.thread.join()
+            code = self.process.wait()
         if self.error is not None:
             raise self.error
         if code != 0:

@@ -30,7 +30,7 @@ from envmgr.archive import ArchiveError, Chunk, ChunkDigestError
 if TYPE_CHECKING:
     from envmgr.archive import Manifest, _Extractor
 
-__all__ = ["ChunkWriter", "unpack_chunks", "workers"]
+__all__ = ["CheckedFrames", "ChunkWriter", "unpack_chunks", "workers"]
 
 
 def workers() -> int:
@@ -301,6 +301,55 @@ def _extract_job(reader: _JobReader, extractor: _Extractor, order: int) -> None:
         number += 1
 
 
+def _digest_error(number: int, count: int, chunk: Chunk) -> ChunkDigestError:
+    return ChunkDigestError(
+        f"chunk {number} of {count} (bytes {chunk.offset}-{chunk.offset + chunk.size - 1}) "
+        "does not match its sha256 in the manifest"
+    )
+
+
+def _short_error(number: int, count: int, chunk: Chunk, got: int, size: int) -> ArchiveError:
+    return ArchiveError(
+        f"archive ends at byte {chunk.offset + got}, inside chunk {number} of {count} "
+        f"(its manifest says {size} bytes)"
+    )
+
+
+class CheckedFrames:
+    """The archive's bytes as they are read, each frame checked against its hash before
+    it is passed on: for a worker without the zstandard module, whose ``zstd`` program then
+    decodes the whole stream on one core. The first mismatch is kept in ``error`` and
+    raised; a stream longer than the index is refused too."""
+
+    def __init__(self, source: IO[bytes], manifest: Manifest) -> None:
+        self.source = source
+        self.manifest = manifest
+        self.number = 0
+        self.error: ArchiveError | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        chunks = self.manifest.chunks
+        if self.number >= len(chunks):
+            if self.source.read(1):
+                self.error = ArchiveError(
+                    f"archive is longer than its manifest's {self.manifest.size} bytes"
+                )
+                raise self.error
+            return b""
+        chunk = chunks[self.number]
+        frame = _read_exact(self.source, chunk.size)
+        if len(frame) != chunk.size:
+            self.error = _short_error(
+                self.number, len(chunks), chunk, len(frame), self.manifest.size
+            )
+            raise self.error
+        if hashlib.sha256(frame).hexdigest() != chunk.sha256:
+            self.error = _digest_error(self.number, len(chunks), chunk)
+            raise self.error
+        self.number += 1
+        return frame
+
+
 def _read_exact(source: IO[bytes], size: int) -> bytes:
     parts = []
     while size > 0:
@@ -328,8 +377,8 @@ def unpack_chunks(source: IO[bytes], extractor: _Extractor, manifest: Manifest) 
     jobs: list[tuple[queue.SimpleQueue[Any], Future[None]]] = []
 
     def run(frames: queue.SimpleQueue[Any], order: int) -> None:
-        reader = _JobReader(frames, slots)
         try:
+            reader = _JobReader(frames, slots)
             _extract_job(reader, extractor, order)
             reader.drain()
         except BaseException:
@@ -346,16 +395,9 @@ def unpack_chunks(source: IO[bytes], extractor: _Extractor, manifest: Manifest) 
                     break
                 frame = _read_exact(source, chunk.size)
                 if len(frame) != chunk.size:
-                    raise ArchiveError(
-                        f"archive ends at byte {chunk.offset + len(frame)}, inside chunk "
-                        f"{number} of {count} (its manifest says {manifest.size} bytes)"
-                    )
+                    raise _short_error(number, count, chunk, len(frame), manifest.size)
                 if hashlib.sha256(frame).hexdigest() != chunk.sha256:
-                    raise ChunkDigestError(
-                        f"chunk {number} of {count} (bytes {chunk.offset}-"
-                        f"{chunk.offset + chunk.size - 1}) does not match its sha256 "
-                        "in the manifest"
-                    )
+                    raise _digest_error(number, count, chunk)
                 if not chunk.cont:
                     if jobs:
                         jobs[-1][0].put(_END)

@@ -233,3 +233,23 @@ def test_a_chunk_digest_error_names_the_frame(tree, tmp_path):
     broken[manifest.chunks[2].offset + 5] ^= 0xFF
     with pytest.raises(ChunkDigestError, match="chunk 2 of"):
         unpack(io.BytesIO(bytes(broken)), tmp_path / "env", manifest)
+
+
+def test_a_worker_without_zstandard_reads_format_2_through_the_zstd_program(
+    tree, tmp_path, monkeypatch
+):
+    """Workers may bootstrap with the standard library and boto3 only: the frames are
+    checked one by one as they pass to ``zstd -dc``, and a lying one is named, not hidden
+    behind the broken stream it makes."""
+    import envmgr.archive
+
+    monkeypatch.setattr(envmgr.archive, "_has_zstandard", lambda: False)
+    data, manifest = _packed(tree, chunk_size=SMALL_CHUNKS)
+    unpack(io.BytesIO(data), tmp_path / "env", manifest)
+    assert _listing(tmp_path / "env") == _listing(tree)
+    broken = bytearray(data)
+    broken[manifest.chunks[3].offset + 9] ^= 0xFF
+    with pytest.raises(ChunkDigestError, match="chunk 3 of"):
+        unpack(io.BytesIO(bytes(broken)), tmp_path / "broken", manifest)
+    with pytest.raises(ArchiveError, match="longer than its manifest"):
+        unpack(io.BytesIO(data + b"x"), tmp_path / "long", manifest)
