@@ -253,3 +253,19 @@ def test_a_worker_without_zstandard_reads_format_2_through_the_zstd_program(
         unpack(io.BytesIO(bytes(broken)), tmp_path / "broken", manifest)
     with pytest.raises(ArchiveError, match="longer than its manifest"):
         unpack(io.BytesIO(data + b"x"), tmp_path / "long", manifest)
+
+
+def test_a_format_1_env_still_hydrates(tree, tmp_path):
+    """Stores written before format 2 keep working: one stream, its whole sha256 checked."""
+    data, manifest = _packed(tree, chunk_size=None)
+    manifest = replace(manifest, env_id="e" * 32)
+    assert manifest.format == 1 and manifest.to_dict()["format"] == 1
+    store = LocalStore(tmp_path / "store")
+    store.put(archive_key("linux-64", manifest.env_id), data)
+    store.put(manifest_key("linux-64", manifest.env_id), json.dumps(manifest.to_dict()).encode())
+    got = hydrate(manifest.env_id, store, tmp_path / "cache", platform="linux-64")
+    assert (got.prefix / "bin" / "tool").read_text() == f"#!{got.prefix}/bin/python\n"
+    assert (got.prefix / "lib" / "big.so").read_bytes() == (tree / "lib" / "big.so").read_bytes()
+    (store.root / archive_key("linux-64", manifest.env_id)).write_bytes(data[:-1] + b"\1")
+    with pytest.raises(HashMismatchError, match="does not match its manifest"):
+        hydrate(manifest.env_id, store, tmp_path / "cache2", platform="linux-64")
