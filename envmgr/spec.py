@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -122,7 +123,7 @@ def parse_find_links(text: str, base_dir: Path | None = None) -> str:
         return value
     if parts.scheme or not value:
         raise ValueError(f"find-links {text!r} must be a directory or an http(s):// URL")
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))  # noqa: PTH111 - Path.expanduser raises for ~nobody
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     return path.resolve().as_uri()

@@ -19,6 +19,7 @@ installs wheels). ``${VAR}`` stays unexpanded.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -166,7 +167,7 @@ def _local_file(text: str, base_dir: Path | None) -> str | None:
     )
 
     value = text[len("file://") :] if text.startswith("file://") else text
-    path = Path(value.removeprefix("file:")).expanduser()
+    path = Path(os.path.expanduser(value.removeprefix("file:")))  # noqa: PTH111 - see spec.py
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     try:

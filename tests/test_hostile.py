@@ -76,6 +76,7 @@ def test_spec_and_manifest_from_dict_raise_only_envmgr_errors(data):
 @example("[]: x")  # found by this test: a list as a mapping key (TypeError: unhashable)
 @example("=: x")  # found by this test: a scalar YAML has no constructor for (ConstructorError)
 @example("-r \x00")  # found by this test: a NUL byte in an included file name (ValueError)
+@example("~0")  # found by this test: a home directory of no user (Path.expanduser raises)
 def test_spec_file_readers_raise_only_envmgr_errors(text):
     for reader, name in (
         (read_environment_yml, "environment.yml"),

@@ -99,7 +99,7 @@ def pip_sources() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
         if "://" in item:
             find_links.append(item)
         else:
-            find_links.append(Path(item).expanduser().resolve().as_uri())
+            find_links.append(Path(os.path.expanduser(item)).resolve().as_uri())  # noqa: PTH111
     return index, extra, tuple(find_links)
 
 
