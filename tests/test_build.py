@@ -325,11 +325,26 @@ def test_two_processes_build_once_on_s3(s3_server, s3_bucket, conda_channel, tmp
     assert store.get(archive_key("linux-64", env_id), (0, 3)) == data[:4]
 
 
+def _with_wheel(lock: PlatformLock, wheel: Path, name: str, version: str) -> PlatformLock:
+    """*lock* with the local *wheel* added as a locked PyPI package."""
+    import hashlib
+
+    package = LockedPackage(
+        manager="pypi",
+        name=name,
+        version=version,
+        url=wheel.as_uri(),
+        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+    )
+    return PlatformLock(
+        platform=lock.platform, packages=(*lock.packages, package), channels=lock.channels
+    )
+
+
 def test_a_wheel_whose_script_and_entry_point_collide_installs_like_pip(mixed_lock, tmp_path):
     """dbt-core 1.1.6 ships bin/dbt twice (a .data script and a console_scripts entry point):
     pip installs it, the entry point winning; installer alone failed with 'File already
     exists'. __pycache__ members in wheels are left out without a warning."""
-    import hashlib
     import subprocess
 
     from envmgr.hydrate import hydrate
@@ -347,18 +362,7 @@ def test_a_wheel_whose_script_and_entry_point_collide_installs_like_pip(mixed_lo
         },
         console_scripts={"clash": "clash.cli:main"},
     )
-    package = LockedPackage(
-        manager="pypi",
-        name="clash",
-        version="1.0",
-        url=wheel.as_uri(),
-        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
-    )
-    lock = PlatformLock(
-        platform="linux-64",
-        packages=(*mixed_lock.packages, package),
-        channels=mixed_lock.channels,
-    )
+    lock = _with_wheel(mixed_lock, wheel, "clash", "1.0")
     store = LocalStore(tmp_path / "store")
     build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
     prefix = hydrate(lock.env_id, store, tmp_path / "envs").prefix
@@ -376,7 +380,6 @@ def test_wheels_installed_by_worker_processes_give_the_same_archive(
     """Wheels shared among one installer process per core (here even the fixture's few
     small ones) make the same bytes as one installer; a wheel that cannot be installed is
     one line naming it."""
-    import hashlib
 
     import envmgr.install
     from fixtures.wheelmaker import make_wheel
@@ -397,16 +400,7 @@ def test_wheels_installed_by_worker_processes_give_the_same_archive(
     assert shared.manifest.sha256 == serial.manifest.sha256
     wheel = make_wheel(tmp_path / "wheels", "broken", "1.0")
     wheel.write_bytes(wheel.read_bytes()[:200])  # not a zip any more
-    package = LockedPackage(
-        manager="pypi",
-        name="broken",
-        version="1.0",
-        url=wheel.as_uri(),
-        sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
-    )
-    lock = PlatformLock(
-        platform="linux-64", packages=(*mixed_lock.packages, package), channels=mixed_lock.channels
-    )
+    lock = _with_wheel(mixed_lock, wheel, "broken", "1.0")
     with pytest.raises(BuildError, match=r"^env \w+: installing broken 1.0 failed: ") as caught:
         build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "cache2"))
     assert "\n" not in str(caught.value)
