@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from envmgr.cache import Store
     from envmgr.config import Config
 
-__all__ = ["SPEC_PARAMETERS", "Inputs", "gather", "spec_args"]
+__all__ = ["SPEC_PARAMETERS", "Inputs", "gather", "parse_platforms", "spec_args"]
 
 FlowArg = Annotated[Path | None, typer.Argument(help="A flow file: every step is used.")]
 EnvFiles = Annotated[list[Path], typer.Option("-f", "--file", help="environment.yml (repeatable)")]
@@ -173,11 +173,12 @@ def _specs_from_json(path: Path) -> dict[str, EnvSpec]:
     }
 
 
-def _platforms(values: list[str]) -> tuple[Platform, ...]:
+def parse_platforms(values: list[str], where: str = "--platform") -> tuple[Platform, ...]:
+    """*values* as platforms; exits 2 with one line naming an unknown one and the known."""
     out: list[Platform] = []
     for value in values:
         if not is_platform(value):
-            fail(f"--platform {value!r}: unknown platform; known: {', '.join(PLATFORMS)}")
+            fail(f"{where} {value!r}: unknown platform; known: {', '.join(PLATFORMS)}")
         else:
             out.append(value)
     return tuple(out)
@@ -300,7 +301,7 @@ def gather(
     options = ResolveOptions(
         store=open_store(config["store"]),
         cache_dir=Path(config["cache_dir"]),
-        platforms=_platforms(platform),
+        platforms=parse_platforms(platform),
         default_platforms=tuple(default_platforms),
         default_channels=tuple(config["channels"]),
         cuda=cuda,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from envmgr.cli._common import fail
 from envmgr.lock import Lock
 from envmgr.platforms import PLATFORMS
 from envmgr.progress import NULL, Progress
+
+if TYPE_CHECKING:
+    from envmgr.resolution import ResolveOptions
 
 __all__ = [
     "FlowOptions",
@@ -64,14 +67,60 @@ class Target:
     store: Store | None = None  # a flow step's: the store its run uses (see envmgr.flows)
 
 
-def read_lock_file(path: Path, cache_dir: Path) -> Lock:
-    """A conda-lock file or a conda ``@EXPLICIT`` file as a :class:`Lock`."""
-    from envmgr.interop import adopt, is_explicit, read_explicit  # noqa: PLC0415
+def read_lock_file(
+    path: Path,
+    cache_dir: Path,
+    *,
+    options: ResolveOptions | None = None,
+    python: str | None = None,
+) -> Lock:
+    """A lock file of any format :mod:`envmgr.lockfiles` reads, as a checked :class:`Lock`.
+    A PyPI-only lock (pylock.toml, uv.lock) is completed with a conda python by
+    :func:`~envmgr.resolution.complete_pypi_lock` under *options* (default: the
+    configuration's channels and platforms)."""
+    from envmgr.interop import adopt, read_explicit  # noqa: PLC0415
     from envmgr.lock import read_conda_lock  # noqa: PLC0415
+    from envmgr.lockfiles import detect_format, read_pixi_lock, read_pypi_lock  # noqa: PLC0415
 
-    if is_explicit(path):
-        return adopt(Lock(platforms=(read_explicit(path, cache_dir),)), where=str(path))
-    return adopt(read_conda_lock(path), where=str(path))
+    fmt = detect_format(path)
+    if fmt == "explicit":
+        lock = Lock(platforms=(read_explicit(path, cache_dir),))
+    elif fmt == "conda-lock":
+        lock = read_conda_lock(path)
+    elif fmt == "pixi.lock":
+        lock = read_pixi_lock(path)
+    else:
+        from envmgr.resolution import complete_pypi_lock  # noqa: PLC0415
+
+        found = read_pypi_lock(path, fmt)
+        lock = complete_pypi_lock(found, options or default_resolve_options(cache_dir), python)
+    return adopt(lock, where=str(path))
+
+
+def default_resolve_options(
+    cache_dir: Path,
+    *,
+    store: Store | None = None,
+    channels: tuple[str, ...] = (),
+    platforms: tuple[str, ...] = (),
+) -> ResolveOptions:
+    """Resolve options from the configuration (channels, platforms, store), for the conda
+    part of a PyPI-only lock file; *channels* and *platforms* flags override it."""
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.cli._inputs import parse_platforms  # noqa: PLC0415
+    from envmgr.config import load  # noqa: PLC0415
+    from envmgr.resolution import ResolveOptions  # noqa: PLC0415
+
+    config = load(flags={"channels": list(channels)})
+    return ResolveOptions(
+        store=store or open_store(config["store"]),
+        cache_dir=cache_dir,
+        platforms=parse_platforms(list(platforms)),
+        default_platforms=parse_platforms(
+            list(config["platforms"]), where=config.sources["platforms"]
+        ),
+        default_channels=tuple(config["channels"]),
+    )
 
 
 def expand_env_id(prefix: str, store: Store, *, names_too: bool = False) -> str | None:
@@ -135,7 +184,12 @@ def load_target(
         return _flow_step(text, flow_options or FlowOptions(), progress)
     path = Path(text)
     if path.is_file():
-        return Target(text=text, kind="lock file", lock=read_lock_file(path, cache_dir))
+        options = flow_options or FlowOptions()
+        resolve = default_resolve_options(
+            cache_dir, store=store, channels=options.channel, platforms=options.platform
+        )
+        lock = read_lock_file(path, cache_dir, options=resolve)
+        return Target(text=text, kind="lock file", lock=lock)
     if is_name(text):
         alias = lookup(store, text)
         lock = _stored(store, dict(alias.envs), f"env {alias.ref}")

@@ -83,17 +83,20 @@ def _jobs(
             fail("give --env, --from-lock or specs to resolve, not several")
         return _stored_jobs(env, spec_args)
     if from_lock is not None:
-        if (
-            any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
-            or (spec_args["python"])
-        ):
+        if any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi")):
             fail("give --from-lock or specs to resolve, not both")
         from envmgr.cache import open_store  # noqa: PLC0415
-        from envmgr.cli._targets import read_lock_file  # noqa: PLC0415
+        from envmgr.cli._targets import default_resolve_options, read_lock_file  # noqa: PLC0415
 
         config = load(flags={"store": spec_args["store"]})
         cache = Path(config["cache_dir"])
-        lock_file = read_lock_file(from_lock, cache)
+        resolve = default_resolve_options(
+            cache,
+            store=open_store(config["store"]),
+            channels=tuple(spec_args["channel"]),
+            platforms=tuple(spec_args["platform"]),
+        )
+        lock_file = read_lock_file(from_lock, cache, options=resolve, python=spec_args["python"])
         steps: tuple[str, ...] = (from_lock.name,)
         return open_store(config["store"]), cache, [(steps, p) for p in lock_file.platforms], {}
     from envmgr.resolution import resolve_specs  # noqa: PLC0415
@@ -179,7 +182,12 @@ def build(
     ] = None,
     from_lock: Annotated[
         Path | None,
-        typer.Option("--from-lock", help="Build the envs of this conda-lock file (no resolution)."),
+        typer.Option(
+            "--from-lock",
+            metavar="LOCKFILE",
+            help="Build the envs of this lock file (conda-lock, @EXPLICIT, pixi.lock, "
+            "pylock.toml, uv.lock); only a PyPI-only lock's python is solved.",
+        ),
     ] = None,
     env: Annotated[
         str | None,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import typer
 
+from envmgr import __version__
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import JsonOpt, StoreOpt
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
@@ -200,7 +202,9 @@ def export_command(
         typer.Option(
             "--format",
             "-F",
-            help="conda-lock, explicit, environment.yml or requirements.txt",
+            metavar="FORMAT",
+            help="conda-lock, explicit, environment.yml, requirements.txt or pylock "
+            "(pylock.toml, PEP 751)",
         ),
     ] = "conda-lock",
     output: Annotated[
@@ -220,7 +224,7 @@ def export_command(
     from envmgr.lock import Lock, write_text_atomic  # noqa: PLC0415
     from envmgr.platforms import host_platform, is_platform  # noqa: PLC0415
 
-    if fmt not in FORMATS:
+    if fmt not in (*FORMATS, "pylock.toml"):
         fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     if platform is not None and not is_platform(platform):
         fail(f"--platform {platform!r}: unknown platform")
@@ -231,8 +235,10 @@ def export_command(
         platform = host_platform()
     if platform is not None:
         lock = Lock(platforms=(lock.for_platform(platform),), spec_id=lock.spec_id)
+    # The file is written now, by this envmgr (the stored locks do not record the version).
+    lock = replace(lock, envmgr_version=__version__)
     text = render(lock, chosen)
-    if chosen == "requirements.txt" and not any(
+    if chosen in ("requirements.txt", "pylock") and not any(
         p.manager == "pypi" for part in lock.platforms for p in part.packages
     ):
         typer.echo(f"envmgr: note: {target} has no PyPI packages", err=True)

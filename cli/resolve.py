@@ -69,8 +69,9 @@ def resolve(
         Path | None,
         typer.Option(
             "--lockfile",
-            help="Adopt this conda-lock or @EXPLICIT file as the lock (of the spec given "
-            "with it, if any) instead of solving.",
+            metavar="LOCKFILE",
+            help="Adopt this lock file (conda-lock, @EXPLICIT, pixi.lock, pylock.toml, "
+            "uv.lock) as the lock (of the spec given with it, if any) instead of solving.",
         ),
     ] = None,
     lock_dir: Annotated[
@@ -163,16 +164,15 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
 
 
 def _is_lock_file(path: Path) -> bool:
-    """A conda-lock file or an @EXPLICIT list (given to -f by habit) rather than a spec."""
-    from envmgr.interop import is_explicit  # noqa: PLC0415
+    """A lock file (given to -f by habit) rather than a spec."""
+    from envmgr.errors import EnvmgrError  # noqa: PLC0415
+    from envmgr.lockfiles import detect_format  # noqa: PLC0415
 
-    if is_explicit(path):
-        return True
     try:
-        head = path.read_text(encoding="utf-8")[:20000]
-    except (OSError, UnicodeDecodeError):
+        detect_format(path)
+    except EnvmgrError:
         return False
-    return "\nmetadata:" in f"\n{head}" and "\npackage:" in f"\n{head}"
+    return True
 
 
 def _adopt(lock_path: Path, args: dict[str, Any]) -> tuple[list[Resolved], list[str]]:
@@ -189,7 +189,17 @@ def _adopt(lock_path: Path, args: dict[str, Any]) -> tuple[list[Resolved], list[
     inputs = gather(**args) if has_spec or args["python"] else None
     config = load(flags={"store": args["store"]})
     store = inputs.options.store if inputs else open_store(config["store"])
-    lock = read_lock_file(lock_path, Path(config["cache_dir"]))
+    from envmgr.cli._targets import default_resolve_options  # noqa: PLC0415
+
+    cache = Path(config["cache_dir"])
+    resolve_options = (
+        inputs.options
+        if inputs
+        else default_resolve_options(
+            cache, store=store, channels=tuple(args["channel"]), platforms=tuple(args["platform"])
+        )
+    )
+    lock = read_lock_file(lock_path, cache, options=resolve_options, python=args["python"])
     wanted = set(args["platform"])
     parts = [p for p in lock.platforms if not wanted or p.platform in wanted]
     if not parts:

@@ -9,6 +9,9 @@ Formats (:data:`FORMATS`):
 - ``environment.yml``: exact ``name=version=build`` pins and a ``pip:`` section (no hashes).
 - ``requirements.txt``: the PyPI packages as ``name==version --hash=sha256:…`` (pip's
   ``--require-hashes`` form); the conda packages appear as a comment.
+- ``pylock``: a PEP 751 ``pylock.toml`` of the PyPI packages for one platform (``pip install
+  -r`` and ``uv pip install`` read it); the conda packages go in its ``[tool.envmgr]`` table,
+  which other tools ignore and envmgr reads back (:mod:`envmgr.lockfiles`) to the same env id.
 
 Importing: a conda-lock file is read as is (:func:`envmgr.lock.read_conda_lock`); an explicit
 file names only URLs and hashes, so :func:`read_explicit` looks every conda package up in its
@@ -19,6 +22,7 @@ hashes agree. Both give the same ``env_id`` as the env they were exported from.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,7 +53,7 @@ __all__ = [
     "render",
 ]
 
-Format = Literal["conda-lock", "explicit", "environment.yml", "requirements.txt"]
+Format = Literal["conda-lock", "explicit", "environment.yml", "requirements.txt", "pylock"]
 FORMATS: tuple[Format, ...] = get_args(Format)
 
 _PIP_LINE = re.compile(r"^#\s*pip\s+(?P<name>[A-Za-z0-9._-]+)\s*@\s*(?P<url>\S+)\s*$")
@@ -70,6 +74,8 @@ def render(lock: Lock, fmt: Format, platform: Platform | None = None, name: str 
         return _explicit(part)
     if fmt == "environment.yml":
         return _environment_yml(part, name or f"env-{part.env_id[:12]}")
+    if fmt == "pylock":
+        return _pylock(part, lock.envmgr_version)
     return _requirements(part)
 
 
@@ -119,6 +125,78 @@ def _requirements(lock: PlatformLock) -> str:
     for pkg in lock.packages:
         if pkg.manager == "pypi":
             lines.append(f"{pkg.name}=={pkg.version} \\\n    --hash=sha256:{pkg.sha256}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's string escapes are TOML's; lists and tables inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    return "[" + ", ".join(_toml(v) for v in value) + "]"
+
+
+def _table(header: str, fields: dict[str, Any]) -> list[str]:
+    return ["", header, *(f"{k} = {_toml(v)}" for k, v in fields.items() if v not in ("", None))]
+
+
+def _pylock(lock: PlatformLock, envmgr_version: str) -> str:
+    from envmgr.resolvers.pypi.target import PythonTarget  # noqa: PLC0415
+
+    python = lock.names().get("python")
+    if python is None:
+        raise LockError(f"env {lock.env_id} ({lock.platform}) has no python to write a pylock for")
+    markers = PythonTarget(platform=lock.platform, python=python.version).markers()
+    series = ".".join(python.version.split(".")[:2])
+    lines = [
+        f"# envmgr env {lock.env_id} ({lock.platform}): the PyPI packages; the conda ones",
+        "# (python among them) are in [tool.envmgr], which envmgr reads back.",
+        'lock-version = "1.0"',
+        "environments = "
+        + _toml(
+            [
+                f"sys_platform == {_toml(markers['sys_platform'])} and "
+                f"platform_machine == {_toml(markers['platform_machine'])}"
+            ]
+        ),
+        f"requires-python = {_toml('==' + series + '.*')}",
+        f"created-by = {_toml('envmgr')}",
+    ]
+    for pkg in lock.packages:
+        if pkg.manager != "pypi":
+            continue
+        deps = [{"name": d.split()[0]} for d in pkg.depends]
+        lines += _table("[[packages]]", {"name": pkg.name, "version": pkg.version})
+        if deps:
+            lines.append(f"dependencies = {_toml(deps)}")
+        filename = unquote(urlsplit(pkg.url).path.rsplit("/", 1)[-1])
+        file = {
+            "name": filename,
+            "url": pkg.url,
+            "size": pkg.size or None,
+            "hashes": {"sha256": pkg.sha256},
+        }
+        lines += _table(
+            "[[packages.wheels]]" if filename.endswith(".whl") else "[packages.sdist]", file
+        )
+    lines += _table("[tool.envmgr]", {"env_id": lock.env_id, "envmgr_version": envmgr_version})
+    lines += _table(
+        "[[tool.envmgr.platforms]]",
+        {
+            "platform": lock.platform,
+            "channels": list(lock.channels),
+            "virtual_packages": list(lock.virtual_packages),
+        },
+    )
+    for pkg in lock.packages:
+        if pkg.manager == "conda":
+            fields = {k: v for k, v in pkg.to_dict().items() if k != "manager"}
+            lines += _table("[[tool.envmgr.platforms.conda]]", fields)
     return "\n".join(lines) + "\n"
 
 
@@ -289,4 +367,6 @@ def known_format(value: str) -> Format:
     for fmt in FORMATS:
         if value == fmt:
             return fmt
+    if value == "pylock.toml":
+        return "pylock"
     raise EnvmgrError(f"unknown export format {value!r}; use one of {', '.join(FORMATS)}")

@@ -20,19 +20,28 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envmgr.auth import Credentials, split_credentials
 from envmgr.cache import Store
 from envmgr.cache.layout import lock_key
 from envmgr.errors import EnvmgrError
-from envmgr.lock import LockError, PlatformLock, dumps
+from envmgr.lock import Lock, LockError, PlatformLock, dumps
 from envmgr.platforms import Platform, host_platform, virtual_packages
 from envmgr.progress import NULL, Progress
 from envmgr.resolvers.conda import CondaTarget, make_gateway, solve
 from envmgr.spec import EnvSpec, parse_index_url
 
-__all__ = ["ResolveOptions", "Resolved", "effective_spec", "resolve_specs"]
+if TYPE_CHECKING:
+    from envmgr.lockfiles import PypiLockFile
+
+__all__ = [
+    "ResolveOptions",
+    "Resolved",
+    "complete_pypi_lock",
+    "effective_spec",
+    "resolve_specs",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -273,3 +282,51 @@ def _add_pypi(
         ),
     )
     return replace(lock, packages=(*lock.packages, *pypi))
+
+
+def complete_pypi_lock(
+    found: PypiLockFile, options: ResolveOptions, python: str | None = None
+) -> Lock:
+    """A PyPI-only lock file (pylock.toml, uv.lock) as a whole lock for each target platform:
+    the conda part envmgr wrote in the file, or else a solve of ``python`` (*python*, else
+    what the file implies) and ``pip`` on the configured channels (cached like any solve);
+    then the file's packages selected for that platform and Python. Packages conda provides
+    (``fixed_from_conda``) are conda's. Raises ``LockError`` / ``SolveError``."""
+    from envmgr.resolvers.pypi.resolve import fixed_from_conda  # noqa: PLC0415
+    from envmgr.resolvers.pypi.target import PythonTarget  # noqa: PLC0415
+    from envmgr.spec import CondaDep, parse_python  # noqa: PLC0415
+
+    platforms = options.platforms or found.platforms or options.default_platforms
+    platforms = platforms or (host_platform(),)
+    conda = {part.platform: part for part in found.conda}
+    to_solve = tuple(p for p in platforms if p not in conda or python)
+    if to_solve:
+        wanted = python or found.python_spec()
+        try:
+            parsed = parse_python(wanted) if wanted else None
+        except ValueError as exc:
+            raise LockError(f"{found.path}: {exc}") from None
+        spec = EnvSpec(python=parsed, conda=(CondaDep.parse("pip"),))
+        solved = resolve_specs(
+            {found.path: spec}, replace(options, platforms=to_solve, steps_are_steps=False)
+        )
+        conda.update((r.platform, r.lock) for r in solved)
+    parts = []
+    for platform in platforms:
+        base = conda[platform]
+        interpreter = base.names().get("python")
+        if interpreter is None:
+            raise LockError(f"{found.path}: {platform}: the conda part has no python")
+        virtual = dict(v.split("=")[:2] for v in base.virtual_packages if "=" in v)
+        target = PythonTarget.from_virtual_packages(platform, interpreter.version, virtual)
+        provided = fixed_from_conda(base.packages)
+        pypi = [p for p in found.select(target) if p.name not in provided]
+        parts.append(
+            PlatformLock(
+                platform=platform,
+                packages=(*(p for p in base.packages if p.manager == "conda"), *pypi),
+                channels=base.channels,
+                virtual_packages=base.virtual_packages,
+            )
+        )
+    return Lock(platforms=tuple(parts), sources=(found.path,))

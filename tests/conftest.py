@@ -6,6 +6,7 @@ the index is an HTTP server over real wheels, and S3 is SeaweedFS on loopback.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +107,22 @@ def s3_bucket(s3_server: RunningS3) -> Iterator[str]:
             for item in page.get("Contents", []):
                 client.delete_object(Bucket=name, Key=item["Key"])
         client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def world(conda_channel, pypi_index, tmp_path, monkeypatch) -> dict[str, str]:
+    """A user's shell pointed at the fixture channel and index, with a fresh cache and store
+    (set in this process too, for the in-process runs)."""
+    values = {
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "PIP_INDEX_URL": pypi_index.url,
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    return dict(os.environ)
 
 
 @pytest.fixture(scope="session")

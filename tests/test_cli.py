@@ -21,22 +21,6 @@ from envmgr.errors import EnvmgrError
 SHAPES = documented_shapes()
 
 
-@pytest.fixture
-def world(conda_channel, pypi_index, tmp_path, monkeypatch) -> dict[str, str]:
-    """A user's shell pointed at the fixture channel and index, with a fresh cache and store
-    (set in this process too, for the in-process runs)."""
-    values = {
-        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
-        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "PIP_INDEX_URL": pypi_index.url,
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
-    return dict(os.environ)
-
-
 def sub(*args: str, env: dict[str, str] | None = None) -> Any:
     """The command in a child process, in the current directory."""
     return run_envmgr(*args, env=env, cwd=Path.cwd())
