@@ -5,7 +5,15 @@ from __future__ import annotations
 from envmgr.cache.store import check_key
 from envmgr.ids import parse_env_id, parse_platform, parse_spec_id
 
-__all__ = ["archive_key", "env_lock_key", "lease_key", "lock_key", "manifest_key", "name_key"]
+__all__ = [
+    "archive_key",
+    "env_lock_key",
+    "lease_key",
+    "lock_key",
+    "manifest_key",
+    "name_key",
+    "used_key",
+]
 
 
 def _env_root(platform: str, env_id: str) -> str:
@@ -32,6 +40,12 @@ def env_lock_key(platform: str, env_id: str) -> str:
 
 def manifest_key(platform: str, env_id: str) -> str:
     return check_key(f"{_env_root(platform, env_id)}/manifest.json")
+
+
+def used_key(platform: str, env_id: str) -> str:
+    """When and where the env was last fetched or asked for (``envmgr store gc`` keeps
+    recently used envs); advisory, written after the manifest."""
+    return check_key(f"{_env_root(platform, env_id)}/used.json")
 
 
 def lease_key(env_id: str) -> str:

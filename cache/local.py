@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from envmgr.cache.store import StoreError, check_key
+from envmgr.cache.store import Entry, StoreError, check_key
 
 __all__ = ["LocalStore"]
 
@@ -139,6 +139,10 @@ class LocalStore:
             self._path(key).unlink()
 
     def list(self, prefix: str) -> Iterator[str]:
+        for entry in self.entries(prefix):
+            yield entry.key
+
+    def entries(self, prefix: str) -> Iterator[Entry]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return
@@ -147,9 +151,14 @@ class LocalStore:
             for name in filenames:
                 if ".tmp-" in name:
                     continue
-                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                path = Path(dirpath, name)
+                key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    found.append(key)
+                    try:
+                        stat = path.stat()
+                    except FileNotFoundError:
+                        continue  # deleted while we walked
+                    found.append(Entry(key, stat.st_size, stat.st_mtime))
         yield from sorted(found)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
-from envmgr.cache.store import StoreError, check_key
+from envmgr.cache.store import Entry, StoreError, check_key
 
 __all__ = ["S3Store"]
 
@@ -243,16 +243,24 @@ class S3Store:
                 raise self._fail(key, exc) from None
 
     def list(self, prefix: str) -> Iterator[str]:
+        for entry in self.entries(prefix):
+            yield entry.key
+
+    def entries(self, prefix: str) -> Iterator[Entry]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
             )
-            keys = [item["Key"][strip:] for page in pages for item in page.get("Contents", [])]
+            found = [
+                Entry(item["Key"][strip:], int(item["Size"]), item["LastModified"].timestamp())
+                for page in pages
+                for item in page.get("Contents", [])
+            ]
         except Exception as exc:
             raise self._fail(prefix, exc) from None
-        yield from sorted(keys)
+        yield from sorted(found)
 
 
 def _code(exc: Exception, default: str) -> str:

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, NamedTuple, Protocol
 
 from envmgr.errors import EnvmgrError
 
-__all__ = ["Store", "StoreError", "check_key"]
+__all__ = ["Entry", "Store", "StoreError", "check_key"]
 
 
 class StoreError(EnvmgrError):
     """A store could not be reached, read or written; names the store URL and the key."""
 
     def __init__(self, url: str, key: str, cause: str, *, hint: str | None = None) -> None:
-        super().__init__(f"store {url}: {key}: {cause}", hint=hint)
+        where = f"store {url}" if key == "-" else f"store {url}: {key}"
+        super().__init__(f"{where}: {cause}", hint=hint)
         self.url = url
         self.key = key
+
+
+class Entry(NamedTuple):
+    """One object of a listing: its key, size in bytes and last write (epoch seconds)."""
+
+    key: str
+    size: int
+    modified: float
 
 
 def check_key(key: str) -> str:
@@ -78,4 +87,9 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with *prefix*, sorted."""
+        ...
+
+    def entries(self, prefix: str) -> Iterator[Entry]:
+        """Like :meth:`list`, with each object's size and time of last write (one listing,
+        no request per object)."""
         ...

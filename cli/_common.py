@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -28,7 +28,7 @@ def tell(message: str) -> None:
     print(f"envmgr: {message}", file=sys.stderr, flush=True)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """A usage problem: one line on stderr and exit *code*."""
     print(f"envmgr: error: {message}", file=sys.stderr)
     raise typer.Exit(code)

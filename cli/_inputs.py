@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from envmgr.cache import Store
     from envmgr.config import Config
 
-__all__ = ["SPEC_PARAMETERS", "Inputs", "gather", "parse_platforms", "spec_args"]
+__all__ = [
+    "SPEC_PARAMETERS",
+    "Inputs",
+    "configured_store",
+    "gather",
+    "parse_platforms",
+    "spec_args",
+]
 
 FlowArg = Annotated[Path | None, typer.Argument(help="A flow file: every step is used.")]
 EnvFiles = Annotated[list[Path], typer.Option("-f", "--file", help="environment.yml (repeatable)")]
@@ -173,6 +180,37 @@ def _specs_from_json(path: Path) -> dict[str, EnvSpec]:
     }
 
 
+def configured_store(config: Config, *, reading: bool = False) -> Store:
+    """The store the configuration names. A local store that was named (by a flag, a variable
+    or the file, not the default under the cache dir) and does not exist is an error for a
+    command that only reads (*reading*), and is announced when a writer creates it: a typo in
+    ``--store`` never passes for an empty store."""
+    from envmgr.cache.local import LocalStore  # noqa: PLC0415
+    from envmgr.cache.store import StoreError  # noqa: PLC0415
+
+    store = open_store(config["store"])
+    source = config.sources["store"]
+    if (
+        isinstance(store, LocalStore)
+        and not store.root.is_dir()
+        and not source.startswith("default")
+    ):
+        if reading:
+            raise StoreError(
+                store.url,
+                "-",
+                f"no such store (from {source})",
+                hint="check the path; `envmgr build` or `envmgr resolve` creates a local store",
+            )
+        if store.url not in _ANNOUNCED:
+            _ANNOUNCED.add(store.url)
+            tell(f"creating the store {store.url} (from {source})")
+    return store
+
+
+_ANNOUNCED: set[str] = set()
+
+
 def parse_platforms(values: list[str], where: str = "--platform") -> tuple[Platform, ...]:
     """*values* as platforms; exits 2 with one line naming an unknown one and the known."""
     out: list[Platform] = []
@@ -299,7 +337,7 @@ def gather(
         specs = {name: _single_spec(files, conda, pypi, python)}
         sources = [str(f) for f in files]
     options = ResolveOptions(
-        store=open_store(config["store"]),
+        store=configured_store(config),
         cache_dir=Path(config["cache_dir"]),
         platforms=parse_platforms(platform),
         default_platforms=tuple(default_platforms),

@@ -21,6 +21,7 @@ from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
 from envmgr.cli.inspect import diff_command, export_command, show_command
 from envmgr.cli.names import alias_command, names_command
 from envmgr.cli.resolve import resolve
+from envmgr.cli.store import store_app
 from envmgr.errors import EnvmgrError
 
 __all__ = ["app", "main"]
@@ -90,6 +91,7 @@ _COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
 for _name, _function, _example in _COMMANDS:
     app.command(_name, epilog=f"Example: {_example}")(_function)
 app.add_typer(config_app, name="config")
+app.add_typer(store_app, name="store")
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from envmgr.cli._inputs import (
     ReqFiles,
     StoreOpt,
     build_options,
+    configured_store,
     gather,
     spec_args,
 )
@@ -46,13 +47,12 @@ def _stored_jobs(
 ) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
     """The stored locks of env id *env* (for the ``--platform`` ones, default all)."""
     from envmgr.build import read_stored_lock  # noqa: PLC0415
-    from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.errors import EnvmgrError  # noqa: PLC0415
     from envmgr.ids import parse_env_id, parse_platform  # noqa: PLC0415
     from envmgr.platforms import PLATFORMS  # noqa: PLC0415
 
     config = load(flags={"store": spec_args["store"]})
-    store = open_store(config["store"])
+    store = configured_store(config)
     from envmgr.cli._targets import ID_PREFIX, expand_env_id  # noqa: PLC0415
 
     if ID_PREFIX.match(env):
@@ -85,20 +85,19 @@ def _jobs(
     if from_lock is not None:
         if any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi")):
             fail("give --from-lock or specs to resolve, not both")
-        from envmgr.cache import open_store  # noqa: PLC0415
         from envmgr.cli._targets import default_resolve_options, read_lock_file  # noqa: PLC0415
 
         config = load(flags={"store": spec_args["store"]})
         cache = Path(config["cache_dir"])
         resolve = default_resolve_options(
             cache,
-            store=open_store(config["store"]),
+            store=configured_store(config),
             channels=tuple(spec_args["channel"]),
             platforms=tuple(spec_args["platform"]),
         )
         lock_file = read_lock_file(from_lock, cache, options=resolve, python=spec_args["python"])
         steps: tuple[str, ...] = (from_lock.name,)
-        return open_store(config["store"]), cache, [(steps, p) for p in lock_file.platforms], {}
+        return configured_store(config), cache, [(steps, p) for p in lock_file.platforms], {}
     from envmgr.resolution import resolve_specs  # noqa: PLC0415
 
     inputs = gather(**spec_args, progress=progress)

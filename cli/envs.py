@@ -16,6 +16,7 @@ from envmgr.cli._inputs import (
     JsonOpt,
     StoreOpt,
     build_options,
+    configured_store,
 )
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import TargetArg
@@ -37,14 +38,15 @@ def _hydrate(
     taken before hydrating, so ``gc`` cannot remove it in between; its descriptor is
     appended there and stays open (the caller execs)."""
     from envmgr.build import build_and_store  # noqa: PLC0415
-    from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
     from envmgr.local_envs import record_steps  # noqa: PLC0415
     from envmgr.platforms import host_platform  # noqa: PLC0415
 
     config = load(flags={"store": store})
-    store_obj, cache = open_store(config["store"]), Path(config["cache_dir"])
+    # A lock or flow file is built into the store when it lacks the env; an id or a name is read.
+    reading = not Path(target.split(":", 1)[0]).is_file()
+    store_obj, cache = configured_store(config, reading=reading), Path(config["cache_dir"])
     host = host_platform()
     steps: tuple[str, ...] = ()
     with progress_for_cli() as progress:
@@ -172,6 +174,7 @@ def gc_command(
     if as_json:
         emit_json(
             {
+                "dry_run": dry_run,
                 "removed": [e.env_id for e in removed],
                 "in_use": [e.env_id for e in busy],
                 "freed": sum(e.size for e in removed),

@@ -12,7 +12,7 @@ import typer
 
 from envmgr import __version__
 from envmgr.cli._common import STATE, emit_json, fail
-from envmgr.cli._inputs import JsonOpt, StoreOpt
+from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
 from envmgr.lock import LockedPackage, PlatformLock
@@ -25,10 +25,9 @@ PlatformFilter = Annotated[
 
 
 def _load(target: str, store: str | None) -> tuple[Target, Any, Path]:
-    from envmgr.cache import open_store  # noqa: PLC0415
 
     config = load(flags={"store": store})
-    store_obj, cache = open_store(config["store"]), Path(config["cache_dir"])
+    store_obj, cache = configured_store(config, reading=True), Path(config["cache_dir"])
     found = load_target(target, store_obj, cache, flow_options=FlowOptions(store=store))
     return found, found.store or store_obj, cache
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from envmgr.cli._common import STATE, emit_json
-from envmgr.cli._inputs import JsonOpt, PlatformOpt, StoreOpt
+from envmgr.cli._inputs import JsonOpt, PlatformOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, TargetArg, load_target
 from envmgr.config import load
 
@@ -30,12 +30,11 @@ def alias_command(
 ) -> None:
     """Give an env a name: every platform of TARGET, usable wherever an env id is."""
     from envmgr.build import offer_lock  # noqa: PLC0415
-    from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.names import parse_name, set_alias  # noqa: PLC0415
 
     parse_name(name)  # a bad name fails before any lookup
     config = load(flags={"store": store})
-    store_obj = open_store(config["store"])
+    store_obj = configured_store(config)
     flow_options = FlowOptions(store=store, platform=tuple(platform))  # for FLOW.py:step
     found = load_target(target, store_obj, Path(config["cache_dir"]), flow_options=flow_options)
     for part in found.lock.platforms:
@@ -65,10 +64,9 @@ def names_command(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named envs in the store."""
-    from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.names import list_aliases  # noqa: PLC0415
 
-    store_obj = open_store(load(flags={"store": store})["store"])
+    store_obj = configured_store(load(flags={"store": store}), reading=True)
     aliases = list(list_aliases(store_obj, name))
     if as_json:
         emit_json(

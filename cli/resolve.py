@@ -10,7 +10,6 @@ from typing import Annotated, Any
 import typer
 
 from envmgr import __version__
-from envmgr.cache import open_store
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -28,6 +27,7 @@ from envmgr.cli._inputs import (
     PythonOpt,
     ReqFiles,
     StoreOpt,
+    configured_store,
     gather,
     spec_args,
 )
@@ -188,7 +188,7 @@ def _adopt(lock_path: Path, args: dict[str, Any]) -> tuple[list[Resolved], list[
     has_spec = any(args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
     inputs = gather(**args) if has_spec or args["python"] else None
     config = load(flags={"store": args["store"]})
-    store = inputs.options.store if inputs else open_store(config["store"])
+    store = inputs.options.store if inputs else configured_store(config)
     from envmgr.cli._targets import default_resolve_options  # noqa: PLC0415
 
     cache = Path(config["cache_dir"])

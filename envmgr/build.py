@@ -39,6 +39,7 @@ from envmgr.cache.lease import (
     read_lease,
     try_take,
 )
+from envmgr.cache.usage import record_use
 from envmgr.errors import EnvmgrError
 from envmgr.hydrate import file_lock
 from envmgr.install import BuildError, Prefix, conda_records, create_prefix, tree_size
@@ -254,6 +255,8 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
     holder = options.holder or new_holder()
 
     def done(status: Literal["built", "present", "waited"], manifest: Manifest) -> BuildOutcome:
+        if status == "present":
+            record_use(store, lock.platform, lock.env_id)  # asked for again: keep it in gc
         return BuildOutcome(
             env_id=lock.env_id,
             platform=lock.platform,

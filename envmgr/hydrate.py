@@ -146,6 +146,9 @@ def hydrate(
                 f"env {env_id}: cannot read it from the store: {exc.message}", hint=exc.hint
             ) from None
         _fetch_and_publish(store, manifest, final, progress)
+    from envmgr.cache.usage import record_use  # noqa: PLC0415
+
+    record_use(store, platform, env_id)  # a cold start here: `store gc` keeps used envs
     return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
 
 

@@ -121,6 +121,7 @@ def world(conda_channel, pypi_index, tmp_path, monkeypatch) -> dict[str, str]:
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
+    (tmp_path / "store").mkdir()  # the team's store exists (a new one is announced)
     monkeypatch.chdir(tmp_path)
     return dict(os.environ)
 

@@ -15,6 +15,7 @@ from _shapes import documented_shapes, problems
 from typer.testing import CliRunner
 
 from envmgr.cli.app import _COMMANDS, app
+from envmgr.cli.store import STORE_COMMANDS
 from envmgr.config import load
 from envmgr.errors import EnvmgrError
 
@@ -38,8 +39,9 @@ def shaped(command: str, text: str) -> dict[str, Any]:
 
 
 def test_the_readme_documents_a_shape_for_every_json_command():
+    commands = [*_COMMANDS, *((f"store {name}", f, e) for name, f, e in STORE_COMMANDS)]
     with_json = {
-        name for name, function, _ in _COMMANDS if "as_json" in function.__code__.co_varnames
+        name for name, function, _ in commands if "as_json" in function.__code__.co_varnames
     }
     assert with_json | {"config show"} == set(SHAPES)
 
@@ -50,6 +52,9 @@ def test_every_help_ends_with_an_example_and_completion_is_offered(world):
         assert result.exit_code == 0 and "Example:" in result.stdout, name
         assert example.startswith(f"envmgr {name} ")
     assert "Example:" in invoke("config", "show", "--help").stdout
+    for name, _function, example in STORE_COMMANDS:
+        assert "Example:" in invoke("store", name, "--help").stdout
+        assert example.startswith(f"envmgr store {name} ")
     top = sub("--help", env=world)
     assert top.returncode == 0 and "Example:" in top.stdout and "--install-completion" in top.stdout
     # What the installed completion script asks: the candidates for the word being typed.

@@ -115,6 +115,7 @@ def _kill_trials(mixed_lock, tmp_path: Path, trials: int) -> None:
     killed = 0
     for trial in range(trials):
         store = LocalStore(tmp_path / f"store-{trial}")
+        store.root.mkdir()  # an existing store: a new one is announced on stderr
         cache = tmp_path / "cache"  # shared, like one host's
         victim = _start_build(lock_file, store, cache)
         _wait_for(lambda store=store: store.exists(key))

@@ -1,0 +1,215 @@
+"""A store's lifecycle on a local directory and on SeaweedFS: ``store ls``/``du`` see what it
+holds, ``store gc`` removes old envs but never a named one, a recent one (built, used or named)
+or one a live lease is building, and it cleans stale leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from _helpers import run_envmgr, s3_env
+from _shapes import documented_shapes, problems
+
+from envmgr.cache.layout import (
+    archive_key,
+    env_lock_key,
+    lease_key,
+    lock_key,
+    manifest_key,
+    used_key,
+)
+from envmgr.cache.local import LocalStore
+from envmgr.cache.s3 import S3Store
+from envmgr.lifecycle import collect, plan_gc, scan
+from envmgr.names import set_alias
+
+DAY = 86400.0
+SHAPES = documented_shapes()
+
+
+def _stamp(seconds_ago: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds_ago))
+
+
+def _env(store, env_id: str, *, built_days_ago: float, platform: str = "linux-64") -> None:
+    """The objects of a stored env: archive and lock, then the manifest (last, as builds do)."""
+    store.put(archive_key(platform, env_id), b"z" * 1000)
+    store.put(env_lock_key(platform, env_id), b"version: 1\n")
+    manifest = {"format": 1, "env_id": env_id, "created": _stamp(built_days_ago * DAY)}
+    store.put(manifest_key(platform, env_id), json.dumps(manifest).encode())
+
+
+def _lease(store, env_id: str, *, expires_in: float, holder: str) -> None:
+    body = {"holder": holder, "host": "elsewhere", "boot": "", "pid": 1,
+            "expires": time.time() + expires_in, "taken": _stamp(60)}  # fmt: skip
+    store.put(lease_key(env_id), json.dumps(body).encode())
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    return S3Store(f"s3://{request.getfixturevalue('s3_bucket')}/team", client=server.client())
+
+
+IDS = {name: name * 32 for name in "abcdef12"}
+
+
+def _populate(store) -> None:
+    _env(store, IDS["a"], built_days_ago=200)  # named: kept
+    set_alias(store, "team/a:stable", {"linux-64": IDS["a"]})
+    _env(store, IDS["b"], built_days_ago=200)  # old, unnamed, unused: removed
+    store.put(lock_key("f" * 32, "linux-64"), json.dumps({"env_id": IDS["b"]}).encode())
+    _env(store, IDS["c"], built_days_ago=10)  # recent build: kept
+    _env(store, IDS["d"], built_days_ago=200)  # old build, downloaded 5 days ago: kept
+    store.put(used_key("linux-64", IDS["d"]), json.dumps({"at": _stamp(5 * DAY)}).encode())
+    _env(store, IDS["e"], built_days_ago=200)  # old, but a live lease is (re)building it
+    _lease(store, IDS["e"], expires_in=60, holder="builder-e")
+    store.put(archive_key("osx-arm64", IDS["f"]), b"half")  # an upload in progress
+    _lease(store, IDS["f"], expires_in=60, holder="builder-f")
+    _lease(store, IDS["1"], expires_in=-600, holder="dead-builder")  # stale: cleaned
+    _env(store, IDS["2"], built_days_ago=120, platform="osx-arm64")  # old: removed
+
+
+def test_gc_keeps_named_recent_used_and_building_envs(store):
+    _populate(store)
+    contents = scan(store)
+    by_id = {(e.platform, e.env_id[0]): e for e in contents.envs}
+    assert by_id["linux-64", "a"].names == ("team/a:stable",)
+    assert by_id["linux-64", "a"].last_named  # when the name was set
+    assert by_id["linux-64", "d"].last_used.startswith(_stamp(5 * DAY)[:10])
+    assert by_id["osx-arm64", "f"].state == "building"
+    b_keys = [archive_key, env_lock_key, manifest_key]
+    sizes = [store.size(key("linux-64", IDS["b"])) for key in b_keys]
+    assert by_id["linux-64", "b"].size == sum(sizes) and sizes[:2] == [1000, 11]
+    assert {lease.env_id[0]: lease.stale for lease in contents.leases} == {
+        "e": False,
+        "f": False,
+        "1": True,
+    }
+
+    plan = plan_gc(contents, older_than=90 * DAY)
+    assert {(e.platform, e.env_id[0]) for e in plan.remove} == {
+        ("linux-64", "b"),
+        ("osx-arm64", "2"),
+    }
+    reasons = {k.env.env_id[0]: k.reason for k in plan.kept}
+    assert reasons == {"a": "named", "c": "recent", "d": "recent", "e": "building", "f": "building"}
+    assert [lease.env_id[0] for lease in plan.stale_leases] == ["1"]
+
+    # A name set between the scan and the collection protects its env all the same.
+    set_alias(store, "team/h:2026-q4", {"osx-arm64": IDS["2"]})
+    removed = collect(store, plan)
+    assert [e.env_id[0] for e in removed] == ["b"]
+    assert list(store.list(f"envs/linux-64/{IDS['b']}/")) == []
+    assert store.exists(manifest_key("osx-arm64", IDS["2"]))
+    assert store.get(lease_key(IDS["1"])) is None and store.get(lease_key(IDS["e"])) is not None
+    assert store.exists(lock_key("f" * 32, "linux-64"))  # the resolution cache stays
+    assert {e.env_id[0] for e in scan(store).envs} == set("acdef2")
+
+
+def test_a_stale_lease_retaken_since_the_scan_is_left_to_its_new_holder(store):
+    _lease(store, IDS["1"], expires_in=-600, holder="dead-builder")
+    plan = plan_gc(scan(store), older_than=DAY)
+    _lease(store, IDS["1"], expires_in=60, holder="new-builder")
+    collect(store, plan)
+    assert b"new-builder" in store.get(lease_key(IDS["1"]))
+
+
+def test_an_incomplete_upload_without_a_lease_goes_after_a_day(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    store.put(archive_key("linux-64", IDS["b"]), b"half an archive")
+    assert [e.state for e in scan(store).envs] == ["incomplete"]
+    assert plan_gc(scan(store), older_than=90 * DAY).remove == ()  # could be uploading
+    old = time.time() - 2 * DAY
+    os.utime(store.root / archive_key("linux-64", IDS["b"]), (old, old))
+    assert [e.env_id for e in plan_gc(scan(store), older_than=90 * DAY).remove] == [IDS["b"]]
+
+
+def shaped(command: str, text: str) -> dict:
+    data = json.loads(text)
+    assert problems(data, SHAPES[command]) == [], (command, data)
+    return data
+
+
+def test_store_commands_on_s3_as_a_user_runs_them(world, s3_server, s3_bucket, tmp_path):
+    env = {**world, **s3_env(s3_server), "ENVMGR_STORE": f"s3://{s3_bucket}/envmgr"}
+    built = run_envmgr("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    env_id = json.loads(built.stdout)["envs"][0]["env_id"]
+    worker = {**env, "ENVMGR_CACHE_DIR": str(tmp_path / "worker")}
+    assert run_envmgr("hydrate", env_id[:10], env=worker).returncode == 0  # records the use
+
+    listed = shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)
+    [entry] = listed["envs"]
+    assert entry["env_id"] == env_id and entry["state"] == "complete" and entry["size"] > 10_000
+    assert entry["created"] and entry["last_used"] and entry["names"] == []
+    text = run_envmgr("store", "ls", env=env)
+    assert text.returncode == 0 and env_id[:12] in text.stdout and "MB" in text.stdout
+    usage = shaped("store du", run_envmgr("store", "du", "--json", env=env).stdout)
+    assert usage["envs"] == {"count": 1, "size": entry["size"]} and usage["locks"]["count"] >= 1
+    assert "linux-64" in run_envmgr("store", "du", env=env).stdout
+
+    gc = ("store", "gc", "--keep-named", "--older-than", "0s")
+    dry = shaped("store gc", run_envmgr(*gc, "--dry-run", "--json", env=env).stdout)
+    assert dry["dry_run"] is True and [e["env_id"] for e in dry["removed"]] == [env_id]
+    kept = shaped("store gc", run_envmgr(*gc, "--older-than", "90d", "--json", env=env).stdout)
+    assert kept["removed"] == [] and kept["kept"][0]["reason"] == "recent"
+
+    assert run_envmgr("alias", env_id, "team/numpy:stable", env=env).returncode == 0
+    named = shaped("store gc", run_envmgr(*gc, "--json", env=env).stdout)
+    assert named["removed"] == [] and named["kept"][0]["reason"] == "named"
+    assert shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)["envs"][0][
+        "names"
+    ] == ["team/numpy:stable"]
+
+    # Once the name moves elsewhere, the env is old enough to go.
+    client = s3_server.client()
+    client.delete_object(Bucket=s3_bucket, Key="envmgr/names/team/numpy/stable")
+    gone = run_envmgr(*gc, env=env)
+    assert gone.returncode == 0 and f"removed {env_id[:12]} linux-64" in gone.stdout
+    assert shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)["envs"] == []
+    rebuilt = run_envmgr("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
+    assert json.loads(rebuilt.stdout)["envs"][0]["env_id"] == env_id  # same id, from the lock
+
+
+def test_store_gc_needs_an_age_and_a_store_that_exists(world, tmp_path):
+    no_age = run_envmgr("store", "gc", env=world)
+    assert no_age.returncode == 2 and "--older-than" in no_age.stderr
+    bad_age = run_envmgr("store", "gc", "--older-than", "ninety", env=world)
+    assert bad_age.returncode == 2 and "bad age 'ninety'" in bad_age.stderr
+    missing = tmp_path / "no-such-store"
+    for args in (("store", "ls"), ("store", "gc", "--older-than", "1d"), ("show", "a" * 12)):
+        result = run_envmgr(*args, "--store", str(missing), env=world)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"envmgr: error: store {missing.as_uri()}: no such store (from command line) "
+            "(check the path; `envmgr build` or `envmgr resolve` creates a local store)"
+        ], result.stderr
+        assert not missing.exists()
+    created = run_envmgr("resolve", "--conda", "numpy", "--python", "3.11", "--store",
+                         str(missing), env=world)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert f"creating the store {missing.as_uri()}" in created.stderr and missing.is_dir()
+
+
+def test_local_gc_json_marks_a_dry_run(world):
+    result = run_envmgr("gc", "--older-than", "1d", "--dry-run", "--json", env=world)
+    assert json.loads(result.stdout)["dry_run"] is True
+
+
+def test_a_store_that_refuses_the_use_marker_does_not_fail_the_task(tmp_path):
+    """Recording a use is best effort: a worker with read-only credentials runs anyway."""
+    from envmgr.cache.store import StoreError
+    from envmgr.cache.usage import record_use
+
+    class ReadOnly(LocalStore):
+        def put(self, key: str, data: bytes) -> None:
+            raise StoreError(self.url, key, "S3 error AccessDenied")
+
+    store = ReadOnly(tmp_path / "store")
+    record_use(store, "linux-64", IDS["a"])  # no exception
+    assert not store.exists(used_key("linux-64", IDS["a"]))
