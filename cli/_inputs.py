@@ -43,28 +43,47 @@ __all__ = [
 ]
 
 FlowArg = Annotated[Path | None, typer.Argument(help="A flow file: every step is used.")]
-EnvFiles = Annotated[list[Path], typer.Option("-f", "--file", help="environment.yml (repeatable)")]
-ReqFiles = Annotated[
-    list[Path], typer.Option("-r", "--requirements", help="requirements.txt (repeatable)")
+EnvFiles = Annotated[
+    list[Path], typer.Option("-f", "--file", metavar="FILE", help="environment.yml (repeatable)")
 ]
-CondaSpecs = Annotated[list[str], typer.Option("--conda", help="A conda match spec (repeatable).")]
-PypiSpecs = Annotated[list[str], typer.Option("--pypi", help="A PEP 508 requirement (repeatable).")]
-PythonOpt = Annotated[str | None, typer.Option("--python", help="Python version, e.g. 3.11")]
-PlatformOpt = Annotated[list[str], typer.Option("--platform", help="Target platform (repeatable).")]
+ReqFiles = Annotated[
+    list[Path],
+    typer.Option("-r", "--requirements", metavar="FILE", help="requirements.txt (repeatable)"),
+]
+CondaSpecs = Annotated[
+    list[str], typer.Option("--conda", metavar="SPEC", help="A conda match spec (repeatable).")
+]
+PypiSpecs = Annotated[
+    list[str], typer.Option("--pypi", metavar="REQ", help="A PEP 508 requirement (repeatable).")
+]
+PythonOpt = Annotated[
+    str | None, typer.Option("--python", metavar="VERSION", help="Python version, e.g. 3.11")
+]
+PlatformOpt = Annotated[
+    list[str],
+    typer.Option(
+        "-p", "--platform", metavar="PLATFORM", help="Target platform, e.g. linux-64 (repeatable)."
+    ),
+]
 ChannelOpt = Annotated[
     list[str],
     typer.Option(
         "--channel",
         "-c",
+        metavar="CHANNEL",
         help="Channel for specs that name none (repeatable; default "
         "ENVMGR_CHANNELS or conda-forge).",
     ),
 ]
 IndexOpt = Annotated[
-    str | None, typer.Option("--index-url", help="PyPI index (default: pip's configured index).")
+    str | None,
+    typer.Option(
+        "--index-url", metavar="URL", help="PyPI index (default: pip's configured index)."
+    ),
 ]
 ExtraIndexOpt = Annotated[
-    list[str], typer.Option("--extra-index-url", help="Another PyPI index (repeatable).")
+    list[str],
+    typer.Option("--extra-index-url", metavar="URL", help="Another PyPI index (repeatable)."),
 ]
 FindLinksOpt = Annotated[
     list[str],
@@ -79,12 +98,31 @@ StoreOpt = Annotated[
     str | None,
     typer.Option(
         "--store",
+        metavar="URL",
         help="Store URL: file:///path or s3://bucket/prefix (default ENVMGR_STORE "
         "or the local store).",
     ),
 ]
-CudaOpt = Annotated[str | None, typer.Option("--cuda", help="Assume this CUDA version (__cuda).")]
+CudaOpt = Annotated[
+    str | None, typer.Option("--cuda", metavar="VERSION", help="Assume this CUDA version (__cuda).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+LockedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--locked",
+        help="Fail if a lock would change: solve again and compare with the cached lock "
+        "(which must exist); uv's and pixi's --locked.",
+    ),
+]
+FrozenOpt = Annotated[
+    bool,
+    typer.Option(
+        "--frozen",
+        help="Use the cached locks as they are and never solve; fail if a spec has none "
+        "(uv's and pixi's --frozen).",
+    ),
+]
 DatastoreOpt = Annotated[
     str | None,
     typer.Option(
@@ -287,11 +325,19 @@ def gather(
     datastore: str | None = None,
     force: bool = False,
     check: bool = False,
+    locked: bool = False,
+    frozen: bool = False,
     specs_json: Path | None = None,
     progress: Progress = NULL,
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
-    problems exit 2, spec problems raise ``SpecError``."""
+    problems exit 2, spec problems raise ``SpecError``. *locked* resolves as *check* does
+    (the caller then calls :func:`~envmgr.resolution.require_locked`)."""
+    if frozen and (locked or check or force):
+        given = [
+            f for f, on in (("--locked", locked), ("--check", check), ("--force", force)) if on
+        ]
+        fail(f"--frozen never solves; it does not go with {', '.join(given)}")
     if flow is not None and (env_file or requirements or conda or pypi):
         fail("give a flow file or -f/-r/--conda/--pypi, not both")
     singles = bool(env_file or requirements or conda or pypi or python)
@@ -344,7 +390,8 @@ def gather(
         default_channels=tuple(config["channels"]),
         cuda=cuda,
         force=force,
-        check=check,
+        check=check or locked,
+        frozen=frozen,
         index_url=indexes[0] if index_url else None,
         extra_index_urls=tuple(indexes[1:] if index_url else indexes),
         find_links=links,

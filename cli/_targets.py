@@ -55,6 +55,8 @@ class FlowOptions:
     extra_index_url: tuple[str, ...] = ()
     platform: tuple[str, ...] = ()
     datastore: str | None = None
+    locked: bool = False  # --locked: the step's lock must be cached and unchanged
+    frozen: bool = False  # --frozen: the step's cached lock, never a solve
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -219,6 +221,8 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
         store=options.store,
         cuda=None,
         datastore=options.datastore,
+        locked=options.locked,
+        frozen=options.frozen,
         progress=progress,
     )
     if step in inputs.named:
@@ -240,5 +244,9 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
             f"{', '.join(inputs.specs) or 'none'})"
         )
     results = resolve_specs({step: inputs.specs[step]}, inputs.options)
+    if options.locked:
+        from envmgr.resolution import require_locked  # noqa: PLC0415
+
+        require_locked(results, inputs.options.store.url)
     lock = Lock(platforms=tuple(r.lock for r in results), spec_id=results[0].spec_id)
     return Target(text=text, kind="flow step", lock=lock, steps=(step,), store=inputs.options.store)

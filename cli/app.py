@@ -15,9 +15,11 @@ import typer
 from envmgr import __version__
 from envmgr.build import BuildInterrupted
 from envmgr.cli._common import STATE
+from envmgr.cli._help import RunCommand, TidyCommand, TidyGroup
 from envmgr.cli.build import build
 from envmgr.cli.config import config_app
 from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
+from envmgr.cli.graph import tree_command, why_command
 from envmgr.cli.inspect import diff_command, export_command, show_command
 from envmgr.cli.names import alias_command, names_command
 from envmgr.cli.resolve import resolve
@@ -27,6 +29,7 @@ from envmgr.errors import EnvmgrError
 __all__ = ["app", "main"]
 
 app = typer.Typer(
+    cls=TidyGroup,
     name="envmgr",
     help="Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps.",
     epilog="Example: envmgr resolve --conda numpy --python 3.11 --platform linux-64",
@@ -82,6 +85,8 @@ _COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
     ("run", run_command, "envmgr run flow.py:train -- python train.py"),
     ("show", show_command, "envmgr show flow.py:train --json"),
     ("diff", diff_command, "envmgr diff team/pandas:stable team/pandas:candidate"),
+    ("tree", tree_command, "envmgr tree flow.py:train --invert numpy"),
+    ("why", why_command, "envmgr why flow.py:train libblas"),
     ("export", export_command, "envmgr export flow.py:train --format requirements.txt"),
     ("alias", alias_command, "envmgr alias flow.py:train team/pandas:candidate"),
     ("names", names_command, "envmgr names team/pandas"),
@@ -89,7 +94,8 @@ _COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
     ("gc", gc_command, "envmgr gc --max-size 20G --older-than 14d"),
 )
 for _name, _function, _example in _COMMANDS:
-    app.command(_name, epilog=f"Example: {_example}")(_function)
+    command_class = RunCommand if _name == "run" else TidyCommand
+    app.command(_name, cls=command_class, epilog=f"Example: {_example}")(_function)
 app.add_typer(config_app, name="config")
 app.add_typer(store_app, name="store")
 

@@ -22,8 +22,10 @@ from envmgr.cli._inputs import (
     ExtraIndexOpt,
     FindLinksOpt,
     FlowArg,
+    FrozenOpt,
     IndexOpt,
     JsonOpt,
+    LockedOpt,
     PlatformOpt,
     PypiSpecs,
     PythonOpt,
@@ -98,10 +100,12 @@ def _jobs(
         lock_file = read_lock_file(from_lock, cache, options=resolve, python=spec_args["python"])
         steps: tuple[str, ...] = (from_lock.name,)
         return configured_store(config), cache, [(steps, p) for p in lock_file.platforms], {}
-    from envmgr.resolution import resolve_specs  # noqa: PLC0415
+    from envmgr.resolution import require_locked, resolve_specs  # noqa: PLC0415
 
     inputs = gather(**spec_args, progress=progress)
     results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
+    if spec_args.get("locked"):
+        require_locked(results, inputs.options.store.url)
     resolved = {r.lock.env_id: (r.spec_id, r.cached) for r in results}
     jobs = [(r.steps, r.lock) for r in results]
     jobs += _named_jobs(inputs.named, inputs.options.store, inputs.options.platforms)
@@ -209,6 +213,8 @@ def build(
     level: Annotated[
         int | None, typer.Option("--level", help="Compression level (default 3); config: level")
     ] = None,
+    locked: LockedOpt = False,
+    frozen: FrozenOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Build, pack and store each env once, for every platform it is locked for."""
@@ -216,7 +222,10 @@ def build(
     config = load(flags={"store": store, "codec": codec, "level": level})
     with progress_for_cli() as progress:
         store_obj, cache, jobs, resolved = _jobs(
-            from_lock, env, {**spec_args(parameters), "specs_json": specs_json}, progress
+            from_lock,
+            env,
+            {**spec_args(parameters), "specs_json": specs_json, "locked": locked, "frozen": frozen},
+            progress,
         )
         options = build_options(store_obj, cache, progress, channel, config)
         rows = _build_all(jobs, resolved, options)

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from envmgr.cli._common import STATE, emit_json
+from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt
 from envmgr.config import SETTINGS, load
 from envmgr.lock import strip_credentials
@@ -16,6 +17,7 @@ from envmgr.lock import strip_credentials
 __all__ = ["config_app"]
 
 config_app = typer.Typer(
+    cls=TidyGroup,
     help="Show envmgr's configuration.",
     no_args_is_help=True,
     epilog="Example: envmgr config show --json",
@@ -33,7 +35,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-@config_app.command("show", epilog="Example: envmgr config show")
+@config_app.command("show", cls=TidyCommand, epilog="Example: envmgr config show")
 def show(as_json: JsonOpt = False) -> None:
     """Print every setting, its value and its source (flag, ENVMGR_* variable, the
     configuration file, pip's configuration or the default)."""

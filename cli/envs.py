@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
+    CondaSpecs,
+    CudaOpt,
+    EnvFiles,
     ExtraIndexOpt,
+    FindLinksOpt,
+    FrozenOpt,
     IndexOpt,
     JsonOpt,
+    LockedOpt,
+    PypiSpecs,
+    PythonOpt,
+    ReqFiles,
     StoreOpt,
     build_options,
     configured_store,
@@ -22,21 +31,30 @@ from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import TargetArg
 from envmgr.config import cache_dir, load
 
+if TYPE_CHECKING:
+    from envmgr.cache import Store
+    from envmgr.lock import PlatformLock
+    from envmgr.progress import Progress
+
 __all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
 
 
 def _hydrate(
-    target: str,
+    target: str | None,
     store: str | None,
     channel: list[str],
     index_url: str | None,
     extra_index_url: list[str],
     use_lock: list[int] | None = None,
+    spec: dict[str, Any] | None = None,
+    locked: bool = False,
+    frozen: bool = False,
 ) -> tuple[Path, bool, tuple[str, ...]]:
-    """Hydrate what *target* names for this host; a lock file or flow step is built into
-    the store first when the store lacks it. With *use_lock*, the env's shared use lock is
-    taken before hydrating, so ``gc`` cannot remove it in between; its descriptor is
-    appended there and stays open (the caller execs)."""
+    """Hydrate what *target* (or else the *spec* inputs, as ``resolve`` takes them) names
+    for this host; a lock file, flow step or spec is built into the store first when the
+    store lacks it. *locked*/*frozen* apply where a spec is resolved. With *use_lock*, the
+    env's shared use lock is taken before hydrating, so ``gc`` cannot remove it in between;
+    its descriptor is appended there and stays open (the caller execs)."""
     from envmgr.build import build_and_store  # noqa: PLC0415
     from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
@@ -45,12 +63,16 @@ def _hydrate(
 
     config = load(flags={"store": store})
     # A lock or flow file is built into the store when it lacks the env; an id or a name is read.
-    reading = not Path(target.split(":", 1)[0]).is_file()
+    reading = target is not None and not Path(target.split(":", 1)[0]).is_file()
     store_obj, cache = configured_store(config, reading=reading), Path(config["cache_dir"])
     host = host_platform()
     steps: tuple[str, ...] = ()
     with progress_for_cli() as progress:
-        if ENV_ID.match(target):
+        if target is None:
+            lock, store_obj = _spec_lock(spec or {}, host, locked, frozen, progress)
+            build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
+            env_id = lock.env_id
+        elif ENV_ID.match(target):
             env_id = target  # hydrate() finds (or builds) it in the store
         else:
             flow_options = FlowOptions(
@@ -59,6 +81,8 @@ def _hydrate(
                 index_url=index_url,
                 extra_index_url=tuple(extra_index_url),
                 platform=(host,),
+                locked=locked,
+                frozen=frozen,
             )
             found = load_target(
                 target, store_obj, cache, flow_options=flow_options, progress=progress
@@ -77,6 +101,28 @@ def _hydrate(
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
+
+
+def _spec_lock(
+    spec: dict[str, Any], host: str, locked: bool, frozen: bool, progress: Progress
+) -> tuple[PlatformLock, Store]:
+    """This host's lock of the spec that ``run``'s -f/-r/--conda/--pypi/--python name."""
+    from envmgr.cli._inputs import gather  # noqa: PLC0415
+    from envmgr.resolution import require_locked, resolve_specs  # noqa: PLC0415
+
+    inputs = gather(
+        flow=None,
+        platform=[host],
+        datastore=None,
+        locked=locked,
+        frozen=frozen,
+        progress=progress,
+        **spec,
+    )
+    results = resolve_specs(inputs.specs, inputs.options)
+    if locked:
+        require_locked(results, inputs.options.store.url)
+    return results[0].lock, inputs.options.store
 
 
 def hydrate_command(
@@ -105,21 +151,69 @@ def hydrate_command(
 
 
 def run_command(
-    target: TargetArg,
-    command: Annotated[list[str], typer.Argument(help="The command, after --.")],
-    store: StoreOpt = None,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="An env id (or its first 8+ digits), an env name[:tag], a lock file or "
+            "FLOW.py:step; left out when -f/-r/--conda/--pypi/--python name the env."
+        ),
+    ] = None,
+    command: Annotated[
+        list[str] | None, typer.Argument(metavar="COMMAND...", help="The command, after --.")
+    ] = None,
+    env_file: EnvFiles = [],
+    requirements: ReqFiles = [],
+    conda: CondaSpecs = [],
+    pypi: PypiSpecs = [],
+    python: PythonOpt = None,
     channel: ChannelOpt = [],
     index_url: IndexOpt = None,
     extra_index_url: ExtraIndexOpt = [],
+    find_links: FindLinksOpt = [],
+    store: StoreOpt = None,
+    cuda: CudaOpt = None,
+    locked: LockedOpt = False,
+    frozen: FrozenOpt = False,
 ) -> None:
-    """Hydrate TARGET, then run COMMAND inside the env (its bin first on PATH)."""
+    """Hydrate TARGET (or the env the spec options name: resolved, built and stored when
+    new), then run COMMAND inside it (its bin first on PATH)."""
+    from envmgr.cli._targets import ENV_ID  # noqa: PLC0415
     from envmgr.local_envs import exec_in_env  # noqa: PLC0415
 
+    words = [*([target] if target is not None else []), *(command or [])]
+    spec: dict[str, Any] | None = None
+    if env_file or requirements or conda or pypi or python:
+        if words and (ENV_ID.match(words[0]) or ".py:" in words[0]):
+            fail(f"give a TARGET ({words[0]}) or -f/-r/--conda/--pypi/--python, not both")
+        spec = {
+            "env_file": env_file,
+            "requirements": requirements,
+            "conda": conda,
+            "pypi": pypi,
+            "python": python,
+            "channel": channel,
+            "index_url": index_url,
+            "extra_index_url": extra_index_url,
+            "find_links": find_links,
+            "store": store,
+            "cuda": cuda,
+        }
+        target, command = None, words
+    elif target is None:
+        fail("give a TARGET or a spec (-f/-r/--conda/--pypi/--python), then -- and the command")
     if not command:
         fail("give the command to run after --, e.g. envmgr run ID -- python -V")
     held: list[int] = []  # the use lock, from before hydrating through the exec
     prefix, _downloaded, _steps = _hydrate(
-        target, store, channel, index_url, extra_index_url, use_lock=held
+        target,
+        store,
+        channel,
+        index_url,
+        extra_index_url,
+        use_lock=held,
+        spec=spec,
+        locked=locked,
+        frozen=frozen,
     )
     try:
         exec_in_env(prefix, command, held[0])

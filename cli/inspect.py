@@ -17,14 +17,20 @@ from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
 from envmgr.lock import LockedPackage, PlatformLock
 
-__all__ = ["diff_command", "export_command", "show_command"]
+__all__ = ["diff_command", "export_command", "load_env", "platform_parts", "show_command"]
 
 PlatformFilter = Annotated[
-    str | None, typer.Option("--platform", help="Only this platform (default: all in the target).")
+    str | None,
+    typer.Option(
+        "-p",
+        "--platform",
+        metavar="PLATFORM",
+        help="Only this platform (default: all in the target).",
+    ),
 ]
 
 
-def _load(target: str, store: str | None) -> tuple[Target, Any, Path]:
+def load_env(target: str, store: str | None) -> tuple[Target, Any, Path]:
 
     config = load(flags={"store": store})
     store_obj, cache = configured_store(config, reading=True), Path(config["cache_dir"])
@@ -32,7 +38,7 @@ def _load(target: str, store: str | None) -> tuple[Target, Any, Path]:
     return found, found.store or store_obj, cache
 
 
-def _parts(target: Target, platform: str | None) -> list[PlatformLock]:
+def platform_parts(target: Target, platform: str | None) -> list[PlatformLock]:
     if platform is None:
         return list(target.lock.platforms)
     return [target.lock.for_platform(platform)]
@@ -71,9 +77,9 @@ def show_command(
     from envmgr.hydrate import COMPLETE, env_dir  # noqa: PLC0415
     from envmgr.local_envs import recorded_steps  # noqa: PLC0415
 
-    found, store_obj, cache = _load(target, store)
+    found, store_obj, cache = load_env(target, store)
     rows = []
-    for part in _parts(found, platform):
+    for part in platform_parts(found, platform):
         manifest = read_manifest(store_obj, part.platform, part.env_id)
         prefix = env_dir(cache, part.env_id)
         python = part.names().get("python")
@@ -146,10 +152,10 @@ def diff_command(
     Exits 0 when the packages are the same and 1 when they differ, like diff."""
     from envmgr.lock import diff_locks  # noqa: PLC0415
 
-    old, _store, _cache = _load(a, store)
-    new, _store, _cache = _load(b, store)
-    old_parts = {p.platform: p for p in _parts(old, platform)}
-    new_parts = {p.platform: p for p in _parts(new, platform)}
+    old, _store, _cache = load_env(a, store)
+    new, _store, _cache = load_env(b, store)
+    old_parts = {p.platform: p for p in platform_parts(old, platform)}
+    new_parts = {p.platform: p for p in platform_parts(new, platform)}
     common = sorted(old_parts.keys() & new_parts.keys())
     if not common:
         fail(
@@ -211,7 +217,12 @@ def export_command(
     ] = None,
     platform: Annotated[
         str | None,
-        typer.Option("--platform", help="For single-platform formats (default: this host's)."),
+        typer.Option(
+            "-p",
+            "--platform",
+            metavar="PLATFORM",
+            help="For single-platform formats (default: this host's).",
+        ),
     ] = None,
     store: StoreOpt = None,
 ) -> None:
@@ -228,7 +239,7 @@ def export_command(
     if platform is not None and not is_platform(platform):
         fail(f"--platform {platform!r}: unknown platform")
     chosen = known_format(fmt)
-    lock = _load(target, store)[0].lock
+    lock = load_env(target, store)[0].lock
     # One platform when asked for, or when the format holds one and the lock has several.
     if platform is None and chosen != "conda-lock" and len(lock.platforms) > 1:
         platform = host_platform()

@@ -20,8 +20,10 @@ from envmgr.cli._inputs import (
     ExtraIndexOpt,
     FindLinksOpt,
     FlowArg,
+    FrozenOpt,
     IndexOpt,
     JsonOpt,
+    LockedOpt,
     PlatformOpt,
     PypiSpecs,
     PythonOpt,
@@ -34,7 +36,7 @@ from envmgr.cli._inputs import (
 from envmgr.cli._progress import progress_for_cli
 from envmgr.config import load
 from envmgr.lock import Lock, PlatformLock, write_conda_lock
-from envmgr.resolution import Resolved, resolve_specs
+from envmgr.resolution import Resolved, require_locked, resolve_specs
 from envmgr.spec import EnvSpec
 
 __all__ = ["resolve"]
@@ -76,7 +78,7 @@ def resolve(
     ] = None,
     lock_dir: Annotated[
         Path | None,
-        typer.Option("--lock-dir", help="Write <step>.conda-lock.yml per step of a flow."),
+        typer.Option("--lock-dir", help="Write STEP.conda-lock.yml per step of a flow."),
     ] = None,
     index_url: IndexOpt = None,
     extra_index_url: ExtraIndexOpt = [],
@@ -89,9 +91,13 @@ def resolve(
         bool,
         typer.Option("--check", help="Solve again and exit 1 if a lock differs from the cache."),
     ] = False,
+    locked: LockedOpt = False,
+    frozen: FrozenOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Resolve specs into locks for each target platform; unchanged specs come from the cache."""
+    """Resolve specs into locks for each target platform; unchanged specs come from the cache.
+    With --locked and -o/--lock-dir, those files must already hold these locks (they are not
+    rewritten): a CI check that committed locks are current."""
     if output is not None and lock_dir is not None:
         fail("give -o/--output or --lock-dir, not both")
     lock_files = [f for f in env_file if _is_lock_file(f)]
@@ -100,27 +106,37 @@ def resolve(
             fail("adopt one lock file at a time (-f LOCK or --lockfile LOCK)")
         adopt_file = lock_files[0]
         env_file = [f for f in env_file if f != adopt_file]
-    if adopt_file is not None and (check or force):
-        fail("--lockfile adopts a lock as it is; --check and --force do not apply")
+    if adopt_file is not None and (check or force or locked or frozen):
+        fail("--lockfile adopts a lock as it is; --check, --force, --locked, --frozen do not apply")
     args = spec_args(locals())
     with progress_for_cli() as progress:
         if adopt_file is not None:
             results, sources = _adopt(adopt_file, args)
         else:
-            inputs = gather(**args, force=force, check=check, progress=progress)
+            inputs = gather(
+                **args, force=force, check=check, locked=locked, frozen=frozen, progress=progress
+            )
             results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
             sources = inputs.sources
+            if locked and output is None and lock_dir is None:
+                # With -o/--lock-dir, those files are the locks --locked compares with.
+                require_locked(results, inputs.options.store.url)
             if not as_json and not STATE.quiet:
                 for step, (name, _platforms) in sorted(inputs.named.items()):
                     typer.echo(f"{step:<16} named env {name}: used as it is, never resolved")
+    files: dict[Path, list[Resolved]] = {}
     if output is not None:
         if len({r.spec_id for r in results}) > 1:
             fail("-o/--output takes a single spec; this flow has several: use --lock-dir")
-        _write_lockfile(output, results, sources)
+        files[output] = results
     if lock_dir is not None:
         for step in dict.fromkeys(s for r in results for s in r.steps):
-            mine = [r for r in results if step in r.steps]
-            _write_lockfile(lock_dir / f"{step}.conda-lock.yml", mine, sources)
+            files[lock_dir / f"{step}.conda-lock.yml"] = [r for r in results if step in r.steps]
+    for path, mine in files.items():
+        if locked:
+            _require_file(path, mine)
+        else:
+            _write_lockfile(path, mine, sources)
     _report(results, check=check, adopted=adopt_file is not None, as_json=as_json)
 
 
@@ -139,7 +155,7 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
                         "cached": r.cached,
                         "adopted": adopted,
                         "seconds": round(r.seconds, 3),
-                        **({"drifted": r.drifted} if check else {}),
+                        **({"drifted": r.drifted, "uncached": r.uncached} if check else {}),
                     }
                     for r in results
                 ]
@@ -148,19 +164,48 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
     elif not STATE.quiet:
         for r in results:
             state = "cached" if r.cached else ("drifted" if r.drifted else "solved")
+            state = "new" if r.uncached and check else state
             state = "adopted" if adopted else state
             for step in r.steps:
                 typer.echo(
                     f"{step:<16} {r.platform:<14} env {r.lock.env_id[:12]}  "
                     f"{len(r.lock.packages):>3} packages  {state:<7} {r.seconds:.2f}s"
                 )
-    if check and drifted:
-        typer.echo(
-            f"envmgr: {len(drifted)} lock(s) differ from the cached ones: "
-            + ", ".join(f"{'/'.join(r.steps)} {r.platform}" for r in drifted),
-            err=True,
-        )
+    new = [r for r in results if r.uncached]
+    if check and (drifted or new):
+        if drifted:
+            typer.echo(
+                f"envmgr: {len(drifted)} lock(s) differ from the cached ones: "
+                + ", ".join(f"{'/'.join(r.steps)} {r.platform}" for r in drifted),
+                err=True,
+            )
+        if new:
+            typer.echo(
+                "envmgr: no cached lock to check for "
+                + ", ".join(f"{'/'.join(r.steps)} {r.platform}" for r in new)
+                + " (resolve without --check to cache one)",
+                err=True,
+            )
         raise typer.Exit(1)
+
+
+def _require_file(path: Path, results: list[Resolved]) -> None:
+    """--locked with -o/--lock-dir: *path* already holds exactly these platforms' envs."""
+    from envmgr.lock import LockError, read_conda_lock  # noqa: PLC0415
+
+    if not path.is_file():
+        raise LockError(
+            f"--locked: {path} does not exist (the lock would be written)",
+            hint="run envmgr resolve without --locked to write it",
+        )
+    held = {p.platform: p.env_id for p in read_conda_lock(path).platforms}
+    wanted = {r.platform: r.lock.env_id for r in results}
+    if held != wanted:
+        differ = sorted(p for p in held.keys() | wanted.keys() if held.get(p) != wanted.get(p))
+        raise LockError(
+            f"--locked: {path} would change ({', '.join(differ)})",
+            hint="run envmgr resolve without --locked to rewrite it",
+        )
 
 
 def _is_lock_file(path: Path) -> bool:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.config import load
 
@@ -203,8 +204,9 @@ STORE_COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
 )
 
 store_app = typer.Typer(
+    cls=TidyGroup,
     help="What a store holds (ls, du) and collecting its old envs (gc); local or S3.",
     no_args_is_help=True,
 )
 for _name, _function, _example in STORE_COMMANDS:
-    store_app.command(_name, epilog=f"Example: {_example}")(_function)
+    store_app.command(_name, cls=TidyCommand, epilog=f"Example: {_example}")(_function)

@@ -7,7 +7,9 @@ lock (``locks/<spec_id>/<platform>.json``) or solves, all platforms and specs co
 The ``spec_id`` used as the cache key is that of the *effective* spec: the channels it will be
 solved against are filled in (the spec's, else the configured defaults). A cached entry is used
 only if it was solved with the same virtual packages; ``force`` re-solves; ``check`` re-solves
-without writing and reports which locks drifted from the cache.
+without writing and reports which locks drifted from the cache (or were never cached);
+``frozen`` never solves: every lock must be in the cache (:func:`require_locked` turns a
+``check`` into uv's ``--locked``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "Resolved",
     "complete_pypi_lock",
     "effective_spec",
+    "require_locked",
     "resolve_specs",
 ]
 
@@ -59,6 +62,7 @@ class ResolveOptions:
     cuda: str | None = None
     force: bool = False
     check: bool = False
+    frozen: bool = False  # never solve: a spec without a cached lock is an error
     steps_are_steps: bool = True  # False: the names are inputs (a file, "command line")
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     progress: Progress = NULL
@@ -75,6 +79,7 @@ class Resolved:
     cached: bool
     seconds: float
     drifted: bool = False  # check mode: the fresh lock differs from the cached one
+    uncached: bool = False  # check mode: there was no cached lock to compare with
 
     @property
     def spec_id(self) -> str:
@@ -166,9 +171,61 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
             )
             target = CondaTarget(platform=platform, channels=channels, virtual_packages=vps)
             jobs.append((effective, tuple(steps), target))
-    results = asyncio.run(_run(jobs, options, credentials))
+    results = (
+        _frozen(jobs, options) if options.frozen else asyncio.run(_run(jobs, options, credentials))
+    )
     order = {step: i for i, step in enumerate(specs)}
     return sorted(results, key=lambda r: (order[r.steps[0]], r.platform))
+
+
+def _frozen(
+    jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]], options: ResolveOptions
+) -> list[Resolved]:
+    """Every job's cached lock, solving none; one error naming each step and platform that
+    has none."""
+    results: list[Resolved] = []
+    missing: list[str] = []
+    for spec, steps, target in jobs:
+        vps = tuple(str(v) for v in target.virtual_packages)
+        cached = _cached(options.store, spec.spec_id, target.platform, vps)
+        if cached is None:
+            missing.append(f"{'/'.join(steps)} {target.platform}")
+            continue
+        results.append(
+            Resolved(
+                steps=steps,
+                spec=spec,
+                platform=target.platform,
+                lock=cached,
+                cached=True,
+                seconds=0.0,
+            )
+        )
+    if missing:
+        raise LockError(
+            f"--frozen: {options.store.url} has no lock for {', '.join(missing)}",
+            hint="resolve without --frozen first (the spec or its virtual packages changed "
+            "since the last resolve)",
+        )
+    return results
+
+
+def require_locked(results: list[Resolved], store_url: str) -> None:
+    """``--locked``: *results* came from a ``check`` resolve; raise one error naming every
+    lock that would change (drifted, or never resolved)."""
+    changed = [f"{'/'.join(r.steps)} {r.platform}" for r in results if r.drifted]
+    new = [f"{'/'.join(r.steps)} {r.platform}" for r in results if r.uncached]
+    if not (changed or new):
+        return
+    parts = []
+    if changed:
+        parts.append(f"the lock of {', '.join(changed)} would change")
+    if new:
+        parts.append(f"{', '.join(new)} has no lock in {store_url} yet")
+    raise LockError(
+        f"--locked: {'; '.join(parts)}",
+        hint="run envmgr resolve without --locked to update the locks",
+    )
 
 
 async def _run(
@@ -226,7 +283,7 @@ async def _one(
             lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
     finally:
         task.close()
-    drifted = options.check and (cached is None or cached.env_id != lock.env_id)
+    drifted = options.check and cached is not None and cached.env_id != lock.env_id
     if not options.check:
         options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
     return Resolved(
@@ -237,6 +294,7 @@ async def _one(
         cached=False,
         seconds=time.monotonic() - start,
         drifted=drifted,
+        uncached=options.check and cached is None,
     )
 
 

@@ -41,6 +41,7 @@ def home(tmp_path, monkeypatch):
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    (tmp_path / "store").mkdir()  # an existing store (a new one is announced on stderr)
     return tmp_path
 
 

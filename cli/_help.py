@@ -1,0 +1,120 @@
+"""Help in the usual style: ``Usage: envmgr run [OPTIONS] [TARGET] -- COMMAND...``, options
+with a metavar (``--store URL``) and flags with none.
+
+typer 0.29 draws every parameter's Python type (``<bool>``, ``<list[Path]>``) and a required
+argument as ``{target}``; the command classes here redraw them as click, pip and uv do. A
+parameter's own ``metavar`` always wins.
+"""
+
+from __future__ import annotations
+
+from typer._click import core as click_core  # typer 0.29 parses with its own click (pinned)
+from typer._click.exceptions import NoSuchOption, UsageError
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+__all__ = ["RunCommand", "TidyCommand", "TidyGroup"]
+
+#: The metavar of an option that names none, by the kind of value it takes.
+_BY_TYPE = {"Path": "PATH", "int": "N", "float": "NUMBER", "str": "TEXT"}
+
+
+class _Argument(TyperArgument):
+    def display_type_rich(self, ctx: click_core.Context) -> str | None:
+        return None  # the name column already says it (TARGET, COMMAND...)
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw
+        if self.nargs != 1 and not name.endswith("..."):
+            name += "..."
+        return name if self.required else f"[{name}]"
+
+
+class _Option(TyperOption):
+    def display_type_rich(self, ctx: click_core.Context) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _BY_TYPE.get(self.bare_type().removeprefix("list[").removesuffix("]"), "TEXT")
+
+
+def _tidy(params: list[click_core.Parameter]) -> None:
+    for param in params:
+        if isinstance(param, TyperArgument):
+            if param.metavar is None and param.name:
+                param.metavar = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.__class__ = _Argument
+        elif isinstance(param, TyperOption):
+            param.__class__ = _Option
+
+
+class TidyCommand(TyperCommand):
+    """A command whose help and usage line are in the usual style."""
+
+    def get_params(self, ctx: click_core.Context) -> list[click_core.Parameter]:
+        params = super().get_params(ctx)  # with --help, which click adds late
+        _tidy(params)
+        return params
+
+
+class TidyGroup(TyperGroup):
+    """A group (``envmgr``, ``envmgr store``) whose own options are drawn the same way."""
+
+    def get_params(self, ctx: click_core.Context) -> list[click_core.Parameter]:
+        params = super().get_params(ctx)
+        _tidy(params)
+        return params
+
+
+class RunCommand(TidyCommand):
+    """``envmgr run``: an option of the command given without ``--`` before it (``envmgr run
+    flow.py:train python -V``) is answered with the line that works."""
+
+    def parse_args(self, ctx: click_core.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, list(args))
+        except NoSuchOption as exc:
+            fixed = self._with_separator(ctx, args, exc.option_name)
+            if fixed is None:
+                raise
+            raise UsageError(
+                f"No such option: {exc.option_name} (the command's own options go after --: "
+                f"envmgr run {' '.join(fixed)})",
+                ctx,
+            ) from None
+
+    def _with_separator(
+        self, ctx: click_core.Context, args: list[str], bad: str
+    ) -> list[str] | None:
+        """*args* with ``--`` where the command starts, if the bad option follows one."""
+        if "--" in args or bad not in args:
+            return None
+        takes_value = {
+            name
+            for param in self.get_params(ctx)
+            if isinstance(param, TyperOption) and not (param.is_flag or param.count)
+            for name in param.opts
+        }
+        spec_given = False
+        positionals: list[int] = []
+        end, i = args.index(bad), 0
+        while i < end:
+            word = args[i]
+            if word.startswith("-") and word != "-":
+                name = word.split("=", 1)[0]
+                spec_given |= name in _SPEC_FLAGS
+                i += 2 if name in takes_value and "=" not in word else 1
+            else:
+                positionals.append(i)
+                i += 1
+        if spec_given and positionals:
+            starts = positionals[0]  # no TARGET: the command is the first positional
+        elif len(positionals) >= 2:
+            starts = positionals[1]
+        else:
+            return None
+        return [*args[:starts], "--", *args[starts:]]
+
+
+#: The options through which ``run`` takes a spec instead of a TARGET.
+_SPEC_FLAGS = frozenset({"-f", "--file", "-r", "--requirements", "--conda", "--pypi", "--python"})
