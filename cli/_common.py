@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
 import typer
 
-__all__ = ["STATE", "emit_json", "fail", "tell"]
+__all__ = ["STATE", "emit_json", "error_prefix", "fail", "tell"]
 
 
 class _State:
@@ -28,7 +29,19 @@ def tell(message: str) -> None:
     print(f"envmgr: {message}", file=sys.stderr, flush=True)
 
 
+def error_prefix() -> str:
+    """``envmgr: error:``, with ``error`` in red when stderr is a terminal that has colour
+    (not under ``NO_COLOR`` or ``TERM=dumb``)."""
+    if (
+        sys.stderr.isatty()
+        and not os.environ.get("NO_COLOR")
+        and os.environ.get("TERM", "") != "dumb"
+    ):
+        return "envmgr: \x1b[1;31merror\x1b[0m:"
+    return "envmgr: error:"
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """A usage problem: one line on stderr and exit *code*."""
-    print(f"envmgr: error: {message}", file=sys.stderr)
+    print(f"{error_prefix()} {message}", file=sys.stderr)
     raise typer.Exit(code)

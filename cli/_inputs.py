@@ -175,6 +175,7 @@ def _single_spec(
         spec = merge(spec, read_spec_file(path))
     problems: list[Problem] = []
     deps: list[CondaDep] = []
+    given: dict[str, str] = {}  # name -> the --conda text that named it first
     for text in conda:
         try:
             dep = CondaDep.parse(text)
@@ -186,6 +187,18 @@ def _single_spec(
         if dep.name == "python" and dep.channel is None:
             python = python or dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
             continue
+        earlier = next((d for d in deps if d.name == dep.name), None)
+        if earlier is not None and earlier != dep:
+            problems.append(
+                Problem(
+                    where="command line",
+                    key=f"--conda {text!r}",
+                    message=f"{dep.name} is already given as --conda {given[dep.name]!r}; give "
+                    f"one spec per package (e.g. --conda '{dep.name} >=1.2,<2')",
+                )
+            )
+            continue
+        given.setdefault(dep.name, text)
         deps.append(dep)
     pypi_deps: list[PypiDep] = []
     for text in pypi:
@@ -364,6 +377,13 @@ def gather(
         links = tuple(parse_find_links(u) for u in find_links or ())
     except ValueError as exc:
         fail(f"--find-links: {exc}")
+    if cuda:
+        from envmgr.spec import parse_system_package  # noqa: PLC0415
+
+        try:
+            parse_system_package("__cuda", cuda)
+        except ValueError:
+            fail(f"--cuda {cuda!r}: not a CUDA version; give digits and dots, e.g. --cuda 12.4")
     default_platforms = config["platforms"]
     bad = [p for p in default_platforms if not is_platform(p)]
     if bad:

@@ -14,7 +14,7 @@ import typer
 
 from envmgr import __version__
 from envmgr.build import BuildInterrupted
-from envmgr.cli._common import STATE
+from envmgr.cli._common import STATE, error_prefix
 from envmgr.cli._help import RunCommand, TidyCommand, TidyGroup
 from envmgr.cli.build import build
 from envmgr.cli.config import config_app
@@ -134,7 +134,7 @@ def _run_app() -> None:
             raise
         # A cache, store or build root that cannot be written: say which and what to set.
         typer.echo(
-            f"envmgr: error: cannot write {exc.filename}: {exc.strerror} (check the cache_dir, "
+            f"{error_prefix()} cannot write {exc.filename}: {exc.strerror} (check the cache_dir, "
             "store and build_root settings: `envmgr config show`)",
             err=True,
         )
@@ -150,5 +150,5 @@ def _run_app() -> None:
             explanation = getattr(exc, "explanation", "")
             if explanation:
                 print(explanation, file=sys.stderr)
-        typer.echo(f"envmgr: error: {exc}", err=True)
+        typer.echo(f"{error_prefix()} {exc}", err=True)
         raise SystemExit(exc.exit_code) from None

@@ -52,14 +52,15 @@ def _source(pkg: LockedPackage) -> str:
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else parts.scheme + ":"
 
 
-def _package_row(pkg: LockedPackage) -> dict[str, Any]:
+def _package_row(pkg: LockedPackage, installed: dict[str, int] | None = None) -> dict[str, Any]:
     return {
         "name": pkg.name,
         "version": pkg.version,
         "build": pkg.build,
         "manager": pkg.manager,
         "source": _source(pkg),
-        "size": pkg.size or None,
+        "size": pkg.size or None,  # the download, from the index or channel
+        "installed_size": (installed or {}).get(pkg.name),  # on disk, once built
     }
 
 
@@ -88,7 +89,10 @@ def show_command(
                 "platform": part.platform,
                 "env_id": part.env_id,
                 "python": python.version if python else None,
-                "packages": [_package_row(p) for p in part.packages],
+                "packages": [
+                    _package_row(p, dict(manifest.package_sizes) if manifest else None)
+                    for p in part.packages
+                ],
                 "archive": None
                 if manifest is None
                 else {
@@ -132,8 +136,14 @@ def _print_env(row: dict[str, Any]) -> None:
     typer.echo(f"  cached   {row['cached_at'] or 'not on this machine'}")
     typer.echo(f"  steps    {', '.join(row['steps']) or '-'}")
     width = max((len(p["name"]) for p in packages), default=4)
+    installed = any(p["installed_size"] is not None for p in packages)
+    typer.echo(
+        f"  {'package':<{width}}  {'version':<12} {'build':<22} {'from':<5} "
+        f"{'installed' if installed else 'download':>10}  source"
+    )
     for p in packages:
-        size = f"{p['size'] / 1e6:7.1f} MB" if p["size"] else " " * 10
+        bytes_ = p["installed_size"] if installed else p["size"]
+        size = f"{bytes_ / 1e6:7.1f} MB" if bytes_ is not None else f"{'-':>10}"
         typer.echo(
             f"  {p['name']:<{width}}  {p['version']:<12} {p['build'][:22]:<22} "
             f"{p['manager']:<5} {size}  {p['source']}"

@@ -168,6 +168,8 @@ class Manifest:
     link_scripts: tuple[str, ...] = ()
     #: Format 2: the frames, in order, that tile the archive; empty for format 1.
     chunks: tuple[Chunk, ...] = ()
+    #: Each package's installed bytes (name, bytes), for ``envmgr show``; may be empty.
+    package_sizes: tuple[tuple[str, int], ...] = ()
 
     @property
     def format(self) -> int:
@@ -189,6 +191,8 @@ class Manifest:
             "created": self.created,
             "link_scripts": list(self.link_scripts),
         }
+        if self.package_sizes:
+            out["package_sizes"] = dict(self.package_sizes)
         if self.chunks:
             out["chunks"] = [chunk.to_list() for chunk in self.chunks]
         return out
@@ -223,6 +227,9 @@ class Manifest:
                 envmgr_version=str(data.get("envmgr_version", "")),
                 created=str(data.get("created", "")),
                 link_scripts=tuple(str(name) for name in data.get("link_scripts", ())),
+                package_sizes=tuple(
+                    (str(name), int(size)) for name, size in data.get("package_sizes", {}).items()
+                ),
                 chunks=_chunks_from(data["chunks"], int(data["size"]), codec)
                 if data["format"] == 2
                 else (),
@@ -250,7 +257,7 @@ class PackResult:
 
     def manifest(self, *, env_id: str, platform: str, build_prefix: str, **more: Any) -> Manifest:
         """The manifest of this archive for *env_id*; *more* sets the other fields
-        (``envmgr_version``, ``created``, ``link_scripts``)."""
+        (``envmgr_version``, ``created``, ``link_scripts``, ``package_sizes``)."""
         return Manifest(
             env_id=env_id,
             platform=platform,

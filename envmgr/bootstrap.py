@@ -30,11 +30,13 @@ WORKER_MODULES = (
     "envmgr/chunked.py",
     "envmgr/platforms.py",
     "envmgr/config.py",
+    "envmgr/progress.py",
     "envmgr/cache/__init__.py",
     "envmgr/cache/store.py",
     "envmgr/cache/layout.py",
     "envmgr/cache/local.py",
     "envmgr/cache/s3.py",
+    "envmgr/cache/usage.py",
 )
 
 

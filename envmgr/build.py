@@ -52,7 +52,7 @@ from envmgr.lock import (
     write_conda_lock,
 )
 from envmgr.platforms import Platform
-from envmgr.progress import NULL, Progress
+from envmgr.progress import NULL, Progress, tracked
 
 __all__ = [
     "BUILD_PREFIX_LENGTH",
@@ -315,8 +315,11 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
         sweep_dead_pack_dirs(options.cache_dir)  # of builders killed before they cleaned up
         with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=pack_dir_prefix()) as tmp:
             archive = Path(tmp) / f"env.tar.{options.codec}"
-            task = options.progress.task(f"pack {lock.env_id[:12]}", total=tree_size(prefix))
-            with archive.open("wb") as out:
+            label = f"pack {lock.env_id[:12]}"
+            with (
+                tracked(options.progress, label, total=tree_size(prefix)) as task,
+                archive.open("wb") as out,
+            ):
                 result = pack(
                     prefix,
                     out,
@@ -325,7 +328,6 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                     on_bytes=task.advance,
                     find_prefix=str(prefix),
                 )
-            task.close()
             manifest = result.manifest(
                 env_id=lock.env_id,
                 platform=lock.platform,
@@ -333,12 +335,13 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 envmgr_version=__version__,
                 created=_now(),
                 link_scripts=made.link_scripts,
+                package_sizes=made.sizes,
             )
-            task = options.progress.task(f"upload {lock.env_id[:12]}", total=result.size)
-            options.store.put_file(
-                archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
-            )
-            task.close()
+            label = f"upload {lock.env_id[:12]}"
+            with tracked(options.progress, label, total=result.size) as task:
+                options.store.put_file(
+                    archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
+                )
             lock_file = Path(tmp) / "conda-lock.yml"
             write_conda_lock(
                 Lock(

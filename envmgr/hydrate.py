@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from envmgr.errors import EnvmgrError
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
+from envmgr.progress import tracked
 
 if TYPE_CHECKING:
     from envmgr.archive import Manifest
@@ -310,10 +311,13 @@ def _fetch_and_publish(
                 f"the archive {key} is not",
                 hint="run `envmgr build` again",
             )
-        task = None
-        if progress is not None:
-            task = progress.task(f"hydrate {manifest.env_id[:12]}", total=manifest.size)
-        with source:
+        label = f"hydrate {manifest.env_id[:12]}"
+        tracking = (
+            tracked(progress, label, total=manifest.size)
+            if progress is not None
+            else contextlib.nullcontext(None)
+        )
+        with tracking as task, source:
             hashing = _Hashing(source, task, digest=not manifest.chunks)
             try:
                 unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
@@ -334,20 +338,18 @@ def _fetch_and_publish(
                     raise
             while hashing.read(1 << 20):  # the tar end padding the extractor left unread
                 pass
-        got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
-        if got != manifest.sha256 or hashing.size != manifest.size:
-            what = (
-                f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
-                if got != manifest.sha256
-                else f"{hashing.size} bytes, want {manifest.size}"
-            )
-            raise HashMismatchError(
-                f"env {manifest.env_id}: the archive {key} in {store.url} does not match its "
-                f"manifest ({what}); nothing was published",
-                hint="rebuild it with `envmgr build` or restore the object",
-            )
-        if task is not None:
-            task.close()
+            got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
+            if got != manifest.sha256 or hashing.size != manifest.size:
+                what = (
+                    f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
+                    if got != manifest.sha256
+                    else f"{hashing.size} bytes, want {manifest.size}"
+                )
+                raise HashMismatchError(
+                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
+                    f"its manifest ({what}); nothing was published",
+                    hint="rebuild it with `envmgr build` or restore the object",
+                )
         relocate(tmp, manifest, str(final))
         (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
         tmp.rename(final)

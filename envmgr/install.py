@@ -12,10 +12,13 @@ host (see :mod:`envmgr.bytecode`). A native build is the same path with target =
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
 import json
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +29,16 @@ from envmgr.cache import Store
 from envmgr.errors import EnvmgrError
 from envmgr.lock import LockedPackage, PlatformLock, strip_credentials
 from envmgr.platforms import Platform, host_platform
-from envmgr.progress import NULL, Progress, Task
+from envmgr.progress import NULL, Progress, Task, tracked
 
-__all__ = ["BuildError", "Prefix", "conda_records", "create_prefix", "tree_size"]
+__all__ = [
+    "BuildError",
+    "Prefix",
+    "conda_records",
+    "create_prefix",
+    "installed_sizes",
+    "tree_size",
+]
 
 _SITE = "lib/python{xy}/site-packages"
 _NOARCH: dict[str, Literal["python", "generic"]] = {"python": "python", "generic": "generic"}
@@ -397,6 +407,44 @@ class Prefix:
 
     link_scripts: tuple[str, ...]
     bytecode_files: int
+    #: Each package's installed bytes (its files in conda-meta, or its wheel's RECORD).
+    sizes: tuple[tuple[str, int], ...] = ()
+
+
+def installed_sizes(prefix: Path) -> dict[str, int]:
+    """The bytes each package put into *prefix*: the files its ``conda-meta`` record lists
+    (conda) or its ``.dist-info/RECORD`` (wheels), as they are on disk."""
+
+    def on_disk(paths: Iterable[str]) -> int:
+        total = 0
+        for rel in paths:
+            with contextlib.suppress(OSError):
+                total += (prefix / rel).lstat().st_size
+        return total
+
+    sizes: dict[str, int] = {}
+    for record in sorted((prefix / "conda-meta").glob("*.json")):
+        try:
+            data = json.loads(record.read_text())
+            sizes[str(data["name"])] = on_disk(str(f) for f in data.get("files", ()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for dist_info in sorted(prefix.glob("lib/python*/site-packages/*.dist-info")):
+        if not (dist_info / "INSTALLER").is_file() or "envmgr" not in (
+            dist_info / "INSTALLER"
+        ).read_text(errors="replace"):
+            continue  # a conda package's own metadata: counted above
+        site = dist_info.parent
+        try:
+            with (dist_info / "RECORD").open(newline="") as rows:
+                files = [row[0] for row in csv.reader(rows) if row]
+        except OSError:
+            continue
+        name = dist_info.name.removesuffix(".dist-info").rsplit("-", 1)[0]
+        sizes[name.replace("_", "-").lower()] = on_disk(
+            os.path.relpath(os.path.normpath(site / f), prefix) for f in files
+        )
+    return sizes
 
 
 def _link_scripts(prefix: Path) -> tuple[str, ...]:
@@ -430,27 +478,27 @@ def create_prefix(
     # Checked-hash .pyc files do not depend on file times: the archive stays reproducible
     # and the unpacked env's bytecode stays valid.
     os.environ.setdefault("SOURCE_DATE_EPOCH", "946684800")
-    task = progress.task(f"install {lock.env_id[:12]}", total=len(lock.packages), unit="items")
-    try:
-        asyncio.run(
-            rattler.install(
-                conda_records(lock),
-                target_prefix=prefix,
-                cache_dir=cache_dir / "pkgs",
-                platform=rattler.Subdir(lock.platform),
-                execute_link_scripts=False,
-                client=rattler_client(credentials or {}),
-                show_progress=False,
-                reporter=_install_reporter(task),
+    label = f"install {lock.env_id[:12]}"
+    with tracked(progress, label, total=len(lock.packages), unit="items") as task:
+        try:
+            asyncio.run(
+                rattler.install(
+                    conda_records(lock),
+                    target_prefix=prefix,
+                    cache_dir=cache_dir / "pkgs",
+                    platform=rattler.Subdir(lock.platform),
+                    execute_link_scripts=False,
+                    client=rattler_client(credentials or {}),
+                    show_progress=False,
+                    reporter=_install_reporter(task),
+                )
             )
-        )
-    except Exception as exc:
-        text = " ".join(str(exc).split())[:500]
-        raise BuildError(
-            f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
-        ) from None
-    _install_wheels(lock, prefix, cache_dir, store, task, host)
-    task.close()
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:500]
+            raise BuildError(
+                f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
+            ) from None
+        _install_wheels(lock, prefix, cache_dir, store, task, host)
     _normalise_metadata(prefix)
     link_scripts = _link_scripts(prefix)
     if link_scripts:
@@ -459,7 +507,7 @@ def create_prefix(
     python = bytecode_python(lock, host=host, cache_dir=cache_dir, source=bytecode)
     xy = python_xy(lock)
     if python is not None and xy is not None:
-        task = progress.task(f"bytecode {lock.env_id[:12]}", total=None, unit="items")
-        pyc = compile_tree(python, [prefix / "lib" / f"python{xy}"], env_id=lock.env_id)
-        task.close()
-    return Prefix(link_scripts=link_scripts, bytecode_files=pyc)
+        with tracked(progress, f"bytecode {lock.env_id[:12]}", unit="phase"):
+            pyc = compile_tree(python, [prefix / "lib" / f"python{xy}"], env_id=lock.env_id)
+    sizes = tuple(sorted(installed_sizes(prefix).items()))
+    return Prefix(link_scripts=link_scripts, bytecode_files=pyc, sizes=sizes)

@@ -7,12 +7,15 @@ nothing. Implementations must accept calls from any thread.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
-__all__ = ["NULL", "Progress", "Task", "Unit"]
+__all__ = ["NULL", "Progress", "Task", "Unit", "tracked"]
 
-#: What a task counts: bytes (shown with sizes and rates) or items (``n/total``).
-Unit = Literal["bytes", "items"]
+#: What a task counts: bytes (shown with sizes and rates), items (``n/total``), or nothing
+#: (a phase such as a solve: a spinner and the time it took).
+Unit = Literal["bytes", "items", "phase"]
 
 
 class Task(Protocol):
@@ -24,6 +27,9 @@ class Task(Protocol):
 
     def close(self) -> None:
         """The task is finished (idempotent)."""
+
+    def fail(self) -> None:
+        """The task stopped on an error (idempotent; a later ``close`` changes nothing)."""
 
 
 class Progress(Protocol):
@@ -44,6 +50,9 @@ class _NullTask:
     def close(self) -> None:
         pass
 
+    def fail(self) -> None:
+        pass
+
 
 class _NullProgress:
     def task(self, description: str, *, total: int | None = None, unit: Unit = "bytes") -> Task:
@@ -55,3 +64,17 @@ class _NullProgress:
 
 #: Reports nothing; the default everywhere.
 NULL: Progress = _NullProgress()
+
+
+@contextlib.contextmanager
+def tracked(
+    progress: Progress, description: str, *, total: int | None = None, unit: Unit = "bytes"
+) -> Iterator[Task]:
+    """A task for the ``with`` block: closed when it ends, marked failed if it raises."""
+    task = progress.task(description, total=total, unit=unit)
+    try:
+        yield task
+    except BaseException:
+        task.fail()
+        raise
+    task.close()

@@ -30,7 +30,7 @@ from envmgr.cache.layout import lock_key
 from envmgr.errors import EnvmgrError
 from envmgr.lock import Lock, LockError, PlatformLock, dumps
 from envmgr.platforms import Platform, host_platform, virtual_packages
-from envmgr.progress import NULL, Progress
+from envmgr.progress import NULL, Progress, tracked
 from envmgr.resolvers.conda import CondaTarget, make_gateway, solve
 from envmgr.spec import EnvSpec, parse_index_url
 
@@ -276,13 +276,11 @@ async def _one(
         if options.steps_are_steps
         else ", ".join(steps)
     )
-    task = options.progress.task(f"solve {', '.join(steps)[:18]} {target.platform}")
-    try:
+    label = f"solve {', '.join(steps)[:18]} {target.platform}"
+    with tracked(options.progress, label, unit="phase"):
         lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
         if spec.pypi:
             lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
-    finally:
-        task.close()
     drifted = options.check and cached is not None and cached.env_id != lock.env_id
     if not options.check:
         options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))

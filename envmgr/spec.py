@@ -67,6 +67,8 @@ SpecKind = Literal["empty", "conda", "pypi", "mixed"]
 
 _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9_.\-]+)*$")
 _URL_SCHEMES = ("http", "https", "file", "s3")
+#: One part of a conda version constraint: an operator, then a digit (or ``*``).
+_VERSION_START = re.compile(r"^(?:[<>=!~]=?|==)?\s*(?:\d|\*$)")
 _BARE_VERSION = re.compile(r"^\d+(\.\d+)*$")
 _VIRTUAL_NAME = re.compile(r"^__[a-z][a-z0-9_]*$")
 _VIRTUAL_VERSION = re.compile(r"^\d+(\.[0-9A-Za-z_]+)*$")
@@ -141,6 +143,12 @@ def parse_python(text: str) -> str:
         raise ValueError("empty python version")
     if _BARE_VERSION.match(value):
         value = f"{value}.*" if value.count(".") < 2 else f"=={value}"
+    bad = [p for p in re.split(r"[,|]", value.split(" ")[0]) if not _VERSION_START.match(p)]
+    if bad:
+        raise ValueError(
+            f"bad python version {text!r}: {bad[0]!r} is not a version (a version starts "
+            "with a digit, e.g. 3.11 or >=3.10,<3.13)"
+        )
     try:
         spec = _rattler().MatchSpec(f"python {value}")
     except Exception as exc:  # rattler raises its own exception types

@@ -17,7 +17,7 @@ from _helpers import archive_manifest, run_envmgr
 
 from envmgr.archive import ArchiveError, Manifest, Relocation, relocate, unpack
 from envmgr.build import BUILD_PREFIX_LENGTH, BuildError, BuildOptions, build_and_store
-from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
+from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key, used_key
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.lock import LockedPackage, PlatformLock, read_conda_lock
@@ -60,13 +60,18 @@ def test_build_stores_archive_lock_and_manifest(built, mixed_lock):
 
 
 def test_second_build_uploads_nothing(built, mixed_lock):
+    """Only the small use marker (``used.json``, which keeps ``store gc`` off an env that is
+    still built for) is written; archive, lock and manifest stay as they were."""
     store, first = built
-    before = {k: store.size(k) for k in store.list("envs/")}
+    used = used_key(mixed_lock.platform, mixed_lock.env_id)
+    before = {k: store.size(k) for k in store.list("envs/") if k != used}
     again = build_and_store(
         mixed_lock, BuildOptions(store=store, cache_dir=store.root.parent / "cache")
     )
     assert again.status == "present" and again.manifest == first.manifest
-    assert {k: store.size(k) for k in store.list("envs/")} == before
+    after = {k: store.size(k) for k in store.list("envs/")}
+    assert after.pop(used) < 200
+    assert after == before
 
 
 def test_unpacked_at_a_shorter_prefix_works(built, mixed_lock, tmp_path):

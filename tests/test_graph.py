@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from _helpers import run_envmgr
+from _shapes import documented_shapes, problems
 
 from envmgr.graph import Graph
 from envmgr.lock import Lock, LockedPackage, PlatformLock, write_conda_lock
@@ -107,7 +108,10 @@ def test_tree_and_why_on_a_lock_file(world, mixed_lock, tmp_path):
         "six 1.17.0 (pypi)",
         "└── python-dateutil 2.9.0.post0 (pypi)",
     ]
-    data = json.loads(run_envmgr("tree", str(path), "--json").stdout)["envs"][0]
+    shapes = documented_shapes()
+    tree_json = json.loads(run_envmgr("tree", str(path), "--json").stdout)
+    assert problems(tree_json, shapes["tree"]) == []
+    data = tree_json["envs"][0]
     dateutil = next(r for r in data["roots"] if r["name"] == "python-dateutil")
     assert [d["name"] for d in dateutil["dependencies"]] == ["six"]
 
@@ -118,7 +122,9 @@ def test_tree_and_why_on_a_lock_file(world, mixed_lock, tmp_path):
     ]
     root = run_envmgr("why", str(path), "tabulate")
     assert root.stdout.strip().endswith("nothing else needs it; the spec asked for it")
-    why_json = json.loads(run_envmgr("why", str(path), "python", "--json").stdout)["envs"][0]
+    why_all = json.loads(run_envmgr("why", str(path), "python", "--json").stdout)
+    assert problems(why_all, shapes["why"]) == []
+    why_json = why_all["envs"][0]
     assert why_json["requested"] is False
     assert ["numpy", "python"] in why_json["chains"]
 

@@ -118,7 +118,18 @@ def test_build_and_run_frozen_and_locked(world, tmp_path):
         assert again.stdout == first.stdout
     built = run_envmgr("build", *spec, "-p", "linux-64", "--locked", "--json")
     assert built.returncode == 0, built.stderr
-    assert json.loads(built.stdout)["envs"][0]["status"] == "present"
+    row = json.loads(built.stdout)["envs"][0]
+    assert row["status"] == "present"
+
+    # show gives every package of a built env its installed size (the manifest's).
+    shown = json.loads(run_envmgr("show", row["env_id"][:10], "--json").stdout)["platforms"][0]
+    sizes = {p["name"]: p["installed_size"] for p in shown["packages"]}
+    assert sizes.keys() == {"python", "tabulate"}
+    assert sizes["python"] > 5_000_000 and 10_000 < sizes["tabulate"] < 1_000_000
+    assert sum(sizes.values()) <= shown["archive"]["unpacked_size"]
+    text = run_envmgr("show", row["env_id"]).stdout
+    assert " installed  source" in text
+    assert f"{sizes['python'] / 1e6:7.1f} MB" in text
 
     env_file = tmp_path / "environment.yml"
     env_file.write_text("dependencies:\n  - python=3.11\n  - tabulate\n")

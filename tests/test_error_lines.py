@@ -1,0 +1,69 @@
+"""The bad inputs outside checks found, each answered with one line and the right exit code."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from _helpers import run_envmgr
+
+from envmgr.cli.app import _COMMANDS
+from envmgr.cli.store import STORE_COMMANDS
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--conda", "numpy=2.1", "--conda", "numpy<2"],
+            "envmgr: error: invalid environment spec: command line: --conda 'numpy<2': numpy "
+            "is already given as --conda 'numpy=2.1'; give one spec per package (e.g. --conda "
+            "'numpy >=1.2,<2')",
+        ),
+        (
+            ["--conda", "numpy", "--cuda", "abc"],
+            "envmgr: error: --cuda 'abc': not a CUDA version; give digits and dots, e.g. "
+            "--cuda 12.4",
+        ),
+        (
+            ["--conda", "numpy", "--python", "py311"],
+            "envmgr: error: invalid environment spec: command line: --python: bad python "
+            "version 'py311': 'py311' is not a version (a version starts with a digit, e.g. "
+            "3.11 or >=3.10,<3.13)",
+        ),
+        (
+            ["--conda", "numpy", "-p", "linux-63"],
+            "envmgr: error: --platform 'linux-63': unknown platform; known: linux-64, "
+            "linux-aarch64, osx-64, osx-arm64, win-64",
+        ),
+    ],
+)
+def test_bad_spec_flags_are_one_line_and_exit_2(world, args, line):
+    result = run_envmgr("resolve", *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [line]
+    assert result.stdout == ""
+
+
+def test_the_same_conda_spec_twice_is_fine(world):
+    result = run_envmgr("resolve", "--conda", "tabulate", "--conda", "tabulate", "-p", "linux-64")
+    assert result.returncode == 0, result.stderr
+
+
+def test_help_is_in_the_usual_style():
+    """No typer type labels (<bool>, <list[Path]>) and no {target} in any command's help."""
+    env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
+    commands = [[name] for name, _f, _e in _COMMANDS] + [
+        ["store", name] for name, _f, _e in STORE_COMMANDS
+    ]
+    for command in [[], *commands, ["config", "show"]]:
+        text = run_envmgr(*command, "--help", env=env).stdout
+        assert "Usage: envmgr" in text, command
+        for label in ("<bool>", "<str>", "<path>", "<list[", "<int>", "{"):
+            assert label not in text, (command, label)
+    run = run_envmgr("run", "--help", env=env).stdout
+    assert "Usage: envmgr run [OPTIONS] [TARGET] [COMMAND...]" in run
+    resolve = run_envmgr("resolve", "--help", env=env).stdout
+    assert re.search(r"--platform\s+-p\s+PLATFORM\s", resolve)
+    assert re.search(r"--locked\s+Fail if a lock would change", resolve)
