@@ -35,12 +35,16 @@ class CondaChannel:
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Tests never read the user's ~/.config/envmgr/config.toml (children inherit this)."""
+    """Tests never read the user's ~/.config/envmgr/config.toml (children inherit this).
+    Off a terminal, phases print a line once they take a second: on a loaded machine any
+    phase may, so here only the tests of those lines (tests/test_progress.py) ask for them."""
     import os
 
-    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "ENVMGR_CONFIG")}
+    keys = ("XDG_CONFIG_HOME", "ENVMGR_CONFIG", "ENVMGR_PROGRESS_AFTER")
+    saved = {k: os.environ.get(k) for k in keys}
     os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
     os.environ.pop("ENVMGR_CONFIG", None)
+    os.environ["ENVMGR_PROGRESS_AFTER"] = "3600"
     try:
         yield
     finally:

@@ -82,5 +82,5 @@ def test_off_a_terminal_each_slow_phase_is_one_line(world, tmp_path):
     assert [line.split()[1] for line in ran.stderr.splitlines()] == ["hydrate"]
     quiet = run_envmgr("-q", "run", *spec, "--", "python", "-c", "print(1)", env=every)
     assert quiet.stderr == ""
-    fast = run_envmgr("resolve", *spec, "-p", "linux-64", env=world)  # cached: no phase
+    fast = run_envmgr("resolve", *spec, "-p", "linux-64", env=every)  # cached: no phase
     assert fast.stderr == ""
