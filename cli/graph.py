@@ -9,6 +9,7 @@ import typer
 from envmgr.cli._common import emit_json, fail
 from envmgr.cli._inputs import JsonOpt, StoreOpt
 from envmgr.cli._targets import TargetArg
+from envmgr.cli.inspect import PlatformFilter, load_env, platform_parts
 from envmgr.graph import Graph, Node
 
 __all__ = ["tree_command", "why_command"]
@@ -17,8 +18,6 @@ PackageArg = Annotated[str, typer.Argument(metavar="PACKAGE", help="A package in
 
 
 def _graphs(target: str, platform: str | None, store: str | None) -> list[Graph]:
-    from envmgr.cli.inspect import load_env, platform_parts  # noqa: PLC0415
-
     found, _store, _cache = load_env(target, store)
     return [Graph(part) for part in platform_parts(found, platform)]
 
@@ -64,10 +63,7 @@ def tree_command(
     depth: Annotated[
         int | None, typer.Option("--depth", "-d", metavar="N", help="Draw N levels at most.")
     ] = None,
-    platform: Annotated[
-        str | None,
-        typer.Option("-p", "--platform", metavar="PLATFORM", help="Only this platform."),
-    ] = None,
+    platform: PlatformFilter = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -98,10 +94,7 @@ def tree_command(
 def why_command(
     target: TargetArg,
     package: PackageArg,
-    platform: Annotated[
-        str | None,
-        typer.Option("-p", "--platform", metavar="PLATFORM", help="Only this platform."),
-    ] = None,
+    platform: PlatformFilter = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -31,6 +31,42 @@ def run_envmgr(
     )
 
 
+def on_a_terminal(*args: str, env: Mapping[str, str], cwd: Path | None = None) -> tuple[int, str]:
+    """The ``envmgr`` command with stdin, stdout and stderr on a pseudo-terminal: its exit
+    code and everything the terminal showed."""
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=cwd or Path.cwd(),
+        env={**env, "TERM": "xterm-256color", "COLUMNS": "120"},
+    )
+    os.close(follower)
+    shown = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if not ready:
+            if process.poll() is not None:
+                break
+            continue
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=60), b"".join(shown).decode(errors="replace")
+
+
 def fixture_options(
     home: Path, channel_url: str, index_url: str | None = None, **overrides: Any
 ) -> ResolveOptions:

@@ -287,62 +287,6 @@ def test_usage_errors_are_one_line(world):
         assert "Traceback" not in result.stderr
 
 
-def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run envmgr with stdin, stdout and stderr on a pseudo-terminal; what the terminal showed."""
-    import pty
-    import subprocess
-    import sys
-
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        env={**env, "TERM": "xterm-256color", "COLUMNS": "120"},
-        cwd=Path.cwd(),
-    )
-    os.close(follower)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(leader, 1 << 16)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(leader)
-    return process.wait(), shown.decode(errors="replace")
-
-
-def test_progress_bars_on_a_terminal_and_not_when_piped(world, tmp_path):
-    lock = tmp_path / "l.yml"
-    spec = ("--conda", "numpy", "--python", "3.11", "--pypi", "colorama")
-    assert invoke("resolve", *spec, "-o", str(lock)).exit_code == 0
-    code, shown = _on_a_terminal(["build", "--from-lock", str(lock)], world)
-    assert code == 0, shown
-    for label in ("install ", "pack ", "upload "):
-        assert label in shown, shown
-    assert "━" in shown and "MB" in shown and "4/4" in shown  # bars, sizes, package counts
-    env_id = re.search(r"env ([0-9a-f]{12})", shown)
-    assert env_id is not None
-    fresh = {**world, "ENVMGR_CACHE_DIR": str(tmp_path / "fresh")}
-    code, shown = _on_a_terminal(["hydrate", str(lock)], fresh)
-    assert code == 0 and "hydrate " in shown and "━" in shown, shown
-    # Piped: the same work prints results only.
-    piped = sub("hydrate", str(lock), env={**world, "ENVMGR_CACHE_DIR": str(tmp_path / "p")})
-    assert piped.returncode == 0 and piped.stderr == ""
-    assert piped.stdout.strip().endswith("/bin/python")
-    code, shown = _on_a_terminal(
-        ["-q", "hydrate", str(lock)], {**fresh, "ENVMGR_CACHE_DIR": str(tmp_path / "q")}
-    )
-    assert code == 0 and "━" not in shown and "hydrate " not in shown
-    # On a terminal, solves show too.
-    code, shown = _on_a_terminal(["resolve", "--conda", "tabulate", "--python", "3.11"], world)
-    assert code == 0 and "solve " in shown, shown
-
-
 def test_run_needs_a_command_and_runs_in_the_env(world, tmp_path):
     lock = tmp_path / "l.yml"
     assert invoke("resolve", "--pypi", "six", "--python", "3.11", "-o", str(lock)).exit_code == 0

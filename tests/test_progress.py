@@ -3,50 +3,14 @@
 
 from __future__ import annotations
 
-import os
-import pty
-import select
-import subprocess
-import sys
-import time
+import re
 
-from _helpers import ROOT, run_envmgr
-
-
-def _on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
-    """Run envmgr with stdout and stderr on a pseudo-terminal; its exit code and output."""
-    main, child = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-c", "from envmgr.cli.app import main; main()", *args],
-        stdin=child,
-        stdout=child,
-        stderr=child,
-        cwd=ROOT,
-        env={**env, "TERM": "xterm-256color", "COLUMNS": "120"},
-        close_fds=True,
-    )
-    os.close(child)
-    chunks = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([main], [], [], 1.0)
-        if ready:
-            try:
-                data = os.read(main, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    os.close(main)
-    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+from _helpers import on_a_terminal, run_envmgr
 
 
 def test_a_failed_solve_is_drawn_as_a_failure(world):
     env = {k: v for k, v in world.items() if k != "NO_COLOR"}
-    code, out = _on_a_terminal("resolve", "--conda", "no-such-package", "-p", "linux-64", env=env)
+    code, out = on_a_terminal("resolve", "--conda", "no-such-package", "-p", "linux-64", env=env)
     assert code == 1, out
     assert "✗" in out and "✓" not in out, out
     assert "solve command line linux-64" in out
@@ -54,14 +18,14 @@ def test_a_failed_solve_is_drawn_as_a_failure(world):
     assert "no package named 'no-such-package'" in out
 
     plain = {**env, "NO_COLOR": "1"}
-    code, out = _on_a_terminal("resolve", "--conda", "no-such-package", "-p", "linux-64", env=plain)
+    code, out = on_a_terminal("resolve", "--conda", "no-such-package", "-p", "linux-64", env=plain)
     assert code == 1
     assert "✗" in out and "✓" not in out
     assert "envmgr: error: " in out and "\x1b[1;31m" not in out
 
 
 def test_a_finished_solve_gets_a_check_mark(world):
-    code, out = _on_a_terminal("resolve", "--conda", "tabulate", "-p", "linux-64", env=world)
+    code, out = on_a_terminal("resolve", "--conda", "tabulate", "-p", "linux-64", env=world)
     assert code == 0, out
     assert "✓" in out and "✗" not in out
     assert "bytes" not in out  # a solve is a phase, not a byte bar
@@ -84,3 +48,30 @@ def test_off_a_terminal_each_slow_phase_is_one_line(world, tmp_path):
     assert quiet.stderr == ""
     fast = run_envmgr("resolve", *spec, "-p", "linux-64", env=every)  # cached: no phase
     assert fast.stderr == ""
+
+
+def test_progress_bars_on_a_terminal_and_not_when_piped(world, tmp_path):
+    lock = tmp_path / "l.yml"
+    spec = ("--conda", "numpy", "--python", "3.11", "--pypi", "colorama")
+    assert run_envmgr("resolve", *spec, "-o", str(lock), env=world).returncode == 0
+    code, shown = on_a_terminal("build", "--from-lock", str(lock), env=world)
+    assert code == 0, shown
+    for label in ("install ", "pack ", "upload "):
+        assert label in shown, shown
+    assert "━" in shown and "MB" in shown and "4/4" in shown  # bars, sizes, package counts
+    env_id = re.search(r"env ([0-9a-f]{12})", shown)
+    assert env_id is not None
+    fresh = {**world, "ENVMGR_CACHE_DIR": str(tmp_path / "fresh")}
+    code, shown = on_a_terminal("hydrate", str(lock), env=fresh)
+    assert code == 0 and "hydrate " in shown and "━" in shown, shown
+    # Piped: the same work prints results only.
+    piped = run_envmgr("hydrate", str(lock), env={**world, "ENVMGR_CACHE_DIR": str(tmp_path / "p")})
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert piped.stdout.strip().endswith("/bin/python")
+    code, shown = on_a_terminal(
+        "-q", "hydrate", str(lock), env={**fresh, "ENVMGR_CACHE_DIR": str(tmp_path / "q")}
+    )
+    assert code == 0 and "━" not in shown and "hydrate " not in shown
+    # On a terminal, solves show too.
+    code, shown = on_a_terminal("resolve", "--conda", "tabulate", "--python", "3.11", env=world)
+    assert code == 0 and "solve " in shown, shown
