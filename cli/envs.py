@@ -70,7 +70,8 @@ def _hydrate(
     with progress_for_cli() as progress:
         if target is None:
             lock, store_obj = _spec_lock(spec or {}, host, locked, frozen, progress)
-            build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
+            if not _hydrated(cache, lock.env_id):
+                build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
             env_id = lock.env_id
         elif ENV_ID.match(target):
             env_id = target  # hydrate() finds (or builds) it in the store
@@ -89,7 +90,7 @@ def _hydrate(
             )
             lock = found.lock.for_platform(host)
             store_obj = found.store or store_obj
-            if not found.from_store:
+            if not found.from_store and not _hydrated(cache, lock.env_id):
                 build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
             env_id, steps = lock.env_id, found.steps
         if use_lock is not None:
@@ -101,6 +102,14 @@ def _hydrate(
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
+
+
+def _hydrated(cache: Path, env_id: str) -> bool:
+    """The env is complete in this host's cache: nothing to build or download (a warm
+    `run` of a lock file or spec reads at most its cached lock from the store)."""
+    from envmgr.hydrate import COMPLETE, env_dir  # noqa: PLC0415
+
+    return (env_dir(cache, env_id) / COMPLETE).is_file()
 
 
 def _spec_lock(

@@ -61,7 +61,8 @@ def tree_command(
         ),
     ] = None,
     depth: Annotated[
-        int | None, typer.Option("--depth", "-d", metavar="N", help="Draw N levels at most.")
+        int | None,
+        typer.Option("--depth", "-d", metavar="N", min=0, help="Draw N levels at most."),
     ] = None,
     platform: PlatformFilter = None,
     store: StoreOpt = None,

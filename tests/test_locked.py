@@ -4,6 +4,7 @@ cached lock, and ``run`` taking a spec instead of a TARGET."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -130,6 +131,13 @@ def test_build_and_run_frozen_and_locked(world, tmp_path):
     text = run_envmgr("show", row["env_id"]).stdout
     assert " installed  source" in text
     assert f"{sizes['python'] / 1e6:7.1f} MB" in text
+
+    # Warm: the env is in this host's cache, so run builds nothing and reads no archive
+    # (the store's envs may even be gone; its cached lock is all --frozen reads).
+    shutil.rmtree(store / "envs")
+    warm = run_envmgr("run", *spec, "--frozen", "--", "python", "-c", code)
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout == first.stdout and not (store / "envs").exists()
 
     env_file = tmp_path / "environment.yml"
     env_file.write_text("dependencies:\n  - python=3.11\n  - tabulate\n")
