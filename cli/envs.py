@@ -56,7 +56,7 @@ def _hydrate(
     env's shared use lock is taken before hydrating, so ``gc`` cannot remove it in between;
     its descriptor is appended there and stays open (the caller execs)."""
     from envmgr.build import build_and_store  # noqa: PLC0415
-    from envmgr.cli._targets import ENV_ID, FlowOptions, load_target  # noqa: PLC0415
+    from envmgr.cli._targets import FlowOptions, load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
     from envmgr.local_envs import record_steps  # noqa: PLC0415
     from envmgr.platforms import host_platform  # noqa: PLC0415
@@ -73,8 +73,8 @@ def _hydrate(
             if not _hydrated(cache, lock.env_id):
                 build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
             env_id = lock.env_id
-        elif ENV_ID.match(target):
-            env_id = target  # hydrate() finds (or builds) it in the store
+        elif (given_id := _as_env_id(target, store_obj)) is not None:
+            env_id = given_id  # an id (or its prefix): hydrate() finds (or builds) it
         else:
             flow_options = FlowOptions(
                 store=store,
@@ -102,6 +102,19 @@ def _hydrate(
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
+
+
+def _as_env_id(target: str, store: Store) -> str | None:
+    """The env id *target* is, or starts (expanded in *store*, as ``load_target`` does);
+    ``None`` for a name, file or flow step. No lock is read: a warm run stays fast."""
+    from envmgr.cli._targets import ENV_ID, ID_PREFIX, expand_env_id  # noqa: PLC0415
+    from envmgr.names import is_name  # noqa: PLC0415
+
+    if ENV_ID.match(target):
+        return target
+    if ID_PREFIX.match(target) and not Path(target).exists():
+        return expand_env_id(target, store, names_too=is_name(target))
+    return None
 
 
 def _hydrated(cache: Path, env_id: str) -> bool:
