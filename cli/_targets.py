@@ -193,7 +193,16 @@ def load_target(
         lock = read_lock_file(path, cache_dir, options=resolve)
         return Target(text=text, kind="lock file", lock=lock)
     if is_name(text):
-        alias = lookup(store, text)
+        from envmgr.names import AliasError  # noqa: PLC0415
+
+        try:
+            alias = lookup(store, text)
+        except AliasError as exc:
+            if ID_PREFIX.match(text):  # it may have been meant as an env id prefix
+                raise AliasError(
+                    f"no env id starts with {text} and {exc.message}", hint=exc.hint
+                ) from None
+            raise
         lock = _stored(store, dict(alias.envs), f"env {alias.ref}")
         return Target(text=text, kind="name", lock=lock, from_store=True)
     fail(

@@ -67,3 +67,13 @@ def test_help_is_in_the_usual_style():
     resolve = run_envmgr("resolve", "--help", env=env).stdout
     assert re.search(r"--platform\s+-p\s+PLATFORM\s", resolve)
     assert re.search(r"--locked\s+Fail if a lock would change", resolve)
+
+
+def test_a_hex_target_that_is_neither_an_id_prefix_nor_a_name(world):
+    for command in (("show", "0000000000"), ("run", "0000000000", "--", "true")):
+        result = run_envmgr(*command)
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            "envmgr: error: no env id starts with 0000000000 and no env named "
+            f"0000000000:latest in {world['ENVMGR_STORE']} (create it with `envmgr alias`)"
+        ]
