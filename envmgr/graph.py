@@ -20,13 +20,13 @@ __all__ = ["Graph", "Node", "TreeLine"]
 _NAME = re.compile(r"^(?:[^:\s]+::)?([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
-def normalize(name: str) -> str:
+def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _dependency_name(spec: str) -> str | None:
     match = _NAME.match(spec.strip())
-    return normalize(match.group(1)) if match else None
+    return _normalize(match.group(1)) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ class Node:
 @dataclass(frozen=True, slots=True)
 class TreeLine:
     """One line of a drawn tree: its prefix (``│   ├── ``), node, and whether it is a repeat
-    (drawn in full further up, marked ``(*)``) or cut off by the depth."""
+    (drawn in full further up, marked ``(*)``)."""
 
     prefix: str
     node: Node
@@ -58,13 +58,13 @@ class Graph:
         self.nodes: dict[str, Node] = {}
         for pkg in lock.packages:
             # A name both conda and PyPI lock: the conda one stands for it (PyPI's came on top).
-            key = normalize(pkg.name)
+            key = _normalize(pkg.name)
             if key not in self.nodes or pkg.manager == "conda":
                 self.nodes[key] = Node(key=key, package=pkg)
         self.needs: dict[str, list[str]] = {}
         self.needed_by: dict[str, list[str]] = {key: [] for key in self.nodes}
         for pkg in lock.packages:
-            key = normalize(pkg.name)
+            key = _normalize(pkg.name)
             deps = []
             for spec in pkg.depends:
                 dep = _dependency_name(spec)
@@ -79,11 +79,11 @@ class Graph:
             dependents.sort()
 
     def find(self, name: str) -> Node | None:
-        return self.nodes.get(normalize(name))
+        return self.nodes.get(_normalize(name))
 
     def suggest(self, name: str) -> list[str]:
         """Names in the lock close to *name*, for the error that says it is not there."""
-        close = difflib.get_close_matches(normalize(name), list(self.nodes), n=3, cutoff=0.6)
+        close = difflib.get_close_matches(_normalize(name), list(self.nodes), n=3, cutoff=0.6)
         return [self.nodes[key].package.name for key in close]
 
     def roots(self) -> list[str]:
