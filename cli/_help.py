@@ -48,22 +48,19 @@ def _tidy(params: list[click_core.Parameter]) -> None:
             param.__class__ = _Option
 
 
-class TidyCommand(TyperCommand):
-    """A command whose help and usage line are in the usual style."""
-
+class _TidyParams(click_core.Command):
     def get_params(self, ctx: click_core.Context) -> list[click_core.Parameter]:
         params = super().get_params(ctx)  # with --help, which click adds late
         _tidy(params)
         return params
 
 
-class TidyGroup(TyperGroup):
-    """A group (``envmgr``, ``envmgr store``) whose own options are drawn the same way."""
+class TidyCommand(_TidyParams, TyperCommand):
+    """A command whose help and usage line are in the usual style."""
 
-    def get_params(self, ctx: click_core.Context) -> list[click_core.Parameter]:
-        params = super().get_params(ctx)
-        _tidy(params)
-        return params
+
+class TidyGroup(_TidyParams, TyperGroup):
+    """A group (``envmgr``, ``envmgr store``) whose own options are drawn the same way."""
 
 
 class RunCommand(TidyCommand):

@@ -175,7 +175,7 @@ def _single_spec(
         spec = merge(spec, read_spec_file(path))
     problems: list[Problem] = []
     deps: list[CondaDep] = []
-    given: dict[str, str] = {}  # name -> the --conda text that named it first
+    given: dict[str, tuple[CondaDep, str]] = {}  # name -> its dep and --conda text
     for text in conda:
         try:
             dep = CondaDep.parse(text)
@@ -187,19 +187,20 @@ def _single_spec(
         if dep.name == "python" and dep.channel is None:
             python = python or dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
             continue
-        earlier = next((d for d in deps if d.name == dep.name), None)
-        if earlier is not None and earlier != dep:
+        earlier = given.get(dep.name)
+        if earlier is not None and earlier[0] != dep:
             problems.append(
                 Problem(
                     where="command line",
                     key=f"--conda {text!r}",
-                    message=f"{dep.name} is already given as --conda {given[dep.name]!r}; give "
+                    message=f"{dep.name} is already given as --conda {earlier[1]!r}; give "
                     f"one spec per package (e.g. --conda '{dep.name} >=1.2,<2')",
                 )
             )
             continue
-        given.setdefault(dep.name, text)
-        deps.append(dep)
+        if earlier is None:
+            given[dep.name] = (dep, text)
+            deps.append(dep)
     pypi_deps: list[PypiDep] = []
     for text in pypi:
         try:

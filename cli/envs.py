@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,7 +29,7 @@ from envmgr.cli._inputs import (
     configured_store,
 )
 from envmgr.cli._progress import progress_for_cli
-from envmgr.cli._targets import TargetArg
+from envmgr.cli._targets import FlowOptions, TargetArg
 from envmgr.config import cache_dir, load
 
 if TYPE_CHECKING:
@@ -41,58 +42,46 @@ __all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
 
 def _hydrate(
     target: str | None,
-    store: str | None,
-    channel: list[str],
-    index_url: str | None,
-    extra_index_url: list[str],
+    options: FlowOptions,
+    *,
     use_lock: list[int] | None = None,
     spec: dict[str, Any] | None = None,
-    locked: bool = False,
-    frozen: bool = False,
 ) -> tuple[Path, bool, tuple[str, ...]]:
     """Hydrate what *target* (or else the *spec* inputs, as ``resolve`` takes them) names
     for this host; a lock file, flow step or spec is built into the store first when the
-    store lacks it. *locked*/*frozen* apply where a spec is resolved. With *use_lock*, the
-    env's shared use lock is taken before hydrating, so ``gc`` cannot remove it in between;
-    its descriptor is appended there and stays open (the caller execs)."""
+    store lacks it. *options* say how to resolve (its ``locked``/``frozen`` apply where a
+    flow step or spec is resolved). With *use_lock*, the env's shared use lock is taken
+    before hydrating, so ``gc`` cannot remove it in between; its descriptor is appended
+    there and stays open (the caller execs)."""
     from envmgr.build import build_and_store  # noqa: PLC0415
-    from envmgr.cli._targets import FlowOptions, load_target  # noqa: PLC0415
+    from envmgr.cli._targets import load_target  # noqa: PLC0415
     from envmgr.hydrate import hydrate  # noqa: PLC0415
     from envmgr.local_envs import record_steps  # noqa: PLC0415
     from envmgr.platforms import host_platform  # noqa: PLC0415
 
-    config = load(flags={"store": store})
+    config = load(flags={"store": options.store})
     # A lock or flow file is built into the store when it lacks the env; an id or a name is read.
     reading = target is not None and not Path(target.split(":", 1)[0]).is_file()
     store_obj, cache = configured_store(config, reading=reading), Path(config["cache_dir"])
     host = host_platform()
+    options = replace(options, platform=(host,))
     steps: tuple[str, ...] = ()
     with progress_for_cli() as progress:
+        lock = None  # a lock the store may lack (a spec, lock file or flow step)
         if target is None:
-            lock, store_obj = _spec_lock(spec or {}, host, locked, frozen, progress)
-            if not _hydrated(cache, lock.env_id):
-                build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
+            lock, store_obj = _spec_lock(spec or {}, options, progress)
             env_id = lock.env_id
         elif (given_id := _as_env_id(target, store_obj)) is not None:
             env_id = given_id  # an id (or its prefix): hydrate() finds (or builds) it
         else:
-            flow_options = FlowOptions(
-                store=store,
-                channel=tuple(channel),
-                index_url=index_url,
-                extra_index_url=tuple(extra_index_url),
-                platform=(host,),
-                locked=locked,
-                frozen=frozen,
-            )
-            found = load_target(
-                target, store_obj, cache, flow_options=flow_options, progress=progress
-            )
-            lock = found.lock.for_platform(host)
+            found = load_target(target, store_obj, cache, flow_options=options, progress=progress)
             store_obj = found.store or store_obj
-            if not found.from_store and not _hydrated(cache, lock.env_id):
-                build_and_store(lock, build_options(store_obj, cache, progress, channel, config))
-            env_id, steps = lock.env_id, found.steps
+            env_id, steps = found.lock.for_platform(host).env_id, found.steps
+            if not found.from_store:
+                lock = found.lock.for_platform(host)
+        if lock is not None and not _hydrated(cache, env_id):
+            channels = list(options.channel)
+            build_and_store(lock, build_options(store_obj, cache, progress, channels, config))
         if use_lock is not None:
             from envmgr.local_envs import open_use_lock  # noqa: PLC0415
 
@@ -126,23 +115,28 @@ def _hydrated(cache: Path, env_id: str) -> bool:
 
 
 def _spec_lock(
-    spec: dict[str, Any], host: str, locked: bool, frozen: bool, progress: Progress
+    spec: dict[str, Any], options: FlowOptions, progress: Progress
 ) -> tuple[PlatformLock, Store]:
-    """This host's lock of the spec that ``run``'s -f/-r/--conda/--pypi/--python name."""
+    """This host's lock (*options* name the platform) of the spec that ``run``'s
+    -f/-r/--conda/--pypi/--python name."""
     from envmgr.cli._inputs import gather  # noqa: PLC0415
     from envmgr.resolution import require_locked, resolve_specs  # noqa: PLC0415
 
     inputs = gather(
         flow=None,
-        platform=[host],
+        platform=list(options.platform),
+        channel=list(options.channel),
+        index_url=options.index_url,
+        extra_index_url=list(options.extra_index_url),
+        store=options.store,
         datastore=None,
-        locked=locked,
-        frozen=frozen,
+        locked=options.locked,
+        frozen=options.frozen,
         progress=progress,
         **spec,
     )
     results = resolve_specs(inputs.specs, inputs.options)
-    if locked:
+    if options.locked:
         require_locked(results, inputs.options.store.url)
     return results[0].lock, inputs.options.store
 
@@ -157,7 +151,13 @@ def hydrate_command(
 ) -> None:
     """Make the env available in the local cache and print its python."""
     start = time.monotonic()
-    prefix, downloaded, _steps = _hydrate(target, store, channel, index_url, extra_index_url)
+    options = FlowOptions(
+        store=store,
+        channel=tuple(channel),
+        index_url=index_url,
+        extra_index_url=tuple(extra_index_url),
+    )
+    prefix, downloaded, _steps = _hydrate(target, options)
     if as_json:
         emit_json(
             {
@@ -213,11 +213,7 @@ def run_command(
             "conda": conda,
             "pypi": pypi,
             "python": python,
-            "channel": channel,
-            "index_url": index_url,
-            "extra_index_url": extra_index_url,
             "find_links": find_links,
-            "store": store,
             "cuda": cuda,
         }
         target, command = None, words
@@ -226,17 +222,15 @@ def run_command(
     if not command:
         fail("give the command to run after --, e.g. envmgr run ID -- python -V")
     held: list[int] = []  # the use lock, from before hydrating through the exec
-    prefix, _downloaded, _steps = _hydrate(
-        target,
-        store,
-        channel,
-        index_url,
-        extra_index_url,
-        use_lock=held,
-        spec=spec,
+    options = FlowOptions(
+        store=store,
+        channel=tuple(channel),
+        index_url=index_url,
+        extra_index_url=tuple(extra_index_url),
         locked=locked,
         frozen=frozen,
     )
+    prefix, _downloaded, _steps = _hydrate(target, options, use_lock=held, spec=spec)
     try:
         exec_in_env(prefix, command, held[0])
     except OSError as exc:
