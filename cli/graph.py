@@ -120,7 +120,9 @@ def why_command(
             continue
         head = f"{node.label}  ({graph.lock.platform}, env {graph.lock.env_id[:12]})"
         if chains == [[node.key]]:
-            typer.echo(f"{head}: nothing else needs it; the spec asked for it")
+            # Locked PyPI dependencies leave out those an extra adds (requests[socks]):
+            # a root was asked for by the spec or through an extra.
+            typer.echo(f"{head}: nothing in the lock needs it; the spec (or an extra) asked for it")
             continue
         needed_by = ", ".join(graph.nodes[k].package.name for k in graph.needed_by[node.key])
         typer.echo(f"{head}: needed by {needed_by}")

@@ -121,7 +121,9 @@ def test_tree_and_why_on_a_lock_file(world, mixed_lock, tmp_path):
         "  python-dateutil 2.9.0.post0 (pypi) -> six 1.17.0 (pypi)",
     ]
     root = run_envmgr("why", str(path), "tabulate")
-    assert root.stdout.strip().endswith("nothing else needs it; the spec asked for it")
+    assert root.stdout.strip().endswith(
+        "nothing in the lock needs it; the spec (or an extra) asked for it"
+    )
     why_all = json.loads(run_envmgr("why", str(path), "python", "--json").stdout)
     assert problems(why_all, shapes["why"]) == []
     why_json = why_all["envs"][0]
