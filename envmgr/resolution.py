@@ -324,7 +324,11 @@ def _add_pypi(
     from envmgr.resolvers.pypi.sdist import Sdists  # noqa: PLC0415
 
     sdists = Sdists(
-        store=options.store, cache_dir=options.cache_dir / "pypi", client=client, index_urls=indexes
+        store=options.store,
+        cache_dir=options.cache_dir / "pypi",
+        client=client,
+        index_urls=indexes,
+        retry_failed=options.force,
     )
     pypi = resolve_pypi(
         spec,

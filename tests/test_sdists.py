@@ -116,6 +116,47 @@ def test_an_sdist_takes_the_metadata_of_a_wheel_of_its_version(world, caplog):
     assert _sources(caplog) == {"wheel_twin-3.8.3.tar.gz": "wheel"}
 
 
+def test_an_sdist_name_with_an_extra_dash_is_read_as_pip_and_uv_read_it(world, compiled):
+    """thop-0.0.22-421392844089.tar.gz is thop 0.0.22.post421392844089 (not project
+    thop-0-0-22 at version 421392844089, which would satisfy thop>=0.1.1 and need git)."""
+    assert pypi_versions(world(["thop>=0.1.1"]))["thop"] == "0.1.1.post2209072238"
+    assert not compiled.exists(), "the odd sdist's setup.py ran"
+    from envmgr.resolvers.pypi.index import sdist_version
+
+    assert sdist_version("thop-0.0.22-421392844089.tar.gz", "thop") == "0.0.22.post421392844089"
+    assert sdist_version("Foo_Bar-1.0.zip", "foo-bar") == "1.0"
+    assert sdist_version("foo-bar-baz-2.0rc1.tar.gz", "foo-bar-baz") == "2.0rc1"
+    assert sdist_version("foo-bar-baz-2.0.tar.gz", "foo") is None  # "bar-baz-2.0" is no version
+    assert sdist_version("foobar-1.0.tar.gz", "foo") is None
+    assert sdist_version("foo-1.0.tar.bz2", "foo") is None
+
+
+def test_static_pyproject_metadata_is_read_without_the_backend(world, caplog):
+    """dbt-core-experimental-parser 2.0.8: PKG-INFO 2.1 says nothing, the backend needs the
+    internet, the [project] table says it all (uv reads it; so does envmgr)."""
+    caplog.set_level(logging.INFO, logger="envmgr")
+    found = pypi_versions(world(["static-table[fast]"]))
+    assert found == {"static-table": "2.0.8", "six": "1.17.0", "tf-like": "4.38.0"}
+    assert _sources(caplog) == {"static_table-2.0.8.tar.gz": "pyproject"}
+
+
+def test_a_failed_metadata_preparation_is_remembered_until_force(world, compiled):
+    with pytest.raises(EnvmgrError) as first:
+        world(["broken-meta"], force=False)
+    assert "preparing broken_meta-1.0.tar.gz failed" in str(first.value)
+    assert "not a git repository" in str(first.value)
+    assert compiled.read_text().split("\n").count("broken-meta metadata") == 1
+    with pytest.raises(EnvmgrError) as again:
+        world(["broken-meta"], force=False)
+    assert "not a git repository" in str(again.value)
+    assert "remembered from" in str(again.value) and "--force" in str(again.value)
+    assert compiled.read_text().split("\n").count("broken-meta metadata") == 1
+    with pytest.raises(EnvmgrError) as forced:
+        world(["broken-meta"], force=True)
+    assert "remembered" not in str(forced.value)
+    assert compiled.read_text().split("\n").count("broken-meta metadata") == 2
+
+
 def test_only_build_compiles_and_only_once(world, compiled, tmp_path):
     lock = world(["slow-native"])
     assert not compiled.exists()

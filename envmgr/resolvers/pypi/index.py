@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
+from packaging.version import InvalidVersion, Version
 
 from envmgr.errors import EnvmgrError
 from envmgr.lock import strip_credentials
@@ -132,20 +133,54 @@ class _Links(html.parser.HTMLParser):
             self.links.append(dict(attrs))
 
 
-def _parse_filename(name: str) -> tuple[str, str] | None:
+def _parse_filename(name: str, project: str | None = None) -> tuple[str, str] | None:
     """(project, version) of a wheel or sdist file name; a cheap split, since pages of big
-    projects list thousands of files (wheel tags are parsed later, only for candidates)."""
+    projects list thousands of files (wheel tags are parsed later, only for candidates).
+
+    With *project* (canonical), a file that is not that project's is None, and an sdist's
+    version is what follows the project's name, as pip and uv read it: for project ``thop``,
+    ``thop-0.0.22-421392844089.tar.gz`` is version ``0.0.22.post421392844089``, not project
+    ``thop-0-0-22``. Without it (a file whose project nobody named) the last dash splits."""
     if name.endswith(".whl"):
         parts = name[:-4].split("-")
         if len(parts) not in (5, 6):
             return None
-        return _canonical(parts[0]), parts[1]
-    if name.endswith((".tar.gz", ".zip")):
+        found = _canonical(parts[0])
+        if project is not None and found != project:
+            return None
+        return found, parts[1]
+    if project is not None:
+        version = sdist_version(name, project)
+        return None if version is None else (project, version)
+    if name.endswith(_SDIST_SUFFIXES):
         try:
-            project, version = parse_sdist_filename(name)
+            found, parsed = parse_sdist_filename(name)
         except (InvalidSdistFilename, ValueError):
             return None
-        return canonicalize_name(project), str(version)
+        return canonicalize_name(found), str(parsed)
+    return None
+
+
+_SDIST_SUFFIXES = (".tar.gz", ".zip")
+
+
+def sdist_version(filename: str, project: str) -> str | None:
+    """The normalized version of sdist *filename* of *project*, or None when the file is not
+    an sdist of *project* or its version is not PEP 440: the stem's first dash after which
+    the part before, normalized, is the project's name (pip's and uv's rule)."""
+    suffix = next((s for s in _SDIST_SUFFIXES if filename.endswith(s)), None)
+    if suffix is None:
+        return None
+    stem = filename[: -len(suffix)]
+    wanted = canonicalize_name(project)
+    dash = stem.find("-")
+    while dash != -1:
+        if _canonical(stem[:dash]) == wanted:
+            try:
+                return str(Version(stem[dash + 1 :]))
+            except InvalidVersion:
+                return None
+        dash = stem.find("-", dash + 1)
     return None
 
 
@@ -154,10 +189,10 @@ def _canonical(name: str) -> str:
     return str(canonicalize_name(name))
 
 
-def _files_from_json(data: dict[str, Any], base: str) -> list[DistFile]:
+def _files_from_json(data: dict[str, Any], base: str, project: str) -> list[DistFile]:
     out = []
     for entry in data.get("files", []):
-        parsed = _parse_filename(entry.get("filename", ""))
+        parsed = _parse_filename(entry.get("filename", ""), project)
         sha256 = (entry.get("hashes") or {}).get("sha256")
         if parsed is None or not sha256:
             continue  # envmgr locks only files it can verify
@@ -181,7 +216,7 @@ def _files_from_json(data: dict[str, Any], base: str) -> list[DistFile]:
     return out
 
 
-def _files_from_html(text: str, base: str) -> list[DistFile]:
+def _files_from_html(text: str, base: str, project: str) -> list[DistFile]:
     parser = _Links()
     parser.feed(text)
     out = []
@@ -189,7 +224,7 @@ def _files_from_html(text: str, base: str) -> list[DistFile]:
         href = attrs.get("href") or ""
         url, _, fragment = urljoin(base, href).partition("#")
         filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-        parsed = _parse_filename(filename)
+        parsed = _parse_filename(filename, project)
         algo, _, digest = fragment.partition("=")
         if parsed is None or algo != "sha256" or not digest:
             continue
@@ -224,10 +259,10 @@ def _file_to_row(dist: DistFile) -> list[Any]:
     ]
 
 
-def _rows_to_files(rows: list[list[Any]]) -> list[DistFile]:
+def _rows_to_files(rows: list[list[Any]], project: str) -> list[DistFile]:
     out = []
     for filename, url, sha256, requires_python, yanked, metadata_sha256, size in rows:
-        parsed = _parse_filename(filename)
+        parsed = _parse_filename(filename, project)
         if parsed is not None:
             out.append(
                 DistFile(
@@ -437,21 +472,22 @@ class IndexClient:
 
     def _flat_files(self, location: str, name: str) -> list[DistFile]:
         return [
-            self.direct_file(url)
-            for project, _filename, url in self._flat_entries(location)
-            if project == name
+            self.direct_file(url, name)
+            for _project, filename, url in self._flat_entries(location)
+            if _parse_filename(filename, name) is not None
         ]
 
-    def direct_file(self, url: str) -> DistFile:
-        """The wheel or sdist at *url* (a direct URL or a find-links file) as a :class:`DistFile`;
-        its sha256 comes from a ``#sha256=`` fragment, else from its bytes (a local file's
-        hash is cached by path, size and mtime)."""
+    def direct_file(self, url: str, project: str | None = None) -> DistFile:
+        """The wheel or sdist at *url* (a direct URL or a find-links file) as a :class:`DistFile`
+        of *project* (canonical) when given; its sha256 comes from a ``#sha256=`` fragment, else
+        from its bytes (a local file's hash is cached by path, size and mtime)."""
         bare, _, fragment = url.partition("#")
         filename = unquote(urlsplit(bare).path.rsplit("/", 1)[-1])
-        parsed = _parse_filename(filename)
+        parsed = _parse_filename(filename, project)
         if parsed is None:
+            whose = f" of {project}" if project else ""
             raise PackageIndexError(
-                f"{strip_credentials(bare)}: not a wheel or sdist file name",
+                f"{strip_credentials(bare)}: not a wheel or sdist file name{whose}",
                 hint="name a .whl, .tar.gz or .zip file",
             )
         algo, _, digest = fragment.partition("=")
@@ -501,7 +537,7 @@ class IndexClient:
             path = Path(unquote(urlsplit(expand(url)).path)) / "index.html"
             if not path.is_file():
                 return []
-            return _files_from_html(path.read_text(encoding="utf-8", errors="replace"), url)
+            return _files_from_html(path.read_text(encoding="utf-8", errors="replace"), url, name)
         # The cache holds parsed rows with credential-free absolute URLs, not the page body:
         # decoding thousands of rows is what a warm resolution costs.
         cache = self._cache_path("pages", strip_credentials(url))
@@ -514,7 +550,7 @@ class IndexClient:
         if cached and cached.get("format") != _PAGE_FORMAT:
             cached = None
         if cached and cached.get("fresh_until", 0) > time.time():
-            return _rows_to_files(cached["rows"])
+            return _rows_to_files(cached["rows"], name)
         headers = {"Accept": _ACCEPT}
         if cached and cached.get("etag"):
             headers["If-None-Match"] = cached["etag"]
@@ -524,7 +560,7 @@ class IndexClient:
         if answer.status_code == 304 and cached:
             cached["fresh_until"] = time.time() + _max_age(answer.headers)
             _write_atomic(cache, json.dumps(cached).encode())
-            return _rows_to_files(cached["rows"])
+            return _rows_to_files(cached["rows"], name)
         if answer.status_code == 404:
             return []
         if answer.status_code != 200:
@@ -532,11 +568,11 @@ class IndexClient:
         base = strip_credentials(answer.url)
         if answer.headers.get("Content-Type", "").split(";")[0].strip() == JSON_TYPE:
             try:
-                files = _files_from_json(answer.json(), base)
+                files = _files_from_json(answer.json(), base, name)
             except ValueError:
                 raise PackageIndexError(f"{strip_credentials(url)}: malformed JSON page") from None
         else:
-            files = _files_from_html(answer.text, base)
+            files = _files_from_html(answer.text, base, name)
         entry = {
             "format": _PAGE_FORMAT,
             "etag": answer.headers.get("ETag"),

@@ -338,7 +338,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         with self._prefetch_lock:
             future = self._direct.get(url)
             if future is None:
-                future = self.pool.submit(self.client.direct_file, url)
+                future = self.pool.submit(self.client.direct_file, url, name)
                 self._direct[url] = future
         dist = future.result()
         version = _version(dist.version)

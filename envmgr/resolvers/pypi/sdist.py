@@ -10,7 +10,10 @@ Metadata comes from the cheapest source that is allowed to answer (:meth:`Sdists
 4. the sdist's own ``PKG-INFO``, when its Metadata-Version is 2.2 or newer and none of the
    fields a resolver needs (``Requires-Dist``, ``Requires-Python``, ``Provides-Extra``) is
    ``Dynamic`` (PEP 643);
-5. the build backend's PEP 517 ``prepare_metadata_for_build_wheel`` hook in an isolated build
+5. the static ``[project]`` table of its ``pyproject.toml`` (PEP 621), when it names this
+   project and lists none of ``dependencies``, ``optional-dependencies``, ``requires-python``
+   as ``dynamic`` (uv's rule: a backend must not change what the table declares);
+6. the build backend's PEP 517 ``prepare_metadata_for_build_wheel`` hook in an isolated build
    environment (pip's, through ``pip install --dry-run --report``): it runs ``setup.py egg_info``
    or its equivalent, never a compiler.
 
@@ -73,7 +76,7 @@ __all__ = [
 
 log = logging.getLogger("envmgr.sdist")
 
-MetadataSource = Literal["cache", "store", "pep658", "wheel", "pkg-info", "pep517"]
+MetadataSource = Literal["cache", "store", "pep658", "wheel", "pkg-info", "pyproject", "pep517"]
 
 #: What a resolver reads; if PEP 643 marks any of them Dynamic, PKG-INFO is not enough.
 _RESOLVER_FIELDS = frozenset({"requires-dist", "requires-python", "provides-extra"})
@@ -203,8 +206,10 @@ class Sdists:
         cache_dir: Path,
         client: IndexClient,
         index_urls: tuple[str, ...],
+        retry_failed: bool = False,
     ) -> None:
         self.store = store
+        self.retry_failed = retry_failed
         self.client = client
         self.index_urls = tuple(index_urls)
         self.root = cache_dir / "sdist"
@@ -272,8 +277,10 @@ class Sdists:
                 email.parser.BytesParser().parsebytes(pkg_info)
             ):
                 data, source = pkg_info, "pkg-info"
+            elif (table := pyproject_metadata(path, dist.project, dist.version)) is not None:
+                data, source = table, "pyproject"
             else:
-                data, source = self._prepare_metadata(dist, path), "pep517"
+                data, source = self._prepare_remembered(dist, path), "pep517"
         _write_atomic(cached, data)
         self.store.put(key, data)
         self._remember_indexes(dist)
@@ -283,6 +290,37 @@ class Sdists:
         """Where this sdist's build dependencies come from, for the builder of the env."""
         record = json.dumps({"index_urls": [_safe_index(u) for u in self.index_urls]})
         self.store.put(f"wheels/{dist.sha256}/build.json", record.encode())
+
+    def _prepare_remembered(self, dist: DistFile, path: Path) -> bytes:
+        """:meth:`_prepare_metadata`, whose failure is remembered for this sdist's sha256 (with
+        its error) and raised again without running the backend, unless ``retry_failed``."""
+        record = self.root / "failed" / f"{dist.sha256}.json"
+        if not self.retry_failed and record.is_file():
+            try:
+                known = json.loads(record.read_bytes())
+                message, lines, log_path = known["message"], known["lines"], known["log"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            else:
+                raise SdistBuildError(
+                    f"{message} [remembered from {known.get('when', 'an earlier resolve')}]",
+                    hint="fix the cause, then resolve with --force to prepare it again",
+                    lines=[str(line) for line in lines],
+                    log=Path(log_path) if log_path else None,
+                )
+        try:
+            data = self._prepare_metadata(dist, path)
+        except SdistBuildError as exc:
+            known = {
+                "message": exc.message,
+                "lines": list(exc.lines),
+                "log": str(exc.log) if exc.log else None,
+                "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+            _write_atomic(record, json.dumps(known).encode())
+            raise
+        record.unlink(missing_ok=True)
+        return data
 
     def _prepare_metadata(self, dist: DistFile, path: Path) -> bytes:
         """The backend's ``prepare_metadata_for_build_wheel`` (a backend without that hook
@@ -519,6 +557,73 @@ def _pkg_info(path: Path) -> bytes | None:
     except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise SdistBuildError(f"{path.name}: not a readable sdist archive ({exc})") from None
     return None
+
+
+def pyproject_metadata(path: Path, project: str, version: str) -> bytes | None:
+    """Core metadata (2.2) made from the static ``[project]`` table of the sdist at *path*,
+    or None when there is none, it names another project, or any field a resolver needs is
+    ``dynamic`` or malformed. *project* is canonical, *version* the file's version."""
+    from packaging.requirements import InvalidRequirement, Requirement  # noqa: PLC0415
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet  # noqa: PLC0415
+    from packaging.utils import canonicalize_name  # noqa: PLC0415
+
+    if sys.version_info >= (3, 11):
+        import tomllib  # noqa: PLC0415
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # noqa: PLC0415
+
+    try:
+        wanted = next(
+            (
+                name
+                for name, size in _members(path)
+                if name.count("/") == 1
+                and name.endswith("/pyproject.toml")
+                and size <= _MAX_PKG_INFO
+            ),
+            None,
+        )
+        if wanted is None:
+            return None
+        table = tomllib.loads((_read_member(path, wanted) or b"").decode("utf-8"))["project"]
+        dynamic = {str(d).lower() for d in table.get("dynamic", [])}
+        name = table["name"]
+        if dynamic & {"dependencies", "optional-dependencies", "requires-python"}:
+            return None
+        if not isinstance(name, str) or canonicalize_name(name) != project:
+            return None
+        requires = [str(Requirement(r)) for r in table.get("dependencies", [])]
+        extras = table.get("optional-dependencies", {})
+        python = table.get("requires-python")
+        if python is not None:
+            SpecifierSet(python)
+        lines = ["Metadata-Version: 2.2", f"Name: {name}", f"Version: {version}"]
+        if python:
+            lines.append(f"Requires-Python: {python}")
+        lines += [f"Requires-Dist: {r}" for r in requires]
+        for extra, deps in extras.items():
+            extra_name = canonicalize_name(extra)
+            lines.append(f"Provides-Extra: {extra_name}")
+            for dep in deps:
+                req = Requirement(dep)
+                marker = f"({req.marker}) and " if req.marker else ""
+                req.marker = None
+                lines.append(f'Requires-Dist: {req}; {marker}extra == "{extra_name}"')
+    except (
+        OSError,
+        UnicodeDecodeError,
+        tomllib.TOMLDecodeError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        InvalidRequirement,
+        InvalidSpecifier,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        EOFError,
+    ):
+        return None
+    return ("\n".join(lines) + "\n\n").encode()
 
 
 def has_native_sources(path: Path) -> bool:
