@@ -155,6 +155,7 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
                         "cached": r.cached,
                         "adopted": adopted,
                         "seconds": round(r.seconds, 3),
+                        "source_builds": [b.to_dict() for b in r.source_builds],
                         **({"drifted": r.drifted, "uncached": r.uncached} if check else {}),
                     }
                     for r in results
@@ -171,6 +172,8 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
                     f"{step:<16} {r.platform:<14} env {r.lock.env_id[:12]}  "
                     f"{len(r.lock.packages):>3} packages  {state:<7} {r.seconds:.2f}s"
                 )
+            for build in r.source_builds:
+                typer.echo(f"envmgr: note: {r.platform}: {build.sentence(r.platform)}", err=True)
     new = [r for r in results if r.uncached]
     if check and (drifted or new):
         if drifted:

@@ -36,6 +36,7 @@ from envmgr.spec import EnvSpec, parse_index_url
 
 if TYPE_CHECKING:
     from envmgr.lockfiles import PypiLockFile
+    from envmgr.resolvers.pypi.resolve import SourceBuild
 
 __all__ = [
     "ResolveOptions",
@@ -80,6 +81,7 @@ class Resolved:
     seconds: float
     drifted: bool = False  # check mode: the fresh lock differs from the cached one
     uncached: bool = False  # check mode: there was no cached lock to compare with
+    source_builds: tuple[SourceBuild, ...] = ()  # sdists build makes wheels of (fresh solves)
 
     @property
     def spec_id(self) -> str:
@@ -279,8 +281,11 @@ async def _one(
     label = f"solve {', '.join(steps)[:18]} {target.platform}"
     with tracked(options.progress, label, unit="phase"):
         lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
+        builds: tuple[SourceBuild, ...] = ()
         if spec.pypi:
-            lock = await asyncio.to_thread(_add_pypi, spec, lock, target, options, clients, where)
+            lock, builds = await asyncio.to_thread(
+                _add_pypi, spec, lock, target, options, clients, where
+            )
     drifted = options.check and cached is not None and cached.env_id != lock.env_id
     if not options.check:
         options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
@@ -293,6 +298,7 @@ async def _one(
         seconds=time.monotonic() - start,
         drifted=drifted,
         uncached=options.check and cached is None,
+        source_builds=builds,
     )
 
 
@@ -303,8 +309,9 @@ def _add_pypi(
     options: ResolveOptions,
     clients: dict[tuple[str, ...], Any],
     where: str,
-) -> PlatformLock:
-    """The conda lock plus the PyPI packages resolved on top of it."""
+) -> tuple[PlatformLock, tuple[SourceBuild, ...]]:
+    """The conda lock plus the PyPI packages resolved on top of it, and the sdists among them
+    that ``build`` makes wheels of."""
     from envmgr.resolvers.pypi.index import IndexClient  # noqa: PLC0415
     from envmgr.resolvers.pypi.resolve import fixed_from_conda, resolve_pypi  # noqa: PLC0415
     from envmgr.resolvers.pypi.target import PythonTarget  # noqa: PLC0415
@@ -330,7 +337,7 @@ def _add_pypi(
         index_urls=indexes,
         retry_failed=options.force,
     )
-    pypi = resolve_pypi(
+    locked = resolve_pypi(
         spec,
         python_target,
         client=client,
@@ -341,7 +348,7 @@ def _add_pypi(
             target.platform == host_platform() and python_target.python_xy == sys.version_info[:2]
         ),
     )
-    return replace(lock, packages=(*lock.packages, *pypi))
+    return replace(lock, packages=(*lock.packages, *locked.packages)), locked.source_builds
 
 
 def complete_pypi_lock(

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _helpers import fixture_options, run_envmgr
+from _helpers import envmgr_here, fixture_options, run_envmgr
 
 from envmgr.build import BuildOptions, build_and_store, create_prefix
 from envmgr.cache.local import LocalStore
@@ -138,6 +138,40 @@ def test_static_pyproject_metadata_is_read_without_the_backend(world, caplog):
     found = pypi_versions(world(["static-table[fast]"]))
     assert found == {"static-table": "2.0.8", "six": "1.17.0", "tf-like": "4.38.0"}
     assert _sources(caplog) == {"static_table-2.0.8.tar.gz": "pyproject"}
+
+
+def test_resolve_names_the_sdists_build_will_compile(index, conda_channel, tmp_path):
+    """blis 0.4.1: resolve took 3 s, build then compiled for minutes and failed; now resolve
+    says which sdists build makes wheels of, and the newest version with a wheel."""
+    import json
+
+    env = {
+        **os.environ,
+        "ENVMGR_CACHE_DIR": str(tmp_path / "cache"),
+        "ENVMGR_STORE": (tmp_path / "store").as_uri(),
+    }
+    args = ["resolve", "--pypi", "slow-native", "--pypi", "pure-sdist", "--pypi", "six"]
+    args += ["--python", "3.11", "--channel", conda_channel.url, "--index-url", index.url]
+    result = envmgr_here(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "is an sdist" in line]
+    assert notes == [
+        "envmgr: note: linux-64: pure-sdist 1.0.9 is an sdist (pure_sdist-1.0.9.tar.gz): "
+        "build builds its wheel",
+        "envmgr: note: linux-64: slow-native 1.0 is an sdist (slow_native-1.0.tar.gz): "
+        "build compiles its code; newest version with a wheel for linux-64: 0.9",
+    ]
+    data = json.loads(envmgr_here(*args, "--force", "--json", env=env).stdout)
+    builds = data["envs"][0]["source_builds"]
+    assert [(b["name"], b["compiles"]) for b in builds] == [
+        ("pure-sdist", False),
+        ("slow-native", True),
+    ]
+    # For another target only a pure sdist may be locked, and resolve built its wheel then.
+    other = ["resolve", "--pypi", "pure-sdist", "--python", "3.11", "-p", "osx-arm64"]
+    result = envmgr_here(*other, *args[-4:], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "is an sdist" not in result.stderr
 
 
 def test_a_failed_metadata_preparation_is_remembered_until_force(world, compiled):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
@@ -23,13 +23,20 @@ from envmgr.resolvers.pypi.provider import (
     parse_version,
     pinned,
 )
-from envmgr.resolvers.pypi.sdist import Sdists
+from envmgr.resolvers.pypi.sdist import SdistBuildError, Sdists, has_native_sources
 from envmgr.resolvers.pypi.target import PythonTarget
 from envmgr.spec import EnvSpec
 
 log = logging.getLogger("envmgr.pypi")
 
-__all__ = ["CONDA_TO_PYPI", "PypiConflictError", "fixed_from_conda", "resolve_pypi"]
+__all__ = [
+    "CONDA_TO_PYPI",
+    "PypiConflictError",
+    "PypiLocked",
+    "SourceBuild",
+    "fixed_from_conda",
+    "resolve_pypi",
+]
 
 #: Conda packages whose PyPI distribution has another name (the rest share their name).
 CONDA_TO_PYPI: Mapping[str, str] = {
@@ -50,6 +57,41 @@ CONDA_TO_PYPI: Mapping[str, str] = {
 
 class PypiConflictError(SolveError):
     """The PyPI requirements cannot all be met; the message says who needs what."""
+
+
+class SourceBuild(NamedTuple):
+    """A locked sdist whose wheel ``build`` must make (no builder has stored one yet):
+    whether it carries code to compile (None: not known), and the newest version of its
+    project with a wheel for the target (None: none, or not known)."""
+
+    name: str
+    version: str
+    filename: str
+    compiles: bool | None
+    newest_wheel: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._asdict()
+
+    def sentence(self, platform: str) -> str:
+        what = (
+            "builds it from source"
+            if self.compiles is None
+            else ("compiles its code" if self.compiles else "builds its wheel")
+        )
+        newest = (
+            f"; newest version with a wheel for {platform}: {self.newest_wheel}"
+            if self.newest_wheel
+            else ""
+        )
+        return f"{self.name} {self.version} is an sdist ({self.filename}): build {what}{newest}"
+
+
+class PypiLocked(NamedTuple):
+    """What :func:`resolve_pypi` locked, and which of it ``build`` makes from source."""
+
+    packages: tuple[LockedPackage, ...]
+    source_builds: tuple[SourceBuild, ...]
 
 
 def fixed_from_conda(packages: tuple[LockedPackage, ...]) -> dict[str, Version]:
@@ -234,7 +276,7 @@ def resolve_pypi(
     where: str,
     sdists: Sdists | None = None,
     native_sdists: bool = False,
-) -> tuple[LockedPackage, ...]:
+) -> PypiLocked:
     """Lock the PyPI requirements of *spec* for *target*; conda-installed *fixed* distributions
     are taken as they are. *sdists* reads source distributions (None: wheels only); with
     *native_sdists* the target is this host and sdists may be compiled when the env is built.
@@ -267,10 +309,15 @@ def resolve_pypi(
         _check_pins(provider, roots, target)
         result = Resolver(provider, _reporter(target)).resolve(roots, max_rounds=5000)
         packages = []
+        builds = []
         for candidate in result.mapping.values():
             if candidate.fixed or candidate.extras or candidate.dist is None:
                 continue
             packages.append(_locked(provider, candidate))
+            if not candidate.dist.is_wheel and sdists is not None:
+                build = _source_build(provider, sdists, candidate)
+                if build is not None:
+                    builds.append(build)
     except ResolutionImpossible as exc:
         raise PypiConflictError(
             _explain(exc, provider, target, where), hint="relax a version, or -v for details"
@@ -285,7 +332,28 @@ def resolve_pypi(
         raise type(exc)(f"{where}: {exc.message}", hint=exc.hint) from None
     finally:
         provider.close()
-    return tuple(sorted(packages))
+    return PypiLocked(tuple(sorted(packages)), tuple(sorted(builds)))
+
+
+def _source_build(
+    provider: PypiProvider, sdists: Sdists, candidate: Candidate
+) -> SourceBuild | None:
+    """What ``build`` will do with the sdist of *candidate* (None: its wheel is stored)."""
+    dist = candidate.dist
+    if dist is None or any(k.endswith(".whl") for k in sdists.store.list(f"wheels/{dist.sha256}/")):
+        return None
+    try:
+        compiles: bool | None = has_native_sources(sdists.source(dist))
+    except (SdistBuildError, OSError):
+        compiles = None
+    newest = provider.newest_wheel(candidate.name)
+    return SourceBuild(
+        name=candidate.name,
+        version=str(candidate.version),
+        filename=dist.filename,
+        compiles=compiles,
+        newest_wheel=str(newest) if newest is not None else None,
+    )
 
 
 def _reporter(target: PythonTarget) -> Any:
