@@ -176,6 +176,7 @@ def _single_spec(
     problems: list[Problem] = []
     deps: list[CondaDep] = []
     given: dict[str, tuple[CondaDep, str]] = {}  # name -> its dep and --conda text
+    pythons = [("--python", f"--python {python}", python)] if python else []
     for text in conda:
         try:
             dep = CondaDep.parse(text)
@@ -185,7 +186,8 @@ def _single_spec(
             )
             continue
         if dep.name == "python" and dep.channel is None:
-            python = python or dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
+            version = dep.spec[len("python") :].strip().replace("==", "", 1) or "*"
+            pythons.append((f"--conda {text!r}", f"--conda {text!r}", version))
             continue
         earlier = given.get(dep.name)
         if earlier is not None and earlier[0] != dep:
@@ -207,12 +209,21 @@ def _single_spec(
             pypi_deps.append(PypiDep.parse(text))
         except ValueError as exc:
             problems.append(Problem(where="command line", key=f"--pypi {text!r}", message=str(exc)))
-    parsed_python = None
-    if python:
+    parsed: dict[str, str] = {}  # parsed python spec -> the first option that gave it
+    for key, shown, version in pythons:
         try:
-            parsed_python = parse_python(python)
+            parsed.setdefault(parse_python(version), shown)
         except ValueError as exc:
-            problems.append(Problem(where="command line", key="--python", message=str(exc)))
+            problems.append(Problem(where="command line", key=key, message=str(exc)))
+    if len(parsed) > 1:
+        problems.append(
+            Problem(
+                where="command line",
+                key="python",
+                message=f"two different pythons: {' and '.join(parsed.values())}; give one",
+            )
+        )
+    parsed_python = next(iter(parsed), None)
     if problems:
         raise SpecError(problems)
     return merge(spec, EnvSpec(python=parsed_python, conda=tuple(deps), pypi=tuple(pypi_deps)))

@@ -357,6 +357,16 @@ class EnvSpec:
             if dep.name in by_name and by_name[dep.name] != dep:
                 raise ValueError(f"conda package {dep.name!r} is listed twice")
             by_name[dep.name] = dep
+        pinned = by_name.get("python")
+        if (
+            self.python is not None
+            and pinned is not None
+            and pinned.spec != f"python {self.python}"
+        ):
+            raise ValueError(
+                f"python is pinned twice: python={self.python!r} and the conda package "
+                f"{pinned.spec!r}; give one of them"
+            )
         set_ = object.__setattr__
         set_(self, "conda", tuple(sorted(by_name.values())))
         set_(self, "pypi", _merge_pypi(self.pypi))
@@ -500,10 +510,17 @@ def _override_pypi(base: Sequence[PypiDep], over: Sequence[PypiDep]) -> tuple[Py
 
 
 def merge(base: EnvSpec, step: EnvSpec) -> EnvSpec:
-    """The flow-level *base* overridden by the *step* (see the module docstring)."""
+    """The flow-level *base* overridden by the *step* (see the module docstring); a python
+    the step pins either way (``python=`` or a ``python`` package) replaces the base's."""
     conda = {d.name: d for d in base.conda} | {d.name: d for d in step.conda}
+    python = step.python if step.python is not None else base.python
+    step_pins_package = any(d.name == "python" for d in step.conda)
+    if step.python is not None and not step_pins_package:
+        conda.pop("python", None)
+    elif step_pins_package and step.python is None:
+        python = None
     return EnvSpec(
-        python=step.python if step.python is not None else base.python,
+        python=python,
         conda=tuple(conda.values()),
         pypi=_override_pypi(base.pypi, step.pypi),
         pypi_constraints=_override_pypi(base.pypi_constraints, step.pypi_constraints),

@@ -33,6 +33,11 @@ from envmgr.cli.store import STORE_COMMANDS
             "3.11 or >=3.10,<3.13)",
         ),
         (
+            ["--pypi", "requests>=2.31", "--python", "3.11", "--conda", "python=3.10"],
+            "envmgr: error: invalid environment spec: command line: python: two different "
+            "pythons: --python 3.11 and --conda 'python=3.10'; give one",
+        ),
+        (
             ["--conda", "numpy", "-p", "linux-63"],
             "envmgr: error: --platform 'linux-63': unknown platform; known: linux-64, "
             "linux-aarch64, osx-64, osx-arm64, win-64",
