@@ -20,17 +20,34 @@ __all__ = ["Store", "StoreError", "open_store"]
 
 
 def open_store(url: str) -> Store:
-    """The store named by *url*: ``file:///path``, a plain path, or ``s3://bucket/prefix``.
+    """The store named by *url*: ``file:///path`` (or ``file://localhost/path``), a plain
+    path (a relative one is taken from the current directory), or ``s3://bucket/prefix``.
 
-    Raises ``StoreError`` for other schemes.
+    Raises ``StoreError`` for other schemes and for file URLs that do not name an absolute
+    path (``file://team-store`` would name a host, ``file:relative`` nothing certain).
     """
     parts = urlsplit(url)
-    if parts.scheme in ("", "file"):
+    if parts.scheme in ("", "file") and not url.startswith("file:"):
+        import os  # noqa: PLC0415
         from pathlib import Path  # noqa: PLC0415
 
         from envmgr.cache.local import LocalStore  # noqa: PLC0415
 
-        return LocalStore(Path(parts.path if parts.scheme == "file" else url))
+        return LocalStore(Path(os.path.abspath(os.path.expanduser(url))))  # noqa: PTH100,PTH111
+    if parts.scheme == "file":
+        from pathlib import Path  # noqa: PLC0415
+        from urllib.parse import unquote  # noqa: PLC0415
+
+        from envmgr.cache.local import LocalStore  # noqa: PLC0415
+
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise StoreError(
+                url,
+                "-",
+                "a file URL names an absolute path after three slashes",
+                hint="write file:///absolute/path, or a plain path such as ./team-store",
+            )
+        return LocalStore(Path(unquote(parts.path)))
     if parts.scheme == "s3":
         from envmgr.cache.s3 import S3Store  # noqa: PLC0415
 

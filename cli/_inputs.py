@@ -268,6 +268,11 @@ def configured_store(config: Config, *, reading: bool = False) -> Store:
         if store.url not in _ANNOUNCED:
             _ANNOUNCED.add(store.url)
             tell(f"creating the store {store.url} (from {source})")
+    given = str(config["store"])
+    relative = isinstance(store, LocalStore) and not given.startswith(("/", "~", "file:"))
+    if relative and given not in _ANNOUNCED:
+        _ANNOUNCED.add(given)
+        tell(f"the store {given} (from {source}) is {store.root}")
     return store
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import boto3
 import pytest
+from _helpers import envmgr_here
 from botocore.config import Config
 
 from envmgr.cache import open_store
@@ -51,6 +54,35 @@ def test_open_store_by_url(tmp_path):
     assert open_store("s3://bucket/a/b").url == "s3://bucket/a/b"
     with pytest.raises(StoreError, match="unsupported store URL scheme"):
         open_store("ftp://example.org/x")
+
+
+def test_file_store_urls_that_are_not_absolute_are_refused_or_made_absolute(tmp_path, monkeypatch):
+    """file://team-store used to list and write the current directory, file://relative/x
+    dropped 'relative', file://./team-store meant /team-store."""
+    monkeypatch.chdir(tmp_path)
+    for url in ("file://team-store", "file://relative/x", "file://./team-store", "file:rel"):
+        with pytest.raises(StoreError, match="a file URL names an absolute path") as info:
+            open_store(url)
+        assert "file:///absolute/path" in str(info.value) and "\n" not in str(info.value)
+    assert open_store("file://localhost" + str(tmp_path)).root == tmp_path
+    assert open_store((tmp_path / "a b").as_uri()).root == tmp_path / "a b"
+    assert open_store("team-store").root == tmp_path / "team-store"
+    assert open_store("./x/../team-store").root == tmp_path / "team-store"
+    assert not Path("/team-store").exists()
+
+
+def test_a_relative_store_is_said_and_a_host_in_a_file_url_is_one_line(world, tmp_path):
+    result = envmgr_here("store", "ls", "--store", "file://team-store", env=world, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        "envmgr: error: store file://team-store: a file URL names an absolute path after three "
+        "slashes (write file:///absolute/path, or a plain path such as ./team-store)"
+    ]
+    (tmp_path / "team-store").mkdir()
+    result = envmgr_here("store", "ls", "--store", "team-store", env=world, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = f"envmgr: the store team-store (from command line) is {tmp_path / 'team-store'}"
+    assert said in result.stderr.splitlines()
 
 
 def test_unreachable_s3_names_url_endpoint_and_credentials():
