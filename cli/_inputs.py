@@ -269,8 +269,8 @@ def configured_store(config: Config, *, reading: bool = False) -> Store:
             _ANNOUNCED.add(store.url)
             tell(f"creating the store {store.url} (from {source})")
     given = str(config["store"])
-    relative = isinstance(store, LocalStore) and not given.startswith(("/", "~", "file:"))
-    if relative and given not in _ANNOUNCED:
+    relative = not given.startswith(("/", "~", "file:"))
+    if isinstance(store, LocalStore) and relative and given not in _ANNOUNCED:
         _ANNOUNCED.add(given)
         tell(f"the store {given} (from {source}) is {store.root}")
     return store

@@ -318,10 +318,10 @@ def read_flow(path: str | Path) -> FlowFile:
     Raises ``SpecError`` listing every problem in the file (each with the step, key and line).
     """
     path = Path(path)
+    from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
+
     try:
-        source = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(
-            [Problem(where=str(path), key="-", message=f"cannot read flow file: {exc.strerror}")]
-        ) from None
+        source = read_bounded(path, what="flow file")
+    except InputError as exc:
+        raise SpecError([Problem(where=str(path), key="-", message=exc.reason)]) from None
     return read_flow_source(source, filename=path.name)

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_NODES",
+    "MAX_REQUIREMENTS",
     "MAX_SCALAR",
     "InputError",
     "InputTooLargeError",
@@ -36,6 +37,8 @@ MAX_NODES = 2_000_000
 MAX_DEPTH = 64
 #: One YAML scalar (a name, a URL, a hash is far shorter).
 MAX_SCALAR = 64 << 10
+#: Requirements in one requirements file and what it includes (real ones hold hundreds).
+MAX_REQUIREMENTS = 20_000
 
 
 class InputError(EnvmgrError):
@@ -53,22 +56,34 @@ class InputTooLargeError(InputError):
 
 
 def read_bounded(path: Path, *, what: str) -> str:
-    """The text of *path*, refusing files over :data:`MAX_FILE_BYTES` before reading them."""
+    """The UTF-8 text of *path* (a leading byte-order mark dropped, as pip does), refusing
+    more than :data:`MAX_FILE_BYTES`. The bytes read are counted, not the size ``stat`` gives:
+    a device or a pipe (``/dev/zero``, ``<(cat ...)``) has none. It reads in chunks, so
+    Ctrl-C stops it at once."""
+    limit = MAX_FILE_BYTES
     try:
         size = path.stat().st_size
+        if size > limit:
+            raise InputTooLargeError(
+                str(path), f"{size / 1e6:.0f} MB is more than a {what} can be ({limit >> 20} MiB)"
+            )
+        data = bytearray()
+        with path.open("rb") as handle:
+            while len(data) <= limit:
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
     except FileNotFoundError:
         raise InputError(str(path), f"cannot read: no such {what}") from None
     except OSError as exc:
         raise InputError(str(path), f"cannot read: {exc.strerror}") from None
-    if size > MAX_FILE_BYTES:
-        limit = MAX_FILE_BYTES >> 20
+    if len(data) > limit:
         raise InputTooLargeError(
-            str(path), f"{size / 1e6:.0f} MB is more than a {what} can be ({limit} MiB)"
+            str(path), f"more than a {what} can be ({limit >> 20} MiB read and more to come)"
         )
     try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read: {exc.strerror}") from None
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise InputError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
@@ -109,7 +124,12 @@ def check_yaml(text: str, *, where: str) -> None:
                 raise InputTooLargeError(
                     where, f"expands to more than {MAX_NODES:,} YAML nodes (an alias bomb?)"
                 )
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        # libyaml's scanner looks ahead and stops at 1,000 open flow collections ([[[...)
+        # before any event: that is this limit too, not a syntax error for the composer,
+        # which would recurse that deep.
+        if "maximum nesting depth" in str(exc):
+            raise InputTooLargeError(where, f"nested deeper than {MAX_DEPTH} levels") from None
         return  # the real parser reports it with its line
 
 

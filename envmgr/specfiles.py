@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from envmgr.errors import Problem, SpecError
-from envmgr.limits import InputError, check_yaml, read_bounded
+from envmgr.limits import MAX_REQUIREMENTS, InputError, check_yaml, read_bounded
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.spec import (
     CondaDep,
@@ -50,6 +50,8 @@ __all__ = ["read_environment_yml", "read_pyproject", "read_requirements", "read_
 _COMMENT = re.compile(r"(^|\s+)#.*$")
 _ACCEPTED_FLAGS = {"--require-hashes", "--prefer-binary"}
 _VCS = re.compile(r"^(git|hg|svn|bzr)\+[a-z]+://", re.IGNORECASE)
+#: More bad lines than this, and nearly all lines bad: the first stands for the rest.
+_MAX_BAD_LINES = 3
 _LOCAL = re.compile(r"^(\.{1,2}(/|$)|/|~|[A-Za-z]:\\|file:)")
 
 
@@ -270,14 +272,39 @@ def _read_requirements_file(
     except InputError as exc:
         acc.bad(included_from or str(path), str(path), exc.reason)
         return
+    lines = _logical_lines(text)
+    if len(lines) + len(acc.pypi) + len(acc.constraints) > MAX_REQUIREMENTS:
+        acc.bad(
+            included_from or str(path),
+            str(path),
+            f"more than {MAX_REQUIREMENTS:,} requirements (it has {len(lines):,} lines); "
+            "split the env or pin fewer packages",
+        )
+        return
+    before = len(acc.problems)
     _read_requirement_lines(
-        _logical_lines(text),
-        str(path),
-        path.parent,
-        acc,
-        constraint=constraint,
-        seen=seen | {resolved},
+        lines, str(path), path.parent, acc, constraint=constraint, seen=seen | {resolved}
     )
+    _one_problem_for_a_foreign_file(acc, before, str(path), len(lines))
+
+
+def _one_problem_for_a_foreign_file(
+    acc: _Requirements, before: int, where_file: str, lines: int
+) -> None:
+    """A file whose lines are (nearly) all bad is not a requirements file (``-r /etc/passwd``):
+    its first bad line stands for the rest, so an error never echoes a whole file."""
+    own = [p for p in acc.problems[before:] if p.where.startswith(f"{where_file}:")]
+    if len(own) <= _MAX_BAD_LINES or len(own) < 0.9 * lines:
+        return
+    first = own[0]
+    rest = [p for p in acc.problems[before:] if p not in own]
+    acc.problems[before:] = [
+        first._replace(
+            message=f"{first.message} (and {len(own) - 1} more bad lines: is {where_file} a "
+            "requirements file?)"
+        ),
+        *rest,
+    ]
 
 
 def _finish(
@@ -468,11 +495,9 @@ def read_pyproject(path: str | Path, *, extras: tuple[str, ...] = ()) -> EnvSpec
     path = Path(path)
     name = str(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpecError(
-            [Problem(where=name, key="-", message=f"cannot read: {exc.strerror}")]
-        ) from None
+        data = tomllib.loads(read_bounded(path, what="pyproject.toml"))
+    except InputError as exc:
+        raise SpecError([Problem(where=name, key="-", message=exc.reason)]) from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError([Problem(where=name, key="-", message=f"not valid TOML: {exc}")]) from None
     acc = _Requirements()

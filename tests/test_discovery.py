@@ -178,7 +178,7 @@ class F(FlowSpec):
 
 
 def test_unreadable_and_invalid_files(tmp_path):
-    with pytest.raises(SpecError, match="cannot read flow file"):
+    with pytest.raises(SpecError, match="cannot read: no such flow file"):
         envmgr.discover(tmp_path / "missing.py")
     bad = tmp_path / "bad.py"
     bad.write_text("def broken(:\n")

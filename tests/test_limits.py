@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from _helpers import run_envmgr
+from _helpers import envmgr_here, run_envmgr
 
 from envmgr.errors import SpecError
 from envmgr.interop import adopt
@@ -113,3 +113,92 @@ def test_real_package_urls_pass():
     ]  # fmt: skip
     for url, manager, name in ok:
         assert check_package_url(url, manager=manager, name=name) is None, url
+
+
+# -- inputs with odd shapes (outside checks, round 5) ------------------------------------------
+
+
+def test_deep_flow_style_yaml_is_one_line_everywhere(tmp_path):
+    """100,000 levels of [[[...]]] gave a 3,000-line RecursionError in resolve -f,
+    resolve --lockfile and show (libyaml stops at 1,000 before any event)."""
+    deep = _write(tmp_path, "deep.yml", "dependencies: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    for args in (
+        ["resolve", "-f", str(deep)],
+        ["resolve", "--lockfile", str(deep)],
+        ["show", str(deep)],
+    ):
+        result = envmgr_here(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-300:])
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "nested deeper than 64 levels" in lines[0], (args, lines[:3])
+
+
+def test_a_device_as_a_requirements_file_is_bounded_in_bytes(tmp_path):
+    """-r /dev/zero grew by 400 MB/s: the 32 MiB bound looked at stat's size, which a device
+    has not."""
+    result = envmgr_here("resolve", "-r", "/dev/zero", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "envmgr: error: invalid environment spec: /dev/zero: /dev/zero: more than a "
+        "requirements file can be (32 MiB read and more to come)"
+    ]
+
+
+def test_ctrl_c_stops_a_command_waiting_on_its_input(tmp_path):
+    """A requirements file that is a pipe nobody writes: Ctrl-C ends the command at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo = tmp_path / "requirements.txt"
+    os.mkfifo(fifo)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from envmgr.cli.app import main; main()",
+            "resolve",
+            "-r",
+            str(fifo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        time.sleep(1.0)  # the child is inside open() of the pipe by now (or soon will be)
+        child.send_signal(signal.SIGINT)
+        child.communicate(timeout=30)  # a guard against a hang, not a timing assertion
+    finally:
+        child.kill()
+    assert child.returncode == 130
+
+
+def test_requirements_files_with_odd_shapes(tmp_path):
+    from envmgr.specfiles import read_requirements
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfsix==1.17.0\r\ntabulate\r\n")
+    assert [str(d) for d in read_requirements(bom).pypi] == ["six==1.17.0", "tabulate"]
+    # A file that is not a requirements file: its first bad line stands for the rest.
+    passwd = _write(
+        tmp_path, "passwd", "".join(f"user{i}:x:{i}:{i}::/home/u{i}:/bin/sh\n" for i in range(24))
+    )
+    outer = _write(tmp_path, "req.txt", f"six\n-r {passwd}\n")
+    with pytest.raises(SpecError) as info:
+        read_requirements(outer)
+    text = str(info.value)
+    assert len(info.value.problems) == 1 and "\n" not in text
+    assert f"{passwd}:1: user0:x:0:0" in text and "user1:" not in text
+    assert f"and 23 more bad lines: is {passwd} a requirements file?" in text
+    # A few typos in a real file are each named.
+    typos = _write(tmp_path, "typos.txt", "six\nnumpy==\n>=1\n")
+    with pytest.raises(SpecError) as info:
+        read_requirements(typos)
+    assert len(info.value.problems) == 2
+    # Half a million lines are refused before anything is resolved.
+    many = _write(tmp_path, "many.txt", "".join(f"pkg{i}\n" for i in range(500_000)))
+    with pytest.raises(SpecError, match="more than 20,000 requirements"):
+        read_requirements(many)
