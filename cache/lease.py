@@ -2,10 +2,16 @@
 
 A builder takes the lease with a conditional put (``If-None-Match: *``) before it builds an env
 and deletes it when done. The lease is short (:data:`LEASE_SECONDS`, about a minute) and a
-heartbeat thread renews it while the builder works, so a builder that is killed without a
-chance to clean up (SIGKILL, a lost node, a lost network) blocks the next one for at most one
-lease period. A lease whose holder ran on this host (same host name and boot) and whose pid is
-gone is taken over at once. The body is JSON::
+heartbeat thread rewrites it every third of that while the builder works, so a builder that is
+killed without a chance to clean up (SIGKILL, a lost node, a lost network) blocks the next one
+for about one lease period. A lease whose holder ran on this host (same host name and boot)
+and whose pid is gone is taken over at once.
+
+Staleness never trusts another host's clock: the ``expires`` a holder writes is for people. A
+waiter watches the lease object (:class:`LeaseWatch`) and takes it over once its bytes have not
+changed for one lease period by the waiter's own monotonic clock; a one-shot reader (``store
+gc``) calls a lease stale when the store's own last-modified time of the object is
+:data:`STALE_PERIODS` periods old. The body is JSON::
 
     {"holder": "host:pid:nonce", "host": "...", "boot": "...", "pid": 123,
      "expires": 1767225600.0, "taken": "2026-...Z", "seconds": 60}
@@ -27,10 +33,23 @@ from pathlib import Path
 from envmgr.cache.layout import lease_key
 from envmgr.cache.store import Store
 
-__all__ = ["LEASE_SECONDS", "LeaseInfo", "held_lease", "new_holder", "read_lease", "try_take"]
+__all__ = [
+    "LEASE_SECONDS",
+    "STALE_PERIODS",
+    "LeaseInfo",
+    "LeaseWatch",
+    "held_lease",
+    "new_holder",
+    "read_lease",
+    "try_take",
+]
 
 #: How long a lease lasts without renewal: the worst-case delay after a builder is killed.
 LEASE_SECONDS = 60.0
+#: The longest period a lease may claim (its ``seconds``), so a bad value cannot block forever.
+MAX_LEASE_SECONDS = 600.0
+#: Periods without a write, by the store's clock, after which a one-shot reader calls it stale.
+STALE_PERIODS = 5
 
 
 def _boot_id() -> str:
@@ -49,6 +68,8 @@ class LeaseInfo:
     pid: int
     expires: float
     taken: str
+    seconds: float = LEASE_SECONDS  # the holder's period, within (0, MAX_LEASE_SECONDS]
+    readable: bool = True
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LeaseInfo:
@@ -63,10 +84,15 @@ class LeaseInfo:
                 pid=int(data.get("pid", 0)),
                 expires=float(data.get("expires", 0.0)),
                 taken=str(data.get("taken", ""))[:40],
+                seconds=_period(data.get("seconds", LEASE_SECONDS)),
             )
         except (ValueError, TypeError, OverflowError):
-            # Unreadable: treat as expired, so a broken object never blocks builds forever.
-            return cls(holder="?", host="", boot="", pid=0, expires=0.0, taken="")
+            # Unreadable: stale at once, so a broken object never blocks builds.
+            return cls(holder="?", host="", boot="", pid=0, expires=0.0, taken="", readable=False)
+
+    def stale_at_once(self) -> bool:
+        """Known stale without watching: unreadable, or its same-host holder is gone."""
+        return not self.readable or self.dead_here()
 
     def dead_here(self) -> bool:
         """The holder ran on this host (same name and boot) and its process is gone."""
@@ -81,13 +107,43 @@ class LeaseInfo:
         return False
 
     def describe(self) -> str:
-        until = time.strftime("%H:%M:%S", time.localtime(self.expires))
-        return f"{self.holder} (taken {self.taken or '?'}, expires at {until} unless renewed)"
+        return (
+            f"{self.holder} (taken {self.taken or '?'} by its clock, renewed every "
+            f"{self.seconds / 3:.0f} s while it builds)"
+        )
+
+
+def _period(value: object) -> float:
+    seconds = float(value)  # type: ignore[arg-type]
+    if not 0 < seconds <= MAX_LEASE_SECONDS:  # also refuses nan
+        raise ValueError(f"lease period {value!r}")
+    return seconds
 
 
 def read_lease(store: Store, env_id: str) -> LeaseInfo | None:
     raw = store.get(lease_key(env_id))
     return None if raw is None else LeaseInfo.from_bytes(raw)
+
+
+class LeaseWatch:
+    """Whether a lease has a live holder, judged by this process alone: a holder rewrites its
+    lease every third of its period, so bytes unchanged for a whole period (the holder's or
+    *seconds*, whichever is longer) on this process's monotonic clock mean nobody renews it.
+    One watch per env a waiter waits for."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._raw: bytes | None = None
+        self._since = 0.0
+
+    def stale(self, raw: bytes, info: LeaseInfo) -> bool:
+        if info.stale_at_once():
+            return True
+        now = time.monotonic()
+        if raw != self._raw:
+            self._raw, self._since = raw, now
+            return False
+        return now - self._since >= max(self.seconds, info.seconds)
 
 
 def _body(holder: str, seconds: float) -> bytes:
@@ -108,16 +164,22 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def try_take(store: Store, env_id: str, *, holder: str, seconds: float) -> bool:
-    """Take the lease (True), or find it held by a live holder (False). An expired lease,
-    an unreadable one and one whose same-host holder died are taken over."""
+def try_take(
+    store: Store, env_id: str, *, holder: str, seconds: float, watch: LeaseWatch | None = None
+) -> bool:
+    """Take the lease (True), or find it held by a live holder (False). An unreadable lease,
+    one whose same-host holder died, and one that *watch* has seen unchanged for a period are
+    taken over (never one that changed since it was judged)."""
     key = lease_key(env_id)
     if store.put_if_absent(key, _body(holder, seconds)):
         return True
-    info = read_lease(store, env_id)
-    if info is not None and info.expires > time.time() and not info.dead_here():
-        return False
-    store.delete(key)  # its holder is gone: race for it once more
+    raw = store.get(key)
+    if raw is not None:
+        info = LeaseInfo.from_bytes(raw)
+        stale = watch.stale(raw, info) if watch is not None else info.stale_at_once()
+        if not stale or store.get(key) != raw:
+            return False
+        store.delete(key)  # its holder is gone: race for it once more
     return store.put_if_absent(key, _body(holder, seconds))
 
 

@@ -34,9 +34,9 @@ from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_k
 from envmgr.cache.lease import (
     LEASE_SECONDS,
     LeaseInfo,
+    LeaseWatch,
     held_lease,
     new_holder,
-    read_lease,
     try_take,
 )
 from envmgr.cache.usage import record_use
@@ -218,9 +218,12 @@ def _waiting(lock: PlatformLock, options: BuildOptions, info: LeaseInfo | None) 
     )
 
 
-def _wait_for_manifest(lock: PlatformLock, options: BuildOptions) -> Manifest | None:
-    """Poll (with backoff) until the manifest appears or the lease is free to take; ``None``
-    means the caller should try to take it. Says who it waits for through ``notify``."""
+def _wait_for_manifest(
+    lock: PlatformLock, options: BuildOptions, watch: LeaseWatch
+) -> Manifest | None:
+    """Poll (with backoff) until the manifest appears or the lease is free to take (released,
+    or stale by *watch*); ``None`` means the caller should try to take it. Says who it waits
+    for through ``notify``."""
     deadline = time.monotonic() + options.wait_timeout
     delay = options.poll_seconds
     told = ""
@@ -228,8 +231,9 @@ def _wait_for_manifest(lock: PlatformLock, options: BuildOptions) -> Manifest | 
         manifest = read_manifest(options.store, lock.platform, lock.env_id)
         if manifest is not None:
             return manifest
-        info = read_lease(options.store, lock.env_id)
-        if info is None or info.expires <= time.time() or info.dead_here():
+        raw = options.store.get(lease_key(lock.env_id))
+        info = LeaseInfo.from_bytes(raw) if raw is not None else None
+        if raw is None or info is None or watch.stale(raw, info):
             return read_manifest(options.store, lock.platform, lock.env_id)
         if info.holder != told:
             told = info.holder
@@ -265,14 +269,17 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
             seconds=time.monotonic() - start,
         )
 
+    watch = LeaseWatch(options.lease_seconds)
     with _signals_stop_the_build():
         while True:
             manifest = read_manifest(store, lock.platform, lock.env_id)
             if manifest is not None:
                 return done("present", manifest)
-            if try_take(store, lock.env_id, holder=holder, seconds=options.lease_seconds):
+            if try_take(
+                store, lock.env_id, holder=holder, seconds=options.lease_seconds, watch=watch
+            ):
                 break
-            manifest = _wait_for_manifest(lock, options)
+            manifest = _wait_for_manifest(lock, options, watch)
             if manifest is not None:
                 return done("waited", manifest)
         with held_lease(store, lock.env_id, holder=holder, seconds=options.lease_seconds):

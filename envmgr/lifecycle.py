@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from envmgr.cache.layout import lease_key
-from envmgr.cache.lease import LeaseInfo
+from envmgr.cache.lease import STALE_PERIODS, LeaseInfo
 from envmgr.cache.store import Entry, Store
 from envmgr.cache.usage import read_use
 from envmgr.ids import BadIdError, parse_env_id, parse_platform
@@ -232,8 +232,21 @@ def _leases(store: Store, now: float) -> Iterable[Lease]:
         if raw is None:
             continue  # released while we listed
         info = LeaseInfo.from_bytes(raw)
-        stale = info.expires <= now or info.dead_here()
-        yield Lease(env_id=env_id, info=info, raw=raw, stale=stale)
+        yield Lease(env_id=env_id, info=info, raw=raw, stale=_stale(info, entry.modified, now))
+
+
+def _stale(info: LeaseInfo, modified: float, now: float) -> bool:
+    """A lease seen once (gc cannot watch it): stale when known at once, or not written for
+    :data:`STALE_PERIODS` periods by the store's clock (never by the holder's ``expires``)."""
+    return info.stale_at_once() or now - modified > STALE_PERIODS * info.seconds
+
+
+def _live_lease(store: Store, env_id: str, now: float) -> bool:
+    for entry in store.entries(lease_key(env_id)):
+        raw = store.get(entry.key)
+        if entry.key == lease_key(env_id) and raw is not None:
+            return not _stale(LeaseInfo.from_bytes(raw), entry.modified, now)
+    return False
 
 
 def plan_gc(contents: StoreContents, *, older_than: float) -> GcPlan:
@@ -268,8 +281,7 @@ def collect(store: Store, plan: GcPlan) -> tuple[StoredEnv, ...]:
     named = {(p, e) for alias in list_aliases(store) for p, e in alias.envs.items()}
     removed = []
     for env in plan.remove:
-        raw = store.get(lease_key(env.env_id))
-        if raw is not None and LeaseInfo.from_bytes(raw).expires > now:
+        if _live_lease(store, env.env_id, now):
             continue
         if (env.platform, env.env_id) in named:
             continue

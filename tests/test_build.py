@@ -142,7 +142,8 @@ def test_expired_lease_is_taken_over_and_live_one_waited_for(mixed_lock, built, 
     store = LocalStore(tmp_path / "store")
     stale = json.dumps({"holder": "dead-host:1", "expires": time.time() - 10}).encode()
     store.put(lease_key(mixed_lock.env_id), stale)
-    outcome = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    quick = BuildOptions(store=store, cache_dir=tmp_path / "cache", lease_seconds=0.5)
+    outcome = build_and_store(mixed_lock, quick)  # unchanged for a period: taken over
     assert outcome.status == "built" and not store.exists(lease_key(mixed_lock.env_id))
     live = LocalStore(tmp_path / "other")
     live.put(

@@ -63,7 +63,7 @@ def test_a_waiting_builder_says_whom_it_waits_for_then_takes_over(mixed_lock, tm
         "holder": "gpu-node-7:4242:abcd",
         "host": "gpu-node-7",
         "pid": 4242,
-        "expires": time.time() + 2,  # that builder died 58 s ago; its lease runs out soon
+        "expires": time.time() + 3600,  # that builder died; its clock runs an hour ahead
         "taken": "2026-12-01T10:00:00Z",
     }
     store.put(lease_key(mixed_lock.env_id), json.dumps(other).encode())
@@ -73,9 +73,11 @@ def test_a_waiting_builder_says_whom_it_waits_for_then_takes_over(mixed_lock, tm
     start = time.monotonic()
     outcome = build_and_store(mixed_lock, options)
     assert outcome.status == "built"
-    assert time.monotonic() - start >= 1.5  # it waited for the lease to run out
+    assert time.monotonic() - start >= LEASE  # the lease stayed unchanged for a period
     assert len(told) == 1
-    assert "gpu-node-7:4242:abcd" in told[0] and "expires at" in told[0]
+    assert (
+        "gpu-node-7:4242:abcd" in told[0] and "taken 2026-12-01T10:00:00Z by its clock" in told[0]
+    )
     assert f"{store.url}/{lease_key(mixed_lock.env_id)}" in told[0]  # how to clear it
     assert not store.exists(lease_key(mixed_lock.env_id))
 
@@ -187,3 +189,53 @@ def test_a_failed_upload_is_the_error_even_when_the_lease_cannot_be_released(mix
     store = Breaking(tmp_path / "store")
     with pytest.raises(StoreError, match="upload refused: SlowDown"):
         build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    from envmgr.cache.s3 import S3Store
+
+    server = request.getfixturevalue("s3_server")
+    return S3Store(f"s3://{request.getfixturevalue('s3_bucket')}/team", client=server.client())
+
+
+@pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["ahead", "behind"])
+def test_a_lease_is_judged_by_the_waiters_clock_not_the_holders(any_store, skew):
+    """A lease from a host whose clock runs an hour ahead blocked every builder for the hour;
+    one from a host an hour behind looked expired while its holder renewed it. Now: taken over
+    exactly when it stops changing for one period, on local and S3 stores alike."""
+    from envmgr.cache.lease import LeaseWatch
+
+    env_id = "c" * 32
+    period = 1.0
+    stop = threading.Event()
+
+    def renew() -> None:  # the other host's heartbeat, with its clock off by *skew*
+        beat = 0
+        while not stop.is_set():
+            beat += 1
+            body = {"holder": "skewed:1:x", "host": "skewed", "pid": 1, "seconds": period,
+                    "expires": time.time() + skew + period, "beat": beat}  # fmt: skip
+            any_store.put(lease_key(env_id), json.dumps(body).encode())
+            stop.wait(period / 3)
+
+    holder = threading.Thread(target=renew)
+    holder.start()
+    watch = LeaseWatch(period)
+    try:
+        time.sleep(0.2)
+        end = time.monotonic() + 2.5 * period
+        while time.monotonic() < end:  # renewed: never taken, whatever its clock says
+            assert not try_take(any_store, env_id, holder="me", seconds=period, watch=watch)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        holder.join()
+    stopped = time.monotonic()
+    while not try_take(any_store, env_id, holder="me", seconds=period, watch=watch):
+        assert time.monotonic() - stopped < 10 * period, "a silent lease was never taken over"
+        time.sleep(0.1)
+    assert time.monotonic() - stopped >= period * 0.9
+    assert (read_lease(any_store, env_id) or LeaseInfo.from_bytes(b"")).holder == "me"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from envmgr.cache.layout import (
     manifest_key,
     used_key,
 )
+from envmgr.cache.lease import _boot_id
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.lifecycle import collect, plan_gc, scan
@@ -41,9 +44,15 @@ def _env(store, env_id: str, *, built_days_ago: float, platform: str = "linux-64
     store.put(manifest_key(platform, env_id), json.dumps(manifest).encode())
 
 
-def _lease(store, env_id: str, *, expires_in: float, holder: str) -> None:
-    body = {"holder": holder, "host": "elsewhere", "boot": "", "pid": 1,
-            "expires": time.time() + expires_in, "taken": _stamp(60)}  # fmt: skip
+def _lease(store, env_id: str, *, holder: str, dead: bool = False) -> None:
+    """A lease of a builder on another host, or (*dead*) of a process of this host that is
+    gone. Its ``expires`` lies an hour ahead: no one trusts another host's clock."""
+    body = {"holder": holder, "host": "elsewhere", "boot": "", "pid": 1, "seconds": 60,
+            "expires": time.time() + 3600, "taken": _stamp(-3600)}  # fmt: skip
+    if dead:
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        body.update(host=socket.gethostname(), boot=_boot_id(), pid=gone.pid)
     store.put(lease_key(env_id), json.dumps(body).encode())
 
 
@@ -67,10 +76,10 @@ def _populate(store) -> None:
     _env(store, IDS["d"], built_days_ago=200)  # old build, downloaded 5 days ago: kept
     store.put(used_key("linux-64", IDS["d"]), json.dumps({"at": _stamp(5 * DAY)}).encode())
     _env(store, IDS["e"], built_days_ago=200)  # old, but a live lease is (re)building it
-    _lease(store, IDS["e"], expires_in=60, holder="builder-e")
+    _lease(store, IDS["e"], holder="builder-e")
     store.put(archive_key("osx-arm64", IDS["f"]), b"half")  # an upload in progress
-    _lease(store, IDS["f"], expires_in=60, holder="builder-f")
-    _lease(store, IDS["1"], expires_in=-600, holder="dead-builder")  # stale: cleaned
+    _lease(store, IDS["f"], holder="builder-f")
+    _lease(store, IDS["1"], holder="dead-builder", dead=True)  # stale: cleaned
     _env(store, IDS["2"], built_days_ago=120, platform="osx-arm64")  # old: removed
 
 
@@ -112,11 +121,33 @@ def test_gc_keeps_named_recent_used_and_building_envs(store):
 
 
 def test_a_stale_lease_retaken_since_the_scan_is_left_to_its_new_holder(store):
-    _lease(store, IDS["1"], expires_in=-600, holder="dead-builder")
+    _lease(store, IDS["1"], holder="dead-builder", dead=True)
     plan = plan_gc(scan(store), older_than=DAY)
-    _lease(store, IDS["1"], expires_in=60, holder="new-builder")
+    _lease(store, IDS["1"], holder="new-builder")
     collect(store, plan)
     assert b"new-builder" in store.get(lease_key(IDS["1"]))
+
+
+def test_gc_judges_a_lease_by_the_stores_clock_not_the_holders(tmp_path):
+    """A lease written by a host whose clock runs an hour ahead (or behind) is live while the
+    store says it was written lately, and stale once the store says five periods passed."""
+    store = LocalStore(tmp_path / "store")
+    _env(store, IDS["b"], built_days_ago=200)
+    _lease(store, IDS["b"], holder="ahead")
+    behind = json.loads(store.get(lease_key(IDS["b"])) or b"")
+    behind.update(expires=time.time() - 3600, taken=_stamp(3600))
+    for body in (None, behind):
+        if body is not None:
+            store.put(lease_key(IDS["b"]), json.dumps(body).encode())
+        contents = scan(store)
+        assert [lease.stale for lease in contents.leases] == [False]
+        plan = plan_gc(contents, older_than=DAY)
+        assert plan.remove == () and [k.reason for k in plan.kept] == ["building"]
+    old = time.time() - 5 * 60 - 5
+    os.utime(store.root / lease_key(IDS["b"]), (old, old))
+    plan = plan_gc(scan(store), older_than=DAY)
+    assert [lease.env_id for lease in plan.stale_leases] == [IDS["b"]]
+    assert [e.env_id for e in collect(store, plan)] == [IDS["b"]]
 
 
 def test_an_incomplete_upload_without_a_lease_goes_after_a_day(tmp_path):
