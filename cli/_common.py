@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-__all__ = ["STATE", "emit_json", "error_prefix", "fail", "tell"]
+if TYPE_CHECKING:
+    from envmgr.names import BadName
+
+__all__ = ["STATE", "emit_json", "error_prefix", "fail", "tell", "warn_bad_names"]
 
 
 class _State:
@@ -22,6 +26,12 @@ STATE = _State()
 
 def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def warn_bad_names(bad: Iterable[BadName]) -> None:
+    """One warning line per object under ``names/`` that is not a name entry."""
+    for entry in bad:
+        tell(f"warning: skipped {entry.error.message} (gc keeps every env it mentions)")
 
 
 def tell(message: str) -> None:

@@ -7,8 +7,14 @@ from typing import Annotated
 
 import typer
 
-from envmgr.cli._common import STATE, emit_json
-from envmgr.cli._inputs import JsonOpt, PlatformOpt, StoreOpt, configured_store
+from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
+from envmgr.cli._inputs import (
+    JsonOpt,
+    PlatformOpt,
+    StoreOpt,
+    configured_store,
+    parse_platforms,
+)
 from envmgr.cli._targets import FlowOptions, TargetArg, load_target
 from envmgr.config import load
 
@@ -28,20 +34,34 @@ def alias_command(
     platform: PlatformOpt = [],
     as_json: JsonOpt = False,
 ) -> None:
-    """Give an env a name: every platform of TARGET, usable wherever an env id is."""
+    """Give an env a name: every platform of TARGET, usable wherever an env id is. With
+    --platform, only those platforms of the name are set and its others are kept."""
     from envmgr.build import offer_lock  # noqa: PLC0415
-    from envmgr.names import parse_name, set_alias  # noqa: PLC0415
+    from envmgr.names import AliasError, lookup, parse_name, set_alias  # noqa: PLC0415
 
     parse_name(name)  # a bad name fails before any lookup
+    wanted = parse_platforms(platform)
     config = load(flags={"store": store})
     store_obj = configured_store(config)
-    flow_options = FlowOptions(store=store, platform=tuple(platform))  # for FLOW.py:step
+    flow_options = FlowOptions(store=store, platform=wanted)  # for FLOW.py:step
     found = load_target(target, store_obj, Path(config["cache_dir"]), flow_options=flow_options)
+    envs: dict[str, str] = {p.platform: p.env_id for p in found.lock.platforms}
+    if wanted:
+        missing = [p for p in wanted if p not in envs]
+        if missing:
+            fail(
+                f"--platform {missing[0]}: {target} has no {missing[0]} env "
+                f"(it has: {', '.join(sorted(envs))})"
+            )
+        try:
+            kept = dict(lookup(store_obj, name).envs)
+        except AliasError:
+            kept = {}  # a new name (a broken one is refused by set_alias below)
+        envs = {**kept, **{p: envs[p] for p in wanted}}
     for part in found.lock.platforms:
-        offer_lock(store_obj, part)  # a worker can then build what the name points at
-    alias, changed = set_alias(
-        store_obj, name, {p.platform: p.env_id for p in found.lock.platforms}
-    )
+        if part.platform in envs:
+            offer_lock(store_obj, part)  # a worker can then build what the name points at
+    alias, changed = set_alias(store_obj, name, envs)
     if as_json:
         emit_json(
             {
@@ -54,8 +74,8 @@ def alias_command(
         )
     elif not STATE.quiet:
         verb = "now points at" if changed else "already points at"
-        envs = ", ".join(f"{p} {e[:12]}" for p, e in alias.envs.items())
-        typer.echo(f"{alias.ref} {verb} {envs}")
+        shown = ", ".join(f"{p} {e[:12]}" for p, e in alias.envs.items())
+        typer.echo(f"{alias.ref} {verb} {shown}")
 
 
 def names_command(
@@ -64,10 +84,12 @@ def names_command(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named envs in the store."""
-    from envmgr.names import list_aliases  # noqa: PLC0415
+    from envmgr.names import BadName, list_aliases  # noqa: PLC0415
 
     store_obj = configured_store(load(flags={"store": store}), reading=True)
-    aliases = list(list_aliases(store_obj, name))
+    bad: list[BadName] = []
+    aliases = list(list_aliases(store_obj, name, bad=bad))
+    warn_bad_names(bad)
     if as_json:
         emit_json(
             {

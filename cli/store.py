@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
 from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.config import load
@@ -22,7 +22,9 @@ __all__ = ["STORE_COMMANDS", "store_app"]
 def _contents(store: str | None) -> StoreContents:
     from envmgr.lifecycle import scan  # noqa: PLC0415
 
-    return scan(configured_store(load(flags={"store": store}), reading=True))
+    contents = scan(configured_store(load(flags={"store": store}), reading=True))
+    warn_bad_names(contents.bad_names)
+    return contents
 
 
 def _size(n: int) -> str:
@@ -158,7 +160,9 @@ def gc_command(
     store_obj = configured_store(config, reading=True)
     from envmgr.lifecycle import scan  # noqa: PLC0415
 
-    plan = plan_gc(scan(store_obj), older_than=age)
+    contents = scan(store_obj)
+    warn_bad_names(contents.bad_names)
+    plan = plan_gc(contents, older_than=age)
     removed = plan.remove if dry_run else collect(store_obj, plan)
     freed = sum(env.size for env in removed)
     if as_json:

@@ -31,7 +31,7 @@ from envmgr.cache.lease import STALE_PERIODS, LeaseInfo
 from envmgr.cache.store import Entry, Store
 from envmgr.cache.usage import read_use
 from envmgr.ids import BadIdError, parse_env_id, parse_platform
-from envmgr.names import list_aliases
+from envmgr.names import BadName, list_aliases
 
 __all__ = [
     "INCOMPLETE_GRACE",
@@ -118,6 +118,7 @@ class StoreContents:
     lock_bytes: int
     names: int  #: name entries
     other: tuple[Entry, ...]  #: objects under envs/ that are not an env's (foreign files)
+    bad_names: tuple[BadName, ...] = ()  #: objects under names/ that are not name entries
 
     def live_leases(self) -> frozenset[str]:
         return frozenset(lease.env_id for lease in self.leases if not lease.stale)
@@ -141,12 +142,15 @@ class GcPlan:
 
 
 def scan(store: Store, *, now: float | None = None) -> StoreContents:
-    """What the store holds. Raises ``StoreError`` when it cannot be listed, and
-    ``AliasError`` for a name entry that is not one (a name must never be guessed at)."""
+    """What the store holds. Raises ``StoreError`` when it cannot be listed. An object under
+    ``names/`` that is not a name entry is listed in ``bad_names``, and every env whose id
+    its bytes mention counts as named by it (a name must never be guessed at, so gc keeps
+    what it may have meant)."""
     now = time.time() if now is None else now
     named: dict[tuple[str, str], list[tuple[str, str]]] = {}
     name_count = 0
-    for alias in list_aliases(store):
+    bad: list[BadName] = []
+    for alias in list_aliases(store, bad=bad):
         name_count += 1
         for platform, env_id in alias.envs.items():
             named.setdefault((platform, env_id), []).append((alias.ref, alias.created))
@@ -164,6 +168,11 @@ def scan(store: Store, *, now: float | None = None) -> StoreContents:
             other.append(entry)
             continue
         grouped.setdefault((platform, env_id), []).append(entry)
+    for platform, env_id in grouped:
+        for unreadable in bad:
+            if env_id.encode() in unreadable.raw:
+                ref = f"{unreadable.key} (unreadable)"
+                named.setdefault((platform, env_id), []).append((ref, ""))
     leases = tuple(_leases(store, now))
     live = frozenset(lease.env_id for lease in leases if not lease.stale)
     envs = [
@@ -180,6 +189,7 @@ def scan(store: Store, *, now: float | None = None) -> StoreContents:
         lock_bytes=sum(entry.size for entry in locks),
         names=name_count,
         other=tuple(other),
+        bad_names=tuple(bad),
     )
 
 
@@ -278,12 +288,13 @@ def collect(store: Store, plan: GcPlan) -> tuple[StoredEnv, ...]:
     for lease in plan.stale_leases:
         if store.get(lease_key(lease.env_id)) == lease.raw:
             store.delete(lease_key(lease.env_id))
-    named = {(p, e) for alias in list_aliases(store) for p, e in alias.envs.items()}
+    bad: list[BadName] = []
+    named = {(p, e) for alias in list_aliases(store, bad=bad) for p, e in alias.envs.items()}
     removed = []
     for env in plan.remove:
         if _live_lease(store, env.env_id, now):
             continue
-        if (env.platform, env.env_id) in named:
+        if (env.platform, env.env_id) in named or any(env.env_id.encode() in b.raw for b in bad):
             continue
         for key in env.keys:
             store.delete(key)

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from envmgr.cache import Store
 from envmgr.cache.layout import name_key
@@ -28,6 +29,7 @@ __all__ = [
     "MUTABLE_TAGS",
     "Alias",
     "AliasError",
+    "BadName",
     "is_name",
     "list_aliases",
     "lookup",
@@ -41,6 +43,8 @@ MUTABLE_TAGS = frozenset({"latest", "candidate", "stable"})
 _SEGMENT = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME = re.compile(rf"{_SEGMENT}(/{_SEGMENT})?")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: What an env id prefix looks like (ids are hex; prefixes of 8+ digits are accepted for ids).
+_HEX_PREFIX = re.compile(r"[0-9a-f]{8,}")
 _FORMAT = 1
 
 
@@ -82,6 +86,11 @@ def parse_name(text: str) -> tuple[str, str]:
         )
     if not _TAG.fullmatch(tag):
         raise AliasError(f"{text!r}: bad tag {tag!r}", hint="letters, digits, '.', '_' or '-'")
+    if _HEX_PREFIX.fullmatch(name):
+        raise AliasError(
+            f"{text!r} looks like an env id prefix, so it would mean two envs",
+            hint="a name needs a letter beyond a-f or fewer than 8 hex digits, e.g. team/" + name,
+        )
     return name, tag
 
 
@@ -169,13 +178,31 @@ def _describe(envs: Mapping[str, str]) -> str:
     return ", ".join(f"{platform} {env_id[:12]}" for platform, env_id in envs.items())
 
 
-def list_aliases(store: Store, name: str | None = None) -> Iterator[Alias]:
-    """Every alias in the store (of *name* only, when given), sorted by name and tag."""
+class BadName(NamedTuple):
+    """An object under ``names/`` that is not a name entry: its key, bytes and what is wrong."""
+
+    key: str
+    raw: bytes
+    error: AliasError
+
+
+def list_aliases(
+    store: Store, name: str | None = None, *, bad: list[BadName] | None = None
+) -> Iterator[Alias]:
+    """Every alias in the store (of *name* only, when given), sorted by name and tag. An
+    object that is not a name entry is appended to *bad* and skipped; without *bad* it
+    raises ``AliasError``, since a name must never be guessed at."""
     for key in store.list(f"names/{name}/" if name else "names/"):
         parts = key.split("/")[1:]
         if len(parts) < 2:
             continue
         alias_name, tag = "/".join(parts[:-1]), parts[-1]
         raw = store.get(key)
-        if raw is not None:
+        if raw is None:
+            continue
+        try:
             yield _decode(store, key, raw, alias_name, tag)
+        except AliasError as exc:
+            if bad is None:
+                raise
+            bad.append(BadName(key=key, raw=raw[: 1 << 20], error=exc))

@@ -135,8 +135,22 @@ def _cached(
         return None
     import json  # noqa: PLC0415
 
+    from envmgr.lock import LOCK_FORMAT  # noqa: PLC0415
+
     try:
-        lock = PlatformLock.from_dict(json.loads(raw), where=f"{store.url}/{key}")
+        data = json.loads(raw)
+        newer = isinstance(data, dict) and isinstance(data.get("format"), int)
+        newer = newer and data["format"] > LOCK_FORMAT
+    except ValueError:
+        return None  # a damaged entry is re-solved and replaced
+    if newer:  # never replaced by an older envmgr's answer
+        raise LockError(
+            f"{store.url}/{key}: a lock of format {data['format']}, written by a newer envmgr "
+            f"(this one reads format {LOCK_FORMAT})",
+            hint="upgrade envmgr",
+        )
+    try:
+        lock = PlatformLock.from_dict(data, where=f"{store.url}/{key}")
     except (LockError, ValueError):
         return None  # a damaged entry is re-solved and replaced
     return lock if lock.virtual_packages == vps else None

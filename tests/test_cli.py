@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers import run_envmgr
+from _helpers import envmgr_here, run_envmgr
 from _shapes import documented_shapes, problems
 from typer.testing import CliRunner
 
+from envmgr.cache.local import LocalStore
 from envmgr.cli.app import _COMMANDS, app
 from envmgr.cli.store import STORE_COMMANDS
 from envmgr.config import load
@@ -232,6 +233,47 @@ def test_aliases(world, tmp_path):
     assert missing.returncode == 1 and "tags of team/np: latest, v1" in missing.stderr
     bad = sub("alias", str(lock), "Team Np", env=world)
     assert bad.returncode == 1 and "is not an env name" in bad.stderr
+
+
+def test_alias_refuses_what_does_not_apply(world, tmp_path):
+    """`alias ENV c786608a` made a name that hydrate read as an id prefix and bootstrap as
+    a name; `alias -p ../../victim` and a platform the env lacks were accepted and ignored."""
+    lock = tmp_path / "l.yml"
+    assert invoke("resolve", "--conda", "numpy", "--python", "3.11", "-o", str(lock)).exit_code == 0
+    for name in ("c786608a", "0123456789abcdef0123", "deadbeef:v1"):
+        result = envmgr_here("alias", str(lock), name, env=world, cwd=tmp_path)
+        assert result.returncode == 1, name
+        assert "looks like an env id prefix, so it would mean two envs" in result.stderr
+    assert envmgr_here("alias", str(lock), "c786608", env=world, cwd=tmp_path).returncode == 0
+    assert (
+        envmgr_here("alias", str(lock), "team/cafe-babe1", env=world, cwd=tmp_path).returncode == 0
+    )
+    victim = envmgr_here(
+        "alias", str(lock), "team/np", "-p", "../../victim", env=world, cwd=tmp_path
+    )
+    assert victim.returncode == 2 and "--platform '../../victim': unknown platform" in victim.stderr
+    other = envmgr_here("alias", str(lock), "team/np", "-p", "osx-arm64", env=world, cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.splitlines() == [
+        f"envmgr: error: --platform osx-arm64: {lock} has no osx-arm64 env (it has: linux-64)"
+    ]
+    store = LocalStore(tmp_path / "store")
+    assert not list(store.list("names/team/np/"))
+
+
+def test_a_resolution_cache_entry_of_a_newer_envmgr_is_refused_not_replaced(world, tmp_path):
+    from envmgr.cache.layout import lock_key
+
+    args = ("resolve", "--conda", "numpy", "--python", "3.11", "--json")
+    first = json.loads(envmgr_here(*args, env=world, cwd=tmp_path).stdout)["envs"][0]
+    store = LocalStore(tmp_path / "store")
+    key = lock_key(first["spec_id"], "linux-64")
+    newer = {**json.loads(store.get(key) or b""), "format": 99}
+    store.put(key, json.dumps(newer).encode())
+    again = envmgr_here(*args[:-1], env=world, cwd=tmp_path)
+    assert again.returncode == 1
+    assert "a lock of format 99, written by a newer envmgr" in again.stderr
+    assert json.loads(store.get(key) or b"")["format"] == 99
 
 
 def test_config_sources_and_precedence(world, tmp_path, monkeypatch):

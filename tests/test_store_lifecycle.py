@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from _helpers import run_envmgr, s3_env
+from _helpers import envmgr_here, run_envmgr, s3_env
 from _shapes import documented_shapes, problems
 
 from envmgr.cache.layout import (
@@ -148,6 +148,32 @@ def test_gc_judges_a_lease_by_the_stores_clock_not_the_holders(tmp_path):
     plan = plan_gc(scan(store), older_than=DAY)
     assert [lease.env_id for lease in plan.stale_leases] == [IDS["b"]]
     assert [e.env_id for e in collect(store, plan)] == [IDS["b"]]
+
+
+def test_one_bad_name_object_does_not_break_names_ls_or_gc(world, tmp_path):
+    """One garbage object under names/ made `envmgr names`, `store ls` and `store gc` fail for
+    the whole store; now it is named in a warning and gc keeps the envs it mentions."""
+    store = LocalStore(tmp_path / "store")
+    _env(store, IDS["a"], built_days_ago=200)
+    _env(store, IDS["b"], built_days_ago=200)
+    _env(store, IDS["c"], built_days_ago=200)
+    set_alias(store, "team/a:stable", {"linux-64": IDS["a"]})
+    store.put(
+        "names/team/b/broken", b'{"format": 99, "envs": {"linux-64": "' + IDS["b"].encode() + b'"}}'
+    )
+    store.put("names/team/junk/x", b"\x00\xff not json")
+    warning = f"envmgr: warning: skipped {store.url}/names/team/b/broken: not an envmgr name entry"
+    names = envmgr_here("names", env=world)
+    assert names.returncode == 0, names.stderr
+    assert "team/a:stable" in names.stdout and warning in names.stderr
+    assert len(names.stderr.splitlines()) == 2
+    listed = envmgr_here("store", "ls", env=world)
+    assert listed.returncode == 0 and warning in listed.stderr
+    gc = envmgr_here("store", "gc", "--older-than", "30d", "--json", env=world)
+    assert gc.returncode == 0, gc.stderr
+    assert [e["env_id"] for e in json.loads(gc.stdout)["removed"]] == [IDS["c"]]
+    assert store.exists(manifest_key("linux-64", IDS["b"]))  # the bad entry may have meant it
+    assert store.exists("names/team/b/broken")
 
 
 def test_an_incomplete_upload_without_a_lease_goes_after_a_day(tmp_path):
