@@ -84,6 +84,7 @@ def read_lock_file(
     from envmgr.lock import read_conda_lock  # noqa: PLC0415
     from envmgr.lockfiles import detect_format, read_pixi_lock, read_pypi_lock  # noqa: PLC0415
 
+    options = options or default_resolve_options(cache_dir)
     fmt = detect_format(path)
     if fmt == "explicit":
         lock = Lock(platforms=(read_explicit(path, cache_dir),))
@@ -95,8 +96,25 @@ def read_lock_file(
         from envmgr.resolution import complete_pypi_lock  # noqa: PLC0415
 
         found = read_pypi_lock(path, fmt)
-        lock = complete_pypi_lock(found, options or default_resolve_options(cache_dir), python)
-    return adopt(lock, where=str(path))
+        lock = complete_pypi_lock(found, options, python)
+        return adopt(lock, where=str(path), trusted=(*_trusted_sources(options), *found.indexes))
+    return adopt(lock, where=str(path), trusted=_trusted_sources(options))
+
+
+def _trusted_sources(options: ResolveOptions) -> tuple[str, ...]:
+    """The configured channels, indexes and find-links locations: where an adopted lock's
+    packages may come from besides the channels it declares."""
+    from envmgr.interop import channel_urls  # noqa: PLC0415
+    from envmgr.resolvers.pypi.index import pip_sources  # noqa: PLC0415
+
+    index, extra, find_links = pip_sources()
+    indexes = (options.index_url or index, *options.extra_index_urls, *extra)
+    return (
+        *channel_urls(options.default_channels),
+        *(u for u in indexes if u),
+        *options.find_links,
+        *find_links,
+    )
 
 
 def default_resolve_options(

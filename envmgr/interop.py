@@ -24,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
 from envmgr.errors import EnvmgrError
-from envmgr.limits import check_package_url, read_bounded
+from envmgr.limits import check_package_url, check_url_origin, read_bounded
 from envmgr.lock import (
     Lock,
     LockedPackage,
@@ -337,16 +337,20 @@ async def _lookup(lines: Iterable[_Line], cache_dir: Path) -> dict[str, LockedPa
     return found
 
 
-def adopt(lock: Lock, *, where: str) -> Lock:
+def adopt(lock: Lock, *, where: str, trusted: Sequence[str] = ()) -> Lock:
     """Check an adopted lock before it is used: at least one platform, no duplicate names,
     every URL a package file of its package (so a lock cannot send a build to
-    ``file:///etc/passwd``)."""
+    ``file:///etc/passwd``) from where the lock's channels or *trusted* (configured channel
+    and index URLs) say packages come from (:func:`~envmgr.limits.check_url_origin`)."""
     if not lock.platforms:
         raise LockError(f"{where}: the lock has no packages")
     for part in lock.platforms:
         seen: dict[tuple[str, str], LockedPackage] = {}
+        roots = (*channel_urls(part.channels), *trusted)
         for pkg in part.packages:
-            problem = check_package_url(pkg.url, manager=pkg.manager, name=pkg.name)
+            problem = check_package_url(
+                pkg.url, manager=pkg.manager, name=pkg.name
+            ) or check_url_origin(pkg.url, manager=pkg.manager, roots=roots)
             if problem is not None:
                 raise LockError(
                     f"{where}: {part.platform}: {pkg.name[:80]} {pkg.version[:40]}: its URL "
@@ -360,6 +364,19 @@ def adopt(lock: Lock, *, where: str) -> Lock:
                 )
             seen[key] = pkg
     return lock
+
+
+def channel_urls(channels: Iterable[str]) -> list[str]:
+    """The base URLs of *channels* (names like ``conda-forge`` or URLs), as conda reads them."""
+    import rattler  # noqa: PLC0415
+
+    out = []
+    for channel in channels:
+        try:
+            out.append(str(rattler.Channel(channel).base_url))
+        except Exception:  # noqa: S112 - py-rattler's parse errors: not a channel
+            continue
+    return out
 
 
 def known_format(value: str) -> Format:

@@ -10,9 +10,10 @@ an adopted lock are checked too: each URL must name a package file of that packa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from envmgr.errors import EnvmgrError
 
@@ -25,6 +26,7 @@ __all__ = [
     "InputError",
     "InputTooLargeError",
     "check_package_url",
+    "check_url_origin",
     "check_yaml",
     "read_bounded",
 ]
@@ -131,6 +133,55 @@ def check_yaml(text: str, *, where: str) -> None:
         if "maximum nesting depth" in str(exc):
             raise InputTooLargeError(where, f"nested deeper than {MAX_DEPTH} levels") from None
         return  # the real parser reports it with its line
+
+
+def check_url_origin(url: str, *, manager: str, roots: Sequence[str]) -> str | None:
+    """Why *url*, a package URL of an adopted lock, does not come from where the lock and the
+    configuration say packages come from (``None``: it does). *roots* are the channel and
+    index URLs the lock declares and the configured ones.
+
+    No URL may hold ``.`` or ``..`` path segments or point at a link-local address (cloud
+    metadata services live there). A conda package must lie under one of *roots*. A PyPI
+    file may live on another host than its index (an index serves files from a file host),
+    so for PyPI only a loopback or private address is held to *roots*' hosts and ports."""
+    import ipaddress  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    segments = [unquote(s) for s in parts.path.split("/")]
+    if any(s in (".", "..") for s in segments):
+        return "its path holds '.' or '..' segments"
+    host = (parts.hostname or "").strip("[]")
+    try:
+        address = ipaddress.ip_address(host) if host else None
+    except ValueError:
+        address = None
+    if address is not None and address.is_link_local:
+        return f"{host} is a link-local address"
+    under = [_root_of(root) for root in roots]
+    if manager == "conda":
+        if any(_is_under(parts, root) for root in under):
+            return None
+        return "it is under no channel the lock declares or envmgr is configured with"
+    local = host == "localhost" or (
+        address is not None and (address.is_loopback or address.is_private)
+    )
+    if local and not any(_same_origin(parts, root) for root in under):
+        return f"{parts.netloc} is a local address that no declared or configured index uses"
+    return None
+
+
+def _root_of(url: str) -> SplitResult:
+    parts = urlsplit(url)
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return parts._replace(path=unquote(path))
+
+
+def _same_origin(a: SplitResult, b: SplitResult) -> bool:
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def _is_under(parts: SplitResult, root: SplitResult) -> bool:
+    return _same_origin(parts, root) and unquote(parts.path).startswith(root.path)
 
 
 def check_package_url(url: str, *, manager: str, name: str) -> str | None:

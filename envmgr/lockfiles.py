@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
-from envmgr.lock import Lock, LockedPackage, LockError, PlatformLock
+from envmgr.lock import Lock, LockedPackage, LockError, PlatformLock, strip_credentials
 from envmgr.platforms import Platform, is_platform
 
 if sys.version_info >= (3, 11):
@@ -230,6 +230,28 @@ class _File:
     wheel: bool
 
 
+def _checked_file(where: str, name: str, *, url: str, sha256: str, size: int, wheel: bool) -> _File:
+    """A file of package *name* as a lock lists it, refused in one line when its URL does not
+    name a file of that package (``file:///etc/passwd``) or a wheel entry is no wheel."""
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename  # noqa: PLC0415
+
+    from envmgr.limits import check_package_url  # noqa: PLC0415
+
+    if not url:
+        raise LockError(f"{where}: {name} has a file with only a local path; envmgr needs URLs")
+    problem = check_package_url(url, manager="pypi", name=name)
+    if problem is None and wheel:
+        try:
+            parse_wheel_filename(_filename(url))
+        except InvalidWheelFilename:
+            problem = f"{_filename(url)[:120]!r} is listed as a wheel but is not a wheel file"
+    if problem is not None:
+        raise LockError(
+            f"{where}: {name[:80]}: its URL {strip_credentials(url)[:200]} is refused: {problem}"
+        )
+    return _File(url=url, sha256=sha256, size=size, wheel=wheel)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Node:
     """One package of a uv.lock or pylock.toml with all its files."""
@@ -255,6 +277,7 @@ class PypiLockFile:
     wheel_pythons: tuple[str, ...]
     conda: tuple[PlatformLock, ...] = ()
     platforms: tuple[Platform, ...] = ()  # the platforms the file says it is for ([tool.envmgr])
+    indexes: tuple[str, ...] = ()  # the package indexes the file names
     _data: Any = None
 
     def select(self, target: PythonTarget) -> tuple[LockedPackage, ...]:
@@ -382,6 +405,7 @@ def _read_pylock(path: Path, data: dict[str, Any]) -> PypiLockFile:
         wheel_pythons=_wheel_pythons(nodes),
         conda=conda,
         platforms=tuple(p.platform for p in conda),
+        indexes=tuple(sorted({str(p.index) for p in pylock.packages if p.index})),
         _data=pylock,
     )
 
@@ -412,7 +436,9 @@ def _pylock_node(path: Path, package: Any) -> _Node:
     for wheel in package.wheels or ():
         url = wheel.url or ""
         files.append(
-            _File(
+            _checked_file(
+                str(path),
+                name,
                 url=url,
                 sha256=_hash(str(path), name, wheel.hashes),
                 size=wheel.size or 0,
@@ -422,7 +448,9 @@ def _pylock_node(path: Path, package: Any) -> _Node:
     if package.sdist is not None:
         sdist = package.sdist
         files.append(
-            _File(
+            _checked_file(
+                str(path),
+                name,
                 url=sdist.url or "",
                 sha256=_hash(str(path), name, sdist.hashes),
                 size=sdist.size or 0,
@@ -499,6 +527,15 @@ def _read_uv(path: Path, data: dict[str, Any]) -> PypiLockFile:
         format="uv.lock",
         requires_python=str(data.get("requires-python", "")),
         wheel_pythons=_wheel_pythons(nodes),
+        indexes=tuple(
+            sorted(
+                {
+                    str(e["source"]["registry"])
+                    for e in packages
+                    if isinstance(e.get("source"), dict) and "registry" in e["source"]
+                }
+            )
+        ),
         _data=data,
     )
 
@@ -515,7 +552,8 @@ def _uv_node(path: Path, entry: Mapping[str, Any]) -> _Node:
         url = str(item.get("url", ""))
         if not url:
             raise LockError(f"{path}: {name} has a file with only a local path; envmgr needs URLs")
-        return _File(url=url, sha256=digest, size=int(item.get("size", 0)), wheel=wheel)
+        size = int(item.get("size", 0))
+        return _checked_file(str(path), name, url=url, sha256=digest, size=size, wheel=wheel)
 
     files = [file(w, True) for w in entry.get("wheels", ())]
     if "sdist" in entry:

@@ -202,3 +202,82 @@ def test_requirements_files_with_odd_shapes(tmp_path):
     many = _write(tmp_path, "many.txt", "".join(f"pkg{i}\n" for i in range(500_000)))
     with pytest.raises(SpecError, match="more than 20,000 requirements"):
         read_requirements(many)
+
+
+_PYLOCK = """lock-version = "1.0"
+created-by = "hand"
+requires-python = ">=3.11"
+
+[[packages]]
+name = "six"
+version = "1.17.0"
+[[packages.wheels]]
+name = "six-1.17.0-py2.py3-none-any.whl"
+url = "{url}"
+hashes = {{ sha256 = "{sha}" }}
+"""
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("file:///etc/passwd", "'passwd' is not a wheel or a source distribution"),
+        ("https://host/six-1.17.0.tar.gz", "is listed as a wheel but is not a wheel file"),
+    ],
+)
+def test_a_foreign_lock_whose_file_is_no_package_file_is_one_line(world, tmp_path, url, needle):
+    """A pylock.toml wheel URL file:///etc/passwd gave a 56-line InvalidWheelFilename."""
+    lock = _write(tmp_path, "pylock.toml", _PYLOCK.format(url=url, sha="0" * 64))
+    result = envmgr_here("resolve", "--lockfile", str(lock), "--python", "3.11", env=world)
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1, result.stderr[-500:]
+    assert f"{lock}: six: its URL" in result.stderr and needle in result.stderr
+
+
+@pytest.fixture(scope="module")
+def fixture_lock_text(conda_channel, pypi_index, tmp_path_factory):
+    """A conda-lock file of the fixture channel (numpy) and index (six), as text."""
+    from _helpers import fixture_options
+
+    from envmgr.lock import Lock, write_conda_lock
+    from envmgr.resolution import resolve_specs
+    from envmgr.spec import CondaDep, EnvSpec, PypiDep
+
+    home = tmp_path_factory.mktemp("origin")
+    spec = EnvSpec(python="3.11.*", conda=(CondaDep.parse("numpy"),), pypi=(PypiDep.parse("six"),))
+    part = resolve_specs({"x": spec}, fixture_options(home, conda_channel.url, pypi_index.url))[0]
+    write_conda_lock(Lock(platforms=(part.lock,)), home / "l.yml")
+    return (home / "l.yml").read_text()
+
+
+def test_an_adopted_lock_takes_packages_only_from_where_it_says(
+    world, tmp_path, fixture_lock_text, conda_channel, pypi_index
+):
+    """A conda package on 169.254.169.254, on another loopback port or with '..' in its
+    path was adopted and failed only at build."""
+    channel = conda_channel.url.rstrip("/")
+    index = pypi_index.url.rstrip("/")
+    host, port = index.split("://")[1].split("/")[0].split(":")
+    good = _write(tmp_path, "good.conda-lock.yml", fixture_lock_text)
+    assert envmgr_here("resolve", "--lockfile", str(good), env=world).returncode == 0
+    conda_url = next(line.split("url: ")[1] for line in fixture_lock_text.splitlines()
+                     if "url: " in line and "/numpy-" in line)  # fmt: skip
+    wheel_url = next(line.split("url: ")[1] for line in fixture_lock_text.splitlines()
+                     if "url: " in line and "six-" in line)  # fmt: skip
+    cases = {
+        conda_url: conda_url.replace(channel, "http://169.254.169.254/latest"),
+        conda_url + " ": conda_url.replace(channel, f"{channel}/../../elsewhere"),
+        wheel_url: wheel_url.replace(f"{host}:{port}", f"{host}:{int(port) + 1}"),
+        wheel_url + " ": wheel_url.replace(f"{host}:{port}", "169.254.169.254"),
+    }
+    needles = ["link-local", "'.' or '..' segments", "local address", "link-local"]
+    for (old, new), needle in zip(cases.items(), needles, strict=True):
+        bad = _write(tmp_path, "bad.conda-lock.yml", fixture_lock_text.replace(old.strip(), new))
+        result = envmgr_here("resolve", "--lockfile", str(bad), env=world)
+        assert result.returncode != 0, new
+        assert len(result.stderr.splitlines()) == 1 and needle in result.stderr, result.stderr
+    # A conda package from a channel neither the lock nor the configuration names.
+    other = conda_url.replace(channel, "https://example.org/other-channel")
+    bad = _write(tmp_path, "bad.conda-lock.yml", fixture_lock_text.replace(conda_url, other))
+    result = envmgr_here("resolve", "--lockfile", str(bad), env=world)
+    assert "under no channel the lock declares" in result.stderr
