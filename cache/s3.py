@@ -90,7 +90,16 @@ class S3Store:
 
     def _fail(self, key: str, exc: Exception, detail: str = "") -> StoreError:
         code = _code(exc, type(exc).__name__)
+        cause = code
         hint = None
+        if getattr(exc, "response", None) is None and not _is_botocore(exc):
+            # Not an answer of the server: a response cut short or garbled on the way
+            # (boto3 then fails reading a field it expects, e.g. KeyError 'UploadId').
+            text = " ".join(str(exc).split())[:120]
+            cause = (
+                f"a cut or malformed response ({type(exc).__name__}{': ' if text else ''}{text})"
+            )
+            hint = "the connection to the S3 endpoint broke mid-answer; check the network"
         if code in (
             "AccessDenied",
             "403",
@@ -107,7 +116,7 @@ class S3Store:
         return StoreError(
             self.url,
             key,
-            f"S3 error {code}{detail} (endpoint {endpoint}, credentials from "
+            f"S3 error {cause}{detail} (endpoint {endpoint}, credentials from "
             f"{self._credential_source()})",
             hint=hint,
         )
@@ -261,6 +270,11 @@ class S3Store:
         except Exception as exc:
             raise self._fail(prefix, exc) from None
         yield from sorted(found)
+
+
+def _is_botocore(exc: Exception) -> bool:
+    """A botocore or boto3 error (its name says what failed: EndpointConnectionError, ...)."""
+    return type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer")
 
 
 def _code(exc: Exception, default: str) -> str:

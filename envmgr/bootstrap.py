@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"envmgr: error: {exc}", file=sys.stderr)
         return exc.exit_code
     cache_dir = _cache_dir(args.cache_dir)
-    if args.name:
+    if args.name is not None:
         if not args.store:
             parser.error("--store or ENVMGR_STORE is required with --name")
         try:

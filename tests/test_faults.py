@@ -17,6 +17,7 @@ from _helpers import run_bootstrap
 
 from envmgr.build import BuildOptions, build_and_store
 from envmgr.cache.s3 import S3Store
+from envmgr.errors import EnvmgrError
 from envmgr.hydrate import COMPLETE, HydrateError, env_dir, hydrate
 from fixtures.s3_server import RunningS3, free_port, launch
 from fixtures.tcp_proxy import FaultProxy, Faults
@@ -260,3 +261,30 @@ def test_read_only_credentials_hydrate_but_cannot_build(mixed_lock, conda_channe
         assert "AccessDenied" in refused.stderr and "credentials from env" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
         assert not list(admin_store.list("leases/"))  # nothing half-written
+
+
+def test_s3_responses_cut_during_a_build_name_the_real_cause(
+    mixed_lock, s3_server, s3_bucket, proxy, tmp_path, monkeypatch
+):
+    """Every S3 response cut short during a build read "S3 error KeyError"."""
+    monkeypatch.setenv("ENVMGR_S3_RETRIES", "1")
+    store = S3Store(f"s3://{s3_bucket}/envs", client=_client(s3_server, proxy.url))
+    proxy.faults = Faults(cut_after=150, cuts=10**6)
+    with pytest.raises(EnvmgrError) as caught:
+        build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+    message = str(caught.value)
+    assert "\n" not in message and s3_bucket in message
+    assert "S3 error a cut or malformed response (" in message, message
+    assert "check the network" in message
+
+
+def test_bootstrap_with_an_empty_name_is_one_line(tmp_path, capsys):
+    """--name '' printed a 10-line UnboundLocalError."""
+    from envmgr import bootstrap
+
+    code = bootstrap.main(["--name", "", "--store", str(tmp_path), "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines() == [
+        "envmgr: error: '' is not an env name (use lower-case letters, digits, '.', '_' or '-', "
+        "optionally one '/' (team/name), then an optional :tag)"
+    ]
