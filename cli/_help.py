@@ -9,7 +9,6 @@ parameter's own ``metavar`` always wins.
 from __future__ import annotations
 
 from typer._click import core as click_core  # typer 0.29 parses with its own click (pinned)
-from typer._click.exceptions import NoSuchOption, UsageError
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 __all__ = ["RunCommand", "TidyCommand", "TidyGroup"]
@@ -64,28 +63,19 @@ class TidyGroup(_TidyParams, TyperGroup):
 
 
 class RunCommand(TidyCommand):
-    """``envmgr run``: an option of the command given without ``--`` before it (``envmgr run
-    flow.py:train python -V``) is answered with the line that works."""
+    """``envmgr run``: without ``--``, the first word after TARGET that is not an option of
+    ``run`` starts the command, as with ``uv run`` (``envmgr run flow.py:train python -c 1``
+    runs ``python -c 1``; ``-c`` is not read as ``--channel``)."""
 
     def parse_args(self, ctx: click_core.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, list(args))
-        except NoSuchOption as exc:
-            fixed = self._with_separator(ctx, args, exc.option_name)
-            if fixed is None:
-                raise
-            raise UsageError(
-                f"No such option: {exc.option_name} (the command's own options go after --: "
-                f"envmgr run {' '.join(fixed)})",
-                ctx,
-            ) from None
+        args = list(args)
+        if "--" not in args:
+            args = self._command_split(ctx, args)
+        return super().parse_args(ctx, args)
 
-    def _with_separator(
-        self, ctx: click_core.Context, args: list[str], bad: str
-    ) -> list[str] | None:
-        """*args* with ``--`` where the command starts, if the bad option follows one."""
-        if "--" in args or bad not in args:
-            return None
+    def _command_split(self, ctx: click_core.Context, args: list[str]) -> list[str]:
+        """*args* with ``--`` before the command, when one is given: the first positional
+        word once a spec flag (``--pypi``, ``-f``, ...) was given, else the second."""
         takes_value = {
             name
             for param in self.get_params(ctx)
@@ -93,24 +83,20 @@ class RunCommand(TidyCommand):
             for name in param.opts
         }
         spec_given = False
-        positionals: list[int] = []
-        end, i = args.index(bad), 0
-        while i < end:
+        target_seen = False
+        i = 0
+        while i < len(args):
             word = args[i]
             if word.startswith("-") and word != "-":
                 name = word.split("=", 1)[0]
                 spec_given |= name in _SPEC_FLAGS
                 i += 2 if name in takes_value and "=" not in word else 1
+            elif spec_given or target_seen:
+                return [*args[:i], "--", *args[i:]]
             else:
-                positionals.append(i)
+                target_seen = True
                 i += 1
-        if spec_given and positionals:
-            starts = positionals[0]  # no TARGET: the command is the first positional
-        elif len(positionals) >= 2:
-            starts = positionals[1]
-        else:
-            return None
-        return [*args[:starts], "--", *args[starts:]]
+        return args
 
 
 #: The options through which ``run`` takes a spec instead of a TARGET.

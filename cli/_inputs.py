@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -243,6 +244,30 @@ def _specs_from_json(path: Path) -> dict[str, EnvSpec]:
     }
 
 
+def spec_file_kind(path: Path) -> Literal["env_file", "requirements"] | None:
+    """Whether a path given where a flow file or a TARGET goes is a spec file, as conda-lock
+    and pixi users hand them in: an environment.yml (a ``.yml``/``.yaml`` that is not a lock
+    file) or a pyproject.toml (read as -f), a requirements file (``.txt``/``.in``, or
+    requirement lines) read as -r; None for anything else (a flow, a lock file)."""
+    from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
+    from envmgr.lockfiles import looks_like_requirements  # noqa: PLC0415
+
+    name = path.name.lower()
+    if path.suffix == ".py" or not path.is_file() or "lock" in name:
+        return None
+    if name == "pyproject.toml" or name.endswith((".yml", ".yaml")):
+        return "env_file"
+    if name.endswith((".txt", ".in")):
+        return "requirements"
+    try:
+        text = read_bounded(path, what="file")
+    except InputError:
+        return None
+    if re.search(r"^dependencies:", text, re.MULTILINE) and not text.lstrip().startswith("{"):
+        return "env_file"
+    return "requirements" if looks_like_requirements(text) else None
+
+
 def configured_store(config: Config, *, reading: bool = False) -> Store:
     """The store the configuration names. A local store that was named (by a flag, a variable
     or the file, not the default under the cache dir) and does not exist is an error for a
@@ -368,6 +393,12 @@ def gather(
             f for f, on in (("--locked", locked), ("--check", check), ("--force", force)) if on
         ]
         fail(f"--frozen never solves; it does not go with {', '.join(given)}")
+    if flow is not None:  # `resolve environment.yml`, as conda-lock and pixi users write it
+        kind = spec_file_kind(flow)
+        if kind == "env_file":
+            env_file, flow = [flow, *env_file], None
+        elif kind == "requirements":
+            requirements, flow = [flow, *requirements], None
     if flow is not None and (env_file or requirements or conda or pypi):
         fail("give a flow file or -f/-r/--conda/--pypi, not both")
     singles = bool(env_file or requirements or conda or pypi or python)

@@ -166,6 +166,29 @@ def expand_env_id(prefix: str, store: Store, *, names_too: bool = False) -> str 
     raise AssertionError  # fail() exits
 
 
+def _step_names(path: Path) -> list[str]:
+    """The ``@step`` methods of the classes in the flow file at *path*, in file order."""
+    import ast  # noqa: PLC0415
+
+    from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
+
+    try:
+        tree = ast.parse(read_bounded(path, what="flow file"))
+    except (InputError, SyntaxError, ValueError):
+        return []
+    return [
+        item.name
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        for item in node.body
+        if isinstance(item, ast.FunctionDef)
+        and any(
+            (d.id if isinstance(d, ast.Name) else getattr(d, "attr", "")) == "step"
+            for d in item.decorator_list
+        )
+    ]
+
+
 def _stored(store: Store, env_ids: dict[str, str] | str, what: str) -> Lock:
     """The stored locks of an env id (any platform) or of a name's platform → env id map."""
     from envmgr.build import read_stored_lock  # noqa: PLC0415
@@ -203,6 +226,13 @@ def load_target(
     if ":" in text and text.rsplit(":", 1)[0].endswith(".py"):
         return _flow_step(text, flow_options or FlowOptions(), progress)
     path = Path(text)
+    if path.is_file() and path.suffix == ".py":
+        steps = _step_names(path)
+        example = "start" if "start" in steps else (steps[0] if steps else "STEP")
+        fail(
+            f"{text} is a flow file: name one of its steps, e.g. {text}:{example} "
+            f"(its steps: {', '.join(steps) or 'none found'})"
+        )
     if path.is_file():
         options = flow_options or FlowOptions()
         resolve = default_resolve_options(
@@ -216,9 +246,10 @@ def load_target(
         try:
             alias = lookup(store, text)
         except AliasError as exc:
-            if ID_PREFIX.match(text):  # it may have been meant as an env id prefix
+            if ID_PREFIX.match(text):  # no name is 8+ hex digits: it was an env id prefix
                 raise AliasError(
-                    f"no env id starts with {text} and {exc.message}", hint=exc.hint
+                    f"no env id starts with {text} in {store.url}",
+                    hint="`envmgr store ls` lists the stored envs",
                 ) from None
             raise
         lock = _stored(store, dict(alias.envs), f"env {alias.ref}")

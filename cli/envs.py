@@ -27,6 +27,7 @@ from envmgr.cli._inputs import (
     StoreOpt,
     build_options,
     configured_store,
+    spec_file_kind,
 )
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import FlowOptions, TargetArg
@@ -204,6 +205,11 @@ def run_command(
 
     words = [*([target] if target is not None else []), *(command or [])]
     spec: dict[str, Any] | None = None
+    kind = spec_file_kind(Path(target)) if target is not None else None
+    if kind is not None and target is not None:  # `run environment.yml -- ...`, as pixi runs
+        env_file = [Path(target), *env_file] if kind == "env_file" else env_file
+        requirements = [Path(target), *requirements] if kind == "requirements" else requirements
+        words = words[1:]
     if env_file or requirements or conda or pypi or python:
         if words and (ENV_ID.match(words[0]) or ".py:" in words[0]):
             fail(f"give a TARGET ({words[0]}) or -f/-r/--conda/--pypi/--python, not both")

@@ -80,7 +80,14 @@ def detect_format(path: Path) -> LockFormat:
         return _json_kind(path, text)
     try:
         data: Any = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        name = path.name.lower()
+        if name.endswith("uv.lock") or (name.startswith("pylock") and name.endswith(".toml")):
+            kind = "uv.lock" if name.endswith("uv.lock") else "pylock.toml"
+            raise LockError(
+                f"{path}: a {kind} with a TOML syntax error: {exc}",
+                hint="fix it or write it again with the tool that made it",
+            ) from None
         data = None
     if isinstance(data, dict):
         return _toml_kind(path, data)
@@ -121,7 +128,15 @@ def _yaml_kind(path: Path, text: str) -> LockFormat:
     check_yaml(text, where=str(path))
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if path.name.lower().endswith("pixi.lock"):
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "not valid YAML"
+            raise LockError(
+                f"{path}: a pixi.lock with a YAML syntax error{at}: {problem}",
+                hint="fix it or write it again: pixi lock",
+            ) from None
         data = None
     if isinstance(data, dict):
         if "environments" in data and "packages" in data:
@@ -137,7 +152,7 @@ def _yaml_kind(path: Path, text: str) -> LockFormat:
             return "conda-lock"
         if "dependencies" in data:
             raise _refuse(path, "an environment.yml (a spec)", hint=f"resolve it: -f {path}")
-    if _looks_like_requirements(text):
+    if looks_like_requirements(text):
         raise _refuse(
             path,
             "a requirements file (a spec)",
@@ -146,7 +161,8 @@ def _yaml_kind(path: Path, text: str) -> LockFormat:
     raise _refuse(path, "a file of unknown format")
 
 
-def _looks_like_requirements(text: str) -> bool:
+def looks_like_requirements(text: str) -> bool:
+    """Whether *text* reads as requirement lines (the first 50 that are not comments)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     requirement = re.compile(r"^(-[rcei]\s|--|[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[|[<>=!~;@]|$))")
     return bool(lines) and all(requirement.match(ln) or ln.startswith("\\") for ln in lines[:50])

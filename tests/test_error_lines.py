@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from _helpers import run_envmgr
+from _helpers import envmgr_here, run_envmgr
 
 from envmgr.cli.app import _COMMANDS
 from envmgr.cli.store import STORE_COMMANDS
@@ -79,6 +79,63 @@ def test_a_hex_target_that_is_neither_an_id_prefix_nor_a_name(world):
         result = run_envmgr(*command)
         assert result.returncode == 1
         assert result.stderr.splitlines() == [
-            "envmgr: error: no env id starts with 0000000000 and no env named "
-            f"0000000000:latest in {world['ENVMGR_STORE']} (create it with `envmgr alias`)"
+            f"envmgr: error: no env id starts with 0000000000 in {world['ENVMGR_STORE']} "
+            "(`envmgr store ls` lists the stored envs)"
         ]
+
+
+def test_spec_files_where_a_flow_goes_are_read_as_specs(world, tmp_path):
+    """`resolve environment.yml` said "not valid Python: invalid syntax" (read as a flow)."""
+    (tmp_path / "environment.yml").write_text("dependencies:\n  - python=3.11\n  - tabulate\n")
+    (tmp_path / "requirements.txt").write_text("six\n")
+    (tmp_path / "deps").write_text("# no suffix, requirement lines\nsix\n")
+    for name in ("environment.yml", "requirements.txt", "deps"):
+        args = (
+            ("resolve", name, "--python", "3.11")
+            if name != "environment.yml"
+            else ("resolve", name)
+        )
+        result = envmgr_here(*args, env=world, cwd=tmp_path)
+        assert result.returncode == 0, (name, result.stderr)
+        assert result.stdout.startswith(name.split("/")[-1]), result.stdout
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from metaflow import FlowSpec, step\n\nclass F(FlowSpec):\n    @step\n"
+        "    def start(self):\n        self.next(self.train)\n\n    @step\n"
+        "    def train(self):\n        self.next(self.end)\n\n    @step\n"
+        "    def end(self):\n        pass\n"
+    )
+    result = envmgr_here("run", "flow.py", "--", "python", "-V", env=world, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "envmgr: error: flow.py is a flow file: name one of its steps, e.g. flow.py:start "
+        "(its steps: start, train, end)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line"),
+    [
+        (
+            "uv.lock",
+            'version = 1\n[[package]\nname = "six"\n',
+            "a uv.lock with a TOML syntax error: ",
+        ),
+        (
+            "pixi.lock",
+            "version: 6\nenvironments:\n  default: [\n",
+            "a pixi.lock with a YAML syntax error at line ",
+        ),
+        ("pylock.toml", 'lock-version = "1.0\n', "a pylock.toml with a TOML syntax error: "),
+    ],
+)
+def test_a_malformed_lock_of_a_known_tool_names_the_tool_and_the_line(
+    world, tmp_path, name, text, line
+):
+    path = tmp_path / name
+    path.write_text(text)
+    result = envmgr_here("resolve", "--lockfile", str(path), env=world, cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and f"{path}: {line}" in lines[0], lines
+    assert "line" in lines[0] and "unknown format" not in lines[0]

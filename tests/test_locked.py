@@ -148,11 +148,17 @@ def test_build_and_run_frozen_and_locked(world, tmp_path):
 
 def test_run_usage_lines(world, tmp_path):
     wide = {**world, "COLUMNS": "300"}  # typer boxes usage errors; unwrapped here
-    no_separator = run_envmgr("run", "flow.py:train", "python", "-V", env=wide)
+    # Without --, the first word after TARGET that is no option of run starts the command
+    # (`-c 1` went to --channel and the internet for a channel named 1).
+    no_separator = run_envmgr("run", "flow.py:train", "python", "-c", "1", env=wide)
     assert no_separator.returncode == 2
-    assert "envmgr run flow.py:train -- python -V" in no_separator.stderr
-    spec_no_separator = run_envmgr("run", "--conda", "tabulate", "python", "-V", env=wide)
-    assert "envmgr run --conda tabulate -- python -V" in spec_no_separator.stderr
+    assert "flow.py" in no_separator.stderr and "channel" not in no_separator.stderr
+    code = "import sys, tabulate; print(sys.argv[1:])"
+    spec_no_separator = run_envmgr(
+        "run", "--python", "3.11", "--conda", "tabulate", "python", "-c", code, "-p", "x", env=wide
+    )
+    assert spec_no_separator.returncode == 0, spec_no_separator.stderr
+    assert spec_no_separator.stdout.strip() == "['-p', 'x']"
     both = run_envmgr("run", "flow.py:train", "--conda", "tabulate", "--", "python")
     assert both.returncode == 2
     assert "give a TARGET (flow.py:train) or -f/-r/--conda/--pypi/--python, not both" in both.stderr
