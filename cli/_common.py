@@ -13,7 +13,16 @@ import typer
 if TYPE_CHECKING:
     from envmgr.names import BadName
 
-__all__ = ["STATE", "emit_json", "error_prefix", "fail", "tell", "warn_bad_names"]
+__all__ = [
+    "STATE",
+    "emit_json",
+    "emit_json_error",
+    "error_prefix",
+    "fail",
+    "json_asked",
+    "tell",
+    "warn_bad_names",
+]
 
 
 class _State:
@@ -51,7 +60,22 @@ def error_prefix() -> str:
     return "envmgr: error:"
 
 
+def json_asked() -> bool:
+    """Whether the command line asks for ``--json`` (before any ``--`` and its command)."""
+    args = sys.argv[1:]
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def emit_json_error(kind: str, message: str, code: int) -> None:
+    """``{"error": ...}`` on stdout, as every failure of a ``--json`` command prints."""
+    error = {"type": kind, "message": message, "hint": None, "exit_code": code}
+    print(json.dumps({"error": error}, indent=2), flush=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    """A usage problem: one line on stderr and exit *code*."""
+    """A usage problem: one line on stderr (and the error as JSON on stdout under
+    ``--json``), and exit *code*."""
+    if json_asked():
+        emit_json_error("UsageError", message, code)
     print(f"{error_prefix()} {message}", file=sys.stderr)
     raise typer.Exit(code)

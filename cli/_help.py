@@ -53,6 +53,20 @@ class _TidyParams(click_core.Command):
         _tidy(params)
         return params
 
+    def parse_args(self, ctx: click_core.Context, args: list[str]) -> list[str]:
+        """Usage errors (a mistyped flag, a bad value) are also ``{"error": ...}`` on stdout
+        under ``--json``, like every other failure."""
+        from typer._click.exceptions import UsageError as ClickUsageError  # noqa: PLC0415
+
+        from envmgr.cli._common import emit_json_error, json_asked  # noqa: PLC0415
+
+        try:
+            return super().parse_args(ctx, args)
+        except ClickUsageError as exc:
+            if json_asked():
+                emit_json_error("UsageError", exc.format_message(), exc.exit_code)
+            raise
+
 
 class TidyCommand(_TidyParams, TyperCommand):
     """A command whose help and usage line are in the usual style."""

@@ -245,7 +245,7 @@ def load_target(
 
         try:
             alias = lookup(store, text)
-        except AliasError as exc:
+        except AliasError:
             if ID_PREFIX.match(text):  # no name is 8+ hex digits: it was an env id prefix
                 raise AliasError(
                     f"no env id starts with {text} in {store.url}",

@@ -118,6 +118,13 @@ def resolve(
             )
             results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
             sources = inputs.sources
+            if not check:
+                from envmgr.build import offer_lock  # noqa: PLC0415
+
+                for fresh in (r for r in results if not r.cached):
+                    # Beside where its env will be: `show`, `alias`, `build --env` and any
+                    # worker find the printed id before it is built.
+                    offer_lock(inputs.options.store, fresh.lock)
             if locked and output is None and lock_dir is None:
                 # With -o/--lock-dir, those files are the locks --locked compares with.
                 require_locked(results, inputs.options.store.url)

@@ -261,6 +261,14 @@ def test_alias_refuses_what_does_not_apply(world, tmp_path):
     assert not list(store.list("names/team/np/"))
 
 
+def test_show_finds_an_env_that_resolve_printed_before_it_is_built(world, tmp_path):
+    args = ("resolve", "--conda", "tabulate", "--python", "3.11", "--json")
+    env_id = json.loads(envmgr_here(*args, env=world, cwd=tmp_path).stdout)["envs"][0]["env_id"]
+    shown = envmgr_here("show", env_id[:12], env=world, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"env {env_id}" in shown.stdout and "not built yet" in shown.stdout
+
+
 def test_a_resolution_cache_entry_of_a_newer_envmgr_is_refused_not_replaced(world, tmp_path):
     from envmgr.cache.layout import lock_key
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -139,3 +140,22 @@ def test_a_malformed_lock_of_a_known_tool_names_the_tool_and_the_line(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and f"{path}: {line}" in lines[0], lines
     assert "line" in lines[0] and "unknown format" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["resolve", "--conda", "numpy", "--platform", "linux64", "--json"],
+        ["store", "gc", "--older-than", "30x", "--json"],
+        ["resolve", "--conda", "numpy", "--cuda", "abc", "--json"],
+        ["resolve", "--bogus", "--json"],
+        ["--bogus", "names", "--json"],
+    ],
+)
+def test_json_failures_from_option_parsing_are_json_too(world, args):
+    """The README promises {"error": ...} on stdout for any failure under --json."""
+    result = envmgr_here(*args, env=world)
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "UsageError" and error["exit_code"] == 2 and error["message"]
+    assert error["message"].split(":")[0] in result.stderr or "No such option" in result.stderr
