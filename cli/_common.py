@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -22,6 +24,7 @@ __all__ = [
     "json_asked",
     "tell",
     "warn_bad_names",
+    "writing_output",
 ]
 
 
@@ -58,6 +61,22 @@ def error_prefix() -> str:
     ):
         return "envmgr: \x1b[1;31merror\x1b[0m:"
     return "envmgr: error:"
+
+
+@contextlib.contextmanager
+def writing_output(path: Path, option: str = "-o") -> Iterator[None]:
+    """Around writing the file a user named with *option*: a directory, a missing or
+    unwritable parent is one line naming *path* and what is wrong with it (not a temp file
+    and the cache settings)."""
+    if path.is_dir():
+        fail(f"{option} {path}: is a directory; give a file path, e.g. {path / 'env.lock'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a directory")
+    try:
+        yield
+    except OSError as exc:
+        fail(f"{option} {path}: cannot write it: {exc.strerror or exc}", code=1)
 
 
 def json_asked() -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typer._click import core as click_core  # typer 0.29 parses with its own click (pinned)
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-__all__ = ["RunCommand", "TidyCommand", "TidyGroup"]
+__all__ = ["RootGroup", "RunCommand", "TidyCommand", "TidyGroup"]
 
 #: The metavar of an option that names none, by the kind of value it takes.
 _BY_TYPE = {"Path": "PATH", "int": "N", "float": "NUMBER", "str": "TEXT"}
@@ -74,6 +74,33 @@ class TidyCommand(_TidyParams, TyperCommand):
 
 class TidyGroup(_TidyParams, TyperGroup):
     """A group (``envmgr``, ``envmgr store``) whose own options are drawn the same way."""
+
+
+#: envmgr's own options that may also come after the command, as uv takes them.
+_GLOBAL_FLAGS = frozenset({"-q", "--quiet", "-v", "-vv", "-vvv", "--verbose"})
+
+
+class RootGroup(TidyGroup):
+    """``envmgr``: ``-q``/``-v`` after the command (``envmgr show X -q``) count as given
+    before it, as in uv; never inside ``run``'s command or after ``--``."""
+
+    def parse_args(self, ctx: click_core.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _globals_first(list(args)))
+
+
+def _globals_first(args: list[str]) -> list[str]:
+    command = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    if command is None:
+        return args
+    moved: list[str] = []
+    rest = args[: command + 1]
+    for i in range(command + 1, len(args)):
+        word = args[i]
+        if word == "--" or (args[command] == "run" and not word.startswith("-")):
+            rest += args[i:]  # run's TARGET: what follows may be its command's
+            break
+        (moved if word in _GLOBAL_FLAGS else rest).append(word)
+    return [*moved, *rest]
 
 
 class RunCommand(TidyCommand):

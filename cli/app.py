@@ -15,7 +15,7 @@ import typer
 from envmgr import __version__
 from envmgr.build import BuildInterrupted
 from envmgr.cli._common import STATE, error_prefix
-from envmgr.cli._help import RunCommand, TidyCommand, TidyGroup
+from envmgr.cli._help import RootGroup, RunCommand, TidyCommand
 from envmgr.cli.build import build
 from envmgr.cli.config import config_app
 from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
@@ -29,7 +29,7 @@ from envmgr.errors import EnvmgrError
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    cls=TidyGroup,
+    cls=RootGroup,
     name="envmgr",
     help="Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps.",
     epilog="Example: envmgr resolve --conda numpy --python 3.11 --platform linux-64",

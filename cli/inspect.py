@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import typer
 
 from envmgr import __version__
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
@@ -265,6 +265,7 @@ def export_command(
     if output is None:
         sys.stdout.write(text)
     else:
-        write_text_atomic(output, text)
+        with writing_output(output):
+            write_text_atomic(output, text)
         if not STATE.quiet:
             typer.echo(f"wrote {output} ({chosen})", err=True)

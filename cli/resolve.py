@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from envmgr import __version__
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -143,7 +143,8 @@ def resolve(
         if locked:
             _require_file(path, mine)
         else:
-            _write_lockfile(path, mine, sources)
+            with writing_output(path, "-o" if path == output else "--lock-dir"):
+                _write_lockfile(path, mine, sources)
     _report(results, check=check, adopted=adopt_file is not None, as_json=as_json)
 
 

@@ -159,3 +159,56 @@ def test_json_failures_from_option_parsing_are_json_too(world, args):
     error = json.loads(result.stdout)["error"]
     assert error["type"] == "UsageError" and error["exit_code"] == 2 and error["message"]
     assert error["message"].split(":")[0] in result.stderr or "No such option" in result.stderr
+
+
+def test_output_paths_that_cannot_be_written_are_named(world, tmp_path):
+    """export -o EXISTING_DIR named a temp file and pointed at the cache settings."""
+    lock = tmp_path / "env.lock.yml"
+    made = envmgr_here("resolve", "--conda", "tabulate", "--python", "3.11", "-o", str(lock),
+                       env=world, cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "a-file").write_text("")
+    cases = {
+        str(tmp_path): f"-o {tmp_path}: is a directory; give a file path",
+        str(tmp_path / "a-file" / "x.txt"): f"{tmp_path / 'a-file'} is a file, not a directory",
+    }
+    for output, needle in cases.items():
+        for command in (
+            ("export", str(lock)),
+            ("resolve", "--conda", "tabulate", "--python", "3.11"),
+        ):
+            result = envmgr_here(*command, "-o", output, env=world, cwd=tmp_path)
+            assert result.returncode != 0, (command, output)
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and needle in lines[0], lines
+            assert "cache" not in lines[0] and ".tmp" not in lines[0]
+
+
+def test_quiet_and_verbose_after_the_command_count_as_before_it(world, tmp_path):
+    """uv takes -q/-v after the subcommand; envmgr said "No such option: -q"."""
+    args = ("resolve", "--conda", "tabulate", "--python", "3.11")
+    loud = envmgr_here(*args, env=world, cwd=tmp_path)
+    quiet = envmgr_here(*args, "-q", env=world, cwd=tmp_path)
+    assert loud.returncode == quiet.returncode == 0, quiet.stderr
+    assert loud.stdout and quiet.stdout == ""
+    from envmgr.cli._help import _globals_first
+
+    assert _globals_first(["show", "x", "-q"]) == ["-q", "show", "x"]
+    assert _globals_first(["store", "gc", "-v", "--older-than", "1d"]) == [
+        "-v",
+        "store",
+        "gc",
+        "--older-than",
+        "1d",
+    ]
+    # Never inside run's command or after --.
+    assert _globals_first(["run", "t", "python", "-v"]) == ["run", "t", "python", "-v"]
+    assert _globals_first(["run", "-q", "t", "--", "x", "-q"]) == [
+        "-q",
+        "run",
+        "t",
+        "--",
+        "x",
+        "-q",
+    ]
+    assert _globals_first(["export", "--", "-q"]) == ["export", "--", "-q"]
