@@ -249,23 +249,29 @@ def spec_file_kind(path: Path) -> Literal["env_file", "requirements"] | None:
     and pixi users hand them in: an environment.yml (a ``.yml``/``.yaml`` that is not a lock
     file) or a pyproject.toml (read as -f), a requirements file (``.txt``/``.in``, or
     requirement lines) read as -r; None for anything else (a flow, a lock file)."""
+    from envmgr.interop import is_explicit  # noqa: PLC0415
     from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
     from envmgr.lockfiles import looks_like_requirements  # noqa: PLC0415
 
     name = path.name.lower()
-    if path.suffix == ".py" or not path.is_file() or "lock" in name:
+    if path.suffix == ".py" or not path.is_file():
         return None
-    if name == "pyproject.toml" or name.endswith((".yml", ".yaml")):
+    if name == "pyproject.toml":
         return "env_file"
-    if name.endswith((".txt", ".in")):
-        return "requirements"
     try:
         text = read_bounded(path, what="file")
-    except InputError:
+        if is_explicit(path):
+            return None  # a conda @EXPLICIT lock, whatever its name
+    except (InputError, OSError):
         return None
-    if re.search(r"^dependencies:", text, re.MULTILINE) and not text.lstrip().startswith("{"):
+    # environment.yml has top-level dependencies:, a lock (conda-lock, pixi.lock) has not.
+    if re.search(r"^dependencies:", text, re.MULTILINE) and not re.search(
+        r"^(package|packages|metadata|environments):", text, re.MULTILINE
+    ):
         return "env_file"
-    return "requirements" if looks_like_requirements(text) else None
+    if name.endswith((".txt", ".in")) or looks_like_requirements(text):
+        return "requirements"
+    return None
 
 
 def configured_store(config: Config, *, reading: bool = False) -> Store:

@@ -100,9 +100,32 @@ app.add_typer(config_app, name="config")
 app.add_typer(store_app, name="store")
 
 
+#: How long Ctrl-C waits for the command to unwind before the process ends anyway.
+_INTERRUPT_GRACE = 0.8
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    """Ctrl-C: unwind as usual (KeyboardInterrupt), but end the process within a second even
+    if a worker thread (a resolver's HTTP request, py-rattler's runtime) holds the unwinding
+    up. A build installs its own handler, which releases its lease first."""
+    import threading  # noqa: PLC0415
+
+    def stop() -> None:
+        sys.stderr.write("envmgr: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+
+    timer = threading.Timer(_INTERRUPT_GRACE, stop)
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Run the CLI; an ``EnvmgrError`` becomes one line on stderr and its exit code."""
     code: int | str | None = 0
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         _run_app()
     except SystemExit as exc:

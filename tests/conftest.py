@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from _helpers import fixture_options
 
+from envmgr.cache.local import LocalStore
+from envmgr.cache.s3 import S3Store
 from envmgr.resolution import resolve_specs
 from envmgr.spec import CondaDep, EnvSpec, PypiDep
 from fixtures.conda_channel import copy_channel
@@ -111,6 +113,17 @@ def s3_bucket(s3_server: RunningS3) -> Iterator[str]:
             for item in page.get("Contents", []):
                 client.delete_object(Bucket=name, Key=item["Key"])
         client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_store(request, tmp_path):
+    """An empty store of each kind: a local directory, and a two-level prefix of a fresh
+    SeaweedFS bucket (so keys never sit at a bucket's root by accident)."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return S3Store(f"s3://{bucket}/team/prefix", client=server.client())
 
 
 @pytest.fixture

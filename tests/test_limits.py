@@ -176,6 +176,29 @@ def test_ctrl_c_stops_a_command_waiting_on_its_input(tmp_path):
     assert child.returncode == 130
 
 
+def test_ctrl_c_stops_a_resolve_waiting_on_the_index(world, pypi_index, tmp_path):
+    """A resolve waits on an index that answers after 30 s: Ctrl-C ends it anyway (the
+    resolver's thread used to hold the exit up until its request came back)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with pypi_index.behaving(latency=30.0):
+        child = subprocess.Popen(
+            [sys.executable, "-c", "from envmgr.cli.app import main; main()", "resolve",
+             "--pypi", "six", "--python", "3.11", "--force"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=world,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)  # the conda part is solved; the resolver waits on the index
+            child.send_signal(signal.SIGINT)
+            _out, err = child.communicate(timeout=10)  # well before the index answers
+        finally:
+            child.kill()
+    assert child.returncode == 130, err
+
+
 def test_requirements_files_with_odd_shapes(tmp_path):
     from envmgr.specfiles import read_requirements
 

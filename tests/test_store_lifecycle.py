@@ -24,7 +24,6 @@ from envmgr.cache.layout import (
 )
 from envmgr.cache.lease import _boot_id
 from envmgr.cache.local import LocalStore
-from envmgr.cache.s3 import S3Store
 from envmgr.lifecycle import collect, plan_gc, scan
 from envmgr.names import set_alias
 
@@ -56,12 +55,9 @@ def _lease(store, env_id: str, *, holder: str, dead: bool = False) -> None:
     store.put(lease_key(env_id), json.dumps(body).encode())
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    server = request.getfixturevalue("s3_server")
-    return S3Store(f"s3://{request.getfixturevalue('s3_bucket')}/team", client=server.client())
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 IDS = {name: name * 32 for name in "abcdef12"}

@@ -15,13 +15,9 @@ from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import StoreError
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
-    server = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return S3Store(f"s3://{bucket}/some/prefix", client=server.client())
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def test_store_contract(store, tmp_path):
@@ -134,8 +130,6 @@ def test_temp_files_of_writers_killed_mid_write_are_swept(tmp_path):
     import socket
     import subprocess
     import sys
-
-    from envmgr.cache.local import LocalStore
 
     store = LocalStore(tmp_path / "store")
     gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
