@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +131,16 @@ class LeaseWatch:
     *seconds*, whichever is longer) on this process's monotonic clock mean nobody renews it.
     One watch per env a waiter waits for."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
+        self.clock = clock
         self._raw: bytes | None = None
         self._since = 0.0
 
     def stale(self, raw: bytes, info: LeaseInfo) -> bool:
         if info.stale_at_once():
             return True
-        now = time.monotonic()
+        now = self.clock()
         if raw != self._raw:
             self._raw, self._since = raw, now
             return False
