@@ -5,7 +5,8 @@ within limits checked before any real parsing, each failure one line naming the 
 YAML check walks the event stream (libyaml where PyYAML has it) and counts the nodes the
 document would expand to, so an alias bomb ("billion laughs") is refused in milliseconds,
 while ordinary anchors, which conda-lock itself may write, still load. The locked packages of
-an adopted lock are checked too: each URL must name a package file of that package.
+an adopted lock are checked too: each URL must name a package file of that package and come
+from where the lock or the configuration says packages come from.
 """
 
 from __future__ import annotations
