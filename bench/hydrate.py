@@ -86,9 +86,10 @@ def _files(prefix: Path) -> int:
 
 def _lock_for(name: str, work: Path, s3_store, cache: Path):  # noqa: ANN001, ANN202
     from envmgr.cache.local import LocalStore
-    from envmgr.resolution import ResolveOptions, resolve_specs
-    from envmgr.resolvers.pypi.index import pip_sources
-    from envmgr.spec import CondaDep, EnvSpec, PypiDep
+    from envmgr.resolve.pypi.pip_config import pip_sources
+    from envmgr.resolve.resolution_cache import ResolveOptions, resolve_specs
+    from envmgr.specs.deps import CondaDep, PypiDep
+    from envmgr.specs.model import EnvSpec
     from fixtures.conda_channel import cached_channel
 
     index, extra, _links = pip_sources()
@@ -116,10 +117,10 @@ def _lock_for(name: str, work: Path, s3_store, cache: Path):  # noqa: ANN001, AN
 
 
 def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # noqa: ANN001
-    from envmgr.build import BuildOptions, build_and_store
+    from envmgr.build.once import BuildOptions, build_and_store
+    from envmgr.build.prefix import _fetch_wheel
     from envmgr.cache.layout import archive_key
     from envmgr.cache.s3 import S3Store
-    from envmgr.install import _fetch_wheel
 
     aws = {
         **os.environ,
@@ -291,8 +292,8 @@ import json, sys
 from dataclasses import replace
 from pathlib import Path
 import boto3
-from envmgr.install import create_prefix
-from envmgr.lock import read_conda_lock
+from envmgr.build.prefix import create_prefix
+from envmgr.locks.lock import read_conda_lock
 lock = read_conda_lock(Path(sys.argv[1])).for_platform("linux-64")
 work = Path(sys.argv[2])
 files = work / "files"
@@ -309,8 +310,8 @@ create_prefix(replace(lock, packages=tuple(moved)), work / "env", work / "cache"
 
 def _per_package(name: str, lock, work: Path, client, aws, repeat: int) -> Row:  # noqa: ANN001
     """Every package file from the store, installed on the worker (Metaflow's way)."""
-    from envmgr.install import _fetch_wheel
-    from envmgr.lock import Lock, write_conda_lock
+    from envmgr.build.prefix import _fetch_wheel
+    from envmgr.locks.lock import Lock, write_conda_lock
 
     for package in lock.packages:
         if package.manager == "pypi":

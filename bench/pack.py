@@ -30,11 +30,15 @@ def _timed(action: Callable[[], object]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envmgr.archive import CHUNK_SIZE, pack, relocate, unpack
-    from envmgr.build import build_prefix, create_prefix
+    from envmgr.archive.manifest import CHUNK_SIZE
+    from envmgr.archive.pack import pack
+    from envmgr.archive.relocate import relocate
+    from envmgr.archive.unpack import unpack
+    from envmgr.build.once import build_prefix, create_prefix
     from envmgr.cache.local import LocalStore
-    from envmgr.resolution import ResolveOptions, resolve_specs
-    from envmgr.spec import CondaDep, EnvSpec
+    from envmgr.resolve.resolution_cache import ResolveOptions, resolve_specs
+    from envmgr.specs.deps import CondaDep
+    from envmgr.specs.model import EnvSpec
     from fixtures.conda_channel import cached_channel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -193,7 +193,7 @@ def _fixture_index() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from envmgr.resolvers.pypi.index import pip_index_urls
+    from envmgr.resolve.pypi.pip_config import pip_index_urls
     from fixtures.conda_channel import cached_channel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

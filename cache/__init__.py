@@ -14,6 +14,8 @@ if __name__ != "envmgr.cache":
 
 from urllib.parse import urlsplit
 
+from envmgr.cache.local import LocalStore
+from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import Store, StoreError
 
 __all__ = ["Store", "StoreError", "open_store"]
@@ -31,14 +33,10 @@ def open_store(url: str) -> Store:
         import os  # noqa: PLC0415
         from pathlib import Path  # noqa: PLC0415
 
-        from envmgr.cache.local import LocalStore  # noqa: PLC0415
-
         return LocalStore(Path(os.path.abspath(os.path.expanduser(url))))  # noqa: PTH100,PTH111
     if parts.scheme == "file":
         from pathlib import Path  # noqa: PLC0415
         from urllib.parse import unquote  # noqa: PLC0415
-
-        from envmgr.cache.local import LocalStore  # noqa: PLC0415
 
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise StoreError(
@@ -49,8 +47,6 @@ def open_store(url: str) -> Store:
             )
         return LocalStore(Path(unquote(parts.path)))
     if parts.scheme == "s3":
-        from envmgr.cache.s3 import S3Store  # noqa: PLC0415
-
         return S3Store(url)
     raise StoreError(
         url,

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from envmgr.cache.store import Entry, StoreError, check_key
+from envmgr.fs import temp_beside
 
 __all__ = ["LocalStore"]
 
@@ -46,22 +45,6 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
 
-    def _temp(self, path: Path) -> Path:
-        """A temp file beside *path*, named by host and pid; those of writers on this host
-        that died mid-write (SIGKILL) are removed on the way."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname()
-        for stale in path.parent.glob(f".{path.name}.tmp-{host}-*"):
-            pid = stale.name.rsplit("-", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.tmp-{host}-{os.getpid()}-", dir=path.parent
-        )
-        os.close(fd)
-        return Path(tmp)
-
     def _write(
         self,
         key: str,
@@ -72,7 +55,7 @@ class LocalStore:
     ) -> bool:
         path = self._path(key)
         try:
-            tmp = self._temp(path)
+            tmp = temp_beside(path)
             try:
                 if isinstance(data, Path) and on_bytes is not None:
                     with data.open("rb") as source, tmp.open("wb") as target:
@@ -160,13 +143,3 @@ class LocalStore:
                         continue  # deleted while we walked
                     found.append(Entry(key, stat.st_size, stat.st_mtime))
         yield from sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

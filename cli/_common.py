@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from envmgr.names import BadName
+    from envmgr.cache.names import BadName
 
 __all__ = [
     "STATE",

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typer._click import core as click_core  # typer 0.29 parses with its own click (pinned)
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+from envmgr.cli._common import emit_json_error, json_asked
+
 __all__ = ["RootGroup", "RunCommand", "TidyCommand", "TidyGroup"]
 
 #: The metavar of an option that names none, by the kind of value it takes.
@@ -57,8 +59,6 @@ class _TidyParams(click_core.Command):
         """Usage errors (a mistyped flag, a bad value) are also ``{"error": ...}`` on stdout
         under ``--json``, like every other failure."""
         from typer._click.exceptions import UsageError as ClickUsageError  # noqa: PLC0415
-
-        from envmgr.cli._common import emit_json_error, json_asked  # noqa: PLC0415
 
         try:
             return super().parse_args(ctx, args)

@@ -10,27 +10,42 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from envmgr.build.once import BuildOptions
 from envmgr.cache import open_store
+from envmgr.cache.local import LocalStore
+from envmgr.cache.store import StoreError
+from envmgr.channels import split_credentials
 from envmgr.cli._common import fail, tell
 from envmgr.config import load
-from envmgr.discovery import read_flow
 from envmgr.errors import Problem, SpecError
+from envmgr.limits import InputError, read_bounded
+from envmgr.locks.export import is_explicit
+from envmgr.locks.formats import looks_like_requirements
 from envmgr.platforms import PLATFORMS, Platform, is_platform
 from envmgr.progress import NULL, Progress
-from envmgr.resolution import ResolveOptions
-from envmgr.spec import (
+from envmgr.resolve.resolution_cache import ResolveOptions
+from envmgr.specs.deps import (
     CondaDep,
-    EnvSpec,
     PypiDep,
-    merge,
     parse_find_links,
     parse_index_url,
     parse_python,
+    parse_system_package,
 )
-from envmgr.specfiles import read_spec_file
+from envmgr.specs.discovery import read_flow
+from envmgr.specs.files import read_spec_file
+from envmgr.specs.flows import (
+    Placement,
+    metaflow_target_platform,
+    run_settings,
+    run_specs,
+    run_store,
+    step_platforms,
+)
+from envmgr.specs.model import EnvSpec, merge
 
 if TYPE_CHECKING:
-    from envmgr.build import BuildOptions
+    from envmgr.build.once import BuildOptions
     from envmgr.cache import Store
     from envmgr.config import Config
 
@@ -249,9 +264,6 @@ def spec_file_kind(path: Path) -> Literal["env_file", "requirements"] | None:
     and pixi users hand them in: an environment.yml (a ``.yml``/``.yaml`` that is not a lock
     file) or a pyproject.toml (read as -f), a requirements file (``.txt``/``.in``, or
     requirement lines) read as -r; None for anything else (a flow, a lock file)."""
-    from envmgr.interop import is_explicit  # noqa: PLC0415
-    from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
-    from envmgr.lockfiles import looks_like_requirements  # noqa: PLC0415
 
     name = path.name.lower()
     if path.suffix == ".py" or not path.is_file():
@@ -279,8 +291,6 @@ def configured_store(config: Config, *, reading: bool = False) -> Store:
     or the file, not the default under the cache dir) and does not exist is an error for a
     command that only reads (*reading*), and is announced when a writer creates it: a typo in
     ``--store`` never passes for an empty store."""
-    from envmgr.cache.local import LocalStore  # noqa: PLC0415
-    from envmgr.cache.store import StoreError  # noqa: PLC0415
 
     store = open_store(config["store"])
     source = config.sources["store"]
@@ -325,16 +335,8 @@ def _flow_specs(
     flow: Path, datastore: str | None, python: str | None, store: str | None
 ) -> tuple[dict[str, EnvSpec], str | None, dict[str, tuple[str, tuple[Platform, ...]]]]:
     """The specs of a flow file's steps and, for a Metaflow flow, the store its run uses:
-    the specs the run hydrates (:mod:`envmgr.flows`), so building here warms the run."""
+    the specs the run hydrates (:mod:`envmgr.specs.flows`), so building here warms the run."""
     import dataclasses  # noqa: PLC0415
-
-    from envmgr.flows import (  # noqa: PLC0415
-        Placement,
-        metaflow_target_platform,
-        run_settings,
-        run_specs,
-        run_store,
-    )
 
     found = read_flow(flow)
     if not found.specs and not found.names:
@@ -359,7 +361,6 @@ def _flow_specs(
     url, endpoint = run_store(settings.datastore, store)
     if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
         os.environ["AWS_ENDPOINT_URL"] = endpoint  # the store's client reads it, as boto3 does
-    from envmgr.flows import step_platforms  # noqa: PLC0415
 
     named = {
         step: (name, step_platforms(EnvSpec(), placements.get(step) or Placement()))
@@ -393,7 +394,7 @@ def gather(
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
     problems exit 2, spec problems raise ``SpecError``. *locked* resolves as *check* does
-    (the caller then calls :func:`~envmgr.resolution.require_locked`)."""
+    (the caller then calls :func:`~envmgr.resolve.resolution_cache.require_locked`)."""
     if frozen and (locked or check or force):
         given = [
             f for f, on in (("--locked", locked), ("--check", check), ("--force", force)) if on
@@ -432,8 +433,6 @@ def gather(
     except ValueError as exc:
         fail(f"--find-links: {exc}")
     if cuda:
-        from envmgr.spec import parse_system_package  # noqa: PLC0415
-
         try:
             parse_system_package("__cuda", cuda)
         except ValueError:
@@ -479,7 +478,6 @@ def gather(
 def channel_credentials(channel_flags: list[str]) -> dict[str, str]:
     """Credentials (per host) in the ``--channel`` flags and the configured channels, for
     package downloads at build time; the locks themselves never hold them."""
-    from envmgr.auth import split_credentials  # noqa: PLC0415
 
     return split_credentials([*channel_flags, *load()["channels"]])[1]
 
@@ -489,7 +487,6 @@ def build_options(
 ) -> BuildOptions:
     """How the CLI builds: codec, level and lease from *config*, waits told on stderr,
     channel credentials from the flags and the configuration."""
-    from envmgr.build import BuildOptions  # noqa: PLC0415  (the builder: only when building)
 
     return BuildOptions(
         store=store,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from envmgr.cli._common import STATE
-from envmgr.progress import Progress, Task, Unit
+from envmgr.progress import NULL, Progress, Task, Unit
 
 __all__ = ["progress_for_cli"]
 
@@ -117,7 +117,6 @@ class _Quiet(_Lines):
     """``-q``: no progress; ``-v`` notes still (``-q -v`` asks for both)."""
 
     def task(self, description: str, *, total: int | None = None, unit: Unit = "bytes") -> Task:
-        from envmgr.progress import NULL  # noqa: PLC0415
 
         return NULL.task(description, total=total, unit=unit)
 

@@ -7,21 +7,37 @@ is to be hydrated and the store has no archive for it yet.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from envmgr.cache import Store
+from envmgr.build.once import read_stored_lock
+from envmgr.cache import Store, open_store
+from envmgr.cache.names import AliasError, is_name, lookup
 from envmgr.cli._common import fail
-from envmgr.lock import Lock
+from envmgr.cli._inputs import gather, parse_platforms
+from envmgr.config import load
+from envmgr.ids import is_env_id, is_id_prefix
+from envmgr.limits import InputError, read_bounded
+from envmgr.locks.export import adopt, channel_urls, read_explicit
+from envmgr.locks.formats import detect_format
+from envmgr.locks.lock import Lock, read_conda_lock
+from envmgr.locks.pixi import read_pixi_lock
+from envmgr.locks.pylock import read_pypi_lock
 from envmgr.platforms import PLATFORMS
 from envmgr.progress import NULL, Progress
+from envmgr.resolve.pypi.pip_config import pip_sources
+from envmgr.resolve.resolution_cache import (
+    ResolveOptions,
+    complete_pypi_lock,
+    require_locked,
+    resolve_specs,
+)
 
 if TYPE_CHECKING:
-    from envmgr.resolution import ResolveOptions
+    from envmgr.resolve.resolution_cache import ResolveOptions
 
 __all__ = [
     "FlowOptions",
@@ -32,9 +48,7 @@ __all__ = [
     "read_lock_file",
 ]
 
-ENV_ID = re.compile(r"^[0-9a-f]{32}$")
 #: A shortened env id, as envmgr prints them (12 digits), like git's abbreviated hashes.
-ID_PREFIX = re.compile(r"^[0-9a-f]{8,31}$")
 
 TargetArg = Annotated[
     str,
@@ -66,7 +80,7 @@ class Target:
     lock: Lock
     steps: tuple[str, ...] = ()
     from_store: bool = False  # every platform's lock came from the store
-    store: Store | None = None  # a flow step's: the store its run uses (see envmgr.flows)
+    store: Store | None = None  # a flow step's: the store its run uses (see envmgr.specs.flows)
 
 
 def read_lock_file(
@@ -76,13 +90,10 @@ def read_lock_file(
     options: ResolveOptions | None = None,
     python: str | None = None,
 ) -> Lock:
-    """A lock file of any format :mod:`envmgr.lockfiles` reads, as a checked :class:`Lock`.
+    """A lock file of any format :mod:`envmgr.locks.formats` names, as a checked :class:`Lock`.
     A PyPI-only lock (pylock.toml, uv.lock) is completed with a conda python by
-    :func:`~envmgr.resolution.complete_pypi_lock` under *options* (default: the
+    :func:`~envmgr.resolve.resolution_cache.complete_pypi_lock` under *options* (default: the
     configuration's channels and platforms)."""
-    from envmgr.interop import adopt, read_explicit  # noqa: PLC0415
-    from envmgr.lock import read_conda_lock  # noqa: PLC0415
-    from envmgr.lockfiles import detect_format, read_pixi_lock, read_pypi_lock  # noqa: PLC0415
 
     options = options or default_resolve_options(cache_dir)
     fmt = detect_format(path)
@@ -93,8 +104,6 @@ def read_lock_file(
     elif fmt == "pixi.lock":
         lock = read_pixi_lock(path)
     else:
-        from envmgr.resolution import complete_pypi_lock  # noqa: PLC0415
-
         found = read_pypi_lock(path, fmt)
         lock = complete_pypi_lock(found, options, python)
         return adopt(lock, where=str(path), trusted=(*_trusted_sources(options), *found.indexes))
@@ -104,8 +113,6 @@ def read_lock_file(
 def _trusted_sources(options: ResolveOptions) -> tuple[str, ...]:
     """The configured channels, indexes and find-links locations: where an adopted lock's
     packages may come from besides the channels it declares."""
-    from envmgr.interop import channel_urls  # noqa: PLC0415
-    from envmgr.resolvers.pypi.index import pip_sources  # noqa: PLC0415
 
     index, extra, find_links = pip_sources()
     indexes = (options.index_url or index, *options.extra_index_urls, *extra)
@@ -126,10 +133,6 @@ def default_resolve_options(
 ) -> ResolveOptions:
     """Resolve options from the configuration (channels, platforms, store), for the conda
     part of a PyPI-only lock file; *channels* and *platforms* flags override it."""
-    from envmgr.cache import open_store  # noqa: PLC0415
-    from envmgr.cli._inputs import parse_platforms  # noqa: PLC0415
-    from envmgr.config import load  # noqa: PLC0415
-    from envmgr.resolution import ResolveOptions  # noqa: PLC0415
 
     config = load(flags={"channels": list(channels)})
     return ResolveOptions(
@@ -170,8 +173,6 @@ def _step_names(path: Path) -> list[str]:
     """The ``@step`` methods of the classes in the flow file at *path*, in file order."""
     import ast  # noqa: PLC0415
 
-    from envmgr.limits import InputError, read_bounded  # noqa: PLC0415
-
     try:
         tree = ast.parse(read_bounded(path, what="flow file"))
     except (InputError, SyntaxError, ValueError):
@@ -191,7 +192,6 @@ def _step_names(path: Path) -> list[str]:
 
 def _stored(store: Store, env_ids: dict[str, str] | str, what: str) -> Lock:
     """The stored locks of an env id (any platform) or of a name's platform → env id map."""
-    from envmgr.build import read_stored_lock  # noqa: PLC0415
 
     pairs = [(p, env_ids) for p in PLATFORMS] if isinstance(env_ids, str) else list(env_ids.items())
     found = [lock for p, e in pairs if (lock := read_stored_lock(store, p, e)) is not None]
@@ -214,11 +214,10 @@ def load_target(
     """Read what *text* names; a flow step is resolved (through the resolution cache) with
     *flow_options* (channel, index and platform flags). Exits 1/2 with one line if nothing
     matches."""
-    from envmgr.names import is_name, lookup  # noqa: PLC0415
 
-    if ENV_ID.match(text):
+    if is_env_id(text):
         return Target(text=text, kind="env id", lock=_stored(store, text, f"env {text}"))
-    if ID_PREFIX.match(text) and not Path(text).exists():
+    if is_id_prefix(text) and not Path(text).exists():
         env_id = expand_env_id(text, store, names_too=is_name(text))
         if env_id is not None:
             lock = _stored(store, env_id, f"env {env_id}")
@@ -241,12 +240,10 @@ def load_target(
         lock = read_lock_file(path, cache_dir, options=resolve)
         return Target(text=text, kind="lock file", lock=lock)
     if is_name(text):
-        from envmgr.names import AliasError  # noqa: PLC0415
-
         try:
             alias = lookup(store, text)
         except AliasError:
-            if ID_PREFIX.match(text):  # no name is 8+ hex digits: it was an env id prefix
+            if is_id_prefix(text):  # no name is 8+ hex digits: it was an env id prefix
                 raise AliasError(
                     f"no env id starts with {text} in {store.url}",
                     hint="`envmgr store ls` lists the stored envs",
@@ -261,8 +258,6 @@ def load_target(
 
 
 def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
-    from envmgr.cli._inputs import gather  # noqa: PLC0415
-    from envmgr.resolution import resolve_specs  # noqa: PLC0415
 
     flow, step = text.rsplit(":", 1)
     inputs = gather(
@@ -284,8 +279,6 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
         progress=progress,
     )
     if step in inputs.named:
-        from envmgr.names import lookup  # noqa: PLC0415
-
         alias = lookup(inputs.options.store, inputs.named[step][0])
         lock = _stored(inputs.options.store, dict(alias.envs), f"env {alias.ref}")
         return Target(
@@ -303,8 +296,6 @@ def _flow_step(text: str, options: FlowOptions, progress: Progress) -> Target:
         )
     results = resolve_specs({step: inputs.specs[step]}, inputs.options)
     if options.locked:
-        from envmgr.resolution import require_locked  # noqa: PLC0415
-
         require_locked(results, inputs.options.store.url)
     lock = Lock(platforms=tuple(r.lock for r in results), spec_id=results[0].spec_id)
     return Target(text=text, kind="flow step", lock=lock, steps=(step,), store=inputs.options.store)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import typer
 
 from envmgr import __version__
-from envmgr.build import BuildInterrupted
+from envmgr.build.once import BuildInterrupted
 from envmgr.cli._common import STATE, error_prefix
 from envmgr.cli._help import RootGroup, RunCommand, TidyCommand
 from envmgr.cli.build import build

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
-from envmgr.build import BuildOptions, BuildOutcome, build_and_store
+from envmgr.build.once import BuildOptions, BuildOutcome, build_and_store, read_stored_lock
 from envmgr.cache import Store
+from envmgr.cache.names import step_envs
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -37,9 +38,14 @@ from envmgr.cli._inputs import (
     spec_args,
 )
 from envmgr.cli._progress import progress_for_cli
+from envmgr.cli._targets import default_resolve_options, expand_env_id, read_lock_file
 from envmgr.config import load
-from envmgr.lock import PlatformLock
+from envmgr.errors import EnvmgrError
+from envmgr.ids import is_id_prefix, parse_env_id, parse_platform
+from envmgr.locks.lock import PlatformLock
+from envmgr.platforms import PLATFORMS
 from envmgr.progress import Progress
+from envmgr.resolve.resolution_cache import require_locked, resolve_specs
 
 __all__ = ["build"]
 
@@ -48,16 +54,11 @@ def _stored_jobs(
     env: str, spec_args: dict[str, Any]
 ) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
     """The stored locks of env id *env* (for the ``--platform`` ones, default all)."""
-    from envmgr.build import read_stored_lock  # noqa: PLC0415
-    from envmgr.errors import EnvmgrError  # noqa: PLC0415
-    from envmgr.ids import parse_env_id, parse_platform  # noqa: PLC0415
-    from envmgr.platforms import PLATFORMS  # noqa: PLC0415
 
     config = load(flags={"store": spec_args["store"]})
     store = configured_store(config)
-    from envmgr.cli._targets import ID_PREFIX, expand_env_id  # noqa: PLC0415
 
-    if ID_PREFIX.match(env):
+    if is_id_prefix(env):
         env = expand_env_id(env, store) or env
     try:
         env_id = parse_env_id(env, where="--env")
@@ -87,7 +88,6 @@ def _jobs(
     if from_lock is not None:
         if any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi")):
             fail("give --from-lock or specs to resolve, not both")
-        from envmgr.cli._targets import default_resolve_options, read_lock_file  # noqa: PLC0415
 
         config = load(flags={"store": spec_args["store"]})
         cache = Path(config["cache_dir"])
@@ -100,7 +100,6 @@ def _jobs(
         lock_file = read_lock_file(from_lock, cache, options=resolve, python=spec_args["python"])
         steps: tuple[str, ...] = (from_lock.name,)
         return configured_store(config), cache, [(steps, p) for p in lock_file.platforms], {}
-    from envmgr.resolution import require_locked, resolve_specs  # noqa: PLC0415
 
     inputs = gather(**spec_args, progress=progress)
     results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
@@ -117,9 +116,6 @@ def _named_jobs(
 ) -> list[tuple[tuple[str, ...], PlatformLock]]:
     """Steps with ``name=`` run in that name's env: it is built (if the store lacks its
     archive) from its stored lock, never resolved."""
-    from envmgr.build import read_stored_lock  # noqa: PLC0415
-    from envmgr.errors import EnvmgrError  # noqa: PLC0415
-    from envmgr.names import step_envs  # noqa: PLC0415
 
     jobs: list[tuple[tuple[str, ...], PlatformLock]] = []
     for step, (name, step_platforms) in sorted(named.items()):

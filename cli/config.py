@@ -12,7 +12,9 @@ from envmgr.cli._common import STATE, emit_json
 from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt
 from envmgr.config import SETTINGS, load
-from envmgr.lock import strip_credentials
+from envmgr.locks.lock import strip_credentials
+from envmgr.platforms import host_platform, virtual_packages
+from envmgr.resolve.pypi.pip_config import pip_sources
 
 __all__ = ["config_app"]
 
@@ -39,14 +41,11 @@ def _plain(value: Any) -> Any:
 def show(as_json: JsonOpt = False) -> None:
     """Print every setting, its value and its source (flag, ENVMGR_* variable, the
     configuration file, pip's configuration or the default)."""
-    from envmgr.platforms import host_platform, virtual_packages  # noqa: PLC0415
 
     config = load()
     values = dict(config.values)
     notes: list[str] = []
     if values["index_url"] is None:
-        from envmgr.resolvers.pypi.index import pip_sources  # noqa: PLC0415
-
         values["index_url"], values["extra_index_urls"], links = pip_sources()
         # What resolution leaves out of pip's configuration (see effective_spec).
         for url in values["extra_index_urls"]:

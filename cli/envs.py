@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from envmgr.build.once import build_and_store, build_missing
+from envmgr.cache.names import is_name
 from envmgr.cli._common import STATE, emit_json, fail
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -27,15 +29,36 @@ from envmgr.cli._inputs import (
     StoreOpt,
     build_options,
     configured_store,
+    gather,
     spec_file_kind,
 )
 from envmgr.cli._progress import progress_for_cli
-from envmgr.cli._targets import FlowOptions, TargetArg
+from envmgr.cli._targets import (
+    FlowOptions,
+    TargetArg,
+    expand_env_id,
+    load_target,
+)
 from envmgr.config import cache_dir, load
+from envmgr.ids import is_env_id, is_id_prefix
+from envmgr.platforms import host_platform
+from envmgr.resolve.resolution_cache import require_locked, resolve_specs
+from envmgr.worker.env_cache import (
+    COMPLETE,
+    env_dir,
+    exec_in_env,
+    gc,
+    list_envs,
+    open_use_lock,
+    parse_age,
+    parse_size,
+    record_steps,
+)
+from envmgr.worker.hydrate import hydrate
 
 if TYPE_CHECKING:
     from envmgr.cache import Store
-    from envmgr.lock import PlatformLock
+    from envmgr.locks.lock import PlatformLock
     from envmgr.progress import Progress
 
 __all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
@@ -54,11 +77,6 @@ def _hydrate(
     flow step or spec is resolved). With *use_lock*, the env's shared use lock is taken
     before hydrating, so ``gc`` cannot remove it in between; its descriptor is appended
     there and stays open (the caller execs)."""
-    from envmgr.build import build_and_store  # noqa: PLC0415
-    from envmgr.cli._targets import load_target  # noqa: PLC0415
-    from envmgr.hydrate import hydrate  # noqa: PLC0415
-    from envmgr.local_envs import record_steps  # noqa: PLC0415
-    from envmgr.platforms import host_platform  # noqa: PLC0415
 
     config = load(flags={"store": options.store})
     # A lock or flow file is built into the store when it lacks the env; an id or a name is read.
@@ -84,11 +102,12 @@ def _hydrate(
             channels = list(options.channel)
             build_and_store(lock, build_options(store_obj, cache, progress, channels, config))
         if use_lock is not None:
-            from envmgr.local_envs import open_use_lock  # noqa: PLC0415
-
             use_lock.append(open_use_lock(cache, env_id))
         # A full envmgr install builds what the store lacks (workers only hydrate).
-        result = hydrate(env_id, store_obj, cache, build_if_missing=True, progress=progress)
+        builder = build_missing(
+            build_options(store_obj, cache, progress, list(options.channel), config)
+        )
+        result = hydrate(env_id, store_obj, cache, build_missing=builder, progress=progress)
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
@@ -97,12 +116,10 @@ def _hydrate(
 def _as_env_id(target: str, store: Store) -> str | None:
     """The env id *target* is, or starts (expanded in *store*, as ``load_target`` does);
     ``None`` for a name, file or flow step. No lock is read: a warm run stays fast."""
-    from envmgr.cli._targets import ENV_ID, ID_PREFIX, expand_env_id  # noqa: PLC0415
-    from envmgr.names import is_name  # noqa: PLC0415
 
-    if ENV_ID.match(target):
+    if is_env_id(target):
         return target
-    if ID_PREFIX.match(target) and not Path(target).exists():
+    if is_id_prefix(target) and not Path(target).exists():
         return expand_env_id(target, store, names_too=is_name(target))
     return None
 
@@ -110,7 +127,6 @@ def _as_env_id(target: str, store: Store) -> str | None:
 def _hydrated(cache: Path, env_id: str) -> bool:
     """The env is complete in this host's cache: nothing to build or download (a warm
     `run` of a lock file or spec reads at most its cached lock from the store)."""
-    from envmgr.hydrate import COMPLETE, env_dir  # noqa: PLC0415
 
     return (env_dir(cache, env_id) / COMPLETE).is_file()
 
@@ -120,8 +136,6 @@ def _spec_lock(
 ) -> tuple[PlatformLock, Store]:
     """This host's lock (*options* name the platform) of the spec that ``run``'s
     -f/-r/--conda/--pypi/--python name."""
-    from envmgr.cli._inputs import gather  # noqa: PLC0415
-    from envmgr.resolution import require_locked, resolve_specs  # noqa: PLC0415
 
     inputs = gather(
         flow=None,
@@ -200,8 +214,6 @@ def run_command(
 ) -> None:
     """Hydrate TARGET (or the env the spec options name: resolved, built and stored when
     new), then run COMMAND inside it (its bin first on PATH)."""
-    from envmgr.cli._targets import ENV_ID  # noqa: PLC0415
-    from envmgr.local_envs import exec_in_env  # noqa: PLC0415
 
     words = [*([target] if target is not None else []), *(command or [])]
     spec: dict[str, Any] | None = None
@@ -211,7 +223,7 @@ def run_command(
         requirements = [Path(target), *requirements] if kind == "requirements" else requirements
         words = words[1:]
     if env_file or requirements or conda or pypi or python:
-        if words and (ENV_ID.match(words[0]) or ".py:" in words[0]):
+        if words and (is_env_id(words[0]) or ".py:" in words[0]):
             fail(f"give a TARGET ({words[0]}) or -f/-r/--conda/--pypi/--python, not both")
         spec = {
             "env_file": env_file,
@@ -245,7 +257,6 @@ def run_command(
 
 def ls_command(as_json: JsonOpt = False) -> None:
     """List the envs in the local cache, most recently used first."""
-    from envmgr.local_envs import list_envs  # noqa: PLC0415
 
     envs = list_envs(cache_dir())
     if as_json:
@@ -277,7 +288,6 @@ def gc_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove least recently used envs from the local cache (never ones in use)."""
-    from envmgr.local_envs import gc, parse_age, parse_size  # noqa: PLC0415
 
     if max_size is None and older_than is None:
         fail("give --max-size and/or --older-than")

@@ -10,7 +10,7 @@ from envmgr.cli._common import emit_json, fail
 from envmgr.cli._inputs import JsonOpt, StoreOpt
 from envmgr.cli._targets import TargetArg
 from envmgr.cli.inspect import PlatformFilter, load_env, platform_parts
-from envmgr.graph import Graph, Node
+from envmgr.locks.graph import Graph, Node
 
 __all__ = ["tree_command", "why_command"]
 

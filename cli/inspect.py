@@ -11,11 +11,16 @@ from urllib.parse import urlsplit
 import typer
 
 from envmgr import __version__
+from envmgr.build.once import read_manifest
 from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
-from envmgr.lock import LockedPackage, PlatformLock
+from envmgr.fs import write_atomic
+from envmgr.locks.export import FORMATS, known_format, render
+from envmgr.locks.lock import Lock, LockedPackage, PlatformLock, diff_locks
+from envmgr.platforms import host_platform, is_platform
+from envmgr.worker.env_cache import COMPLETE, env_dir, recorded_steps
 
 __all__ = ["diff_command", "export_command", "load_env", "platform_parts", "show_command"]
 
@@ -74,9 +79,6 @@ def show_command(
 
     TARGET is looked up, never built: an env id or name in the store, a lock file, or a
     flow step (resolved through the cache)."""
-    from envmgr.build import read_manifest  # noqa: PLC0415
-    from envmgr.hydrate import COMPLETE, env_dir  # noqa: PLC0415
-    from envmgr.local_envs import recorded_steps  # noqa: PLC0415
 
     found, store_obj, cache = load_env(target, store)
     rows = []
@@ -160,7 +162,6 @@ def diff_command(
     """Packages added, removed and changed between two envs or lock files.
 
     Exits 0 when the packages are the same and 1 when they differ, like diff."""
-    from envmgr.lock import diff_locks  # noqa: PLC0415
 
     old, _store, _cache = load_env(a, store)
     new, _store, _cache = load_env(b, store)
@@ -240,9 +241,6 @@ def export_command(
 
     `envmgr resolve --lockfile` (conda-lock, explicit), `-f` (environment.yml) and `-r`
     (requirements.txt) read the files back."""
-    from envmgr.interop import FORMATS, known_format, render  # noqa: PLC0415
-    from envmgr.lock import Lock, write_text_atomic  # noqa: PLC0415
-    from envmgr.platforms import host_platform, is_platform  # noqa: PLC0415
 
     if fmt not in (*FORMATS, "pylock.toml"):
         fail(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -266,6 +264,6 @@ def export_command(
         sys.stdout.write(text)
     else:
         with writing_output(output):
-            write_text_atomic(output, text)
+            write_atomic(output, text)
         if not STATE.quiet:
             typer.echo(f"wrote {output} ({chosen})", err=True)

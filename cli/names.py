@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from envmgr.build.once import offer_lock
+from envmgr.cache.names import AliasError, BadName, list_aliases, lookup, parse_name, set_alias
 from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
 from envmgr.cli._inputs import (
     JsonOpt,
@@ -36,8 +38,6 @@ def alias_command(
 ) -> None:
     """Give an env a name: every platform of TARGET, usable wherever an env id is. With
     --platform, only those platforms of the name are set and its others are kept."""
-    from envmgr.build import offer_lock  # noqa: PLC0415
-    from envmgr.names import AliasError, lookup, parse_name, set_alias  # noqa: PLC0415
 
     parse_name(name)  # a bad name fails before any lookup
     wanted = parse_platforms(platform)
@@ -84,7 +84,6 @@ def names_command(
     as_json: JsonOpt = False,
 ) -> None:
     """List the named envs in the store."""
-    from envmgr.names import BadName, list_aliases  # noqa: PLC0415
 
     store_obj = configured_store(load(flags={"store": store}), reading=True)
     bad: list[BadName] = []

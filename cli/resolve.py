@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import typer
 
 from envmgr import __version__
+from envmgr.build.once import conda_records, offer_lock
+from envmgr.cache.layout import lock_key
 from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import (
     ChannelOpt,
@@ -34,10 +36,21 @@ from envmgr.cli._inputs import (
     spec_args,
 )
 from envmgr.cli._progress import progress_for_cli
+from envmgr.cli._targets import default_resolve_options, read_lock_file
 from envmgr.config import load
-from envmgr.lock import Lock, PlatformLock, write_conda_lock
-from envmgr.resolution import Resolved, require_locked, resolve_specs
-from envmgr.spec import EnvSpec
+from envmgr.errors import EnvmgrError
+from envmgr.locks.formats import detect_format
+from envmgr.locks.lock import (
+    Lock,
+    LockError,
+    PlatformLock,
+    dumps,
+    read_conda_lock,
+    write_conda_lock,
+)
+from envmgr.resolve.conda import conda_specs
+from envmgr.resolve.resolution_cache import Resolved, effective_spec, require_locked, resolve_specs
+from envmgr.specs.model import EnvSpec
 
 __all__ = ["resolve"]
 
@@ -119,8 +132,6 @@ def resolve(
             results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
             sources = inputs.sources
             if not check:
-                from envmgr.build import offer_lock  # noqa: PLC0415
-
                 for fresh in (r for r in results if not r.cached):
                     # Beside where its env will be: `show`, `alias`, `build --env` and any
                     # worker find the printed id before it is built.
@@ -202,7 +213,6 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
 
 def _require_file(path: Path, results: list[Resolved]) -> None:
     """--locked with -o/--lock-dir: *path* already holds exactly these platforms' envs."""
-    from envmgr.lock import LockError, read_conda_lock  # noqa: PLC0415
 
     if not path.is_file():
         raise LockError(
@@ -221,8 +231,6 @@ def _require_file(path: Path, results: list[Resolved]) -> None:
 
 def _is_lock_file(path: Path) -> bool:
     """A lock file (given to -f by habit) rather than a spec."""
-    from envmgr.errors import EnvmgrError  # noqa: PLC0415
-    from envmgr.lockfiles import detect_format  # noqa: PLC0415
 
     try:
         detect_format(path)
@@ -235,17 +243,11 @@ def _adopt(lock_path: Path, args: dict[str, Any]) -> tuple[list[Resolved], list[
     """The lock file's platforms as results. With a spec, each platform's lock becomes that
     spec's resolution-cache entry (after checking it satisfies the spec); without one, the
     locks are only stored beside their envs so `build`, `hydrate` and `alias` find them."""
-    from envmgr.build import offer_lock  # noqa: PLC0415
-    from envmgr.cache.layout import lock_key  # noqa: PLC0415
-    from envmgr.cli._targets import read_lock_file  # noqa: PLC0415
-    from envmgr.lock import dumps  # noqa: PLC0415
-    from envmgr.resolution import effective_spec  # noqa: PLC0415
 
     has_spec = any(args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
     inputs = gather(**args) if has_spec or args["python"] else None
     config = load(flags={"store": args["store"]})
     store = inputs.options.store if inputs else configured_store(config)
-    from envmgr.cli._targets import default_resolve_options  # noqa: PLC0415
 
     cache = Path(config["cache_dir"])
     resolve_options = (
@@ -288,10 +290,6 @@ def _check_satisfies(spec: EnvSpec, lock: PlatformLock, *, where: str) -> None:
     the requirements that are not."""
     import rattler  # noqa: PLC0415
     from packaging.specifiers import SpecifierSet  # noqa: PLC0415
-
-    from envmgr.build import conda_records  # noqa: PLC0415
-    from envmgr.lock import LockError  # noqa: PLC0415
-    from envmgr.resolvers.conda import conda_specs  # noqa: PLC0415
 
     records = {r.name.normalized: r for r in conda_records(lock)}
     pypi = {p.name: p for p in lock.packages if p.manager == "pypi"}

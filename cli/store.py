@@ -8,19 +8,20 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from envmgr.cache.lifecycle import collect, plan_gc, scan
 from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
 from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.config import load
+from envmgr.worker.env_cache import parse_age
 
 if TYPE_CHECKING:
-    from envmgr.lifecycle import Lease, StoreContents, StoredEnv
+    from envmgr.cache.lifecycle import Lease, StoreContents, StoredEnv
 
 __all__ = ["STORE_COMMANDS", "store_app"]
 
 
 def _contents(store: str | None) -> StoreContents:
-    from envmgr.lifecycle import scan  # noqa: PLC0415
 
     contents = scan(configured_store(load(flags={"store": store}), reading=True))
     warn_bad_names(contents.bad_names)
@@ -146,8 +147,6 @@ def gc_command(
     """Remove old envs from the store: never one a name points at, one built, used or named
     within --older-than, or one a live lease is building; stale leases are removed too. The
     resolution cache stays, so a later build re-creates a removed env with the same id."""
-    from envmgr.lifecycle import collect, plan_gc  # noqa: PLC0415
-    from envmgr.local_envs import parse_age  # noqa: PLC0415
 
     del keep_named  # documented for scripts; the rule holds either way
     if older_than is None:
@@ -158,7 +157,6 @@ def gc_command(
         fail(f"--older-than: {exc}")
     config = load(flags={"store": store})
     store_obj = configured_store(config, reading=True)
-    from envmgr.lifecycle import scan  # noqa: PLC0415
 
     contents = scan(store_obj)
     warn_bad_names(contents.bad_names)

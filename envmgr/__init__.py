@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from envmgr.errors import EnvmgrError, SpecError
 
 if TYPE_CHECKING:
-    from envmgr.decorators import conda, conda_base, pypi, pypi_base
-    from envmgr.discovery import discover
-    from envmgr.spec import EnvSpec
+    from envmgr.specs.decorators import conda, conda_base, pypi, pypi_base
+    from envmgr.specs.discovery import discover
+    from envmgr.specs.model import EnvSpec
 
 __all__ = [
     "EnvSpec",
@@ -31,12 +31,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "conda": "envmgr.decorators",
-    "conda_base": "envmgr.decorators",
-    "pypi": "envmgr.decorators",
-    "pypi_base": "envmgr.decorators",
-    "discover": "envmgr.discovery",
-    "EnvSpec": "envmgr.spec",
+    "conda": "envmgr.specs.decorators",
+    "conda_base": "envmgr.specs.decorators",
+    "pypi": "envmgr.specs.decorators",
+    "pypi_base": "envmgr.specs.decorators",
+    "discover": "envmgr.specs.discovery",
+    "EnvSpec": "envmgr.specs.model",
 }
 
 

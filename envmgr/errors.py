@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["EnvmgrError", "Problem", "SpecError"]
+__all__ = [
+    "BuildError",
+    "EnvmgrError",
+    "Problem",
+    "SpecError",
+]
 
 
 class EnvmgrError(Exception):
@@ -86,3 +91,7 @@ class SpecError(EnvmgrError):
                 {"where": p.where, "key": p.key, "message": p.message} for p in self.problems
             ]
         }
+
+
+class BuildError(EnvmgrError):
+    """An env could not be built, packed or stored; names the env and what failed."""

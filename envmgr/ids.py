@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NewType
 
 from envmgr.errors import EnvmgrError
+from envmgr.platforms import PLATFORMS
 
 __all__ = [
     "BadIdError",
@@ -24,6 +25,9 @@ __all__ = [
     "SpecId",
     "check_under",
     "is_env_id",
+    "is_id_prefix",
+    "is_sha256",
+    "looks_like_id",
     "parse_env_id",
     "parse_platform",
     "parse_spec_id",
@@ -32,7 +36,11 @@ __all__ = [
 EnvId = NewType("EnvId", str)
 SpecId = NewType("SpecId", str)
 
+# Every id pattern of envmgr, declared once.
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+_PREFIX = re.compile(r"[0-9a-f]{8,31}")  # what people type for an env id: its first 8+ digits
+_HEXISH = re.compile(r"[0-9a-f]{8,}")  # an id or an id's prefix: never a name
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BadIdError(EnvmgrError):
@@ -48,7 +56,23 @@ def _shown(value: object) -> str:
 
 
 def is_env_id(value: object) -> bool:
+    """32 lower-case hex digits: an env id (or a spec id)."""
     return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+def is_id_prefix(value: object) -> bool:
+    """8 to 31 lower-case hex digits: the start of an env id, as people type one."""
+    return isinstance(value, str) and _PREFIX.fullmatch(value) is not None
+
+
+def looks_like_id(value: object) -> bool:
+    """8 or more lower-case hex digits: read as an id or its prefix, so never a name."""
+    return isinstance(value, str) and _HEXISH.fullmatch(value) is not None
+
+
+def is_sha256(value: object) -> bool:
+    """64 lower-case hex digits."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
 def _hex32(value: object, where: str, what: str, printed_by: str) -> str:
@@ -72,7 +96,6 @@ def parse_spec_id(value: object, *, where: str) -> SpecId:
 
 def parse_platform(value: object, *, where: str) -> str:
     """*value* when it names a supported platform; raises ``BadIdError`` otherwise."""
-    from envmgr.platforms import PLATFORMS  # noqa: PLC0415  (kept off the warm path)
 
     if isinstance(value, str) and value in PLATFORMS:
         return value

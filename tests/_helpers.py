@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from envmgr.archive import Chunk, Manifest
+from envmgr.archive.manifest import Chunk, Manifest
 from envmgr.cache.local import LocalStore
-from envmgr.resolution import ResolveOptions
+from envmgr.resolve.resolution_cache import ResolveOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,7 +213,7 @@ def ship_bootstrap(sandbox: Path) -> None:
     """Copy what the Metaflow code package ships for the bootstrap into *sandbox*."""
     import shutil
 
-    from envmgr.bootstrap import worker_sources
+    from envmgr.worker.shipped import worker_sources
 
     for source, arcname in worker_sources():
         (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)

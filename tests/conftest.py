@@ -18,8 +18,9 @@ from _helpers import fixture_options
 
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
-from envmgr.resolution import resolve_specs
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import CondaDep, PypiDep
+from envmgr.specs.model import EnvSpec
 from fixtures.conda_channel import copy_channel
 from fixtures.pypi_index import PypiIndexServer
 from fixtures.s3_server import RunningS3, launch

@@ -15,12 +15,15 @@ import pytest
 import zstandard
 from _helpers import archive_manifest, run_envmgr
 
-from envmgr.archive import ArchiveError, Manifest, Relocation, relocate, unpack
-from envmgr.build import BUILD_PREFIX_LENGTH, BuildError, BuildOptions, build_and_store
+from envmgr.archive.manifest import ArchiveError, Manifest, Relocation
+from envmgr.archive.relocate import relocate
+from envmgr.archive.unpack import unpack
+from envmgr.build.once import BUILD_PREFIX_LENGTH, BuildOptions, build_and_store
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key, used_key
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
-from envmgr.lock import LockedPackage, PlatformLock, read_conda_lock
+from envmgr.errors import BuildError
+from envmgr.locks.lock import LockedPackage, PlatformLock, read_conda_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +143,8 @@ def test_gzip_codec(mixed_lock, tmp_path):
 
 def test_expired_lease_is_taken_over_and_live_one_waited_for(mixed_lock, built, tmp_path):
     store = LocalStore(tmp_path / "store")
-    stale = json.dumps({"holder": "dead-host:1", "expires": time.time() - 10}).encode()
+    stale = json.dumps({"holder": "dead-host:1", "expires": time.time() - 10, "seconds": 0.5})
+    stale = stale.encode()
     store.put(lease_key(mixed_lock.env_id), stale)
     quick = BuildOptions(store=store, cache_dir=tmp_path / "cache", lease_seconds=0.5)
     outcome = build_and_store(mixed_lock, quick)  # unchanged for a period: taken over
@@ -353,7 +357,7 @@ def test_a_wheel_whose_script_and_entry_point_collide_installs_like_pip(mixed_lo
     exists'. __pycache__ members in wheels are left out without a warning."""
     import subprocess
 
-    from envmgr.hydrate import hydrate
+    from envmgr.worker.hydrate import hydrate
     from fixtures.wheelmaker import make_wheel
 
     wheel = make_wheel(
@@ -387,19 +391,19 @@ def test_wheels_installed_by_worker_processes_give_the_same_archive(
     small ones) make the same bytes as one installer; a wheel that cannot be installed is
     one line naming it."""
 
-    import envmgr.install
+    import envmgr.build.prefix
     from fixtures.wheelmaker import make_wheel
 
     _store, serial = built
-    monkeypatch.setattr(envmgr.install, "_SHARE_BYTES", 0)
+    monkeypatch.setattr(envmgr.build.prefix, "_SHARE_BYTES", 0)
     shares: list[int] = []
-    real = envmgr.install._install_in_workers
+    real = envmgr.build.prefix._install_in_workers
 
     def spy(jobs):
         shares.append(len(jobs))
         real(jobs)
 
-    monkeypatch.setattr(envmgr.install, "_install_in_workers", spy)
+    monkeypatch.setattr(envmgr.build.prefix, "_install_in_workers", spy)
     store = LocalStore(tmp_path / "store")
     shared = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
     assert shares == [2]

@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 from _helpers import archive_manifest, framed
 
-from envmgr.archive import (
-    ArchiveError,
-    Chunk,
-    ChunkDigestError,
-    Manifest,
-    pack,
-    scan_relocations,
-    unpack,
-)
+from envmgr.archive.manifest import ArchiveError, Chunk, ChunkDigestError, Manifest
+from envmgr.archive.pack import pack, scan_relocations
+from envmgr.archive.unpack import unpack
 from envmgr.cache.layout import archive_key, manifest_key
 from envmgr.cache.local import LocalStore
-from envmgr.hydrate import COMPLETE, HashMismatchError, env_dir, hydrate
+from envmgr.worker.env_cache import COMPLETE, env_dir
+from envmgr.worker.hydrate import HashMismatchError, hydrate
 
 SMALL_CHUNKS = 64 << 10
 
@@ -241,9 +236,9 @@ def test_a_worker_without_zstandard_reads_format_2_through_the_zstd_program(
     """Workers may bootstrap with the standard library and boto3 only: the frames are
     checked one by one as they pass to ``zstd -dc``, and a lying one is named, not hidden
     behind the broken stream it makes."""
-    import envmgr.archive
+    import envmgr.archive.manifest
 
-    monkeypatch.setattr(envmgr.archive, "_has_zstandard", lambda: False)
+    monkeypatch.setattr(envmgr.archive.unpack, "_has_zstandard", lambda: False)
     data, manifest = _packed(tree, chunk_size=SMALL_CHUNKS)
     unpack(io.BytesIO(data), tmp_path / "env", manifest)
     assert _listing(tmp_path / "env") == _listing(tree)

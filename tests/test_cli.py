@@ -355,7 +355,7 @@ def test_run_needs_a_command_and_runs_in_the_env(world, tmp_path):
 
 def test_env_id_prefixes_work_like_gits_abbreviated_hashes(mixed_lock, tmp_path):
     """The CLI prints 12 digits; 8 or more of them name the env wherever an id does."""
-    from envmgr.build import offer_lock
+    from envmgr.build.once import offer_lock
     from envmgr.cache.local import LocalStore
 
     store = LocalStore(tmp_path / "store")

@@ -24,12 +24,13 @@ from _helpers import (
     ship_bootstrap,
 )
 
-from envmgr.build import BuildOptions, build_and_store, create_prefix
+from envmgr.build.once import BuildOptions, build_and_store, create_prefix
 from envmgr.cache.layout import manifest_key
 from envmgr.cache.local import LocalStore
-from envmgr.hydrate import hydrate
-from envmgr.resolution import resolve_specs
-from envmgr.spec import CondaDep, EnvSpec
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import CondaDep
+from envmgr.specs.model import EnvSpec
+from envmgr.worker.hydrate import hydrate
 from fixtures.python_arm64 import qemu_command, qemu_problem
 
 pytestmark = pytest.mark.skipif(
@@ -190,7 +191,7 @@ def test_link_scripts_are_never_run_and_are_named(linkscript_lock, tmp_path):
     assert not (prefix / "LINK-SCRIPT-RAN").exists()
     # The CLI says so in one warning line on stderr.
     lock_file = tmp_path / "l.conda-lock.yml"
-    from envmgr.lock import Lock, write_conda_lock
+    from envmgr.locks.lock import Lock, write_conda_lock
 
     write_conda_lock(Lock(platforms=(linkscript_lock,)), lock_file)
     env = {**os.environ, "ENVMGR_CACHE_DIR": str(tmp_path / "cli")}
@@ -214,7 +215,7 @@ def test_create_prefix_takes_foreign_locks_and_the_host_as_values(conda_channel,
     meta = json.loads(next((tmp_path / "prefix" / "conda-meta").glob("numpy-*.json")).read_text())
     assert meta["subdir"] == "linux-aarch64" and meta["link"]["type"] == 3
 
-    from envmgr.build import offer_lock
+    from envmgr.build.once import offer_lock
 
     store = LocalStore(tmp_path / "store")
     offer_lock(store, lock)
@@ -422,7 +423,7 @@ def _pure_site() -> str:
 def test_an_osx_arm64_env_with_a_real_macos_wheel_builds_here(conda_channel, pypi_index, tmp_path):
     """Structural: the osx-arm64 env of a real macOS arm64 wheel (compiled modules and a
     console script) built on this Linux host has what a Mac needs."""
-    from envmgr.spec import PypiDep
+    from envmgr.specs.deps import PypiDep
 
     options = fixture_options(tmp_path, conda_channel.url, pypi_index.url, platforms=("osx-arm64",))
     spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("charset-normalizer==3.4.0"),))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import envmgr
-from envmgr.decorators import ATTRIBUTE
-from envmgr.discovery import discover_source
 from envmgr.errors import SpecError
+from envmgr.specs.decorators import ATTRIBUTE
+from envmgr.specs.discovery import discover_source
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW = ROOT / "fixtures" / "flows" / "envflow.py"
@@ -215,8 +215,8 @@ class Placed(FlowSpec):
 
 
 def test_read_flow_knows_every_metaflow_step_where_it_runs_and_its_named_env():
-    from envmgr.discovery import read_flow_source
-    from envmgr.flows import Placement
+    from envmgr.specs.discovery import read_flow_source
+    from envmgr.specs.flows import Placement
 
     found = read_flow_source(METAFLOW_FLOW, "placed.py")
     assert found.is_metaflow and found.metaflow_steps == {"start", "train", "score", "end"}
@@ -230,9 +230,9 @@ def test_read_flow_knows_every_metaflow_step_where_it_runs_and_its_named_env():
 
 def test_run_specs_complete_a_step_like_a_run(monkeypatch):
     """On a host without Metaflow too (its pins are then envmgr's copy of them)."""
-    from envmgr import flows
-    from envmgr.discovery import read_flow_source
-    from envmgr.flows import run_settings, run_specs
+    from envmgr.specs import flows
+    from envmgr.specs.discovery import read_flow_source
+    from envmgr.specs.flows import run_settings, run_specs
 
     monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
     monkeypatch.setattr(flows, "_metaflow_config", lambda: None)
@@ -268,7 +268,7 @@ def test_bad_run_settings_for_a_flow_are_one_line(tmp_path, args, needle):
 
 
 def test_configs_and_mutators_are_named_since_a_read_cannot_apply_them():
-    from envmgr.discovery import read_flow_source
+    from envmgr.specs.discovery import read_flow_source
 
     source = (
         "from metaflow import FlowSpec, FlowMutator, Config, conda, step\n"

@@ -15,10 +15,11 @@ from urllib.parse import urlsplit
 import pytest
 from _helpers import run_bootstrap
 
-from envmgr.build import BuildOptions, build_and_store
+from envmgr.build.once import BuildOptions, build_and_store
 from envmgr.cache.s3 import S3Store
 from envmgr.errors import EnvmgrError
-from envmgr.hydrate import COMPLETE, HydrateError, env_dir, hydrate
+from envmgr.worker.env_cache import COMPLETE, env_dir
+from envmgr.worker.hydrate import HydrateError, hydrate
 from fixtures.s3_server import RunningS3, free_port, launch
 from fixtures.tcp_proxy import FaultProxy, Faults
 
@@ -104,7 +105,7 @@ def test_a_store_that_stays_down_is_one_clear_error(built, s3_server, proxy, tmp
     monkeypatch.setenv("ENVMGR_S3_RETRIES", "2")
     store = S3Store(url, client=_client(s3_server, proxy.url))
     manifest_store = S3Store(url, client=s3_server.client())
-    from envmgr.build import read_manifest
+    from envmgr.build.once import read_manifest
 
     read_manifest(manifest_store, lock.platform, lock.env_id)  # the manifest is readable...
     proxy.faults = Faults(cut_after=0, cuts=10**6)  # ...but every download dies at once
@@ -210,8 +211,8 @@ def test_a_full_disk_during_hydrate_publishes_nothing(built, s3_server, tmp_path
 def test_read_only_credentials_hydrate_but_cannot_build(mixed_lock, conda_channel, tmp_path):
     """A private SeaweedFS with identities: the admin builds; a worker with read-and-list
     credentials hydrates that env, and says clearly that it cannot build one that is missing."""
-    from envmgr.build import offer_lock
-    from envmgr.lock import PlatformLock
+    from envmgr.build.once import offer_lock
+    from envmgr.locks.lock import PlatformLock
     from fixtures.s3_server import write_identities
 
     identities = write_identities(tmp_path / "identities.json", {"worker": WORKER_SECRET})

@@ -7,8 +7,8 @@ import json
 from _helpers import run_envmgr
 from _shapes import documented_shapes, problems
 
-from envmgr.graph import Graph
-from envmgr.lock import Lock, LockedPackage, PlatformLock, write_conda_lock
+from envmgr.locks.graph import Graph
+from envmgr.locks.lock import Lock, LockedPackage, PlatformLock, write_conda_lock
 
 
 def _pkg(name: str, *depends: str, manager: str = "conda") -> LockedPackage:

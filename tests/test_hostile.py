@@ -17,12 +17,15 @@ from _helpers import archive_manifest, framed, run_envmgr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from envmgr.archive import ArchiveError, Manifest, unpack
+from envmgr.archive.manifest import ArchiveError, Manifest
+from envmgr.archive.unpack import unpack
 from envmgr.errors import EnvmgrError
-from envmgr.interop import ExplicitFileError, _parse_explicit
-from envmgr.lock import LockError, read_conda_lock
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
-from envmgr.specfiles import read_environment_yml, read_pyproject, read_requirements
+from envmgr.locks.export import ExplicitFileError, _parse_explicit
+from envmgr.locks.lock import LockError, read_conda_lock
+from envmgr.specs.deps import CondaDep, PypiDep
+from envmgr.specs.files import read_environment_yml, read_pyproject
+from envmgr.specs.model import EnvSpec
+from envmgr.specs.requirements import read_requirements
 
 # ENVMGR_FUZZ_EXAMPLES=20000 for a longer hunt; each run draws new examples.
 FUZZ = settings(

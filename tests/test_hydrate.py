@@ -19,13 +19,13 @@ import pytest
 import zstandard
 from _helpers import run_envmgr
 
-from envmgr.archive import ArchiveError, Manifest
-from envmgr.build import BuildOptions, build_and_store
+from envmgr.archive.manifest import ArchiveError, Manifest
+from envmgr.build.once import BuildOptions, build_and_store, build_missing
 from envmgr.cache.layout import archive_key, env_lock_key, manifest_key
 from envmgr.cache.local import LocalStore
-from envmgr.hydrate import COMPLETE, HashMismatchError, HydrateError, env_dir, hydrate
-from envmgr.local_envs import gc, hold_for_use, list_envs
-from envmgr.lock import Lock, write_conda_lock
+from envmgr.locks.lock import Lock, write_conda_lock
+from envmgr.worker.env_cache import COMPLETE, env_dir, gc, hold_for_use, list_envs
+from envmgr.worker.hydrate import HashMismatchError, HydrateError, hydrate
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = (
@@ -260,7 +260,8 @@ def test_a_worker_builds_a_stored_lock_only_when_it_opts_in(lock, tmp_path):
     store.put_file(env_lock_key("linux-64", lock.env_id), lock_file)
     with pytest.raises(HydrateError, match=f"envmgr build --env {lock.env_id} --platform"):
         hydrate(lock.env_id, store, tmp_path / "cache")  # workers only hydrate by default
-    result = hydrate(lock.env_id, store, tmp_path / "cache", build_if_missing=True)
+    builder = build_missing(BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    result = hydrate(lock.env_id, store, tmp_path / "cache", build_missing=builder)
     assert result.downloaded and store.exists(manifest_key("linux-64", lock.env_id))
     assert _versions(result.python)["tabulate"] == lock.names()["tabulate"].version
     with pytest.raises(HydrateError, match="no archive and no lock"):

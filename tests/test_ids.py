@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 from _helpers import ROOT, run_bootstrap
 
-from envmgr.archive import ArchiveError, Manifest, pack
+from envmgr.archive.manifest import ArchiveError, Manifest
+from envmgr.archive.pack import pack
 from envmgr.cache.layout import archive_key, manifest_key, name_key
 from envmgr.cache.local import LocalStore
-from envmgr.hydrate import COMPLETE, HydrateError, env_dir, hydrate
+from envmgr.cache.names import AliasError, lookup
 from envmgr.ids import BadIdError, check_under, parse_env_id, parse_platform, parse_spec_id
-from envmgr.names import AliasError, lookup
+from envmgr.worker.env_cache import COMPLETE, env_dir
+from envmgr.worker.hydrate import HydrateError, hydrate
 
 A = "a" * 32
 B = "b" * 32
@@ -269,9 +271,9 @@ def test_an_unwritable_cache_is_one_line_naming_it_and_the_setting(tmp_path):
 
 
 def test_a_corrupt_stored_lock_is_named_by_its_store_key(tmp_path):
-    from envmgr.build import read_stored_lock
+    from envmgr.build.once import read_stored_lock
     from envmgr.cache.layout import env_lock_key
-    from envmgr.lock import LockError
+    from envmgr.locks.lock import LockError
 
     store = LocalStore(tmp_path / "store")
     store.put(env_lock_key("linux-64", A), b"version: [unclosed\n")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from envmgr.build import BuildOptions, build_and_store
+from envmgr.build.once import BuildOptions, build_and_store
 from envmgr.cache.layout import lease_key, manifest_key
 from envmgr.cache.lease import LeaseInfo, held_lease, read_lease, try_take
 from envmgr.cache.local import LocalStore
-from envmgr.lock import Lock, write_conda_lock
+from envmgr.locks.lock import Lock, write_conda_lock
 
 LEASE = 3  # seconds: the period the kill tests run with
 
@@ -65,6 +65,7 @@ def test_a_waiting_builder_says_whom_it_waits_for_then_takes_over(mixed_lock, tm
         "pid": 4242,
         "expires": time.time() + 3600,  # that builder died; its clock runs an hour ahead
         "taken": "2026-12-01T10:00:00Z",
+        "seconds": LEASE,  # its period (one without waits the default: see the test below)
     }
     store.put(lease_key(mixed_lock.env_id), json.dumps(other).encode())
     told: list[str] = []
@@ -160,7 +161,7 @@ def test_kill_loop_twenty_trials(mixed_lock, pypi_index, tmp_path):
 def test_ctrl_c_stops_a_build_in_process_and_releases_the_lease(mixed_lock, tmp_path):
     """SIGINT while build_and_store runs in the main thread: the lease is released and the
     exception says which signal; nothing is published."""
-    from envmgr.build import BuildInterrupted
+    from envmgr.build.once import BuildInterrupted
 
     store = LocalStore(tmp_path / "store")
     key = lease_key(mixed_lock.env_id)
@@ -192,6 +193,23 @@ def test_a_failed_upload_is_the_error_even_when_the_lease_cannot_be_released(mix
     store = Breaking(tmp_path / "store")
     with pytest.raises(StoreError, match="upload refused: SlowDown"):
         build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+
+
+def test_a_lease_that_declares_no_period_is_watched_for_the_default_one(tmp_path):
+    """A lease written without its period (another tool, an older envmgr) is judged by
+    LEASE_SECONDS, however short the waiter's own period is."""
+    from envmgr.cache.lease import LEASE_SECONDS, LeaseWatch
+
+    store, env_id = LocalStore(tmp_path / "store"), "d" * 32
+    body = {"holder": "old:1:x", "host": "elsewhere", "pid": 1, "expires": time.time() + 3600}
+    store.put(lease_key(env_id), json.dumps(body).encode())
+    now = [0.0]
+    watch = LeaseWatch(1.0, clock=lambda: now[0])
+    seen = []
+    for step in (0.0, 1.0, LEASE_SECONDS - 2.0, 1.0):  # at 0, 1, LEASE_SECONDS - 1, LEASE_SECONDS
+        now[0] += step
+        seen.append(try_take(store, env_id, holder="me", seconds=1.0, watch=watch))
+    assert seen == [False, False, False, True]
 
 
 @pytest.mark.parametrize("skew", [3600.0, -3600.0], ids=["ahead", "behind"])

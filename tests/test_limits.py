@@ -10,15 +10,15 @@ import pytest
 from _helpers import envmgr_here, run_envmgr
 
 from envmgr.errors import SpecError
-from envmgr.interop import adopt
 from envmgr.limits import (
     MAX_FILE_BYTES,
     InputTooLargeError,
     check_package_url,
     check_yaml,
 )
-from envmgr.lock import Lock, LockedPackage, LockError, PlatformLock, read_conda_lock
-from envmgr.specfiles import read_environment_yml
+from envmgr.locks.export import adopt
+from envmgr.locks.lock import Lock, LockedPackage, LockError, PlatformLock, read_conda_lock
+from envmgr.specs.files import read_environment_yml
 
 # Nine levels of ten: 10**9 strings once expanded, a few hundred bytes on disk.
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
@@ -200,7 +200,7 @@ def test_ctrl_c_stops_a_resolve_waiting_on_the_index(world, pypi_index, tmp_path
 
 
 def test_requirements_files_with_odd_shapes(tmp_path):
-    from envmgr.specfiles import read_requirements
+    from envmgr.specs.requirements import read_requirements
 
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfsix==1.17.0\r\ntabulate\r\n")
@@ -262,9 +262,10 @@ def fixture_lock_text(conda_channel, pypi_index, tmp_path_factory):
     """A conda-lock file of the fixture channel (numpy) and index (six), as text."""
     from _helpers import fixture_options
 
-    from envmgr.lock import Lock, write_conda_lock
-    from envmgr.resolution import resolve_specs
-    from envmgr.spec import CondaDep, EnvSpec, PypiDep
+    from envmgr.locks.lock import Lock, write_conda_lock
+    from envmgr.resolve.resolution_cache import resolve_specs
+    from envmgr.specs.deps import CondaDep, PypiDep
+    from envmgr.specs.model import EnvSpec
 
     home = tmp_path_factory.mktemp("origin")
     spec = EnvSpec(python="3.11.*", conda=(CondaDep.parse("numpy"),), pypi=(PypiDep.parse("six"),))

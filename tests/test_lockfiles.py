@@ -16,9 +16,10 @@ from test_cli import _env_id, invoke, shaped, sub
 
 from envmgr import __version__
 from envmgr.errors import EnvmgrError
-from envmgr.lock import read_conda_lock
-from envmgr.lockfiles import detect_format, read_pypi_lock
-from envmgr.resolvers.pypi.target import PythonTarget
+from envmgr.locks.formats import detect_format
+from envmgr.locks.lock import read_conda_lock
+from envmgr.locks.pylock import read_pypi_lock
+from envmgr.locks.python_target import PythonTarget
 
 UV = str(Path(sys.executable).with_name("uv"))
 REQUIREMENTS = "python-dateutil\nrequests[socks]\n"

@@ -86,7 +86,7 @@ def _env_locks(home: Path, env: dict, output: str, store=None) -> dict[str, dict
         ).stdout
     )
     from envmgr.cache.layout import env_lock_key
-    from envmgr.lock import read_conda_lock
+    from envmgr.locks.lock import read_conda_lock
 
     locks = {}
     for step, env_id in ids.items():

@@ -204,8 +204,8 @@ def test_attribute_values_survive_the_decorator_spec_round_trip():
     again = STEP["conda"].parse_decorator_spec(deco.make_decorator_spec().split(":", 1)[1])
     again.external_init()
     assert again.attributes["packages"] == {"numpy": "2.1"}
-    from envmgr.decorators import DecoratorCall, layer_from_call
     from envmgr.errors import SpecError
+    from envmgr.specs.decorators import DecoratorCall, layer_from_call
 
     with pytest.raises(SpecError, match=r"python: is the number 3.1; quote it"):
         layer_from_call(DecoratorCall(kind="conda", kwargs={"python": 3.1}), where="step 'a'")
@@ -241,9 +241,9 @@ class PlacedFlow(FlowSpec):
 @pytest.mark.parametrize("datastore", ["local", "s3", "gs"])
 def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, monkeypatch):
     """``envmgr build flow.py`` reads the file; the run reads the decorator objects. Both go
-    through envmgr.flows, so every step's spec id (and so its lock and env) is the same."""
-    from envmgr.discovery import read_flow
-    from envmgr.flows import run_settings, run_specs
+    through envmgr.specs.flows, so every step's spec id (and so its lock and env) is the same."""
+    from envmgr.specs.discovery import read_flow
+    from envmgr.specs.flows import run_settings, run_specs
 
     monkeypatch.setenv("USER", "envmgr-test")
     monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
@@ -275,7 +275,7 @@ def test_envmgrs_copy_of_metaflows_task_packages_is_metaflows():
     """Without Metaflow installed, ``envmgr build flow.py`` uses its copy of the pins."""
     from metaflow import metaflow_config
 
-    from envmgr.flows import _TASK_PACKAGES, DATASTORES, task_packages
+    from envmgr.specs.flows import _TASK_PACKAGES, DATASTORES, task_packages
 
     for datastore in DATASTORES:
         assert metaflow_config.get_pinned_conda_libs(None, datastore) == _TASK_PACKAGES[datastore]

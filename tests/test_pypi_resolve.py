@@ -14,9 +14,10 @@ from _helpers import fixture_options
 
 from envmgr.cache.local import LocalStore
 from envmgr.errors import EnvmgrError
-from envmgr.resolution import resolve_specs
-from envmgr.resolvers.pypi.resolve import PypiConflictError
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
+from envmgr.resolve.pypi.resolve import PypiConflictError
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import CondaDep, PypiDep
+from envmgr.specs.model import EnvSpec
 from fixtures.pypi_index import PypiIndexServer
 from fixtures.wheelmaker import make_sdist, make_wheel
 from fixtures.wheels import fetch_wheels
@@ -305,7 +306,7 @@ def test_index_credentials_never_reach_the_lock_or_the_store(
 def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     index, conda_channel, tmp_path
 ):
-    from envmgr.build import BuildOptions, build_and_store
+    from envmgr.build.once import BuildOptions, build_and_store
 
     store = LocalStore(tmp_path / "store")
     options = fixture_options(tmp_path, conda_channel.url, index.url, store=store)
@@ -319,7 +320,8 @@ def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     stored = [k for k in store.list(prefix) if k.endswith(".whl")]
     assert len(stored) == 1 and stored[0].rsplit("/", 1)[1].startswith("sdist_only-1.0-")
     assert stored[0].endswith("-none-any.whl")
-    from envmgr.archive import relocate, unpack
+    from envmgr.archive.relocate import relocate
+    from envmgr.archive.unpack import unpack
     from envmgr.cache.layout import archive_key
 
     with (store.root / archive_key("linux-64", lock.env_id)).open("rb") as handle:
@@ -396,9 +398,9 @@ def _static_index(root: Path, wheels: Path) -> Path:
 def test_a_file_index_resolves_and_builds(conda_channel, tmp_path):
     """It failed with a bare InvalidSchema: metadata of a wheel on a file:// index is read
     from the wheel where it lies, and the build installs it from there."""
-    from envmgr.build import BuildOptions, build_and_store
+    from envmgr.build.once import BuildOptions, build_and_store
     from envmgr.cache.local import LocalStore
-    from envmgr.hydrate import hydrate
+    from envmgr.worker.hydrate import hydrate
 
     simple = _static_index(tmp_path / "share", fetch_wheels())
     options = fixture_options(tmp_path, conda_channel.url, simple.as_uri() + "/", force=True)

@@ -14,7 +14,7 @@ import yaml
 from _helpers import fixture_options, run_envmgr
 
 from envmgr.cache.local import LocalStore
-from envmgr.lock import (
+from envmgr.locks.lock import (
     Lock,
     LockedPackage,
     PlatformLock,
@@ -23,8 +23,9 @@ from envmgr.lock import (
     write_conda_lock,
 )
 from envmgr.platforms import virtual_packages
-from envmgr.resolution import resolve_specs
-from envmgr.spec import CondaDep, EnvSpec
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import CondaDep
+from envmgr.specs.model import EnvSpec
 from fixtures.conda_channel import copy_channel, index_channel
 from fixtures.condapkg import PackageMeta, write_conda_package
 

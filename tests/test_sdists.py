@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from _helpers import envmgr_here, fixture_options, run_envmgr
 
-from envmgr.build import BuildOptions, build_and_store, create_prefix
+from envmgr.build.once import BuildOptions, build_and_store, create_prefix
 from envmgr.cache.local import LocalStore
 from envmgr.errors import EnvmgrError
-from envmgr.resolution import resolve_specs
-from envmgr.resolvers.pypi.resolve import PypiConflictError
-from envmgr.spec import EnvSpec, PypiDep
-from envmgr.specfiles import read_requirements
+from envmgr.resolve.pypi.resolve import PypiConflictError
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import PypiDep
+from envmgr.specs.model import EnvSpec
+from envmgr.specs.requirements import read_requirements
 from fixtures.wheelmaker import make_wheel
 
 
@@ -121,7 +122,7 @@ def test_an_sdist_name_with_an_extra_dash_is_read_as_pip_and_uv_read_it(world, c
     thop-0-0-22 at version 421392844089, which would satisfy thop>=0.1.1 and need git)."""
     assert pypi_versions(world(["thop>=0.1.1"]))["thop"] == "0.1.1.post2209072238"
     assert not compiled.exists(), "the odd sdist's setup.py ran"
-    from envmgr.resolvers.pypi.index import sdist_version
+    from envmgr.resolve.pypi.pages import sdist_version
 
     assert sdist_version("thop-0.0.22-421392844089.tar.gz", "thop") == "0.0.22.post421392844089"
     assert sdist_version("Foo_Bar-1.0.zip", "foo-bar") == "1.0"

@@ -20,11 +20,12 @@ import pytest
 from _helpers import fixture_options
 from test_faults import _upstream
 
-from envmgr.build import offer_lock
+from envmgr.build.once import offer_lock
 from envmgr.cache.s3 import S3Store
-from envmgr.lock import PlatformLock
-from envmgr.resolution import resolve_specs
-from envmgr.spec import CondaDep, EnvSpec, PypiDep
+from envmgr.locks.lock import PlatformLock
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.deps import CondaDep, PypiDep
+from envmgr.specs.model import EnvSpec
 from fixtures.tcp_proxy import FaultProxy
 
 SPECS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

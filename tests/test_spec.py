@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envmgr.decorators import DecoratorCall, step_specs
-from envmgr.spec import CondaDep, EnvSpec, PypiDep, combine, merge
+from envmgr.specs.decorators import DecoratorCall, step_specs
+from envmgr.specs.deps import CondaDep, PypiDep
+from envmgr.specs.model import EnvSpec, combine, merge
 
 CONDA_NAMES = ["numpy", "pandas", "scipy", "python-dateutil", "libblas", "pytorch"]
 CONDA_VERSIONS = ["", "1.26", "1.26.*", ">=1.26,<2", "<2,>=1.26", ">=1.2", "!=1.3", "2.2.*"]

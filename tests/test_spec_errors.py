@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from envmgr.decorators import DecoratorCall, step_specs
 from envmgr.errors import EnvmgrError, SpecError
-from envmgr.spec import EnvSpec
+from envmgr.specs.decorators import DecoratorCall, step_specs
+from envmgr.specs.model import EnvSpec
 
 C, P, CB = "conda", "pypi", "conda_base"
 

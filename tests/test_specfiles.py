@@ -17,8 +17,9 @@ from packaging.utils import canonicalize_name
 from rattler import MatchSpec
 
 from envmgr.errors import SpecError
-from envmgr.spec import EnvSpec
-from envmgr.specfiles import read_environment_yml, read_pyproject, read_requirements, read_spec_file
+from envmgr.specs.files import read_environment_yml, read_pyproject, read_spec_file
+from envmgr.specs.model import EnvSpec
+from envmgr.specs.requirements import read_requirements
 
 DATA = Path(__file__).parent / "data"
 ENV_FILES = sorted(p for p in (DATA / "env").glob("*.yml") if "unsupported" not in p.name)

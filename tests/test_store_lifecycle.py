@@ -23,9 +23,9 @@ from envmgr.cache.layout import (
     used_key,
 )
 from envmgr.cache.lease import _boot_id
+from envmgr.cache.lifecycle import collect, plan_gc, scan
 from envmgr.cache.local import LocalStore
-from envmgr.lifecycle import collect, plan_gc, scan
-from envmgr.names import set_alias
+from envmgr.cache.names import set_alias
 
 DAY = 86400.0
 SHAPES = documented_shapes()

@@ -13,8 +13,7 @@ from _helpers import run_bootstrap
 from test_ids import A, _stored_env
 
 from envmgr.cache.local import LocalStore
-from envmgr.hydrate import COMPLETE, env_dir
-from envmgr.local_envs import gc
+from envmgr.worker.env_cache import COMPLETE, env_dir, gc
 
 
 def _wait_until_started(task: subprocess.Popen[str], marker: Path) -> None:

@@ -18,7 +18,7 @@ from metaflow.decorators import FlowDecorator, StepDecorator
 from metaflow.metadata_provider import MetaDatum
 from metaflow.packaging_sys import ContentType
 
-from metaflow_extensions.envmgr.plugins.envmgr_environment import remote_decorator
+from metaflow_extensions.envmgr.plugins.envmgr_steps import remote_decorator
 
 _COMMON = {"python": None, "disabled": None, "system_packages": {}, "platforms": []}
 
@@ -34,17 +34,6 @@ def _require_envmgr_environment(environment: Any, what: str) -> None:
 
         flags = " or ".join(f"--environment={name}" for name in _ENVIRONMENTS)
         raise InvalidEnvironmentException(f"{what} requires {flags}")
-
-
-def own_kwargs(deco: Any) -> dict[str, Any]:
-    """The arguments *deco* itself was given (before a step merged its flow's into it), as
-    envmgr's spec layer takes them: empty values dropped."""
-    attributes = getattr(deco, "_envmgr_own", None)
-    if attributes is None:
-        attributes = deco.attributes
-    return {
-        k: v for k, v in attributes.items() if v is not None and v != {} and v != [] and v != ()
-    }
 
 
 class _UserValues:
@@ -260,7 +249,7 @@ class CondaStepDecorator(_EnvmgrStep):
     def step_init(self, flow: Any, graph: Any, step: str, *args: Any) -> None:
         super().step_init(flow, graph, step, *args)
         if not self.attributes["python"]:
-            # Stock: the launching interpreter (envmgr: its series, see envmgr.flows).
+            # Stock: the launching interpreter (envmgr: its series, see envmgr.specs.flows).
             self.attributes["python"] = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 

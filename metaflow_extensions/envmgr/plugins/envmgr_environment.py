@@ -2,7 +2,7 @@
 
 At flow start (when Metaflow packages the code) every step's spec is read from its decorators
 (base + step, ``@conda`` and ``@pypi`` together allowed) and completed for the run by
-:mod:`envmgr.flows` (python, Metaflow's task packages for the datastore, the platform the step
+:mod:`envmgr.specs.flows` (python, Metaflow's task packages for the datastore, the platform the step
 runs on: the same specs ``envmgr build flow.py`` computes), resolved through envmgr's
 resolution cache, and each env is built and stored once, whatever this host's platform. A step
 with ``name="team/env:tag"`` runs in that named env. Local tasks run with the hydrated env's
@@ -21,46 +21,16 @@ from typing import Any
 from metaflow.metaflow_environment import MetaflowEnvironment
 from metaflow.packaging_sys import ContentType
 
+from metaflow_extensions.envmgr.plugins.envmgr_steps import decorator_calls, placement
+
 _PACKAGE_FILE = "envmgr_envs.json"
-
-
-def remote_decorator(decorators: Any) -> Any:
-    """Of a step's *decorators*, the one that runs it on remote compute (``None``: local):
-    Metaflow's own list, plus any decorator that says ``supports_conda_environment``."""
-    from envmgr.flows import REMOTE_DECORATORS
-
-    for deco in decorators:
-        if getattr(deco, "supports_conda_environment", False) or deco.name in REMOTE_DECORATORS:
-            return deco
-    return None
-
-
-def placement(step: Any) -> Any:
-    """Where *step* runs, as :mod:`envmgr.flows` takes it."""
-    from envmgr.flows import Placement
-
-    deco = remote_decorator(step.decorators)
-    if deco is None:
-        return Placement()
-    return Placement(remote=deco.name, target_platform=getattr(deco, "target_platform", None))
-
-
-def _calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
-    from envmgr.decorators import DecoratorCall
-    from metaflow_extensions.envmgr.plugins.envmgr_decorators import own_kwargs
-
-    return [
-        DecoratorCall(kind=deco.name, kwargs=own_kwargs(deco))
-        for deco in decorators
-        if deco.name in kinds
-    ]
 
 
 def _bootstrap_sources() -> list[tuple[str, str, Any]]:
     """What ``python -m envmgr.bootstrap`` imports on a worker, for the code package: a
     worker needs only Python, boto3 (for S3) and zstandard or the zstd program. They go
     beside ``metaflow`` in the package (code content), which the pod puts on PYTHONPATH."""
-    from envmgr.bootstrap import worker_sources
+    from envmgr.worker.shipped import worker_sources
 
     return [(str(path), arcname, ContentType.CODE_CONTENT) for path, arcname in worker_sources()]
 
@@ -109,19 +79,21 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         return ("conda", *super().decospecs())
 
     def _specs(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """The run's spec of every step (:mod:`envmgr.flows`, as ``envmgr build flow.py``
+        """The run's spec of every step (:mod:`envmgr.specs.flows`, as ``envmgr build flow.py``
         computes them) and the named env of steps with ``name=``."""
-        from envmgr.decorators import step_names, step_specs
-        from envmgr.flows import run_settings, run_specs
+        from envmgr.specs.decorators import step_names, step_specs
+        from envmgr.specs.flows import run_settings, run_specs
 
         flow_decos = [
             d
             for name in ("conda_base", "pypi_base")
             for d in self.flow._flow_decorators.get(name, [])
         ]
-        steps = {step.name: _calls(step.decorators, ("conda", "pypi")) for step in self.flow}
+        steps = {
+            step.name: decorator_calls(step.decorators, ("conda", "pypi")) for step in self.flow
+        }
         specs = step_specs(
-            _calls(flow_decos, ("conda_base", "pypi_base")), steps, flow=self.flow.name
+            decorator_calls(flow_decos, ("conda_base", "pypi_base")), steps, flow=self.flow.name
         )
         names = {k: v for k, v in step_names(steps).items() if not specs[k].disabled}
         placements = {step.name: placement(step) for step in self.flow}
@@ -146,7 +118,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         import sys
 
         from envmgr.errors import EnvmgrError
-        from envmgr.flows import run_settings, run_store
+        from envmgr.specs.flows import run_settings, run_store
 
         specs, names = self._specs()
         if only_steps:
@@ -214,9 +186,9 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
         """Steps with ``name=`` run in that named env's env for their platform, as it is."""
         from envmgr.cache import open_store
-        from envmgr.flows import step_platforms
-        from envmgr.names import step_envs
-        from envmgr.spec import EnvSpec
+        from envmgr.cache.names import step_envs
+        from envmgr.specs.flows import step_platforms
+        from envmgr.specs.model import EnvSpec
 
         store = open_store(store_url)
         for step_name, name in sorted(names.items()):
@@ -254,8 +226,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
 
             from envmgr.cache import open_store
             from envmgr.config import cache_dir
-            from envmgr.hydrate import hydrate
             from envmgr.platforms import host_platform
+            from envmgr.worker.hydrate import hydrate
 
             env = self.envmgr_envs[step_name]
             env_id = self.host_env_id(step_name)

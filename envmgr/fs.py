@@ -1,0 +1,70 @@
+"""Files written whole or not at all, and locks between processes of one host.
+
+Every file envmgr writes outside the store's own objects (locks, page and resolution caches,
+markers) goes through :func:`write_atomic`: a temp file beside the target, named
+``.<name>.tmp-<host>-<pid>-<random>``, then one rename. A reader never sees half a file, and
+the temps of writers on this host that died mid-write are removed by the next writer of the
+same file (:func:`temp_beside`). Standard library only: this module ships to workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["file_lock", "pid_alive", "temp_beside", "write_atomic"]
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on *path* (created if needed); the kernel drops it if we die."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process *pid* exists on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_beside(path: Path) -> Path:
+    """A new, empty temp file in *path*'s directory (made if needed), named by host and pid;
+    the temps of *path* left by writers on this host that are gone are removed on the way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in path.parent.glob(f".{path.name}.tmp-{host}-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{host}-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """*data* (text is written as UTF-8) into *path* through :func:`temp_beside` and a
+    rename; on any failure the temp is removed and *path* is as it was."""
+    tmp = temp_beside(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,264 @@
+"""The env cache of this host: which envs are here, how big, when last used; removing old ones.
+
+Envs live in ``<cache>/envs/<env_id>``; a running ``envmgr run`` holds a shared ``flock`` on
+``<cache>/envs/.locks/<env_id>.use`` for as long as its command runs, and :func:`gc` never
+removes an env whose use lock it cannot take exclusively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from envmgr.fs import write_atomic
+from envmgr.ids import check_under, is_env_id, parse_env_id
+
+__all__ = [
+    "COMPLETE",
+    "LocalEnv",
+    "env_dir",
+    "exec_in_env",
+    "gc",
+    "hold_for_use",
+    "list_envs",
+    "lock_path",
+    "open_use_lock",
+    "pack_dir_prefix",
+    "parse_age",
+    "parse_size",
+    "record_steps",
+    "recorded_steps",
+    "sweep_dead_pack_dirs",
+    "touch",
+]
+
+#: The marker file inside a published env; it holds the manifest's sha256.
+COMPLETE = ".envmgr-complete"
+
+
+def env_dir(cache_dir: Path, env_id: str) -> Path:
+    """``<cache>/envs/<env_id>``; raises ``BadIdError`` unless *env_id* is an env id."""
+    return cache_dir / "envs" / parse_env_id(env_id, where="env id")
+
+
+def lock_path(cache_dir: Path, env_id: str, kind: str = "hydrate") -> Path:
+    """The ``flock`` file of *env_id*'s *kind* (``hydrate``: one publisher per host;
+    ``use``: held shared by every process running in the env)."""
+    return cache_dir / "envs" / ".locks" / f"{parse_env_id(env_id, where='env id')}.{kind}"
+
+
+def touch(prefix: Path) -> None:
+    """Record a use of the env (``envmgr gc`` removes the least recently used first)."""
+    with contextlib.suppress(OSError):
+        os.utime(prefix / COMPLETE)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalEnv:
+    env_id: str
+    prefix: Path
+    size: int
+    last_used: float
+    steps: tuple[str, ...]
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += Path(dirpath, name).lstat().st_size
+    return total
+
+
+def _meta_path(cache_dir: Path, env_id: str) -> Path:
+    return cache_dir / "envs" / ".meta" / f"{parse_env_id(env_id, where='env id')}.json"
+
+
+def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
+    """Remember which steps used an env (shown by ``envmgr ls``)."""
+    path = _meta_path(cache_dir, env_id)
+    known: list[str] = []
+    with contextlib.suppress(OSError, ValueError):
+        known = list(json.loads(path.read_text()).get("steps", []))
+    merged = sorted(set(known) | set(steps))
+    write_atomic(path, json.dumps({"steps": merged}))
+
+
+def recorded_steps(cache_dir: Path, env_id: str) -> tuple[str, ...]:
+    """The steps :func:`record_steps` remembered for *env_id* on this machine."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return tuple(json.loads(_meta_path(cache_dir, env_id).read_text()).get("steps", ()))
+    return ()
+
+
+def list_envs(cache_dir: Path) -> list[LocalEnv]:
+    """Published envs, most recently used first."""
+    root = cache_dir / "envs"
+    found = []
+    for prefix in root.iterdir() if root.is_dir() else ():
+        marker = prefix / COMPLETE
+        if not is_env_id(prefix.name) or not marker.is_file():
+            continue
+        steps = recorded_steps(cache_dir, prefix.name)
+        found.append(
+            LocalEnv(
+                env_id=prefix.name,
+                prefix=prefix,
+                size=_size(prefix),
+                last_used=marker.stat().st_mtime,
+                steps=steps,
+            )
+        )
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def open_use_lock(cache_dir: Path, env_id: str) -> int:
+    """Take the env's shared use lock, which keeps :func:`gc` away for as long as the
+    returned descriptor (or a copy inherited by an exec'd command) is open."""
+    path = lock_path(cache_dir, env_id, "use")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextlib.contextmanager
+def hold_for_use(cache_dir: Path, env_id: str) -> Iterator[int]:
+    """:func:`open_use_lock` for the block; yields the descriptor."""
+    fd = open_use_lock(cache_dir, env_id)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+#: Variables of the calling environment that would make a command leave its env.
+_FOREIGN = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV",
+            "PYTHONSTARTUP")  # fmt: skip
+
+
+def exec_in_env(prefix: Path, command: list[str], use_fd: int) -> None:
+    """Replace this process with *command* run inside the env at *prefix* (its ``bin`` first
+    on ``PATH``, a bare program name found there first). *use_fd* (from :func:`hold_for_use`)
+    is inherited, so ``gc`` leaves the env alone for as long as the command runs. Returns
+    only by raising ``OSError`` when the command cannot be started."""
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN}
+    env.update(
+        {
+            "PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "CONDA_PREFIX": str(prefix),
+            "CONDA_DEFAULT_ENV": prefix.name,
+            "PYTHONNOUSERSITE": "1",
+            "ENVMGR_ENV_ID": prefix.name,
+        }
+    )
+    program = command[0]
+    if "/" not in program and (prefix / "bin" / program).exists():
+        program = str(prefix / "bin" / program)
+    os.set_inheritable(use_fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(program, [program, *command[1:]], env)  # noqa: S606
+
+
+def pack_dir_prefix() -> str:
+    """The name prefix of a builder's temp pack dir under the cache: host and pid, so the
+    next build (or ``gc``) can tell the dirs of dead builders."""
+    return f".pack-{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_dead_pack_dirs(cache_dir: Path) -> list[Path]:
+    """Remove the temp pack dirs that builders on this host left when they were killed."""
+    removed = []
+    host = socket.gethostname()
+    for path in cache_dir.glob(".pack-*") if cache_dir.is_dir() else ():
+        owner, _, rest = path.name.removeprefix(".pack-").rpartition("-")[0].rpartition("-")
+        if owner != host or not rest.isdigit():
+            continue
+        try:
+            os.kill(int(rest), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(check_under(path, cache_dir), ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``500M``, ``1.5T``, ``1024`` (bytes) → bytes; raises ``ValueError``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
+    if not match:
+        raise ValueError(f"bad size {text!r}: use e.g. 500M or 20G")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(match.group(1)) * scale[match.group(2).upper()])
+
+
+def parse_age(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` → seconds; raises ``ValueError``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text, re.I)
+    if not match:
+        raise ValueError(f"bad age {text!r}: use e.g. 7d, 12h or 30m")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    return float(match.group(1)) * scale[match.group(2).lower()]
+
+
+def _try_remove(cache_dir: Path, env: LocalEnv) -> bool:
+    use = lock_path(cache_dir, env.env_id, "use")
+    use.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(use, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running `envmgr run` uses it
+        # Unpublish first (atomic rename), then delete at leisure.
+        doomed = env.prefix.with_name(f".tmp-{env.env_id}-gc-{os.getpid()}")
+        env.prefix.rename(check_under(doomed, cache_dir / "envs"))
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def gc(
+    cache_dir: Path,
+    *,
+    max_size: int | None = None,
+    older_than: float | None = None,
+    dry_run: bool = False,
+) -> tuple[list[LocalEnv], list[LocalEnv]]:
+    """Remove envs unused for *older_than* seconds, then least recently used ones until the
+    total is at most *max_size*, and the temp dirs of killed builders. Returns (removed,
+    kept-because-in-use)."""
+    if not dry_run:
+        sweep_dead_pack_dirs(cache_dir)
+    envs = list_envs(cache_dir)
+    now = time.time()
+    removed: list[LocalEnv] = []
+    busy: list[LocalEnv] = []
+    total = sum(e.size for e in envs)
+    for env in sorted(envs, key=lambda e: e.last_used):
+        too_old = older_than is not None and now - env.last_used > older_than
+        too_big = max_size is not None and total > max_size
+        if not (too_old or too_big):
+            continue
+        if dry_run or _try_remove(cache_dir, env):
+            removed.append(env)
+            total -= env.size
+        else:
+            busy.append(env)
+    return removed, busy

@@ -1,0 +1,292 @@
+"""Hydrate an env at task start: from the store to ``<cache>/envs/<env_id>``, once per host.
+
+A warm call is one ``stat``: the env directory exists only when complete, because it is
+published by renaming a finished temp directory into place. A cold call takes a per-env
+``flock`` (the kernel releases it if the holder dies), streams the archive once through sha256
+and the decompressor into a safe extractor writing a temp directory beside the final one,
+checks the hash, relocates the listed files for the final path, writes the completion marker
+and renames the directory into place. Concurrent callers wait on the lock and return the
+published env; temp directories of killed callers are removed by the next one.
+
+If the store has the env's lock but no archive for this platform, the error names the
+``envmgr build`` command that makes one (any host can: builds are cross-platform). A caller
+with a full envmgr install may opt in to building here by passing a :data:`BuildMissing`
+callback (:func:`envmgr.build.once.build_missing`; the build-once lease keeps other workers
+waiting): this module never imports the builder.
+
+This module imports only the standard library, the archive and store packages and, for an S3
+store, boto3; it sits on every task's start path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from envmgr.archive.manifest import ArchiveError, ChunkDigestError, Manifest, WriteError
+from envmgr.archive.relocate import relocate
+from envmgr.archive.unpack import unpack
+from envmgr.cache.layout import archive_key, env_lock_key, manifest_key
+from envmgr.cache.store import Store, StoreError
+from envmgr.cache.usage import record_use
+from envmgr.errors import EnvmgrError
+from envmgr.fs import file_lock
+from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
+from envmgr.platforms import host_platform
+from envmgr.progress import Progress, Task, tracked
+from envmgr.worker.env_cache import COMPLETE, env_dir, lock_path, touch
+
+__all__ = ["BuildMissing", "HashMismatchError", "HydrateError", "Hydrated", "hydrate"]
+
+#: Builds the env (platform, env id) the store has only the lock of, stores it and returns its
+#: manifest; *progress* sees the build. A caller with a full envmgr passes one to
+#: :func:`hydrate` (see :func:`envmgr.build.once.build_missing`); workers normally only hydrate.
+BuildMissing = Callable[[str, EnvId, "Progress | None"], Manifest]
+
+
+class HydrateError(EnvmgrError):
+    """An env could not be hydrated; names the env, the store and what to do."""
+
+
+class HashMismatchError(HydrateError):
+    """The downloaded archive does not match its manifest's sha256."""
+
+
+class Hydrated(NamedTuple):
+    """A published env (a named tuple: ``dataclasses`` costs the worker's start ~15 ms)."""
+
+    prefix: Path
+    env_id: str
+    downloaded: bool  # this call fetched the archive (False: it was already here)
+    seconds: float
+
+    @property
+    def python(self) -> Path:
+        return self.prefix / "bin" / "python"
+
+
+def hydrate(
+    env_id: str,
+    store: Store,
+    cache_dir: Path,
+    *,
+    platform: str | None = None,
+    build_missing: BuildMissing | None = None,
+    progress: Progress | None = None,
+) -> Hydrated:
+    """Return the published env *env_id* under *cache_dir*, fetching it if needed;
+    *progress* sees the download (and a build, when this worker must build). An env whose
+    store has only its lock is built by *build_missing* when given, else refused with the
+    command that builds it.
+
+    Raises ``BadIdError`` (before touching anything) when *env_id* or *platform* is not one,
+    ``HydrateError`` (no archive and no lock, relocation impossible, a manifest of another
+    env), ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
+    """
+    start = time.monotonic()
+    env_id = parse_env_id(env_id, where="hydrate")
+    if platform is not None:
+        platform = parse_platform(platform, where="hydrate")
+    final = env_dir(cache_dir, env_id)
+    if (final / COMPLETE).is_file():
+        touch(final)
+        return Hydrated(
+            prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
+        )
+    _check_writable(cache_dir, lock_path(cache_dir, env_id))
+    with file_lock(lock_path(cache_dir, env_id)):
+        if (final / COMPLETE).is_file():  # published while we waited for the lock
+            return Hydrated(
+                prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
+            )
+        _remove_leftovers(final)
+        if platform is None:
+            platform = host_platform()
+
+        try:
+            manifest = _manifest(store, platform, env_id, build_missing, progress)
+        except StoreError as exc:
+            raise HydrateError(
+                f"env {env_id}: cannot read it from the store: {exc.message}", hint=exc.hint
+            ) from None
+        _fetch_and_publish(store, manifest, final, progress)
+
+    record_use(store, platform, env_id)  # a cold start here: `store gc` keeps used envs
+    return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
+
+
+def _check_writable(cache_dir: Path, lock: Path) -> None:
+    """One clear error, before anything else, when the cache cannot be written."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a+b"):
+            pass
+    except OSError as exc:
+        raise HydrateError(
+            f"cannot write the env cache {cache_dir}: {exc.strerror} ({exc.filename})",
+            hint="point ENVMGR_CACHE_DIR (or --cache-dir) at a writable directory",
+        ) from None
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Temp dirs of callers that died, and an env dir without its marker (not ours)."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(check_under(stale, final.parent), ignore_errors=True)
+    if final.is_symlink():
+        final.unlink()  # never followed: it could point anywhere
+    elif final.exists():
+        shutil.rmtree(check_under(final, final.parent))
+
+
+def _manifest(
+    store: Store,
+    platform: str,
+    env_id: EnvId,
+    build_missing: BuildMissing | None,
+    progress: Progress | None,
+) -> Manifest:
+
+    key = manifest_key(platform, env_id)
+    raw = store.get(key)
+    if raw is not None:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise HydrateError(f"env {env_id}: {store.url}/{key} is not JSON") from None
+        manifest = Manifest.from_dict(data, where=f"{store.url}/{key}")
+        if manifest.env_id != env_id or manifest.platform != platform:
+            raise HydrateError(
+                f"env {env_id}: {store.url}/{key} describes env {manifest.env_id[:40]} for "
+                f"{manifest.platform[:20]}, not the one under its key; nothing was published",
+                hint="the store was altered: rebuild the env with `envmgr build`",
+            )
+        return manifest
+    lock_key = env_lock_key(platform, env_id)
+    if not store.exists(lock_key):
+        raise HydrateError(
+            f"env {env_id} has no archive and no lock for {platform} in {store.url}",
+            hint="run `envmgr build` for this platform, or check the env id and the store",
+        )
+    if build_missing is None:
+        raise HydrateError(
+            f"env {env_id} has no archive for {platform} in {store.url}; its lock is there, "
+            f"so any machine with envmgr can build it: envmgr build --env {env_id} "
+            f"--platform {platform} --store {store.url}"
+        )
+    return build_missing(platform, env_id, progress)
+
+
+class _Hashing:
+    """Counts (and for format 1, hashes) what the extractor reads; format 2's frames are
+    each checked against their own hash, which covers every byte."""
+
+    def __init__(self, source: IO[bytes], task: Task | None, *, digest: bool = True) -> None:
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.hashing = digest
+        self.size = 0
+        self.task = task
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if self.hashing:
+            self.digest.update(data)
+        self.size += len(data)
+        if self.task is not None:
+            self.task.advance(len(data))
+        return data
+
+    def readinto(self, target: Any) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+
+def _fetch_and_publish(
+    store: Store, manifest: Manifest, final: Path, progress: Progress | None = None
+) -> None:
+
+    key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
+    binary = any(r.mode == "binary" for r in manifest.relocations)
+    if binary and len(str(final)) > len(manifest.build_prefix):
+        raise HydrateError(
+            f"env {manifest.env_id}: {final} is longer than its build prefix "
+            f"({len(manifest.build_prefix)} characters)",
+            hint="use a shorter ENVMGR_CACHE_DIR",
+        )
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        source = store.open(key)
+        if source is None:
+            raise HydrateError(
+                f"env {manifest.env_id}: the manifest is in {store.url} but "
+                f"the archive {key} is not",
+                hint="run `envmgr build` again",
+            )
+        label = f"hydrate {manifest.env_id[:12]}"
+        tracking = (
+            tracked(progress, label, total=manifest.size)
+            if progress is not None
+            else contextlib.nullcontext(None)
+        )
+        with tracking as task, source:
+            hashing = _Hashing(source, task, digest=not manifest.chunks)
+            try:
+                unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
+            except ChunkDigestError as exc:
+                raise HashMismatchError(
+                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
+                    f"its manifest ({exc.message}); nothing was published",
+                    hint="rebuild it with `envmgr build` or restore the object",
+                ) from None
+            except ArchiveError:
+                if manifest.chunks:  # each frame was checked before it was decoded
+                    raise
+                # A damaged download usually breaks the stream first: say so if the bytes
+                # do not match, which is the actionable cause.
+                while hashing.read(1 << 20):
+                    pass
+                if hashing.digest.hexdigest() == manifest.sha256:
+                    raise
+            while hashing.read(1 << 20):  # the tar end padding the extractor left unread
+                pass
+            got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
+            if got != manifest.sha256 or hashing.size != manifest.size:
+                what = (
+                    f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
+                    if got != manifest.sha256
+                    else f"{hashing.size} bytes, want {manifest.size}"
+                )
+                raise HashMismatchError(
+                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
+                    f"its manifest ({what}); nothing was published",
+                    hint="rebuild it with `envmgr build` or restore the object",
+                )
+        relocate(tmp, manifest, str(final))
+        (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
+        tmp.rename(final)
+    except StoreError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HydrateError(
+            f"env {manifest.env_id}: download failed: {exc.message}; nothing was published",
+            hint=exc.hint,
+        ) from None
+    except (WriteError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) else exc.message
+        raise HydrateError(
+            f"env {manifest.env_id}: cannot write it under {final.parent}: {reason}; "
+            "nothing was published",
+            hint="free space there (`envmgr gc`) or point ENVMGR_CACHE_DIR at a larger disk",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
