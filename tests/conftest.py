@@ -40,7 +40,7 @@ class CondaChannel:
 def _no_user_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests never read the user's ~/.config/envmgr/config.toml (children inherit this).
     Off a terminal, phases print a line once they take a second: on a loaded machine any
-    phase may, so here only the tests of those lines (tests/test_progress.py) ask for them."""
+    phase may, so here only the tests of those lines (tests/cli/test_progress.py) ask for them."""
     import os
 
     keys = ("XDG_CONFIG_HOME", "ENVMGR_CONFIG", "ENVMGR_PROGRESS_AFTER")

@@ -25,7 +25,7 @@ from envmgr.cache.s3 import S3Store
 from envmgr.errors import BuildError
 from envmgr.locks.lock import LockedPackage, PlatformLock, read_conda_lock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

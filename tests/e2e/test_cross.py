@@ -254,7 +254,7 @@ print(json.dumps({"log": lines, "envs": environment.envmgr_envs,
                   "executable": environment.executable(step),
                   "package": [[src, arc] for src, arc, _ in environment.add_to_package()]}))
 """
-REMOTE_FLOW = Path(__file__).resolve().parent.parent / "fixtures" / "flows" / "remoteflow.py"
+REMOTE_FLOW = Path(__file__).resolve().parents[2] / "fixtures" / "flows" / "remoteflow.py"
 
 
 def _flow_child(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -274,7 +274,7 @@ def test_a_kubernetes_step_on_graviton_gets_a_linux_aarch64_env_its_pod_runs(
     laptop = {
         **os.environ,
         **aws,
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         "USER": "envmgr-test",
         "METAFLOW_HOME": str(tmp_path),
         "ENVMGR_STORE": f"s3://{s3_bucket}/mf",
@@ -331,7 +331,7 @@ def test_a_kubernetes_step_on_graviton_gets_a_linux_aarch64_env_its_pod_runs(
 def test_with_kubernetes_on_the_command_line_makes_every_step_remote(conda_channel, tmp_path):
     env = {
         **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         "USER": "envmgr-test",
         "METAFLOW_HOME": str(tmp_path),
         "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
@@ -365,7 +365,7 @@ def test_argo_workflows_json_carries_the_bootstrap_a_graviton_pod_runs(
         **os.environ,
         **aws,
         **datastore,
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         "USER": "envmgr-test",
         "METAFLOW_HOME": str(tmp_path),
         "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from _helpers import bare_worker, s3_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLOW = ROOT / "fixtures" / "flows" / "mixedflow.py"
 SEEN = re.compile(r"SEEN (\w+) (\(.*\))$")
 

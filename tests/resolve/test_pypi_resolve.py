@@ -22,7 +22,7 @@ from fixtures.pypi_index import PypiIndexServer
 from fixtures.wheelmaker import make_sdist, make_wheel
 from fixtures.wheels import fetch_wheels
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

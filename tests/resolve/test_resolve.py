@@ -29,7 +29,7 @@ from envmgr.specs.model import EnvSpec
 from fixtures.conda_channel import copy_channel, index_channel
 from fixtures.condapkg import PackageMeta, write_conda_package
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONDA_FLOW = ROOT / "fixtures" / "flows" / "condaflow.py"
 
 

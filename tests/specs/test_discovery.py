@@ -16,7 +16,7 @@ from envmgr.errors import SpecError
 from envmgr.specs.decorators import ATTRIBUTE
 from envmgr.specs.discovery import discover_source
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLOW = ROOT / "fixtures" / "flows" / "envflow.py"
 
 _DISCOVER = """

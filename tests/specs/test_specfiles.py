@@ -21,7 +21,7 @@ from envmgr.specs.files import read_environment_yml, read_pyproject, read_spec_f
 from envmgr.specs.model import EnvSpec
 from envmgr.specs.requirements import read_requirements
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 ENV_FILES = sorted(p for p in (DATA / "env").glob("*.yml") if "unsupported" not in p.name)
 REQ_FILES = sorted(p for p in (DATA / "req").glob("*.txt") if "unsupported" not in p.name)
 

@@ -27,7 +27,7 @@ from envmgr.locks.lock import Lock, write_conda_lock
 from envmgr.worker.env_cache import COMPLETE, env_dir, gc, hold_for_use, list_envs
 from envmgr.worker.hydrate import HashMismatchError, HydrateError, hydrate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHECK = (
     "import json, sys, numpy, tabulate, dateutil, colorama; print(json.dumps({'prefix': "
     "sys.prefix, 'numpy': numpy.__version__, 'tabulate': tabulate.__version__, "
