@@ -43,8 +43,12 @@ def envmgr_here(
     from envmgr.cli._common import STATE
     from envmgr.cli.app import _run_app
 
+    def no_exec(*_args: object) -> None:  # `envmgr run` would replace the test process
+        raise AssertionError("envmgr_here cannot run a command in an env: use run_envmgr")
+
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, Path.cwd()
+    saved_exec, os.execvpe = os.execvpe, no_exec
     code: int | str | None = 0
     try:
         if env is not None:
@@ -63,6 +67,7 @@ def envmgr_here(
         os.environ.update(saved_env)
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+        os.execvpe = saved_exec
         STATE.verbose, STATE.quiet = 0, False
     if isinstance(code, str):
         err.write(code + "\n")

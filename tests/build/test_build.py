@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from _helpers import archive_manifest, run_envmgr
+from _helpers import archive_manifest, envmgr_here, run_envmgr
 
 from envmgr.archive.manifest import ArchiveError, Manifest, Relocation
 from envmgr.archive.relocate import relocate
@@ -269,9 +269,9 @@ def test_cli_build_twice_and_other_platforms(conda_channel, tmp_path):
     rows = json.loads(second.stdout)["envs"]
     assert [r["status"] for r in rows] == ["present", "present"]
     lock_file = tmp_path / "x.conda-lock.yml"
-    resolved = run_envmgr("resolve", *args[1:], "-o", str(lock_file), env=env)
+    resolved = envmgr_here("resolve", *args[1:], "-o", str(lock_file), env=env)
     assert resolved.returncode == 0, resolved.stderr
-    from_lock = run_envmgr("build", "--from-lock", str(lock_file), "--json", env=env)
+    from_lock = envmgr_here("build", "--from-lock", str(lock_file), "--json", env=env)
     assert from_lock.returncode == 0, from_lock.stderr
     assert [r["status"] for r in json.loads(from_lock.stdout)["envs"]] == ["present", "present"]
 

@@ -190,49 +190,49 @@ def shaped(command: str, text: str) -> dict:
 
 def test_store_commands_on_s3_as_a_user_runs_them(world, s3_server, s3_bucket, tmp_path):
     env = {**world, **s3_env(s3_server), "ENVMGR_STORE": f"s3://{s3_bucket}/envmgr"}
-    built = run_envmgr("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
+    built = envmgr_here("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
     assert built.returncode == 0, built.stderr
     env_id = json.loads(built.stdout)["envs"][0]["env_id"]
     worker = {**env, "ENVMGR_CACHE_DIR": str(tmp_path / "worker")}
-    assert run_envmgr("hydrate", env_id[:10], env=worker).returncode == 0  # records the use
+    assert envmgr_here("hydrate", env_id[:10], env=worker).returncode == 0  # records the use
 
-    listed = shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)
+    listed = shaped("store ls", envmgr_here("store", "ls", "--json", env=env).stdout)
     [entry] = listed["envs"]
     assert entry["env_id"] == env_id and entry["state"] == "complete" and entry["size"] > 10_000
     assert entry["created"] and entry["last_used"] and entry["names"] == []
-    text = run_envmgr("store", "ls", env=env)
+    text = envmgr_here("store", "ls", env=env)
     assert text.returncode == 0 and env_id[:12] in text.stdout and "MB" in text.stdout
-    usage = shaped("store du", run_envmgr("store", "du", "--json", env=env).stdout)
+    usage = shaped("store du", envmgr_here("store", "du", "--json", env=env).stdout)
     assert usage["envs"] == {"count": 1, "size": entry["size"]} and usage["locks"]["count"] >= 1
-    assert "linux-64" in run_envmgr("store", "du", env=env).stdout
+    assert "linux-64" in envmgr_here("store", "du", env=env).stdout
 
     gc = ("store", "gc", "--keep-named", "--older-than", "0s")
-    dry = shaped("store gc", run_envmgr(*gc, "--dry-run", "--json", env=env).stdout)
+    dry = shaped("store gc", envmgr_here(*gc, "--dry-run", "--json", env=env).stdout)
     assert dry["dry_run"] is True and [e["env_id"] for e in dry["removed"]] == [env_id]
-    kept = shaped("store gc", run_envmgr(*gc, "--older-than", "90d", "--json", env=env).stdout)
+    kept = shaped("store gc", envmgr_here(*gc, "--older-than", "90d", "--json", env=env).stdout)
     assert kept["removed"] == [] and kept["kept"][0]["reason"] == "recent"
 
-    assert run_envmgr("alias", env_id, "team/numpy:stable", env=env).returncode == 0
-    named = shaped("store gc", run_envmgr(*gc, "--json", env=env).stdout)
+    assert envmgr_here("alias", env_id, "team/numpy:stable", env=env).returncode == 0
+    named = shaped("store gc", envmgr_here(*gc, "--json", env=env).stdout)
     assert named["removed"] == [] and named["kept"][0]["reason"] == "named"
-    assert shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)["envs"][0][
+    assert shaped("store ls", envmgr_here("store", "ls", "--json", env=env).stdout)["envs"][0][
         "names"
     ] == ["team/numpy:stable"]
 
     # Once the name moves elsewhere, the env is old enough to go.
     client = s3_server.client()
     client.delete_object(Bucket=s3_bucket, Key="envmgr/names/team/numpy/stable")
-    gone = run_envmgr(*gc, env=env)
+    gone = envmgr_here(*gc, env=env)
     assert gone.returncode == 0 and f"removed {env_id[:12]} linux-64" in gone.stdout
-    assert shaped("store ls", run_envmgr("store", "ls", "--json", env=env).stdout)["envs"] == []
-    rebuilt = run_envmgr("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
+    assert shaped("store ls", envmgr_here("store", "ls", "--json", env=env).stdout)["envs"] == []
+    rebuilt = envmgr_here("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
     assert json.loads(rebuilt.stdout)["envs"][0]["env_id"] == env_id  # same id, from the lock
 
 
 def test_store_gc_needs_an_age_and_a_store_that_exists(world, tmp_path):
-    no_age = run_envmgr("store", "gc", env=world)
+    no_age = envmgr_here("store", "gc", env=world)
     assert no_age.returncode == 2 and "--older-than" in no_age.stderr
-    bad_age = run_envmgr("store", "gc", "--older-than", "ninety", env=world)
+    bad_age = envmgr_here("store", "gc", "--older-than", "ninety", env=world)
     assert bad_age.returncode == 2 and "bad age 'ninety'" in bad_age.stderr
     missing = tmp_path / "no-such-store"
     for args in (("store", "ls"), ("store", "gc", "--older-than", "1d"), ("show", "a" * 12)):
@@ -243,14 +243,14 @@ def test_store_gc_needs_an_age_and_a_store_that_exists(world, tmp_path):
             "(check the path; `envmgr build` or `envmgr resolve` creates a local store)"
         ], result.stderr
         assert not missing.exists()
-    created = run_envmgr("resolve", "--conda", "numpy", "--python", "3.11", "--store",
+    created = envmgr_here("resolve", "--conda", "numpy", "--python", "3.11", "--store",
                          str(missing), env=world)  # fmt: skip
     assert created.returncode == 0, created.stderr
     assert f"creating the store {missing.as_uri()}" in created.stderr and missing.is_dir()
 
 
 def test_local_gc_json_marks_a_dry_run(world):
-    result = run_envmgr("gc", "--older-than", "1d", "--dry-run", "--json", env=world)
+    result = envmgr_here("gc", "--older-than", "1d", "--dry-run", "--json", env=world)
     assert json.loads(result.stdout)["dry_run"] is True
 
 

@@ -362,18 +362,18 @@ def test_env_id_prefixes_work_like_gits_abbreviated_hashes(mixed_lock, tmp_path)
     part = mixed_lock
     offer_lock(store, part)
     env = {**os.environ, "ENVMGR_STORE": store.url, "ENVMGR_CACHE_DIR": str(tmp_path / "c")}
-    shown = run_envmgr("show", part.env_id[:12], "--json", env=env)
+    shown = envmgr_here("show", part.env_id[:12], "--json", env=env)
     assert shown.returncode == 0, shown.stderr
     assert part.env_id in shown.stdout
     # Two envs starting alike: the prefix is refused, naming both.
     twin = part.env_id[:8] + "f" * 24 if part.env_id[8] != "f" else part.env_id[:8] + "e" * 24
     store.put(f"envs/linux-64/{twin}/conda-lock.yml", b"-")
-    ambiguous = run_envmgr("show", part.env_id[:8], env=env)
+    ambiguous = envmgr_here("show", part.env_id[:8], env=env)
     assert ambiguous.returncode == 2
     assert f"env id prefix {part.env_id[:8]} is ambiguous" in ambiguous.stderr
     assert part.env_id[:16] in ambiguous.stderr and twin[:16] in ambiguous.stderr
-    missing = run_envmgr("show", "0123abcd99", env=env)
+    missing = envmgr_here("show", "0123abcd99", env=env)
     assert missing.returncode != 0 and "0123abcd99" in missing.stderr
     # build --env takes a prefix too (here: a platform the env has no lock for).
-    built = run_envmgr("build", "--env", part.env_id[:12], "--platform", "osx-arm64", env=env)
+    built = envmgr_here("build", "--env", part.env_id[:12], "--platform", "osx-arm64", env=env)
     assert built.returncode == 1 and f"env {part.env_id}: " in built.stderr, built.stderr

@@ -46,14 +46,14 @@ from envmgr.cli.store import STORE_COMMANDS
     ],
 )
 def test_bad_spec_flags_are_one_line_and_exit_2(world, args, line):
-    result = run_envmgr("resolve", *args)
+    result = envmgr_here("resolve", *args)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [line]
     assert result.stdout == ""
 
 
 def test_the_same_conda_spec_twice_is_fine(world):
-    result = run_envmgr("resolve", "--conda", "tabulate", "--conda", "tabulate", "-p", "linux-64")
+    result = envmgr_here("resolve", "--conda", "tabulate", "--conda", "tabulate", "-p", "linux-64")
     assert result.returncode == 0, result.stderr
 
 
@@ -64,13 +64,13 @@ def test_help_is_in_the_usual_style():
         ["store", name] for name, _f, _e in STORE_COMMANDS
     ]
     for command in [[], *commands, ["config", "show"]]:
-        text = run_envmgr(*command, "--help", env=env).stdout
+        text = envmgr_here(*command, "--help", env=env).stdout
         assert "Usage: envmgr" in text, command
         for label in ("<bool>", "<str>", "<path>", "<list[", "<int>", "{"):
             assert label not in text, (command, label)
-    run = run_envmgr("run", "--help", env=env).stdout
+    run = envmgr_here("run", "--help", env=env).stdout
     assert "Usage: envmgr run [OPTIONS] [TARGET] [COMMAND...]" in run
-    resolve = run_envmgr("resolve", "--help", env=env).stdout
+    resolve = envmgr_here("resolve", "--help", env=env).stdout
     assert re.search(r"--platform\s+-p\s+PLATFORM\s", resolve)
     assert re.search(r"--locked\s+Fail if a lock would change", resolve)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from _helpers import run_envmgr
+from _helpers import envmgr_here
 from _shapes import documented_shapes, problems
 
 from envmgr.locks.graph import Graph
@@ -95,7 +95,7 @@ def test_tree_and_why_on_a_lock_file(world, mixed_lock, tmp_path):
     env = mixed_lock.env_id[:12]
     python = mixed_lock.names()["python"].version
 
-    tree = run_envmgr("tree", str(path))
+    tree = envmgr_here("tree", str(path))
     assert tree.returncode == 0, tree.stderr
     lines = tree.stdout.splitlines()
     assert lines[0] == f"env {env}  linux-64"
@@ -103,39 +103,39 @@ def test_tree_and_why_on_a_lock_file(world, mixed_lock, tmp_path):
     assert lines[lines.index("python-dateutil 2.9.0.post0 (pypi)") + 1] == "└── six 1.17.0 (pypi)"
     assert f"└── python {python}" in lines
 
-    inverted = run_envmgr("tree", str(path), "--invert", "SIX", "-p", "linux-64")
+    inverted = envmgr_here("tree", str(path), "--invert", "SIX", "-p", "linux-64")
     assert inverted.stdout.splitlines()[1:] == [
         "six 1.17.0 (pypi)",
         "└── python-dateutil 2.9.0.post0 (pypi)",
     ]
     shapes = documented_shapes()
-    tree_json = json.loads(run_envmgr("tree", str(path), "--json").stdout)
+    tree_json = json.loads(envmgr_here("tree", str(path), "--json").stdout)
     assert problems(tree_json, shapes["tree"]) == []
     data = tree_json["envs"][0]
     dateutil = next(r for r in data["roots"] if r["name"] == "python-dateutil")
     assert [d["name"] for d in dateutil["dependencies"]] == ["six"]
 
-    why = run_envmgr("why", str(path), "six")
+    why = envmgr_here("why", str(path), "six")
     assert why.stdout.splitlines() == [
         f"six 1.17.0 (pypi)  (linux-64, env {env}): needed by python-dateutil",
         "  python-dateutil 2.9.0.post0 (pypi) -> six 1.17.0 (pypi)",
     ]
-    root = run_envmgr("why", str(path), "tabulate")
+    root = envmgr_here("why", str(path), "tabulate")
     assert root.stdout.strip().endswith(
         "nothing in the lock needs it; the spec (or an extra) asked for it"
     )
-    why_all = json.loads(run_envmgr("why", str(path), "python", "--json").stdout)
+    why_all = json.loads(envmgr_here("why", str(path), "python", "--json").stdout)
     assert problems(why_all, shapes["why"]) == []
     why_json = why_all["envs"][0]
     assert why_json["requested"] is False
     assert ["numpy", "python"] in why_json["chains"]
 
-    missing = run_envmgr("why", str(path), "tabulat")
+    missing = envmgr_here("why", str(path), "tabulat")
     assert missing.returncode == 1
     assert missing.stderr.strip() == (
         f"envmgr: error: tabulat is not in env {env} (linux-64); did you mean tabulate?"
     )
-    other = run_envmgr("tree", str(path), "-p", "osx-arm64")
+    other = envmgr_here("tree", str(path), "-p", "osx-arm64")
     assert other.returncode == 1
     assert "no osx-arm64 part (it has linux-64)" in other.stderr
     assert "Traceback" not in other.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import fixture_options, run_envmgr
+from _helpers import envmgr_here, fixture_options
 
 from envmgr.cache.local import LocalStore
 from envmgr.locks.lock import (
@@ -47,14 +47,14 @@ def home(tmp_path, monkeypatch):
 
 
 def resolve_json(*args: str) -> list[dict]:
-    result = run_envmgr("resolve", *args, "--json")
+    result = envmgr_here("resolve", *args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["envs"]
 
 
 def test_lock_file_with_old_tabulate_that_conda_lock_renders(home, conda_channel):
     out = home / "x.yml"
-    result = run_envmgr(
+    result = envmgr_here(
         "resolve",
         "--conda",
         "python=3.11",
@@ -106,7 +106,7 @@ def test_second_call_is_cached_and_never_reads_the_channel(home, tmp_path):
     assert second[0]["cached"] is True
     assert second[0]["env_id"] == first[0]["env_id"]
     assert second[0]["spec_id"] == first[0]["spec_id"]
-    forced = run_envmgr("resolve", *args, "--force")
+    forced = envmgr_here("resolve", *args, "--force")
     assert forced.returncode == 1 and "channel-gone" not in forced.stderr
     assert str(channel) in forced.stderr and "Traceback" not in forced.stderr
 
@@ -126,7 +126,7 @@ def test_resolving_for_other_platforms(home, conda_channel, platform):
         platform,
     )
     assert envs[0]["platform"] == platform and envs[0]["packages"] == 3
-    osx_only = run_envmgr(
+    osx_only = envmgr_here(
         "resolve",
         "--conda",
         "fixture-osx-only",
@@ -151,7 +151,7 @@ def test_flow_steps_with_equal_specs_share_one_solve(home, conda_channel):
     store = LocalStore(home / "store")
     assert len(list(store.list("locks/"))) == 3  # one solve per distinct spec
     lock_dir = home / "locks"
-    result = run_envmgr(
+    result = envmgr_here(
         "resolve", str(CONDA_FLOW), "--channel", conda_channel.url, "--lock-dir", str(lock_dir)
     )
     assert result.returncode == 0, result.stderr
@@ -174,13 +174,13 @@ def test_unsatisfiable_flow_step_is_one_line_naming_step_and_packages(home, cond
         "    def start(self):\n"
         "        pass\n"
     )
-    result = run_envmgr("resolve", str(flow), "--channel", conda_channel.url)
+    result = envmgr_here("resolve", str(flow), "--channel", conda_channel.url)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "step 'start'" in lines[0] and "fixture-beta" in lines[0]
     assert "fixture-gamma" in lines[0] and "fixture-alpha" in lines[0]
-    verbose = run_envmgr("-vv", "resolve", str(flow), "--channel", conda_channel.url)
+    verbose = envmgr_here("-vv", "resolve", str(flow), "--channel", conda_channel.url)
     assert "Traceback" in verbose.stderr and "conflicts" in verbose.stderr
 
 
@@ -192,14 +192,16 @@ def test_unsatisfiable_flow_step_is_one_line_naming_step_and_packages(home, cond
     ],
 )
 def test_unknown_package_is_one_line(home, conda_channel, spec, needle):
-    result = run_envmgr("resolve", "--conda", spec, "--channel", conda_channel.url)
+    result = envmgr_here("resolve", "--conda", spec, "--channel", conda_channel.url)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and needle in result.stderr
     assert "command line" in result.stderr
 
 
 def test_unreachable_channel_names_the_url(home):
-    result = run_envmgr("resolve", "--conda", "tabulate", "--channel", "http://127.0.0.1:9/nowhere")
+    result = envmgr_here(
+        "resolve", "--conda", "tabulate", "--channel", "http://127.0.0.1:9/nowhere"
+    )
     assert result.returncode == 1
     assert "http://127.0.0.1:9/nowhere" in result.stderr and "Traceback" not in result.stderr
 
@@ -214,7 +216,7 @@ def test_unreachable_channel_names_the_url(home):
     ],
 )
 def test_usage_errors_exit_2(home, args):
-    result = run_envmgr("resolve", *args)
+    result = envmgr_here("resolve", *args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -223,7 +225,7 @@ def test_check_detects_a_newer_package(home, tmp_path):
     channel = copy_channel(tmp_path / "channel")
     args = ["--conda", "fixture-alpha", "--channel", channel.as_uri(), "--platform", "linux-64"]
     assert resolve_json(*args)[0]["cached"] is False
-    assert run_envmgr("resolve", *args, "--check").returncode == 0
+    assert envmgr_here("resolve", *args, "--check").returncode == 0
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "share").mkdir()
         (Path(tmp) / "share" / "VERSION").write_text("2.5\n")
@@ -235,7 +237,7 @@ def test_check_detects_a_newer_package(home, tmp_path):
             channel / "noarch",
         )
     index_channel(channel)
-    drift = run_envmgr("resolve", *args, "--check")
+    drift = envmgr_here("resolve", *args, "--check")
     assert drift.returncode == 1 and "differ" in drift.stderr
     # --check does not replace the cached lock; a plain resolve still returns it.
     again = resolve_json(*args)
@@ -329,7 +331,7 @@ def test_credentials_never_reach_lock_files(tmp_path):
 
 def test_lock_files_round_trip(home, conda_channel):
     out = home / "multi.yml"
-    result = run_envmgr(
+    result = envmgr_here(
         "resolve",
         "--conda",
         "python",

@@ -307,7 +307,7 @@ def test_verbose_shows_the_resolvers_reasoning_not_a_traceback(index, conda_chan
     }
     args = ["resolve", "--pypi", "cs-top", "--pypi", "cs-dep==1.0", "--python", "3.11"]
     args += ["--channel", conda_channel.url, "--index-url", index.url]
-    result = run_envmgr("-v", *args, env=env)
+    result = envmgr_here("-v", *args, env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "reject cs-top 1.3" in result.stderr
@@ -379,7 +379,7 @@ def test_find_links_from_pip_configuration(
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheelhouse))
     with pytest.raises(PypiConflictError):
         world(["fl-only"], index_url=None)
-    shown = run_envmgr("config", "show")
+    shown = envmgr_here("config", "show")
     assert f"pip's find-links {wheelhouse.as_uri()} is machine-local" in shown.stdout
 
 

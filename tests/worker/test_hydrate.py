@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from _helpers import run_envmgr
+from _helpers import envmgr_here, run_envmgr
 
 from envmgr.archive.manifest import ArchiveError, Manifest
 from envmgr.build.once import BuildOptions, build_and_store, build_missing
@@ -286,11 +286,11 @@ def test_run_ls_and_gc(local_store, lock, tmp_path):
     assert pythonpath == "None" and no_user_site == "1"
     failing = run_envmgr("run", lock.env_id, "--", "python", "-c", "raise SystemExit(7)", env=env)
     assert failing.returncode == 7
-    listed = json.loads(run_envmgr("ls", "--json", env=env).stdout)["envs"]
+    listed = json.loads(envmgr_here("ls", "--json", env=env).stdout)["envs"]
     assert [e["env_id"] for e in listed] == [lock.env_id] and listed[0]["size"] > 10_000_000
     with hold_for_use(tmp_path / "cache", lock.env_id):
         removed, busy = gc(tmp_path / "cache", max_size=0)
         assert removed == [] and [e.env_id for e in busy] == [lock.env_id]
-    collected = json.loads(run_envmgr("gc", "--max-size", "1M", "--json", env=env).stdout)
+    collected = json.loads(envmgr_here("gc", "--max-size", "1M", "--json", env=env).stdout)
     assert collected["removed"] == [lock.env_id]
     assert list_envs(tmp_path / "cache") == []
