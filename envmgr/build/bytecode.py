@@ -25,12 +25,12 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from envmgr.build.processes import run_shares
+from envmgr.channels import make_gateway
 from envmgr.errors import EnvmgrError
 from envmgr.fs import file_lock
 from envmgr.locks.lock import PlatformLock, strip_credentials
 from envmgr.platforms import Platform
-from envmgr.build.processes import run_shares
-from envmgr.channels import make_gateway
 
 __all__ = ["BytecodeError", "BytecodeSource", "bytecode_python", "compile_tree", "python_xy"]
 

@@ -31,6 +31,7 @@ from envmgr import __version__
 from envmgr.archive.manifest import Codec, Manifest
 from envmgr.archive.pack import pack
 from envmgr.build.bytecode import BytecodeSource
+from envmgr.build.prefix import Prefix, conda_records, create_prefix, tree_size
 from envmgr.cache import Store, StoreError
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.cache.lease import (
@@ -42,13 +43,10 @@ from envmgr.cache.lease import (
     try_take,
 )
 from envmgr.cache.usage import record_use
-from envmgr.errors import EnvmgrError
+from envmgr.config import load
+from envmgr.errors import BuildError, EnvmgrError
 from envmgr.fs import file_lock
 from envmgr.ids import EnvId
-from envmgr.build.prefix import conda_records, create_prefix, Prefix, tree_size
-from envmgr.errors import BuildError
-from envmgr.worker.env_cache import pack_dir_prefix, sweep_dead_pack_dirs
-from envmgr.worker.hydrate import BuildMissing
 from envmgr.locks.lock import (
     Lock,
     LockError,
@@ -58,7 +56,8 @@ from envmgr.locks.lock import (
 )
 from envmgr.platforms import Platform
 from envmgr.progress import NULL, Progress, tracked
-from envmgr.config import load
+from envmgr.worker.env_cache import pack_dir_prefix, sweep_dead_pack_dirs
+from envmgr.worker.hydrate import BuildMissing
 
 __all__ = [
     "BUILD_PREFIX_LENGTH",
@@ -124,7 +123,6 @@ def build_prefix(env_id: str, root: str | None = None) -> Path:
     machine-independent prefix makes two builds of one lock give the same archive.
     """
     if root is None:
-
         root = str(load()["build_root"])
     base = f"{root.rstrip('/')}/{env_id}_"
     if not root.startswith("/") or len(base) >= BUILD_PREFIX_LENGTH:

@@ -1,7 +1,7 @@
 """Install a lock into a prefix, for any target platform, on any host, running nothing of it.
 
-:func:`create_prefix` installs a :class:`~envmgr.locks.lock.PlatformLock` of *any* supported platform:
-conda packages with py-rattler's installer for the lock's platform (shared package cache,
+:func:`create_prefix` installs a :class:`~envmgr.locks.lock.PlatformLock` of *any* supported
+platform: conda packages with py-rattler's installer for the lock's platform (shared package cache,
 hardlinks where it can, link scripts never run: the packages that ship one are named), then the
 PyPI wheels (downloaded once into a cache by sha256, hashes checked) with PyPA's ``installer``
 into the target's scheme, scripts pointing at the env's python, and last the checked-hash
@@ -17,26 +17,19 @@ import csv
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from envmgr.channels import Credentials, rattler_client
-from envmgr.build.wheels import install_wheels
 from envmgr.build.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
+from envmgr.build.wheels import install_wheels
 from envmgr.cache import Store
-from envmgr.errors import BuildError, EnvmgrError
-from envmgr.locks.lock import LockedPackage, PlatformLock, strip_credentials
+from envmgr.channels import Credentials, rattler_client
+from envmgr.errors import BuildError
+from envmgr.locks.lock import PlatformLock, strip_credentials
 from envmgr.platforms import Platform, host_platform
 from envmgr.progress import NULL, Progress, Task, tracked
-from envmgr.archive.frames import workers
-from envmgr.build.processes import run_shares
-from envmgr.resolve.pypi.index import IndexClient
-from envmgr.resolve.pypi.pages import DistFile
-from envmgr.resolve.pypi.pip_config import pip_index_urls
-from envmgr.resolve.pypi.sdist import Sdists, host_python_xy, stored_wheel, wheel_is_pure
 
 __all__ = [
     "BuildError",

@@ -9,27 +9,21 @@ the target's scheme with scripts pointing at the env's python.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import csv
 import json
 import os
-import stat
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from envmgr.channels import Credentials, rattler_client
-from envmgr.build.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
-from envmgr.cache import Store
-from envmgr.errors import BuildError, EnvmgrError
-from envmgr.locks.lock import LockedPackage, PlatformLock, strip_credentials
-from envmgr.platforms import Platform, host_platform
-from envmgr.progress import NULL, Progress, Task, tracked
 from envmgr.archive.frames import workers
+from envmgr.build.bytecode import python_xy
 from envmgr.build.processes import run_shares
+from envmgr.cache import Store
+from envmgr.errors import BuildError
+from envmgr.locks.lock import LockedPackage, PlatformLock, strip_credentials
+from envmgr.platforms import Platform
+from envmgr.progress import Task
 from envmgr.resolve.pypi.index import IndexClient
 from envmgr.resolve.pypi.pages import DistFile
 from envmgr.resolve.pypi.pip_config import pip_index_urls
@@ -39,6 +33,7 @@ __all__ = ["SITE_PACKAGES", "WheelJob", "install_wheel_job", "install_wheels"]
 
 #: Where a prefix keeps its packages, for Python *xy* (``3.11``).
 SITE_PACKAGES = "lib/python{xy}/site-packages"
+
 
 def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
     """The wheel at *url*, from the wheel cache or downloaded and checked against *sha256*."""
@@ -221,9 +216,7 @@ def _share(job: WheelJob, count: int) -> list[WheelJob]:
         bins[smallest].append(wheel)
         sizes[smallest] += os.path.getsize(wheel[0])  # noqa: PTH202
     return [
-        WheelJob(
-            env_id=job.env_id, scheme=job.scheme, interpreter=job.interpreter, wheels=tuple(b)
-        )
+        WheelJob(env_id=job.env_id, scheme=job.scheme, interpreter=job.interpreter, wheels=tuple(b))
         for b in bins
         if b
     ]
@@ -317,5 +310,3 @@ def _pip_like(source: Any) -> Any:
 
     source.get_contents = get_contents
     return source
-
-
