@@ -164,7 +164,7 @@ def hydrate_command(
     extra_index_url: ExtraIndexOpt = [],
     as_json: JsonOpt = False,
 ) -> None:
-    """Make the env available in the local cache and print its python."""
+    """Make the env available in this host's env cache and print its python."""
     start = time.monotonic()
     options = FlowOptions(
         store=store,
@@ -256,7 +256,7 @@ def run_command(
 
 
 def ls_command(as_json: JsonOpt = False) -> None:
-    """List the envs in the local cache, most recently used first."""
+    """List the envs in this host's env cache, most recently used first."""
 
     envs = list_envs(cache_dir())
     if as_json:
@@ -287,7 +287,7 @@ def gc_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Remove least recently used envs from the local cache (never ones in use)."""
+    """Remove least recently used envs from this host's env cache (never ones in use)."""
 
     if max_size is None and older_than is None:
         fail("give --max-size and/or --older-than")

@@ -78,7 +78,7 @@ def show_command(
     """Show an env: platforms, python, packages, archive, cache, steps.
 
     TARGET is looked up, never built: an env id or name in the store, a lock file, or a
-    flow step (resolved through the cache)."""
+    flow step (resolved through the resolution cache)."""
 
     found, store_obj, cache = load_env(target, store)
     rows = []

@@ -3,7 +3,7 @@
 :func:`create_prefix` installs a :class:`~envmgr.locks.lock.PlatformLock` of *any* supported
 platform: conda packages with py-rattler's installer for the lock's platform (shared package cache,
 hardlinks where it can, link scripts never run: the packages that ship one are named), then the
-PyPI wheels (downloaded once into a cache by sha256, hashes checked) with PyPA's ``installer``
+PyPI wheels (downloaded once into a wheel cache by sha256, hashes checked) with PyPA's ``installer``
 into the target's scheme, scripts pointing at the env's python, and last the checked-hash
 bytecode of the target's Python, written by an interpreter of that version that runs on the
 host (see :mod:`envmgr.build.bytecode`). A native build is the same path with target = host.

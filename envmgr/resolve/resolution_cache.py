@@ -4,12 +4,12 @@
 steps with equal specs, and for each distinct spec and target platform either reads the cached
 lock (``locks/<spec_id>/<platform>.json``) or solves, all platforms and specs concurrently.
 
-The ``spec_id`` used as the cache key is that of the *effective* spec: the channels it will be
-solved against are filled in (the spec's, else the configured defaults). A cached entry is used
-only if it was solved with the same virtual packages; ``force`` re-solves; ``check`` re-solves
-without writing and reports which locks drifted from the cache (or were never cached);
-``frozen`` never solves: every lock must be in the cache (:func:`require_locked` turns a
-``check`` into uv's ``--locked``).
+The ``spec_id`` used as the resolution cache's key is that of the *effective* spec: the
+channels it will be solved against are filled in (the spec's, else the configured defaults). A
+cached entry is used only if it was solved with the same virtual packages; ``force`` re-solves;
+``check`` re-solves without writing and reports which locks drifted from the resolution cache
+(or were never cached); ``frozen`` never solves: every lock must be in the resolution cache
+(:func:`require_locked` turns a ``check`` into uv's ``--locked``).
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def exec_in_env(prefix: Path, command: list[str], use_fd: int) -> None:
 
 
 def pack_dir_prefix() -> str:
-    """The name prefix of a builder's temp pack dir under the cache: host and pid, so the
+    """The name prefix of a builder's temp pack dir under the env cache: host and pid, so the
     next build (or ``gc``) can tell the dirs of dead builders."""
     return f".pack-{socket.gethostname()}-{os.getpid()}-"
 

@@ -123,7 +123,7 @@ def hydrate(
 
 
 def _check_writable(cache_dir: Path, lock: Path) -> None:
-    """One clear error, before anything else, when the cache cannot be written."""
+    """One clear error, before anything else, when the env cache cannot be written."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         with lock.open("a+b"):

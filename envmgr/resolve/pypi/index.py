@@ -324,7 +324,7 @@ class IndexClient:
             if not path.is_file():
                 return []
             return files_from_html(path.read_text(encoding="utf-8", errors="replace"), url, name)
-        # The cache holds parsed rows with credential-free absolute URLs, not the page body:
+        # The page cache holds parsed rows with credential-free absolute URLs, not the page body:
         # decoding thousands of rows is what a warm resolution costs.
         cache = self._cache_path("pages", strip_credentials(url))
         cached: dict[str, Any] | None = None

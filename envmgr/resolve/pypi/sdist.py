@@ -2,8 +2,8 @@
 
 Metadata comes from the cheapest source that is allowed to answer (:meth:`Sdists.metadata`):
 
-1. what an earlier resolution found, kept in the local cache and in the store at
-   ``wheels/<sdist sha256>/METADATA``;
+1. what an earlier resolution found, kept in the sdist cache (``<env cache dir>/pypi/sdist``)
+   and in the store at ``wheels/<sdist sha256>/METADATA``;
 2. a PEP 658/714 ``.metadata`` file, when the index advertises one for the sdist;
 3. the metadata of a wheel of the same version, whatever its tags (uv's rule: all files of a
    version describe one release; markers, not files, say what differs by platform);
@@ -312,7 +312,7 @@ class Sdists:
     # -- wheels ----------------------------------------------------------------------------------
 
     def wheel_for(self, dist: DistFile) -> Path:
-        """The wheel of *dist*: local cache, else the store, else built here (once)."""
+        """The wheel of *dist*: the sdist cache, else the store, else built here (once)."""
         with self._one(dist.sha256):
             local = self.root / "built" / dist.sha256
             found = sorted(local.glob("*.whl")) if local.is_dir() else []
@@ -344,7 +344,7 @@ class Sdists:
             shutil.rmtree(work, ignore_errors=True)
 
     def _keep_wheel(self, dist: DistFile, built: Path) -> Path:
-        """*built* (a wheel of *dist*) moved into the local cache and put in the store."""
+        """*built* (a wheel of *dist*) moved into the sdist cache and put in the store."""
         if not built.name.endswith(".whl") or not built.is_file():
             raise SdistBuildError(f"building {dist.filename} produced no wheel")
         local = self.root / "built" / dist.sha256

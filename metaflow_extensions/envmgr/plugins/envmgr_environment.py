@@ -8,6 +8,9 @@ resolution cache, and each env is built and stored once, whatever this host's pl
 with ``name="team/env:tag"`` runs in that named env. Local tasks run with the hydrated env's
 python (one hydration per host however many tasks); remote tasks hydrate their own platform's
 env with ``python -m envmgr.bootstrap`` from the store named in the code package.
+
+envmgr is imported inside the methods: Metaflow loads this environment in every task, and a
+remote task has only the worker's files of envmgr (see :mod:`envmgr.worker.shipped`).
 """
 
 from __future__ import annotations
