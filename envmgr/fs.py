@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +44,10 @@ def pid_alive(pid: int) -> bool:
 def temp_beside(path: Path) -> Path:
     """A new, empty temp file in *path*'s directory (made if needed), named by host and pid;
     the temps of *path* left by writers on this host that are gone are removed on the way."""
+    # Imported here: this module is on the worker's warm start path, which writes nothing.
+    import socket  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
     path.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     for stale in path.parent.glob(f".{path.name}.tmp-{host}-*"):

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from envmgr.cache import open_store
-from envmgr.cache.names import lookup
 from envmgr.errors import EnvmgrError
 from envmgr.ids import BadIdError, EnvId, parse_env_id, parse_platform
 from envmgr.platforms import host_platform
@@ -133,6 +131,10 @@ def choose_env(args: argparse.Namespace) -> Chosen:
 
 def _env_of_name(name: str, store_url: str, platform: str | None) -> EnvId:
     """The env id a named env points at for *platform* (default: this host's)."""
+    # Here and in hydrate_env: a warm start (one stat) imports nothing of the store.
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.cache.names import lookup  # noqa: PLC0415
+
 
     alias = lookup(open_store(store_url), name)
     platform = platform or host_platform()
@@ -175,7 +177,8 @@ def hydrate_env(
             f"env {chosen.env_id} is not in the env cache {args.cache_dir}, and no store "
             "was given: pass --store or set ENVMGR_STORE"
         )
-    from envmgr.worker.hydrate import hydrate  # noqa: PLC0415 - cold path only: the archive code
+    from envmgr.cache import open_store  # noqa: PLC0415
+    from envmgr.worker.hydrate import hydrate  # noqa: PLC0415
 
     store = open_store(args.store)
     build = None
