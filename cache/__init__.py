@@ -1,4 +1,10 @@
-"""Stores of built environments: key layout, local directory and S3 (see ARCHITECTURE.md).
+"""The store, and nothing else: where built envs, their locks and the resolution cache live.
+
+In: objects under keys (:mod:`.layout`). Out: the same bytes, whole or not at all, from a local
+directory (:mod:`.local`) or S3 (:mod:`.s3`) behind one :class:`~envmgr.cache.store.Store`
+interface. Also here: build-once leases (:mod:`.lease`), named envs (:mod:`.names`), the last
+use of an env (:mod:`.usage`) and what a store holds and collecting it (:mod:`.lifecycle`).
+Standard library and boto3 only: this folder ships to workers.
 
 This folder installs as ``envmgr.cache`` only. Importing it under its folder name (``import
 cache`` from a checkout) is refused, so nothing ever depends on a generic top-level ``cache``.

@@ -94,11 +94,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments (argparse exits 2 with its usage for what it cannot parse), then checked
-    for what needs no store: ``UsageError`` (one line, exit 2) for an empty ``--name``, a
-    ``--name`` without a store, or ``--exec`` without a command."""
+    for what needs no store: ``UsageError`` (one line, exit 2) for a ``--name`` that is no
+    name (``''``), a ``--name`` without a store, or ``--exec`` without a command."""
     args = _parser().parse_args(argv)
-    if args.name is not None and not args.name.strip():
-        raise UsageError(f"--name {args.name!r}: give a name such as team/pandas[:tag]")
+    if args.name is not None:
+        from envmgr.cache.names import parse_name  # noqa: PLC0415 - only --name reads names
+
+        try:
+            parse_name(args.name)
+        except EnvmgrError as exc:
+            raise UsageError(exc.message, hint=exc.hint) from None
     if args.name is not None and not args.store:
         raise UsageError("--name needs a store: pass --store or set ENVMGR_STORE")
     if args.exec_command is not None and not args.exec_command:
@@ -134,7 +139,6 @@ def _env_of_name(name: str, store_url: str, platform: str | None) -> EnvId:
     # Here and in hydrate_env: a warm start (one stat) imports nothing of the store.
     from envmgr.cache import open_store  # noqa: PLC0415
     from envmgr.cache.names import lookup  # noqa: PLC0415
-
 
     alias = lookup(open_store(store_url), name)
     platform = platform or host_platform()

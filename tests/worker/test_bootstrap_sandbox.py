@@ -98,8 +98,9 @@ def test_every_mode_runs_on_the_shipped_files_alone(pod):
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (("--name", ""), 2, "give a name such as team/pandas"),
-        (("--name", "  "), 2, "give a name such as team/pandas"),
+        (("--name", ""), 2, "'' is not an env name (use lower-case letters"),
+        (("--name", "Team/X"), 2, "'Team/X' is not an env name"),
+        (("--name", "deadbeef12"), 2, "looks like an env id prefix"),
         (("--env-id", "../../etc"), 2, "is not an env id"),
         (("--env-for", "linux-64"), 2, "give PLATFORM=ENV_ID"),
         (("--env-for", f"osx-arm64={'b' * 32}"), 1, "this worker is linux-64"),
@@ -119,3 +120,16 @@ def test_build_if_missing_without_the_builder_says_so_in_one_line(pod):
     assert f"env {pod['lock_only']} has no archive for linux-64" in out.stderr
     assert "this worker cannot build it (envmgr.build is not installed)" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_an_empty_name_is_one_line_in_process_too(tmp_path, capsys):
+    """--name '' printed a 10-line UnboundLocalError; then exit 1. A name that is no name is
+    bad input: exit 2, the names module's rule in one line."""
+    from envmgr import bootstrap
+
+    code = bootstrap.main(["--name", "", "--store", str(tmp_path), "--cache-dir", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "envmgr: error: '' is not an env name (use lower-case letters, digits, '.', '_' or '-', "
+        "optionally one '/' (team/name), then an optional :tag)"
+    ]
