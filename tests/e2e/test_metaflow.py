@@ -35,13 +35,15 @@ def _flow_env(home: Path, channel_url: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(conda_channel, pypi_index, tmp_path_factory):
-    """Run the flow twice (the second time unchanged) and return both outputs."""
+    """Run the flow twice and return both outputs: the second time with a narrower foreach
+    (a parameter; no step's spec changes, so no env may be solved or built again)."""
     home = tmp_path_factory.mktemp("mf")
     env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
     outputs = []
-    for _ in range(2):
+    for width in ("20", "2"):
+        run = ["run", "--max-workers", "4", "--width", width]
         result = subprocess.run(
-            [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4"],
+            [sys.executable, str(FLOW), "--environment=conda", *run],
             capture_output=True,
             text=True,
             cwd=home,
