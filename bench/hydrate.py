@@ -118,7 +118,7 @@ def _lock_for(name: str, work: Path, s3_store, cache: Path):  # noqa: ANN001, AN
 
 def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # noqa: ANN001
     from envmgr.build.once import BuildOptions, build_and_store
-    from envmgr.build.prefix import _fetch_wheel
+    from envmgr.build.wheels import fetch_wheel
     from envmgr.cache.layout import archive_key
     from envmgr.cache.s3 import S3Store
 
@@ -147,7 +147,7 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
     wheel_dir = work / f"{name}-wheels"
     wheel_dir.mkdir()
     for wheel in wheels:
-        path = _fetch_wheel(wheel.url, wheel.sha256, cache / "wheels")
+        path = fetch_wheel(wheel.url, wheel.sha256, cache / "wheels")
         os.link(path, wheel_dir / path.name)
     pins = work / f"{name}-pins.txt"
     pins.write_text("".join(f"{p.name}=={p.version}\n" for p in wheels))
@@ -178,6 +178,15 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
     uv = shutil.which("uv") or str(Path(sys.executable).parent / "uv")
     python = shutil.which("python3.11") or sys.executable
     cold = Row("envmgr cold hydrate (bootstrap process)")
+    # A real network (#32): 15 MB/s per connection, 30 ms before each request's first byte.
+    from fixtures.tcp_proxy import FaultProxy, Faults
+
+    host, port = s3.endpoint_url.removeprefix("http://").rsplit(":", 1)
+    proxy = FaultProxy((host, int(port))).start()
+    proxy.faults = Faults(bandwidth=15e6, first_byte=0.03)
+    slow_net = {**aws, "AWS_ENDPOINT_URL": proxy.url}
+    throttled = Row("cold hydrate, 15 MB/s + 30 ms per connection")
+    throttled_parts = Row("  the same with ENVMGR_S3_PARTS=4")
     get = Row("GET of the archive alone (boto3 process)")
     plain = Row("boto3 download + tar --zstd -x (process)")
     tar = Row("GNU tar --zstd -x of the local archive")
@@ -195,6 +204,11 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
         # One sample per round on each side: the median of the three warm imports.
         again.wall[-3:] = [statistics.median(again.wall[-3:])]
         again.cpu[-3:] = [statistics.median(again.cpu[-3:])]
+
+    def run_throttled(i: int, parts: bool) -> None:
+        env = {**slow_net, "ENVMGR_S3_PARTS": "4"} if parts else slow_net
+        row = throttled_parts if parts else throttled
+        timed(row, bootstrap(work / f"{name}-slow{i}{'p' if parts else ''}"), env)
 
     def run_plain(i: int) -> None:
         target = work / f"{name}-plain{i}"
@@ -226,7 +240,14 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
             command + (["--compile-bytecode"] if compile_pyc else []),
         )
 
-    measures: list[Callable[[int], None]] = [run_cold, run_plain, run_tar, run_get]
+    measures: list[Callable[[int], None]] = [
+        run_cold,
+        run_plain,
+        run_tar,
+        run_get,
+        lambda i: run_throttled(i, False),
+        lambda i: run_throttled(i, True),
+    ]
     if real:
         measures += [lambda i: run_uv(i, False), lambda i: run_uv(i, True)]
     for i in range(repeat):
@@ -234,6 +255,7 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
         for measure in order:
             measure(i)
             _clean(work, name)
+    proxy.stop()
     per_package = _per_package(name, lock, work, client, aws, repeat)
     warm = Row("envmgr warm bootstrap (process)")
     warm_cache = work / f"{name}-warm"
@@ -242,7 +264,7 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
     for _ in range(10):
         timed(warm, bootstrap(warm_cache), aws)
         timed(start_only, [sys.executable, "-c", "pass"])
-    rows = [cold, get, plain, tar]
+    rows = [cold, throttled, throttled_parts, get, plain, tar]
     if real:
         rows += [uv_plain, uv_pyc]
     rows += [per_package, warm, start_only, first, again]
@@ -275,6 +297,10 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
         ]
     else:
         goals.append(f"cold / per-package process {cold.w / per_package.w:.2f}x (goal < 1x)")
+    goals.append(
+        f"throttled / loopback cold {throttled.w / cold.w:.2f}x, with 4 parts "
+        f"{throttled_parts.w / cold.w:.2f}x (#32's goal for format 3: <= 1.25x)"
+    )
     goals.append(f"first import / warm import {first.w / again.w:.2f}x (goal <= 1.1x)")
     goals.append(f"warm bootstrap {warm.w * 1000:.0f} ms (goal < 40 ms on an idle machine)")
     lines += ["goals: " + "; ".join(goals), ""]
@@ -310,12 +336,12 @@ create_prefix(replace(lock, packages=tuple(moved)), work / "env", work / "cache"
 
 def _per_package(name: str, lock, work: Path, client, aws, repeat: int) -> Row:  # noqa: ANN001
     """Every package file from the store, installed on the worker (Metaflow's way)."""
-    from envmgr.build.prefix import _fetch_wheel
+    from envmgr.build.wheels import fetch_wheel
     from envmgr.locks.lock import Lock, write_conda_lock
 
     for package in lock.packages:
         if package.manager == "pypi":
-            path = _fetch_wheel(package.url, package.sha256, BENCH_CACHE / "cache" / "wheels")
+            path = fetch_wheel(package.url, package.sha256, BENCH_CACHE / "cache" / "wheels")
         else:
             path = Path(_local(package.url))
         client.upload_file(str(path), "bench", f"pkgs/{package.sha256}")

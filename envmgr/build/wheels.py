@@ -29,13 +29,13 @@ from envmgr.resolve.pypi.pages import DistFile
 from envmgr.resolve.pypi.pip_config import pip_index_urls
 from envmgr.resolve.pypi.sdist import Sdists, host_python_xy, stored_wheel, wheel_is_pure
 
-__all__ = ["SITE_PACKAGES", "WheelJob", "install_wheel_job", "install_wheels"]
+__all__ = ["SITE_PACKAGES", "WheelJob", "fetch_wheel", "install_wheel_job", "install_wheels"]
 
 #: Where a prefix keeps its packages, for Python *xy* (``3.11``).
 SITE_PACKAGES = "lib/python{xy}/site-packages"
 
 
-def _fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
+def fetch_wheel(url: str, sha256: str, cache: Path) -> Path:
     """The wheel at *url*, from the wheel cache or downloaded and checked against *sha256*."""
     import hashlib  # noqa: PLC0415
     from urllib.parse import unquote, urlsplit  # noqa: PLC0415
@@ -145,7 +145,7 @@ def install_wheels(
     jobs: list[tuple[str, str, str]] = []
     for wheel in wheels:
         if wheel.url.split("#")[0].endswith(".whl"):
-            path = _fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
+            path = fetch_wheel(wheel.url, wheel.sha256, cache_dir / "wheels")
         else:
             path = _built_wheel(wheel, store, cache_dir)
             foreign = host != lock.platform or xy != host_python_xy()
