@@ -24,10 +24,6 @@ from envmgr.errors import BuildError
 from envmgr.locks.lock import LockedPackage, PlatformLock, strip_credentials
 from envmgr.platforms import Platform
 from envmgr.progress import Task
-from envmgr.resolve.pypi.index import IndexClient
-from envmgr.resolve.pypi.pages import DistFile
-from envmgr.resolve.pypi.pip_config import pip_index_urls
-from envmgr.resolve.pypi.sdist import Sdists, host_python_xy, stored_wheel, wheel_is_pure
 
 __all__ = ["SITE_PACKAGES", "WheelJob", "fetch_wheel", "install_wheel_job", "install_wheels"]
 
@@ -83,6 +79,13 @@ def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -
     the build dependencies from the indexes it was locked with (else pip's own)."""
     import json  # noqa: PLC0415
 
+    # The PyPI client and the sdist builder (email, zipfile, html.parser) are imported only
+    # for a lock with PyPI packages: every CLI command imports the builder.
+    from envmgr.resolve.pypi.index import IndexClient  # noqa: PLC0415
+    from envmgr.resolve.pypi.pages import DistFile  # noqa: PLC0415
+    from envmgr.resolve.pypi.pip_config import pip_index_urls  # noqa: PLC0415
+    from envmgr.resolve.pypi.sdist import Sdists, stored_wheel  # noqa: PLC0415
+
     if store is None:
         raise BuildError(
             f"{package.name} {package.version} is locked as a source "
@@ -131,6 +134,8 @@ def install_wheels(
     wheels = [p for p in lock.packages if p.manager == "pypi"]
     if not wheels:
         return
+    from envmgr.resolve.pypi.sdist import host_python_xy, wheel_is_pure  # noqa: PLC0415 - see above
+
     xy = python_xy(lock)
     if xy is None:
         raise BuildError(f"env {lock.env_id}: PyPI packages need a conda python in the lock")

@@ -33,10 +33,7 @@ from envmgr.locks.python_target import PythonTarget
 from envmgr.platforms import Platform, host_platform, virtual_packages
 from envmgr.progress import NULL, Progress, tracked
 from envmgr.resolve.conda import CondaTarget, solve
-from envmgr.resolve.pypi.index import IndexClient
 from envmgr.resolve.pypi.pip_config import pip_sources
-from envmgr.resolve.pypi.resolve import fixed_from_conda, resolve_pypi
-from envmgr.resolve.pypi.sdist import Sdists
 from envmgr.specs.deps import CondaDep, parse_index_url, parse_python
 from envmgr.specs.model import EnvSpec
 
@@ -328,6 +325,11 @@ def _add_pypi(
 ) -> tuple[PlatformLock, tuple[SourceBuild, ...]]:
     """The conda lock plus the PyPI packages resolved on top of it, and the sdists among them
     that ``build`` makes wheels of."""
+    # The PyPI resolver (resolvelib, email, zipfile, html.parser: ~40 ms) is imported only
+    # when a spec has PyPI packages: every CLI command imports this module.
+    from envmgr.resolve.pypi.index import IndexClient  # noqa: PLC0415
+    from envmgr.resolve.pypi.resolve import fixed_from_conda, resolve_pypi  # noqa: PLC0415
+    from envmgr.resolve.pypi.sdist import Sdists  # noqa: PLC0415
 
     python = lock.names().get("python")
     if python is None:
@@ -371,6 +373,7 @@ def complete_pypi_lock(
     what the file implies) and ``pip`` on the configured channels (cached like any solve);
     then the file's packages selected for that platform and Python. Packages conda provides
     (``fixed_from_conda``) are conda's. Raises ``LockError`` / ``SolveError``."""
+    from envmgr.resolve.pypi.resolve import fixed_from_conda  # noqa: PLC0415 - see above
 
     platforms = options.platforms or found.platforms or options.default_platforms
     platforms = platforms or (host_platform(),)
