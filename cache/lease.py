@@ -32,6 +32,7 @@ from pathlib import Path
 
 from envmgr.cache.layout import lease_key
 from envmgr.cache.store import Store
+from envmgr.fs import pid_alive
 
 __all__ = [
     "LEASE_SECONDS",
@@ -98,13 +99,7 @@ class LeaseInfo:
         """The holder ran on this host (same name and boot) and its process is gone."""
         if not self.pid or self.host != socket.gethostname() or self.boot != _boot_id():
             return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False  # alive, another user's
-        return False
+        return not pid_alive(self.pid)  # another user's process counts as alive
 
     def describe(self) -> str:
         return (

@@ -216,8 +216,8 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None, *, builder: BuilderFactory | None = None) -> int:
-    """The bootstrap; *builder* makes ``--build-if-missing`` work (absent on a worker that
-    has only the shipped files, where the flag's build ends in one line saying so)."""
+    """The bootstrap; *builder* makes ``--build-if-missing`` work (``envmgr.bootstrap``
+    passes one that says in one line when this host has only the worker's files)."""
     try:
         args = parse(argv)
         chosen = choose_env(args)

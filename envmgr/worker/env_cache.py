@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from envmgr.fs import write_atomic
+from envmgr.fs import pid_alive, write_atomic
 from envmgr.ids import check_under, is_env_id, parse_env_id
 
 __all__ = [
@@ -193,12 +193,7 @@ def sweep_dead_pack_dirs(cache_dir: Path) -> list[Path]:
         owner, _, rest = path.name.removeprefix(".pack-").rpartition("-")[0].rpartition("-")
         if owner != host or not rest.isdigit():
             continue
-        try:
-            os.kill(int(rest), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if pid_alive(int(rest)):
             continue
         shutil.rmtree(check_under(path, cache_dir), ignore_errors=True)
         removed.append(path)
