@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from envmgr.cache.store import check_key
-from envmgr.ids import parse_env_id, parse_platform, parse_spec_id
+from envmgr.ids import parse_env_id, parse_layer_id, parse_platform, parse_spec_id
 
 __all__ = [
     "archive_key",
     "env_lock_key",
+    "layer_archive_key",
+    "layer_manifest_key",
     "lease_key",
     "lock_key",
     "manifest_key",
@@ -48,7 +50,19 @@ def used_key(platform: str, env_id: str) -> str:
     return check_key(f"{_env_root(platform, env_id)}/used.json")
 
 
+def layer_archive_key(layer_id: str, codec: str = "zst") -> str:
+    """One package layer, shared by every env of that package and target:
+    ``layers/<layer_id>/layer.tar.<codec>``."""
+    return check_key(f"layers/{parse_layer_id(layer_id, where='layer id')}/layer.tar.{codec}")
+
+
+def layer_manifest_key(layer_id: str) -> str:
+    """The layer's manifest, written after its archive: the only thing readers trust."""
+    return check_key(f"layers/{parse_layer_id(layer_id, where='layer id')}/manifest.json")
+
+
 def lease_key(env_id: str) -> str:
+    """The build-once lease of an env or of a layer (both are 32 hex digits)."""
     return check_key(f"leases/{parse_env_id(env_id, where='env id')}")
 
 

@@ -11,7 +11,10 @@ alone, and :func:`collect` carries a plan out. The rules of a collection:
 - an env whose lease is live is being built and is kept, manifest or not;
 - an incomplete env (objects but no manifest, no live lease: a builder died mid-upload) goes
   once its newest object is older than a day, or than *older_than* when that is shorter;
-- a lease that expired, or whose holder died on this host, is stale: reported and removed.
+- a lease that expired, or whose holder died on this host, is stale: reported and removed;
+- a package layer (``layers/<layer_id>/``) lives while an env that stays lists it; one that
+  no remaining env lists goes once its newest object is older than *older_than*, and no layer
+  goes while any build holds a live lease (it may be about to list one).
 
 An env is removed manifest first, so a reader sees it whole or not at all; the resolution
 cache (``locks/``) is kept, so resolving the same spec again gives the same env id and a build
@@ -31,7 +34,7 @@ from envmgr.cache.lease import STALE_PERIODS, LeaseInfo
 from envmgr.cache.names import BadName, list_aliases
 from envmgr.cache.store import Entry, Store
 from envmgr.cache.usage import read_use
-from envmgr.ids import BadIdError, parse_env_id, parse_platform
+from envmgr.ids import BadIdError, is_env_id, parse_env_id, parse_layer_id, parse_platform
 
 __all__ = [
     "INCOMPLETE_GRACE",
@@ -40,7 +43,9 @@ __all__ = [
     "Lease",
     "StoreContents",
     "StoredEnv",
+    "StoredLayer",
     "collect",
+    "collect_layers",
     "plan_gc",
     "scan",
 ]
@@ -65,6 +70,9 @@ class StoredEnv:
     names: tuple[str, ...]  #: the names (``name:tag``) that point at it now
     modified: float  #: the newest object's last write (epoch seconds)
     keys: tuple[str, ...]  #: its objects, manifest first
+    #: Format 3: the layers its manifest lists, and the bytes of those in the store.
+    layers: tuple[str, ...] = ()
+    layer_size: int = 0
 
     @property
     def last_active(self) -> float:
@@ -84,7 +92,23 @@ class StoredEnv:
             "last_used": self.last_used or None,
             "last_named": self.last_named or None,
             "names": list(self.names),
+            "layers": len(self.layers),
+            "layer_size": self.layer_size,
         }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoredLayer:
+    """One package layer in the store, shared by the envs that list it."""
+
+    layer_id: str
+    size: int  #: bytes of its objects
+    modified: float  #: the newest object's last write (epoch seconds)
+    keys: tuple[str, ...]  #: its objects, manifest first
+    complete: bool  #: its manifest is there
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layer_id": self.layer_id, "size": self.size, "complete": self.complete}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -119,6 +143,7 @@ class StoreContents:
     names: int  #: name entries
     other: tuple[Entry, ...]  #: objects under envs/ that are not an env's (foreign files)
     bad_names: tuple[BadName, ...] = ()  #: objects under names/ that are not name entries
+    layers: tuple[StoredLayer, ...] = ()  #: package layers (format 3)
 
     def live_leases(self) -> frozenset[str]:
         return frozenset(lease.env_id for lease in self.leases if not lease.stale)
@@ -135,10 +160,12 @@ class GcPlan:
     remove: tuple[StoredEnv, ...]
     kept: tuple[Kept, ...]
     stale_leases: tuple[Lease, ...]
+    #: Layers no remaining env lists, old enough to go.
+    remove_layers: tuple[StoredLayer, ...] = ()
 
     @property
     def freed(self) -> int:
-        return sum(env.size for env in self.remove)
+        return sum(env.size for env in self.remove) + sum(lay.size for lay in self.remove_layers)
 
 
 def scan(store: Store, *, now: float | None = None) -> StoreContents:
@@ -175,8 +202,11 @@ def scan(store: Store, *, now: float | None = None) -> StoreContents:
                 named.setdefault((platform, env_id), []).append((ref, ""))
     leases = tuple(_leases(store, now))
     live = frozenset(lease.env_id for lease in leases if not lease.stale)
+    layers, foreign = _layers(store)
+    other += foreign
+    sizes = {layer.layer_id: layer.size for layer in layers}
     envs = [
-        _env(store, platform, env_id, entries, named.get((platform, env_id), []), live)
+        _env(store, platform, env_id, entries, named.get((platform, env_id), []), live, sizes)
         for (platform, env_id), entries in sorted(grouped.items())
     ]
     locks = list(store.entries("locks/"))
@@ -190,7 +220,37 @@ def scan(store: Store, *, now: float | None = None) -> StoreContents:
         names=name_count,
         other=tuple(other),
         bad_names=tuple(bad),
+        layers=layers,
     )
+
+
+def _layers(store: Store) -> tuple[tuple[StoredLayer, ...], list[Entry]]:
+    """The layers under ``layers/`` (one listing), and the objects there that are none."""
+    grouped: dict[str, list[Entry]] = {}
+    foreign = []
+    for entry in store.entries("layers/"):
+        parts = entry.key.split("/")
+        try:
+            if len(parts) != 3:
+                raise BadIdError("not layers/<layer_id>/<file>")
+            layer_id = parse_layer_id(parts[1], where=f"store key {entry.key!r}")
+        except BadIdError:
+            foreign.append(entry)
+            continue
+        grouped.setdefault(layer_id, []).append(entry)
+    layers = []
+    for found, entries in sorted(grouped.items()):
+        keys = sorted((e.key for e in entries), key=lambda k: not k.endswith("/manifest.json"))
+        layers.append(
+            StoredLayer(
+                layer_id=found,
+                size=sum(e.size for e in entries),
+                modified=max(e.modified for e in entries),
+                keys=tuple(keys),
+                complete=keys[0].endswith("/manifest.json"),
+            )
+        )
+    return tuple(layers), foreign
 
 
 def _env(
@@ -200,13 +260,15 @@ def _env(
     entries: list[Entry],
     names: list[tuple[str, str]],
     live: frozenset[str],
+    layer_sizes: dict[str, int],
 ) -> StoredEnv:
     by_name = {entry.key.rsplit("/", 1)[1]: entry for entry in entries}
     created = ""
+    layers: tuple[str, ...] = ()
     state: State = "incomplete"
     if "manifest.json" in by_name:
         state = "complete"
-        created = _manifest_created(store.get(by_name["manifest.json"].key))
+        created, layers = _manifest_facts(store.get(by_name["manifest.json"].key))
     if env_id in live:
         state = "building" if state == "incomplete" else state
     used = by_name.get("used.json")
@@ -222,17 +284,29 @@ def _env(
         names=tuple(sorted(ref for ref, _when in names)),
         modified=max(entry.modified for entry in entries),
         keys=tuple(keys),
+        layers=layers,
+        layer_size=sum(layer_sizes.get(layer, 0) for layer in layers),
     )
 
 
-def _manifest_created(raw: bytes | None) -> str:
+def _manifest_facts(raw: bytes | None) -> tuple[str, tuple[str, ...]]:
+    """A manifest's build time and the layer ids it lists; a manifest gc cannot read lists
+    none (its env is judged by its own objects' times)."""
     import json  # noqa: PLC0415
 
     try:
         data = json.loads(raw or b"")
-        return str(data.get("created", ""))[:40] if isinstance(data, dict) else ""
     except ValueError:
-        return ""
+        return "", ()
+    if not isinstance(data, dict):
+        return "", ()
+    created = str(data.get("created", ""))[:40]
+    layers = []
+    entries = data.get("layers", [])
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, list) and entry and is_env_id(entry[0]):
+            layers.append(str(entry[0]))
+    return created, tuple(layers)
 
 
 def _leases(store: Store, now: float) -> Iterable[Lease]:
@@ -277,7 +351,19 @@ def plan_gc(contents: StoreContents, *, older_than: float) -> GcPlan:
         else:
             remove.append(env)
     stale = tuple(lease for lease in contents.leases if lease.stale)
-    return GcPlan(remove=tuple(remove), kept=tuple(kept), stale_leases=stale)
+    going = {(env.platform, env.env_id) for env in remove}
+    listed = {
+        layer
+        for env in contents.envs
+        if (env.platform, env.env_id) not in going
+        for layer in env.layers
+    }
+    layers = tuple(
+        layer
+        for layer in contents.layers
+        if layer.layer_id not in listed and contents.now - layer.modified >= older_than
+    )
+    return GcPlan(remove=tuple(remove), kept=tuple(kept), stale_leases=stale, remove_layers=layers)
 
 
 def collect(store: Store, plan: GcPlan) -> tuple[StoredEnv, ...]:
@@ -299,6 +385,35 @@ def collect(store: Store, plan: GcPlan) -> tuple[StoredEnv, ...]:
         for key in env.keys:
             store.delete(key)
         removed.append(env)
+    return tuple(removed)
+
+
+def collect_layers(store: Store, plan: GcPlan, contents: StoreContents) -> tuple[StoredLayer, ...]:
+    """Remove the layers *plan* says, each manifest first, unless a build holds a live lease
+    now (it may list any of them: they wait for the next collection) or an env written since
+    the scan lists them. Returns the layers removed."""
+    if not plan.remove_layers:
+        return ()
+    now = time.time()
+    for entry in store.entries("leases/"):
+        raw = store.get(entry.key)
+        if raw is not None and not _stale(LeaseInfo.from_bytes(raw), entry.modified, now):
+            return ()
+    seen = {key for env in contents.envs for key in env.keys}
+    listed: set[str] = set()
+    for entry in store.entries("envs/"):  # envs built since the scan (no clock compared)
+        if entry.key.endswith("/manifest.json") and entry.key not in seen:
+            listed.update(_manifest_facts(store.get(entry.key))[1])
+    for env in contents.envs:  # and envs the scan saw, unless removed since
+        if env.layers and store.exists(env.keys[0]):
+            listed.update(env.layers)
+    removed = []
+    for layer in plan.remove_layers:
+        if layer.layer_id in listed:
+            continue
+        for key in layer.keys:
+            store.delete(key)
+        removed.append(layer)
     return tuple(removed)
 
 

@@ -296,14 +296,16 @@ def gc_command(
         age = parse_age(older_than) if older_than else None
     except ValueError as exc:
         fail(str(exc))
-    removed, busy = gc(cache_dir(), max_size=size, older_than=age, dry_run=dry_run)
+    removed, busy, layers = gc(cache_dir(), max_size=size, older_than=age, dry_run=dry_run)
+    freed = sum(e.size for e in removed) + sum(size for _layer, size in layers)
     if as_json:
         emit_json(
             {
                 "dry_run": dry_run,
                 "removed": [e.env_id for e in removed],
                 "in_use": [e.env_id for e in busy],
-                "freed": sum(e.size for e in removed),
+                "removed_layers": [layer for layer, _size in layers],
+                "freed": freed,
             }
         )
     elif not STATE.quiet:
@@ -312,3 +314,8 @@ def gc_command(
             typer.echo(f"{verb} {e.env_id} ({e.size / 1e6:.1f} MB)")
         for e in busy:
             typer.echo(f"kept {e.env_id}: in use by a running command")
+        if layers:
+            typer.echo(
+                f"removed {len(layers)} package layers no env links to "
+                f"({sum(size for _layer, size in layers) / 1e6:.1f} MB)"
+            )

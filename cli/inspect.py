@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 import typer
 
 from envmgr import __version__
+from envmgr.archive.manifest import Manifest
 from envmgr.build.once import read_manifest
+from envmgr.cache import Store
 from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
@@ -21,6 +23,7 @@ from envmgr.locks.export import FORMATS, known_format, render
 from envmgr.locks.lock import Lock, LockedPackage, PlatformLock, diff_locks
 from envmgr.platforms import host_platform, is_platform
 from envmgr.worker.env_cache import COMPLETE, env_dir, recorded_steps
+from envmgr.worker.layers import fetch_layer_manifests
 
 __all__ = ["diff_command", "export_command", "load_env", "platform_parts", "show_command"]
 
@@ -95,14 +98,7 @@ def show_command(
                     _package_row(p, dict(manifest.package_sizes) if manifest else None)
                     for p in part.packages
                 ],
-                "archive": None
-                if manifest is None
-                else {
-                    "size": manifest.size,
-                    "unpacked_size": manifest.unpacked_size,
-                    "codec": manifest.codec,
-                    "created": manifest.created,
-                },
+                "archive": None if manifest is None else _archive(store_obj, manifest),
                 "cached_at": str(prefix) if (prefix / COMPLETE).is_file() else None,
                 "steps": sorted(set(found.steps) | set(recorded_steps(cache, part.env_id))),
             }
@@ -121,6 +117,25 @@ def show_command(
         _print_env(row)
 
 
+def _archive(store: Store, manifest: Manifest) -> dict[str, Any]:
+    """What the env takes in the store and on disk: its archive, or (format 3) its env
+    layer and package layers together, with the layer count."""
+    size, unpacked = manifest.size, manifest.unpacked_size
+    if manifest.layers:
+        for layer in fetch_layer_manifests(store, manifest.layers).values():
+            if layer is not None:
+                size += layer.size
+                unpacked += layer.unpacked_size
+    return {
+        "size": size,
+        "unpacked_size": unpacked,
+        "codec": manifest.codec,
+        "created": manifest.created,
+        "format": manifest.format,
+        "layers": len(manifest.layers),
+    }
+
+
 def _print_env(row: dict[str, Any]) -> None:
     packages = row["packages"]
     typer.echo(
@@ -131,7 +146,9 @@ def _print_env(row: dict[str, Any]) -> None:
     if archive:
         typer.echo(
             f"  archive  {archive['size'] / 1e6:.1f} MB ({archive['unpacked_size'] / 1e6:.1f} MB "
-            f"unpacked, {archive['codec']}), built {archive['created']}"
+            f"unpacked, {archive['codec']}"
+            + (f", {archive['layers']} package layers" if archive["layers"] else "")
+            + f"), built {archive['created']}"
         )
     else:
         typer.echo("  archive  not built yet")

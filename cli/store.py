@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from envmgr.cache.lifecycle import collect, plan_gc, scan
+from envmgr.cache.lifecycle import collect, collect_layers, plan_gc, scan
 from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
 from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
@@ -54,8 +54,9 @@ def _lease_line(lease: Lease) -> str:
 
 
 def ls_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """List the envs in the store, most recently active first: platform, size, when built
-    and last used, and the names that point at them."""
+    """List the envs in the store, most recently active first: platform, size (with the
+    package layers it lists, which other envs may share), when built and last used, and the
+    names that point at them."""
     contents = _contents(store)
     envs = sorted(contents.envs, key=lambda e: e.last_active, reverse=True)
     if as_json:
@@ -72,7 +73,7 @@ def ls_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     for env in envs:
         state = "" if env.state == "complete" else f"  [{env.state}]"
         typer.echo(
-            f"{env.env_id[:12]}  {env.platform:<14} {_size(env.size):>9}  "
+            f"{env.env_id[:12]}  {env.platform:<14} {_size(env.size + env.layer_size):>9}  "
             f"built {_when(env.created)}  used {_when(env.last_used)}  "
             f"{', '.join(env.names)}{state}".rstrip()
         )
@@ -81,7 +82,9 @@ def ls_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def du_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """How much the store holds: envs per platform, named and incomplete envs, locks."""
+    """How much the store holds: envs per platform, named and incomplete envs, the package
+    layers they share, locks. An env's own objects count under envs, its layers once under
+    layers, however many envs list them."""
     contents = _contents(store)
 
     def total(envs: list[StoredEnv]) -> dict[str, int]:
@@ -94,14 +97,21 @@ def du_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     other = {"count": len(contents.other), "size": sum(entry.size for entry in contents.other)}
     locks = {"count": contents.locks, "size": contents.lock_bytes}
     stale = sum(1 for lease in contents.leases if lease.stale)
+    layers = {
+        "count": len(contents.layers),
+        "size": sum(layer.size for layer in contents.layers),
+        # What the envs would take as one archive each (format 2): the sharing layers save.
+        "listed": sum(e.layer_size for e in envs),
+    }
     rows = {
         "envs": total(envs),
         "named": total([e for e in envs if e.names]),
         "incomplete": total([e for e in envs if e.state == "incomplete"]),
+        "layers": layers,
         "locks": locks,
         "other": other,
     }
-    grand = rows["envs"]["size"] + locks["size"] + other["size"]
+    grand = rows["envs"]["size"] + layers["size"] + locks["size"] + other["size"]
     if as_json:
         emit_json(
             {
@@ -117,9 +127,14 @@ def du_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     typer.echo(f"{contents.url}: {_size(grand)}")
     lines = [("envs", rows["envs"]), *((f"  {p}", t) for p, t in platforms.items())]
     lines += [("named envs", rows["named"]), ("incomplete envs", rows["incomplete"])]
-    lines += [("locks", locks), ("other files", other)]
+    lines += [("package layers", layers), ("locks", locks), ("other files", other)]
     for label, row in lines:
         typer.echo(f"{label:<20} {row['count']:>6}  {_size(row['size']):>9}")
+    if layers["listed"] > layers["size"]:
+        typer.echo(
+            f"{'':<20} {'':>6}  (the envs list {_size(layers['listed'])} of layers: "
+            f"{layers['listed'] / max(layers['size'], 1):.1f}x what is stored)"
+        )
     typer.echo(f"{'names':<20} {contents.names:>6}")
     typer.echo(f"{'leases':<20} {len(contents.leases):>6}  ({stale} stale)")
 
@@ -146,7 +161,9 @@ def gc_command(
 ) -> None:
     """Remove old envs from the store: never one a name points at, one built, used or named
     within --older-than, or one a live lease is building; stale leases are removed too. The
-    resolution cache stays, so a later build re-creates a removed env with the same id."""
+    resolution cache stays, so a later build re-creates a removed env with the same id.
+    Package layers that no remaining env lists go too, once they are as old (never while a
+    build is running)."""
 
     del keep_named  # documented for scripts; the rule holds either way
     if older_than is None:
@@ -162,7 +179,8 @@ def gc_command(
     warn_bad_names(contents.bad_names)
     plan = plan_gc(contents, older_than=age)
     removed = plan.remove if dry_run else collect(store_obj, plan)
-    freed = sum(env.size for env in removed)
+    layers = plan.remove_layers if dry_run else collect_layers(store_obj, plan, contents)
+    freed = sum(env.size for env in removed) + sum(layer.size for layer in layers)
     if as_json:
         emit_json(
             {
@@ -174,6 +192,7 @@ def gc_command(
                     for k in plan.kept
                 ],
                 "stale_leases": [lease.to_dict() for lease in plan.stale_leases],
+                "removed_layers": [layer.to_dict() for layer in layers],
                 "freed": freed,
             }
         )
@@ -188,6 +207,9 @@ def gc_command(
         )
     for lease in plan.stale_leases:
         typer.echo(f"{verb} the {_lease_line(lease)} of {lease.env_id[:12]}")
+    if layers:
+        size = _size(sum(layer.size for layer in layers))
+        typer.echo(f"{verb} {len(layers)} package layers no env lists ({size})")
     reasons = [k.reason for k in plan.kept]
     kept = ", ".join(
         f"{reasons.count(r)} {r}" for r in ("named", "recent", "building") if r in reasons

@@ -22,6 +22,7 @@ from envmgr.platforms import PLATFORMS
 __all__ = [
     "BadIdError",
     "EnvId",
+    "LayerId",
     "SpecId",
     "check_under",
     "is_env_id",
@@ -29,12 +30,15 @@ __all__ = [
     "is_sha256",
     "looks_like_id",
     "parse_env_id",
+    "parse_layer_id",
     "parse_platform",
     "parse_spec_id",
 ]
 
 EnvId = NewType("EnvId", str)
 SpecId = NewType("SpecId", str)
+#: A package layer: 32 hex digits of the sha256 of what decides its bytes.
+LayerId = NewType("LayerId", str)
 
 # Every id pattern of envmgr, declared once.
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -87,6 +91,11 @@ def _hex32(value: object, where: str, what: str, printed_by: str) -> str:
 def parse_env_id(value: object, *, where: str) -> EnvId:
     """*value* as an :data:`EnvId`; raises ``BadIdError`` naming *where* it came from."""
     return EnvId(_hex32(value, where, "an env id", "envmgr build"))
+
+
+def parse_layer_id(value: object, *, where: str) -> LayerId:
+    """*value* as a :data:`LayerId`; raises ``BadIdError`` naming *where* it came from."""
+    return LayerId(_hex32(value, where, "a layer id", "envmgr show --json"))
 
 
 def parse_spec_id(value: object, *, where: str) -> SpecId:

@@ -4,6 +4,13 @@ A :class:`Manifest` names the env (id, platform), the archive (codec, size, sha2
 frames as :class:`Chunk` values), what unpacking it yields (files, bytes) and what must be
 relocated (:class:`Relocation`). It is written last to the store and checked against the key
 it was read from. The errors of the whole archive package live here too.
+
+Format 3 (package layers) uses the same shape twice. A *layer manifest*
+(``layers/<layer_id>/manifest.json``) describes one package's archive; its ``layer`` names the
+package (:class:`LayerRef`) and ``paths`` lists what it puts into a prefix. An *env manifest*
+lists its ``layers`` in install order; its own archive fields describe the env layer (what no
+single package owns), its ``removes`` the paths the env layer takes away. Both are relocated
+from ``build_prefix``, the one placeholder every layer is packed against.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from envmgr.errors import EnvmgrError
-from envmgr.ids import BadIdError, parse_env_id, parse_platform
+from envmgr.ids import BadIdError, parse_env_id, parse_layer_id, parse_platform
 
 __all__ = [
     "CHUNK_SIZE",
@@ -26,6 +33,7 @@ __all__ = [
     "Chunk",
     "ChunkDigestError",
     "Codec",
+    "LayerRef",
     "Manifest",
     "Relocation",
     "WriteError",
@@ -33,8 +41,12 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = 2
-#: The manifest formats this reader accepts: 1 (one stream), 2 (indexed frames).
-MANIFEST_FORMATS = (1, 2)
+#: The manifest formats this reader accepts: 1 (one stream), 2 (indexed frames), 3 (layers).
+MANIFEST_FORMATS = (1, 2, 3)
+#: The most layers one env may list, and paths one layer may name: bounds what a hostile
+#: manifest can make a reader fetch or hold.
+MAX_LAYERS = 20_000
+MAX_LAYER_PATHS = 2_000_000
 Codec = Literal["zst", "gz"]
 RelocationMode = Literal["text", "binary", "symlink"]
 
@@ -87,6 +99,31 @@ def safe_name(name: str) -> str:
 class Relocation:
     path: str  # relative to the prefix, POSIX separators
     mode: RelocationMode
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerRef:
+    """One package layer as an env manifest names it (and a layer manifest names itself)."""
+
+    layer_id: str
+    #: ``conda python 3.11.7`` / ``pypi tabulate 0.9.0``: for messages and ``show``.
+    package: str
+    #: The package file's sha256: a layer manifest must name the same.
+    sha256: str
+
+    def to_list(self) -> list[str]:
+        return [self.layer_id, self.package, self.sha256]
+
+    @classmethod
+    def from_list(cls, data: Any) -> LayerRef:
+        layer_id, package, sha256 = data
+        if not isinstance(package, str) or not 0 < len(package) <= 300:
+            raise ValueError("bad layer package name")
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"layer {package[:60]!r}: bad package sha256")
+        return cls(
+            layer_id=parse_layer_id(layer_id, where="layer id"), package=package, sha256=sha256
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,9 +194,19 @@ class Manifest:
     chunks: tuple[Chunk, ...] = ()
     #: Each package's installed bytes (name, bytes), for ``envmgr show``; may be empty.
     package_sizes: tuple[tuple[str, int], ...] = ()
+    #: Format 3, an env: its package layers in install order (the archive is its env layer).
+    layers: tuple[LayerRef, ...] = ()
+    #: Format 3, an env: paths of its layers that the env does not have.
+    removes: tuple[str, ...] = ()
+    #: Format 3, a layer: the package it holds (``env_id`` is then the layer id).
+    layer: LayerRef | None = None
+    #: Format 3, a layer: its files and links, sorted (what a builder checks for clobbers).
+    paths: tuple[str, ...] = ()
 
     @property
     def format(self) -> int:
+        if self.layers or self.layer is not None:
+            return 3
         return 2 if self.chunks else 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +229,12 @@ class Manifest:
             out["package_sizes"] = dict(self.package_sizes)
         if self.chunks:
             out["chunks"] = [chunk.to_list() for chunk in self.chunks]
+        if self.layers:
+            out["layers"] = [ref.to_list() for ref in self.layers]
+            out["removes"] = list(self.removes)
+        if self.layer is not None:
+            out["layer"] = self.layer.to_list()
+            out["paths"] = list(self.paths)
         return out
 
     @classmethod
@@ -190,7 +243,7 @@ class Manifest:
         try:
             if data["format"] not in MANIFEST_FORMATS:
                 raise ValueError(
-                    f"format {data['format']!r}; this envmgr reads formats 1 and 2 "
+                    f"format {data['format']!r}; this envmgr reads formats 1 to 3 "
                     "(a newer envmgr wrote it?)"
                 )
             codec = data["codec"]
@@ -218,8 +271,9 @@ class Manifest:
                     (str(name), int(size)) for name, size in data.get("package_sizes", {}).items()
                 ),
                 chunks=_chunks_from(data["chunks"], int(data["size"]), codec)
-                if data["format"] == 2
+                if data["format"] in (2, 3)
                 else (),
+                **(_layer_fields(data) if data["format"] == 3 else {}),
             )
         except (KeyError, TypeError, ValueError, ArchiveError, BadIdError) as exc:
             raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None
@@ -228,3 +282,28 @@ class Manifest:
         if not manifest.build_prefix.startswith("/"):
             raise ArchiveError(f"{where}: build prefix must be absolute")
         return manifest
+
+
+def _layer_fields(data: Any) -> dict[str, Any]:
+    """The format-3 fields of a manifest: an env's ``layers`` (and ``removes``) or a layer's
+    ``layer`` (and ``paths``), exactly one of the two, each bounded and checked."""
+    if ("layers" in data) == ("layer" in data):
+        raise ValueError("format 3 needs either layers (an env) or layer (a package layer)")
+    if "layers" in data:
+        entries = data["layers"]
+        if not isinstance(entries, list) or not 0 < len(entries) <= MAX_LAYERS:
+            raise ValueError("layers must be a non-empty list")
+        layers = tuple(LayerRef.from_list(entry) for entry in entries)
+        if len({ref.layer_id for ref in layers}) != len(layers):
+            raise ValueError("a layer is listed twice")
+        removes = data.get("removes", [])
+        if not isinstance(removes, list) or len(removes) > MAX_LAYER_PATHS:
+            raise ValueError("removes must be a list")
+        return {"layers": layers, "removes": tuple(safe_name(str(p)) for p in removes)}
+    paths = data["paths"]
+    if not isinstance(paths, list) or len(paths) > MAX_LAYER_PATHS:
+        raise ValueError("paths must be a list")
+    return {
+        "layer": LayerRef.from_list(data["layer"]),
+        "paths": tuple(safe_name(str(p)) for p in paths),
+    }

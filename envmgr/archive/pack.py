@@ -17,7 +17,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
@@ -100,8 +100,19 @@ def _walk(prefix: Path) -> Iterator[Path]:
             yield Path(dirpath, name)
 
 
-def _members(prefix: Path) -> list[Path]:
-    return sorted(_walk(prefix), key=lambda p: p.relative_to(prefix).as_posix())
+def _members(prefix: Path, only: Iterable[str] | None = None) -> list[Path]:
+    """What to pack, in archive order: the whole tree, or the files and links *only* names
+    (relative POSIX paths) with the directories above them."""
+    if only is None:
+        return sorted(_walk(prefix), key=lambda p: p.relative_to(prefix).as_posix())
+    names = set()
+    for rel in only:
+        names.add(rel)
+        parent = rel.rpartition("/")[0]
+        while parent and parent not in names:
+            names.add(parent)
+            parent = parent.rpartition("/")[0]
+    return [prefix / rel for rel in sorted(names)]
 
 
 def scan_relocations(prefix: Path) -> tuple[Relocation, ...]:
@@ -184,14 +195,16 @@ def pack(
     on_bytes: Callable[[int], None] | None = None,
     chunk_size: int | None = CHUNK_SIZE,
     find_prefix: str | None = None,
+    members: Iterable[str] | None = None,
 ) -> PackResult:
     """Stream a deterministic archive of *prefix* into *out*; returns size and sha256.
 
     With zstd and a *chunk_size*, the archive is format 2: frames of about *chunk_size* tar
     bytes compressed on *threads* threads (0: all cores), their index in the result;
     otherwise format 1, one stream. *on_bytes* is called with the size of each file packed;
-    *find_prefix* lists the files holding that string (see :func:`scan_relocations`).
-    Cost: one read of every file; the same tree gives the same bytes on any machine.
+    *find_prefix* lists the files holding that string (see :func:`scan_relocations`);
+    *members* packs only those files and links (relative paths) and the directories above
+    them. Cost: one read of every file; the same tree gives the same bytes on any machine.
     """
     hashing = _HashingWriter(out)
     writer: ChunkWriter | None = None
@@ -211,7 +224,7 @@ def pack(
     finder = _PrefixFinder(find_prefix) if find_prefix else None
     with stream:
         try:
-            files, unpacked = _write_tar(prefix, sink, finder, on_bytes)
+            files, unpacked = _write_tar(prefix, sink, finder, on_bytes, members)
             chunks = writer.close() if writer is not None else ()
         finally:
             if writer is not None:
@@ -232,6 +245,7 @@ def _write_tar(
     sink: Any,
     finder: _PrefixFinder | None,
     on_bytes: Callable[[int], None] | None,
+    members: Iterable[str] | None = None,
 ) -> tuple[int, int]:
     """The tar stream of *prefix* into *sink*, as ``tarfile``'s GNU format writes it (header,
     data, NUL padding to 512 bytes; two zero blocks and padding to 10 KiB at the end).
@@ -239,7 +253,7 @@ def _write_tar(
     files = unpacked = 0
     offset = 0
     root = str(prefix)
-    for path in _members(prefix):
+    for path in _members(prefix, members):
         rel = path.relative_to(prefix).as_posix()
         info = tarfile.TarInfo(rel)
         info.mtime = ARCHIVE_MTIME

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from envmgr.archive.extract import inside
-from envmgr.archive.manifest import ArchiveError, Manifest
+from envmgr.archive.manifest import ArchiveError, Manifest, Relocation
 
-__all__ = ["relocate"]
+__all__ = ["relocate", "relocate_files"]
 
 
 def _replace_binary(data: bytes, old: bytes, new: bytes) -> bytes:
@@ -32,16 +33,32 @@ def _replace_binary(data: bytes, old: bytes, new: bytes) -> bytes:
 def relocate(dest: Path, manifest: Manifest, new_prefix: str | None = None) -> None:
     """Rewrite the manifest's relocation list for the env now at *dest* (or *new_prefix*,
     where it will be published). Raises ``ArchiveError`` if binary files cannot hold it."""
+    relocate_files(
+        dest, manifest.relocations, manifest.build_prefix, new_prefix, f"env {manifest.env_id}"
+    )
+
+
+def relocate_files(
+    dest: Path,
+    relocations: Iterable[Relocation],
+    build_prefix: str,
+    new_prefix: str | None = None,
+    what: str = "the env",
+) -> None:
+    """Rewrite *build_prefix* to *new_prefix* (default: *dest*) in the *relocations* of the
+    tree at *dest*; *what* names it in errors. Each file is rewritten in place: none may be
+    a link into a shared file."""
+    relocations = tuple(relocations)
     new = (new_prefix or str(dest)).encode()
-    old = manifest.build_prefix.encode()
-    binary = [r for r in manifest.relocations if r.mode == "binary"]
+    old = build_prefix.encode()
+    binary = [r for r in relocations if r.mode == "binary"]
     if binary and len(new) > len(old):
         raise ArchiveError(
-            f"cannot relocate env {manifest.env_id} to {new.decode()}: {len(binary)} binary "
+            f"cannot relocate {what} to {new.decode()}: {len(binary)} binary "
             f"files hold the {len(old)}-character build prefix and the new prefix is longer",
             hint="use a shorter ENVMGR_CACHE_DIR",
         )
-    for item in manifest.relocations:
+    for item in relocations:
         path = dest / item.path
         if not inside(dest, path.parent):
             raise ArchiveError(f"relocation entry {item.path!r} points outside the env")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import tarfile
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -96,30 +97,42 @@ def _unpack_stream(
             write.result()
 
 
+_ZSTANDARD: list[Any] = []
+_ZSTANDARD_LOCK = threading.Lock()
+
+
+def _zstandard() -> Any:
+    """The zstandard module, or ``None`` when it does not import here; imported once per
+    process under a lock. Layers unpack on several threads, and an import that fails (a
+    wheel of another platform on the path) must fail once, never hand another thread the
+    half-made module."""
+    with _ZSTANDARD_LOCK:
+        if not _ZSTANDARD:
+            try:
+                import zstandard  # noqa: PLC0415
+            except ImportError:
+                _ZSTANDARD.append(None)
+            else:
+                _ZSTANDARD.append(zstandard)
+        return _ZSTANDARD[0]
+
+
 def _has_zstandard() -> bool:
-    try:
-        import zstandard  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
+    return _zstandard() is not None
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
     """What a damaged stream raises while it is decompressed and read as a tar."""
     errors: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
-    try:
-        import zstandard  # noqa: PLC0415
-    except ImportError:
-        return errors
-    return (*errors, zstandard.ZstdError)
+    zstandard = _zstandard()
+    return errors if zstandard is None else (*errors, zstandard.ZstdError)
 
 
 def _zstd_reader(source: IO[bytes]) -> Any:
     """A decompressing reader: the zstandard module, else the ``zstd`` program (workers
     may bootstrap with the standard library and boto3 only)."""
-    try:
-        import zstandard  # noqa: PLC0415
-    except ImportError:
+    zstandard = _zstandard()
+    if zstandard is None:
         return _ZstdProcess(source)
     return zstandard.ZstdDecompressor().stream_reader(source, closefd=False)
 

@@ -40,15 +40,17 @@ BytecodeSource = Literal["auto", "tools"]
 # Run by the chosen interpreter, one process per core, each on its own list of files:
 # checked-hash .pyc files; files that do not compile (Python 2 test data in some packages)
 # are skipped, as pip and conda do. A worker dies with the builder (Linux), so a killed build
-# leaves no compiler writing into its prefix.
+# leaves no compiler writing into its prefix. A line may name, after a NUL, the path the
+# bytecode records as its source (a layer's placeholder prefix).
 _COMPILE = """
 import py_compile
 mode = py_compile.PycInvalidationMode.CHECKED_HASH
 done = 0
-with open(sys.argv[2], encoding="utf-8") as listing:
+with open(sys.argv[2], encoding="utf-8", errors="surrogateescape") as listing:
     for line in listing:
+        path, _, shown = line.rstrip("\\n").partition("\\0")
         try:
-            py_compile.compile(line.rstrip("\\n"), doraise=True, invalidation_mode=mode)
+            py_compile.compile(path, dfile=shown or None, doraise=True, invalidation_mode=mode)
             done += 1
         except Exception:
             pass
@@ -151,9 +153,13 @@ def _sources(roots: list[Path]) -> list[str]:
     return found
 
 
-def compile_tree(python: Path, roots: list[Path], *, env_id: str) -> int:
+def compile_tree(
+    python: Path, roots: list[Path], *, env_id: str, shown_as: tuple[str, str] | None = None
+) -> int:
     """Write checked-hash ``.pyc`` files for every ``.py`` below *roots* with *python*;
-    returns how many were written. Raises ``BytecodeError`` when *python* cannot run.
+    returns how many were written. With *shown_as* = (prefix, placeholder), the bytecode
+    records each source under the placeholder instead of the prefix. Raises
+    ``BytecodeError`` when *python* cannot run.
 
     Cost: one worker process per core (about 1.5 s for a standard library on two cores); an
     interrupted build kills its workers.
@@ -163,6 +169,9 @@ def compile_tree(python: Path, roots: list[Path], *, env_id: str) -> int:
         return 0
     jobs = max(1, min(os.cpu_count() or 1, len(sources) // 200 + 1))
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    if shown_as is not None:
+        real, shown = shown_as
+        sources = [f"{path}\0{shown}{path[len(real) :]}" for path in sources]
     shares = ["".join(f"{path}\n" for path in sources[job::jobs]) for job in range(jobs)]
     results = run_shares([str(python), "-I"], _COMPILE, shares, environ)
     compiled = 0

@@ -31,6 +31,8 @@ from envmgr import __version__
 from envmgr.archive.manifest import Codec, Manifest
 from envmgr.archive.pack import pack
 from envmgr.build.bytecode import BytecodeSource
+from envmgr.build.layers import build_layers
+from envmgr.build.placeholder import BUILD_PREFIX_LENGTH
 from envmgr.build.prefix import Prefix, conda_records, create_prefix, tree_size
 from envmgr.cache import Store, StoreError
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
@@ -76,9 +78,6 @@ __all__ = [
     "read_stored_lock",
 ]
 
-#: Length of every build prefix; envs relocate to any path up to this long.
-BUILD_PREFIX_LENGTH = 240
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BuildOptions:
@@ -104,6 +103,9 @@ class BuildOptions:
     host: Platform | None = None
     #: Which interpreter writes the target's bytecode (see :mod:`envmgr.build.bytecode`).
     bytecode: BytecodeSource = "auto"
+    #: Store the env as package layers (format 3, see :mod:`envmgr.build.layers`); false, or
+    #: a gzip codec: one archive per env (format 2, or 1).
+    layers: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -338,6 +340,10 @@ def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
 def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manifest:
     if prefix.exists():
         shutil.rmtree(prefix)
+    if options.layers and options.codec == "zst":
+        manifest = build_layers(lock, options, prefix)
+        _store_lock_and_manifest(lock, options, manifest)
+        return manifest
     try:
         made = create_prefix(
             lock,
@@ -380,22 +386,27 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 options.store.put_file(
                     archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
                 )
-            lock_file = Path(tmp) / "conda-lock.yml"
-            write_conda_lock(
-                Lock(
-                    platforms=(lock,),
-                    spec_id=lock.spec_id,
-                    envmgr_version=__version__,
-                    created=manifest.created,
-                ),
-                lock_file,
-            )
-            options.store.put_file(env_lock_key(lock.platform, lock.env_id), lock_file)
-            # The manifest goes last: it is the commit point readers trust.
-            options.store.put(
-                manifest_key(lock.platform, lock.env_id),
-                json.dumps(manifest.to_dict(), sort_keys=True).encode(),
-            )
+        _store_lock_and_manifest(lock, options, manifest)
         return manifest
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+def _store_lock_and_manifest(lock: PlatformLock, options: BuildOptions, manifest: Manifest) -> None:
+    """The env's conda-lock file, then its manifest: the commit point readers trust."""
+    with tempfile.TemporaryDirectory(dir=options.cache_dir, prefix=".lock-") as tmp:
+        lock_file = Path(tmp) / "conda-lock.yml"
+        write_conda_lock(
+            Lock(
+                platforms=(lock,),
+                spec_id=lock.spec_id,
+                envmgr_version=__version__,
+                created=manifest.created,
+            ),
+            lock_file,
+        )
+        options.store.put_file(env_lock_key(lock.platform, lock.env_id), lock_file)
+    options.store.put(
+        manifest_key(lock.platform, lock.env_id),
+        json.dumps(manifest.to_dict(), sort_keys=True).encode(),
+    )

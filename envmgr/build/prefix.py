@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from envmgr.build.bytecode import BytecodeSource, bytecode_python, compile_tree, python_xy
+from envmgr.build.placeholder import to_placeholder
 from envmgr.build.wheels import install_wheels
 from envmgr.cache import Store
 from envmgr.channels import Credentials, rattler_client
@@ -176,11 +177,16 @@ def create_prefix(
     host: Platform | None = None,
     bytecode: BytecodeSource = "auto",
     credentials: Credentials | None = None,
+    skip: frozenset[str] = frozenset(),
+    placeholder: str | None = None,
 ) -> Prefix:
     """Install *lock* (any supported platform) into the new *prefix* as built on *host*
     (default: this machine), running nothing from the target; *progress* counts installed
-    packages; *credentials* authenticate package downloads (see :mod:`envmgr.channels`). Raises
-    ``BuildError`` (or ``BytecodeError``)."""
+    packages; *credentials* authenticate package downloads (see :mod:`envmgr.channels`).
+    *skip* names packages to leave out (their layers exist: see :mod:`envmgr.build.layers`).
+    With *placeholder* (as long as *prefix*), every file holding *prefix* holds the placeholder
+    instead before the bytecode is written, and the bytecode records its sources under it
+    (see :mod:`envmgr.build.placeholder`). Raises ``BuildError`` (or ``BytecodeError``)."""
     import rattler  # noqa: PLC0415
 
     host = host or host_platform()
@@ -188,11 +194,13 @@ def create_prefix(
     # and the unpacked env's bytecode stays valid.
     os.environ.setdefault("SOURCE_DATE_EPOCH", "946684800")
     label = f"install {lock.env_id[:12]}"
-    with tracked(progress, label, total=len(lock.packages), unit="items") as task:
+    total = sum(1 for p in lock.packages if p.name not in skip)
+    with tracked(progress, label, total=total, unit="items") as task:
         try:
             asyncio.run(
                 rattler.install(
                     conda_records(lock),
+                    ignored_packages=set(skip) or None,
                     target_prefix=prefix,
                     cache_dir=cache_dir / "pkgs",
                     platform=rattler.Subdir(lock.platform),
@@ -207,8 +215,10 @@ def create_prefix(
             raise BuildError(
                 f"env {lock.env_id}: installing conda packages failed: {strip_credentials(text)}"
             ) from None
-        install_wheels(lock, prefix, cache_dir, store, task, host)
+        install_wheels(lock, prefix, cache_dir, store, task, host, skip)
     _normalise_metadata(prefix)
+    if placeholder is not None:
+        to_placeholder(prefix, placeholder)
     link_scripts = _link_scripts(prefix)
     if link_scripts:
         progress.note(f"env {lock.env_id}: link scripts of {', '.join(link_scripts)} were not run")
@@ -217,6 +227,11 @@ def create_prefix(
     xy = python_xy(lock)
     if python is not None and xy is not None:
         with tracked(progress, f"bytecode {lock.env_id[:12]}", unit="phase"):
-            pyc = compile_tree(python, [prefix / "lib" / f"python{xy}"], env_id=lock.env_id)
+            pyc = compile_tree(
+                python,
+                [prefix / "lib" / f"python{xy}"],
+                env_id=lock.env_id,
+                shown_as=(str(prefix), placeholder) if placeholder else None,
+            )
     sizes = tuple(sorted(installed_sizes(prefix).items()))
     return Prefix(link_scripts=link_scripts, bytecode_files=pyc, sizes=sizes)

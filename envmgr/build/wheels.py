@@ -127,11 +127,13 @@ def install_wheels(
     store: Store | None,
     task: Task,
     host: Platform,
+    skip: frozenset[str] = frozenset(),
 ) -> None:
-    """Every locked wheel into *prefix*: fetched (or built) here, then installed by one
-    worker process per core, the largest wheels first, when there is enough to share."""
+    """Every locked wheel (but those *skip* names) into *prefix*: fetched (or built) here,
+    then installed by one worker process per core, the largest wheels first, when there is
+    enough to share."""
 
-    wheels = [p for p in lock.packages if p.manager == "pypi"]
+    wheels = [p for p in lock.packages if p.manager == "pypi" and p.name not in skip]
     if not wheels:
         return
     from envmgr.resolve.pypi.sdist import host_python_xy, wheel_is_pure  # noqa: PLC0415 - see above

@@ -169,13 +169,14 @@ def _env_for_platform(pairs: list[str], platform: str | None) -> Chosen:
 
 def hydrate_env(
     args: argparse.Namespace, chosen: Chosen, builder: BuilderFactory | None = None
-) -> tuple[Path, bool]:
-    """(prefix, downloaded): the env from this host's env cache, else from the store. A warm
-    env costs one ``stat`` and imports nothing more. Raises ``EnvmgrError``."""
+) -> tuple[Path, bool, dict[str, int]]:
+    """(prefix, downloaded, layers): the env from this host's env cache, else from the store;
+    for a format-3 env *layers* counts the layers fetched and the files linked and copied. A
+    warm env costs one ``stat`` and imports nothing more. Raises ``EnvmgrError``."""
     final = env_dir(args.cache_dir, chosen.env_id)
     if (final / COMPLETE).is_file():
         touch(final)
-        return final, False
+        return final, False, {}
     if not args.store:
         raise UsageError(
             f"env {chosen.env_id} is not in the env cache {args.cache_dir}, and no store "
@@ -191,10 +192,23 @@ def hydrate_env(
     result = hydrate(
         chosen.env_id, store, args.cache_dir, platform=chosen.platform, build_missing=build
     )
-    return result.prefix, result.downloaded
+    layers = {}
+    if result.layers_fetched or result.linked or result.copied:
+        layers = {
+            "fetched": result.layers_fetched,
+            "linked": result.linked,
+            "copied": result.copied,
+        }
+    return result.prefix, result.downloaded, layers
 
 
-def report(args: argparse.Namespace, env_id: str, prefix: Path, downloaded: bool) -> None:
+def report(
+    args: argparse.Namespace,
+    env_id: str,
+    prefix: Path,
+    downloaded: bool,
+    layers: dict[str, int] | None = None,
+) -> None:
     """Print what the caller asked for: the python, a JSON object or an ``export`` line."""
     python = prefix / "bin" / "python"
     if args.shell:
@@ -205,7 +219,9 @@ def report(args: argparse.Namespace, env_id: str, prefix: Path, downloaded: bool
             f"ENVMGR_PYTHON={shlex.quote(str(python))} ENVMGR_ENV_ID={env_id}"
         )
     elif args.json:
-        record = {"env_id": env_id, "prefix": str(prefix), "python": str(python)}
+        record: dict[str, object] = {"env_id": env_id, "prefix": str(prefix), "python": str(python)}
+        if layers:
+            record["layers"] = layers
         print(json.dumps({**record, "downloaded": downloaded}))
     else:
         print(python)
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None, *, builder: BuilderFactory | None = None
             )
             return 1
     try:
-        prefix, downloaded = hydrate_env(args, chosen, builder)
+        prefix, downloaded, layers = hydrate_env(args, chosen, builder)
     except EnvmgrError as exc:
         _error(str(exc))
         return exc.exit_code
@@ -245,5 +261,5 @@ def main(argv: list[str] | None = None, *, builder: BuilderFactory | None = None
         except OSError as exc:
             _error(f"cannot run {args.exec_command[0]!r} in env {chosen.env_id}: {exc.strerror}")
             return 127
-    report(args, chosen.env_id, prefix, downloaded)
+    report(args, chosen.env_id, prefix, downloaded, layers)
     return 0

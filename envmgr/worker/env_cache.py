@@ -3,6 +3,11 @@
 Envs live in ``<cache>/envs/<env_id>``; a running ``envmgr run`` holds a shared ``flock`` on
 ``<cache>/envs/.locks/<env_id>.use`` for as long as its command runs, and :func:`gc` never
 removes an env whose use lock it cannot take exclusively.
+
+Format-3 envs are made of links into the package layers under ``<cache>/layers/`` (see
+:mod:`envmgr.worker.layers`) and name them in :data:`LAYERS`. An env's size counts only its
+own files (those no layer shares); :func:`gc` removes a layer once no remaining env names it
+and no hydrate is assembling from it (its shared ``.use`` lock).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from envmgr.ids import check_under, is_env_id, parse_env_id
 
 __all__ = [
     "COMPLETE",
+    "LAYERS",
     "LocalEnv",
     "env_dir",
     "exec_in_env",
@@ -43,6 +49,8 @@ __all__ = [
 
 #: The marker file inside a published env; it holds the manifest's sha256.
 COMPLETE = ".envmgr-complete"
+#: In a format-3 env: the layers it links to, one id per line.
+LAYERS = ".envmgr-layers"
 
 
 def env_dir(cache_dir: Path, env_id: str) -> Path:
@@ -68,18 +76,28 @@ class LocalEnv(NamedTuple):
 
     env_id: str
     prefix: Path
-    size: int
+    size: int  #: its own bytes: files it shares with a layer count there
     last_used: float
     steps: tuple[str, ...]
+    layers: tuple[str, ...] = ()  #: the layers it links to (format 3)
 
 
-def _size(path: Path) -> int:
+def _size(path: Path, *, own: bool = False) -> int:
+    """Bytes of the files below *path*; with *own*, only files not linked from elsewhere."""
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
             with contextlib.suppress(OSError):
-                total += Path(dirpath, name).lstat().st_size
+                info = Path(dirpath, name).lstat()
+                if not own or info.st_nlink == 1:
+                    total += info.st_size
     return total
+
+
+def _layers_of(prefix: Path) -> tuple[str, ...]:
+    with contextlib.suppress(OSError):
+        return tuple(line for line in (prefix / LAYERS).read_text().split() if is_env_id(line))
+    return ()
 
 
 def _meta_path(cache_dir: Path, env_id: str) -> Path:
@@ -116,9 +134,10 @@ def list_envs(cache_dir: Path) -> list[LocalEnv]:
             LocalEnv(
                 env_id=prefix.name,
                 prefix=prefix,
-                size=_size(prefix),
+                size=_size(prefix, own=True),
                 last_used=marker.stat().st_mtime,
                 steps=steps,
+                layers=_layers_of(prefix),
             )
         )
     return sorted(found, key=lambda e: e.last_used, reverse=True)
@@ -242,17 +261,23 @@ def gc(
     max_size: int | None = None,
     older_than: float | None = None,
     dry_run: bool = False,
-) -> tuple[list[LocalEnv], list[LocalEnv]]:
+) -> tuple[list[LocalEnv], list[LocalEnv], list[tuple[str, int]]]:
     """Remove envs unused for *older_than* seconds, then least recently used ones until the
-    total is at most *max_size*, and the temp dirs of killed builders. Returns (removed,
-    kept-because-in-use)."""
+    total (envs' own files and the layers) is at most *max_size*, then the layers no
+    remaining env links to, and the temp dirs of killed builders. Returns (envs removed,
+    envs kept because in use, layers removed with their bytes); a dry run lists no layers."""
     if not dry_run:
         sweep_dead_pack_dirs(cache_dir)
     envs = list_envs(cache_dir)
+    layers = {path.name: _size(path) for path in _layer_dirs(cache_dir)}
+    users: dict[str, int] = {}
+    for env in envs:
+        for layer in env.layers:
+            users[layer] = users.get(layer, 0) + 1
     now = time.time()
     removed: list[LocalEnv] = []
     busy: list[LocalEnv] = []
-    total = sum(e.size for e in envs)
+    total = sum(e.size for e in envs) + sum(layers.values())
     for env in sorted(envs, key=lambda e: e.last_used):
         too_old = older_than is not None and now - env.last_used > older_than
         too_big = max_size is not None and total > max_size
@@ -261,6 +286,48 @@ def gc(
         if dry_run or _try_remove(cache_dir, env):
             removed.append(env)
             total -= env.size
+            for layer in env.layers:
+                users[layer] -= 1
+                if users[layer] == 0:
+                    total -= layers.get(layer, 0)
         else:
             busy.append(env)
-    return removed, busy
+    return removed, busy, ([] if dry_run else gc_layers(cache_dir))
+
+
+def _layer_dirs(cache_dir: Path) -> list[Path]:
+    root = cache_dir / "layers"
+    return [p for p in root.iterdir() if is_env_id(p.name)] if root.is_dir() else []
+
+
+def layer_use_lock(cache_dir: Path, layer_id: str) -> Path:
+    """The ``flock`` file a hydrate holds shared while it assembles from the layer."""
+    return cache_dir / "layers" / ".locks" / f"{parse_env_id(layer_id, where='layer id')}.use"
+
+
+def gc_layers(cache_dir: Path) -> list[tuple[str, int]]:
+    """Remove the layers no published env links to and no hydrate is using; returns each
+    removed layer's id and bytes."""
+    wanted = {layer for env in list_envs(cache_dir) for layer in env.layers}
+    removed = []
+    for path in _layer_dirs(cache_dir):
+        if path.name in wanted:
+            continue
+        lock = layer_use_lock(cache_dir, path.name)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a hydrate is assembling an env from it
+            if path.name in {layer for env in list_envs(cache_dir) for layer in env.layers}:
+                continue  # published since we looked
+            size = _size(path)
+            doomed = path.with_name(f".tmp-{path.name}-gc-{os.getpid()}")
+            path.rename(check_under(doomed, cache_dir / "layers"))
+            shutil.rmtree(doomed, ignore_errors=True)  # read-only files, writable dirs
+            removed.append((path.name, size))
+        finally:
+            os.close(fd)
+    return removed

@@ -27,13 +27,20 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from envmgr.archive.manifest import ArchiveError, ChunkDigestError, Manifest, WriteError
-from envmgr.archive.relocate import relocate
+from envmgr.archive.relocate import relocate, relocate_files
 from envmgr.archive.unpack import unpack
-from envmgr.cache.layout import archive_key, env_lock_key, manifest_key
+from envmgr.cache.layout import (
+    archive_key,
+    env_lock_key,
+    layer_archive_key,
+    layer_manifest_key,
+    manifest_key,
+)
 from envmgr.cache.store import Store, StoreError
 from envmgr.cache.usage import record_use
 from envmgr.errors import EnvmgrError
@@ -41,7 +48,15 @@ from envmgr.fs import file_lock
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
 from envmgr.platforms import host_platform
 from envmgr.progress import Progress, Task, tracked
-from envmgr.worker.env_cache import COMPLETE, env_dir, lock_path, touch
+from envmgr.worker.env_cache import COMPLETE, LAYERS, env_dir, lock_path, touch
+from envmgr.worker.layers import (
+    assemble,
+    fetch_layer_manifests,
+    layer_streams,
+    published_layer,
+    using_layers,
+    with_layer,
+)
 
 __all__ = ["BuildMissing", "HashMismatchError", "HydrateError", "Hydrated", "hydrate"]
 
@@ -66,6 +81,11 @@ class Hydrated(NamedTuple):
     env_id: str
     downloaded: bool  # this call fetched the archive (False: it was already here)
     seconds: float
+    #: Format 3: layers this call fetched into the host's layer cache, and the env's files
+    #: it linked from there or copied (relocated files, or links impossible or off).
+    layers_fetched: int = 0
+    linked: int = 0
+    copied: int = 0
 
     @property
     def python(self) -> Path:
@@ -80,11 +100,13 @@ def hydrate(
     platform: str | None = None,
     build_missing: BuildMissing | None = None,
     progress: Progress | None = None,
+    link: bool | None = None,
 ) -> Hydrated:
     """Return the published env *env_id* under *cache_dir*, fetching it if needed;
     *progress* sees the download (and a build, when this worker must build). An env whose
     store has only its lock is built by *build_missing* when given, else refused with the
-    command that builds it.
+    command that builds it. A format-3 env is assembled from the host's layer cache by hard
+    links unless *link* is false (default: true unless ``ENVMGR_LINK=copy``).
 
     Raises ``BadIdError`` (before touching anything) when *env_id* or *platform* is not one,
     ``HydrateError`` (no archive and no lock, relocation impossible, a manifest of another
@@ -116,10 +138,20 @@ def hydrate(
             raise HydrateError(
                 f"env {env_id}: cannot read it from the store: {exc.message}", hint=exc.hint
             ) from None
-        _fetch_and_publish(store, manifest, final, progress)
+        if link is None:
+            link = os.environ.get("ENVMGR_LINK", "hardlink") != "copy"
+        fetched, linked, copied = _fetch_and_publish(store, manifest, final, progress, link=link)
 
     record_use(store, platform, env_id)  # a cold start here: `store gc` keeps used envs
-    return Hydrated(prefix=final, env_id=env_id, downloaded=True, seconds=time.monotonic() - start)
+    return Hydrated(
+        prefix=final,
+        env_id=env_id,
+        downloaded=True,
+        seconds=time.monotonic() - start,
+        layers_fetched=fetched,
+        linked=linked,
+        copied=copied,
+    )
 
 
 def _check_writable(cache_dir: Path, lock: Path) -> None:
@@ -209,11 +241,7 @@ class _Hashing:
         return len(data)
 
 
-def _fetch_and_publish(
-    store: Store, manifest: Manifest, final: Path, progress: Progress | None = None
-) -> None:
-
-    key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
+def _check_length(manifest: Manifest, final: Path) -> None:
     binary = any(r.mode == "binary" for r in manifest.relocations)
     if binary and len(str(final)) > len(manifest.build_prefix):
         raise HydrateError(
@@ -221,56 +249,31 @@ def _fetch_and_publish(
             f"({len(manifest.build_prefix)} characters)",
             hint="use a shorter ENVMGR_CACHE_DIR",
         )
+
+
+def _fetch_and_publish(
+    store: Store,
+    manifest: Manifest,
+    final: Path,
+    progress: Progress | None = None,
+    *,
+    link: bool = True,
+) -> tuple[int, int, int]:
+    """Fetch, verify, relocate and publish the env at *final*; returns (layers fetched,
+    files linked, files copied), all 0 for format 1 and 2."""
+    _check_length(manifest, final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    counts = (0, 0, 0)
     try:
-        source = store.open(key)
-        if source is None:
-            raise HydrateError(
-                f"env {manifest.env_id}: the manifest is in {store.url} but "
-                f"the archive {key} is not",
-                hint="run `envmgr build` again",
-            )
-        label = f"hydrate {manifest.env_id[:12]}"
-        tracking = (
-            tracked(progress, label, total=manifest.size)
-            if progress is not None
-            else contextlib.nullcontext(None)
-        )
-        with tracking as task, source:
-            hashing = _Hashing(source, task, digest=not manifest.chunks)
-            try:
-                unpack(hashing, tmp, manifest)  # type: ignore[arg-type]
-            except ChunkDigestError as exc:
-                raise HashMismatchError(
-                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
-                    f"its manifest ({exc.message}); nothing was published",
-                    hint="rebuild it with `envmgr build` or restore the object",
-                ) from None
-            except ArchiveError:
-                if manifest.chunks:  # each frame was checked before it was decoded
-                    raise
-                # A damaged download usually breaks the stream first: say so if the bytes
-                # do not match, which is the actionable cause.
-                while hashing.read(1 << 20):
-                    pass
-                if hashing.digest.hexdigest() == manifest.sha256:
-                    raise
-            while hashing.read(1 << 20):  # the tar end padding the extractor left unread
-                pass
-            got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
-            if got != manifest.sha256 or hashing.size != manifest.size:
-                what = (
-                    f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
-                    if got != manifest.sha256
-                    else f"{hashing.size} bytes, want {manifest.size}"
-                )
-                raise HashMismatchError(
-                    f"env {manifest.env_id}: the archive {key} in {store.url} does not match "
-                    f"its manifest ({what}); nothing was published",
-                    hint="rebuild it with `envmgr build` or restore the object",
-                )
-        relocate(tmp, manifest, str(final))
+        if manifest.layers:
+            counts = _from_layers(store, manifest, final, tmp, progress, link=link)
+        else:
+            key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
+            task = _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
+            with task as tracker:
+                _download(store, key, manifest, tmp, tracker, f"env {manifest.env_id}")
+            relocate(tmp, manifest, str(final))
         (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
         tmp.rename(final)
     except StoreError as exc:
@@ -290,3 +293,125 @@ def _fetch_and_publish(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return counts
+
+
+def _from_layers(
+    store: Store,
+    manifest: Manifest,
+    final: Path,
+    tmp: Path,
+    progress: Progress | None,
+    *,
+    link: bool,
+) -> tuple[int, int, int]:
+    """Assemble the format-3 env *manifest* in *tmp* for *final*: its layers from the host's
+    layer cache (fetched there first when missing, several at once), then its env layer;
+    returns (layers fetched, files linked, files copied)."""
+    cache_dir = final.parent.parent
+    layers = fetch_layer_manifests(store, manifest.layers)
+    for ref in manifest.layers:
+        layer = layers[ref.layer_id]
+        if layer is None:
+            raise HydrateError(
+                f"env {manifest.env_id}: its layer of {ref.package} "
+                f"({layer_manifest_key(ref.layer_id)}) is not in {store.url}; "
+                "nothing was published",
+                hint="run `envmgr build` again: it stores the layers the store lacks",
+            )
+        if layer.platform != manifest.platform:
+            raise HydrateError(
+                f"env {manifest.env_id}: its layer of {ref.package} is for {layer.platform}, "
+                f"not {manifest.platform}; the store was altered",
+                hint=f"delete {store.url}/layers/{ref.layer_id}/ and build the env again",
+            )
+        _check_length(layer, final)
+    wanted = [layers[ref.layer_id] for ref in manifest.layers]
+    todo = [m for m in wanted if m is not None and published_layer(cache_dir, m) is None]
+    total = manifest.size + sum(m.size for m in todo)
+    ids = [ref.layer_id for ref in manifest.layers]
+    with (
+        using_layers(cache_dir, ids),
+        _tracking(progress, f"hydrate {manifest.env_id[:12]}", total) as task,
+    ):
+
+        def fetch(layer: Manifest, into: Path) -> None:
+            ref = layer.layer
+            what = f"env {manifest.env_id}: layer of {ref.package if ref else layer.env_id}"
+            _download(store, layer_archive_key(layer.env_id), layer, into, task, what)
+
+        def one(layer: Manifest) -> tuple[Path, bool]:
+            return with_layer(cache_dir, layer, fetch)
+
+        with ThreadPoolExecutor(
+            max_workers=min(layer_streams(), max(1, len(wanted))),
+            thread_name_prefix="envmgr-layer",
+        ) as pool:
+            placed = list(pool.map(one, [m for m in wanted if m is not None]))
+        env_layer = tmp.with_name(f"{tmp.name}-envlayer")
+        shutil.rmtree(env_layer, ignore_errors=True)
+        try:
+            key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
+            _download(store, key, manifest, env_layer, task, f"env {manifest.env_id}")
+            pairs = [(m, d) for m, (d, _f) in zip(wanted, placed, strict=True) if m is not None]
+            relocations, linked, copied = assemble(tmp, pairs, env_layer, manifest, link=link)
+        finally:
+            shutil.rmtree(env_layer, ignore_errors=True)
+        (tmp / LAYERS).write_text("".join(f"{layer}\n" for layer in ids))
+        relocate_files(
+            tmp, relocations, manifest.build_prefix, str(final), f"env {manifest.env_id}"
+        )
+    return sum(fetched for _d, fetched in placed), linked, copied
+
+
+def _tracking(progress: Progress | None, label: str, total: int) -> Any:
+    if progress is None:
+        return contextlib.nullcontext(None)
+    return tracked(progress, label, total=total)
+
+
+def _download(
+    store: Store, key: str, manifest: Manifest, dest: Path, task: Task | None, what: str
+) -> None:
+    """Stream the archive *key* through its checks into *dest* (made here); *what* names it
+    in errors ("env …", "layer …"). Raises ``HydrateError`` (absent), ``HashMismatchError``,
+    ``ArchiveError``, ``StoreError``, ``WriteError``."""
+    source = store.open(key)
+    if source is None:
+        raise HydrateError(
+            f"{what}: the manifest is in {store.url} but the archive {key} is not",
+            hint="run `envmgr build` again",
+        )
+    with source:
+        hashing = _Hashing(source, task, digest=not manifest.chunks)
+        try:
+            unpack(hashing, dest, manifest)  # type: ignore[arg-type]
+        except ChunkDigestError as exc:
+            raise HashMismatchError(
+                f"{what}: the archive {key} in {store.url} does not match "
+                f"its manifest ({exc.message}); nothing was published",
+                hint="rebuild it with `envmgr build` or restore the object",
+            ) from None
+        except ArchiveError:
+            if manifest.chunks:  # each frame was checked before it was decoded
+                raise
+            # A damaged download usually breaks the stream first: say so if the bytes
+            # do not match, which is the actionable cause.
+            while hashing.read(1 << 20):
+                pass
+            if hashing.digest.hexdigest() == manifest.sha256:
+                raise
+        while hashing.read(1 << 20):  # the tar end padding the extractor left unread
+            pass
+        got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
+        if got != manifest.sha256 or hashing.size != manifest.size:
+            differs = (
+                f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
+                if got != manifest.sha256
+                else f"{hashing.size} bytes, want {manifest.size}"
+            )
+            raise HashMismatchError(
+                f"{what}: the archive {key} in {store.url} does not match "
+                f"its manifest ({differs}); nothing was published",
+                hint="rebuild it with `envmgr build` or restore the object",
+            )

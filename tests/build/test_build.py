@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def built(mixed_lock, tmp_path_factory):
+    """The mixed env as one archive (format 2); tests/build/test_layers.py builds layers."""
     home = tmp_path_factory.mktemp("built")
     store = LocalStore(home / "store")
-    outcome = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=home / "cache"))
-    return store, outcome
+    options = BuildOptions(store=store, cache_dir=home / "cache", layers=False)
+    return store, build_and_store(mixed_lock, options)
 
 
 def _archive(store, manifest):
@@ -69,7 +70,7 @@ def test_second_build_uploads_nothing(built, mixed_lock):
     used = used_key(mixed_lock.platform, mixed_lock.env_id)
     before = {k: store.size(k) for k in store.list("envs/") if k != used}
     again = build_and_store(
-        mixed_lock, BuildOptions(store=store, cache_dir=store.root.parent / "cache")
+        mixed_lock, BuildOptions(store=store, cache_dir=store.root.parent / "cache", layers=False)
     )
     assert again.status == "present" and again.manifest == first.manifest
     after = {k: store.size(k) for k in store.list("envs/")}
@@ -124,7 +125,8 @@ def test_unpacked_at_a_shorter_prefix_works(built, mixed_lock, tmp_path):
 def test_packing_is_deterministic(mixed_lock, built, tmp_path):
     _store, first = built
     other = LocalStore(tmp_path / "store")
-    again = build_and_store(mixed_lock, BuildOptions(store=other, cache_dir=tmp_path / "cache"))
+    options = BuildOptions(store=other, cache_dir=tmp_path / "cache", layers=False)
+    again = build_and_store(mixed_lock, options)
     assert again.status == "built"
     assert again.manifest.sha256 == first.manifest.sha256
 
@@ -391,21 +393,22 @@ def test_wheels_installed_by_worker_processes_give_the_same_archive(
     small ones) make the same bytes as one installer; a wheel that cannot be installed is
     one line naming it."""
 
-    import envmgr.build.prefix
+    import envmgr.build.wheels
     from fixtures.wheelmaker import make_wheel
 
     _store, serial = built
-    monkeypatch.setattr(envmgr.build.prefix, "_SHARE_BYTES", 0)
+    monkeypatch.setattr(envmgr.build.wheels, "_SHARE_BYTES", 0)
     shares: list[int] = []
-    real = envmgr.build.prefix._install_in_workers
+    real = envmgr.build.wheels._install_in_workers
 
     def spy(jobs):
         shares.append(len(jobs))
         real(jobs)
 
-    monkeypatch.setattr(envmgr.build.prefix, "_install_in_workers", spy)
+    monkeypatch.setattr(envmgr.build.wheels, "_install_in_workers", spy)
     store = LocalStore(tmp_path / "store")
-    shared = build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=tmp_path / "cache"))
+    options = BuildOptions(store=store, cache_dir=tmp_path / "cache", layers=False)
+    shared = build_and_store(mixed_lock, options)
     assert shares == [2]
     assert shared.manifest.sha256 == serial.manifest.sha256
     wheel = make_wheel(tmp_path / "wheels", "broken", "1.0")

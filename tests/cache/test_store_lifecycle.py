@@ -17,13 +17,15 @@ from _shapes import documented_shapes, problems
 from envmgr.cache.layout import (
     archive_key,
     env_lock_key,
+    layer_archive_key,
+    layer_manifest_key,
     lease_key,
     lock_key,
     manifest_key,
     used_key,
 )
 from envmgr.cache.lease import _boot_id
-from envmgr.cache.lifecycle import collect, plan_gc, scan
+from envmgr.cache.lifecycle import collect, collect_layers, plan_gc, scan
 from envmgr.cache.local import LocalStore
 from envmgr.cache.names import set_alias
 
@@ -198,12 +200,15 @@ def test_store_commands_on_s3_as_a_user_runs_them(world, s3_server, s3_bucket, t
 
     listed = shaped("store ls", envmgr_here("store", "ls", "--json", env=env).stdout)
     [entry] = listed["envs"]
-    assert entry["env_id"] == env_id and entry["state"] == "complete" and entry["size"] > 10_000
+    assert entry["env_id"] == env_id and entry["state"] == "complete"
+    assert entry["layers"] == 2 and entry["layer_size"] > 10_000  # python and numpy
     assert entry["created"] and entry["last_used"] and entry["names"] == []
     text = envmgr_here("store", "ls", env=env)
     assert text.returncode == 0 and env_id[:12] in text.stdout and "MB" in text.stdout
     usage = shaped("store du", envmgr_here("store", "du", "--json", env=env).stdout)
     assert usage["envs"] == {"count": 1, "size": entry["size"]} and usage["locks"]["count"] >= 1
+    stored = entry["layer_size"]
+    assert usage["layers"] == {"count": 2, "size": stored, "listed": stored}
     assert "linux-64" in envmgr_here("store", "du", env=env).stdout
 
     gc = ("store", "gc", "--keep-named", "--older-than", "0s")
@@ -224,7 +229,12 @@ def test_store_commands_on_s3_as_a_user_runs_them(world, s3_server, s3_bucket, t
     client.delete_object(Bucket=s3_bucket, Key="envmgr/names/team/numpy/stable")
     gone = envmgr_here(*gc, env=env)
     assert gone.returncode == 0 and f"removed {env_id[:12]} linux-64" in gone.stdout
+    assert "removed 2 package layers no env lists" in gone.stdout
     assert shaped("store ls", envmgr_here("store", "ls", "--json", env=env).stdout)["envs"] == []
+    assert (
+        shaped("store du", envmgr_here("store", "du", "--json", env=env).stdout)["layers"]["count"]
+        == 0
+    )
     rebuilt = envmgr_here("build", "--conda", "numpy", "--python", "3.11", "--json", env=env)
     assert json.loads(rebuilt.stdout)["envs"][0]["env_id"] == env_id  # same id, from the lock
 
@@ -266,3 +276,60 @@ def test_a_store_that_refuses_the_use_marker_does_not_fail_the_task(tmp_path):
     store = ReadOnly(tmp_path / "store")
     record_use(store, "linux-64", IDS["a"])  # no exception
     assert not store.exists(used_key("linux-64", IDS["a"]))
+
+
+def _layered_env(store, env_id: str, layers: list[str], *, built_days_ago: float) -> None:
+    """A format-3 env's objects (its manifest lists *layers*) and each layer's objects."""
+    store.put(archive_key("linux-64", env_id), b"e" * 100)
+    refs = [[layer, f"conda pkg-{layer[0]} 1.0", "0" * 64] for layer in layers]
+    manifest = {"format": 3, "env_id": env_id, "created": _stamp(built_days_ago * DAY),
+                "layers": refs}  # fmt: skip
+    store.put(manifest_key("linux-64", env_id), json.dumps(manifest).encode())
+
+
+def _layer(store, layer_id: str, *, days_ago: float) -> None:
+    for key, size in ((layer_archive_key(layer_id), 5000), (layer_manifest_key(layer_id), 10)):
+        store.put(key, b"l" * size)
+        if isinstance(store, LocalStore):
+            old = time.time() - days_ago * DAY
+            os.utime(store.root / key, (old, old))
+
+
+def test_gc_keeps_a_layer_while_a_kept_env_lists_it(tmp_path):
+    """Layer s is shared by a kept env and a removed one; o is only the removed env's; n is
+    listed by no env but new (a build may be about to list it); g is listed by no env and
+    old. gc removes o and g, and no layer at all while a build holds a live lease."""
+    store = LocalStore(tmp_path / "store")
+    lid = {name: digit * 32 for name, digit in zip("sogn", "5096", strict=True)}
+    name = {layer: name for name, layer in lid.items()}
+    for old in "sog":
+        _layer(store, lid[old], days_ago=200)
+    _layer(store, lid["n"], days_ago=0)
+    _layered_env(store, IDS["a"], [lid["s"]], built_days_ago=1)
+    _layered_env(store, IDS["b"], [lid["s"], lid["o"]], built_days_ago=200)
+    contents = scan(store)
+    by_id = {e.env_id[0]: e for e in contents.envs}
+    assert by_id["b"].layers == (lid["s"], lid["o"]) and by_id["b"].layer_size == 2 * 5010
+    plan = plan_gc(contents, older_than=90 * DAY)
+    assert [e.env_id[0] for e in plan.remove] == ["b"]
+    assert sorted(name[layer.layer_id] for layer in plan.remove_layers) == ["g", "o"]
+    assert plan.freed == by_id["b"].size + 2 * 5010
+
+    _lease(store, IDS["c"], holder="builder-c")  # some build is running: layers wait
+    assert collect(store, plan) and collect_layers(store, plan, contents) == ()
+    store.delete(lease_key(IDS["c"]))
+    removed = collect_layers(store, plan, contents)
+    assert sorted(name[layer.layer_id] for layer in removed) == ["g", "o"]
+    assert {name[layer.layer_id] for layer in scan(store).layers} == {"s", "n"}
+
+
+def test_gc_spares_a_layer_an_env_built_since_the_scan_lists(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    old = "7" * 32
+    _layer(store, old, days_ago=200)
+    contents = scan(store)
+    plan = plan_gc(contents, older_than=90 * DAY)
+    assert [layer.layer_id for layer in plan.remove_layers] == [old]
+    _layered_env(store, IDS["d"], [old], built_days_ago=0)  # a build found it and listed it
+    assert collect_layers(store, plan, contents) == ()
+    assert store.exists(layer_manifest_key(old))

@@ -112,7 +112,11 @@ def _soak(tasks: int, names: list[str], conda_channel, pypi_index, s3_server, bu
         manifests = [k for k in keys if k.endswith(f"{lock.env_id}/manifest.json")]
         assert len(manifests) == 1
     # Built once: one manifest PUT (the commit point of a build) per env, from all tasks.
-    puts = [r for r in proxy.counters.requests if r.startswith("PUT ") and "manifest.json" in r]
+    puts = [
+        r
+        for r in proxy.counters.requests
+        if r.startswith("PUT ") and "/envs/" in r and "/manifest.json" in r
+    ]
     assert sorted(p.split("/")[-2] for p in puts) == sorted(k.env_id for k in locks.values())
     assert not list(admin.list("leases/"))
     return results

@@ -320,16 +320,12 @@ def test_sdist_is_built_for_the_host_and_its_wheel_kept_in_the_store(
     stored = [k for k in store.list(prefix) if k.endswith(".whl")]
     assert len(stored) == 1 and stored[0].rsplit("/", 1)[1].startswith("sdist_only-1.0-")
     assert stored[0].endswith("-none-any.whl")
-    from envmgr.archive.relocate import relocate
-    from envmgr.archive.unpack import unpack
-    from envmgr.cache.layout import archive_key
+    from envmgr.worker.hydrate import hydrate
 
-    with (store.root / archive_key("linux-64", lock.env_id)).open("rb") as handle:
-        unpack(handle, tmp_path / "env", built.manifest)
-    relocate(tmp_path / "env", built.manifest)
+    env = hydrate(built.env_id, store, tmp_path / "worker", platform="linux-64").prefix
     out = subprocess.run(
         [
-            str(tmp_path / "env" / "bin" / "python"),
+            str(env / "bin" / "python"),
             "-c",
             "import sdist_only, six; print(sdist_only.__version__)",
         ],

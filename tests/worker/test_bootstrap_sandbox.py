@@ -74,6 +74,8 @@ def test_every_mode_runs_on_the_shipped_files_alone(pod):
     assert first.returncode == 0, first.stderr
     cold = json.loads(first.stdout)
     assert cold["downloaded"] is True and Path(cold["python"]).is_file()
+    layers = cold.pop("layers")  # format 3: what this cold start fetched, linked and copied
+    assert layers["fetched"] == 8 and layers["linked"] > 4000 and layers["copied"] > 0
 
     by_name = _bootstrap(pod, "--name", "team/mixed:stable", "--json")
     assert by_name.returncode == 0, by_name.stderr

@@ -188,20 +188,26 @@ def test_kill_minus_nine_never_leaves_an_incomplete_env(local_store, lock, tmp_p
 
 
 def test_flipped_byte_is_a_hash_mismatch_and_publishes_nothing(local_store, lock, tmp_path):
+    """In the env layer and in the largest package layer (python's), at two places each;
+    each on a host that has none of the layers yet (a host that has a layer never fetches it
+    again)."""
     store = LocalStore(tmp_path / "store")
-    for key in local_store.list("envs/"):
+    for key in local_store.list(""):
         store.put(key, local_store.get(key))
-    key = archive_key("linux-64", lock.env_id)
-    good = store.get(key)
-    for position in (len(good) // 2, 100):
-        bad = bytearray(good)
-        bad[position] ^= 0xFF
-        store.put(key, bytes(bad))
-        with pytest.raises(HashMismatchError, match=lock.env_id):
-            hydrate(lock.env_id, store, tmp_path / "cache")
-        assert not env_dir(tmp_path / "cache", lock.env_id).exists()
-        assert not list((tmp_path / "cache" / "envs").glob(".tmp-*"))
-    store.put(key, good)
+    layers = [k for k in store.list("layers/") if k.endswith(".tar.zst")]
+    for key in (archive_key("linux-64", lock.env_id), max(layers, key=store.size)):
+        good = store.get(key)
+        for position in (len(good) // 2, 100):
+            cache = tmp_path / f"cache-{key.split('/')[-2]}-{position}"
+            bad = bytearray(good)
+            bad[position] ^= 0xFF
+            store.put(key, bytes(bad))
+            with pytest.raises(HashMismatchError, match=lock.env_id):
+                hydrate(lock.env_id, store, cache)
+            assert not env_dir(cache, lock.env_id).exists()
+            assert not list((cache / "envs").glob(".tmp-*"))
+            assert not list((cache / "layers").glob(".tmp-*"))
+        store.put(key, good)
     assert hydrate(lock.env_id, store, tmp_path / "cache").downloaded
 
 
@@ -287,10 +293,12 @@ def test_run_ls_and_gc(local_store, lock, tmp_path):
     failing = run_envmgr("run", lock.env_id, "--", "python", "-c", "raise SystemExit(7)", env=env)
     assert failing.returncode == 7
     listed = json.loads(envmgr_here("ls", "--json", env=env).stdout)["envs"]
-    assert [e["env_id"] for e in listed] == [lock.env_id] and listed[0]["size"] > 10_000_000
+    # Its own bytes (relocated copies, the env layer): its packages' files are the layers'.
+    assert [e["env_id"] for e in listed] == [lock.env_id] and 10_000 < listed[0]["size"] < 10**6
     with hold_for_use(tmp_path / "cache", lock.env_id):
-        removed, busy = gc(tmp_path / "cache", max_size=0)
+        removed, busy, _layers = gc(tmp_path / "cache", max_size=0)
         assert removed == [] and [e.env_id for e in busy] == [lock.env_id]
     collected = json.loads(envmgr_here("gc", "--max-size", "1M", "--json", env=env).stdout)
-    assert collected["removed"] == [lock.env_id]
+    assert collected["removed"] == [lock.env_id] and collected["freed"] > 10_000_000
+    assert len(collected["removed_layers"]) == 8  # no env links to them any more
     assert list_envs(tmp_path / "cache") == []

@@ -38,12 +38,12 @@ def test_bootstrap_exec_holds_the_env_for_the_commands_lifetime(tmp_path):
     )  # fmt: skip
     _wait_until_started(task, started)
     assert started.read_text().split() == [A, str(env_dir(cache, A))]
-    removed, busy = gc(cache, max_size=0)  # the task's env is in use: kept
+    removed, busy, _layers = gc(cache, max_size=0)  # the task's env is in use: kept
     assert removed == [] and [e.env_id for e in busy] == [A]
     assert (env_dir(cache, A) / COMPLETE).is_file()
     task.communicate(timeout=60)
     assert task.returncode == 0
-    removed, busy = gc(cache, max_size=0)  # done: now it goes
+    removed, busy, _layers = gc(cache, max_size=0)  # done: now it goes
     assert [e.env_id for e in removed] == [A] and busy == []
 
 
@@ -72,7 +72,7 @@ def test_envmgr_run_holds_the_use_lock_while_its_command_runs(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     _wait_until_started(task, started)
-    removed, busy = gc(cache, max_size=0)
+    removed, busy, _layers = gc(cache, max_size=0)
     assert removed == [] and [e.env_id for e in busy] == [A]
     task.communicate(timeout=60)
     assert task.returncode == 0

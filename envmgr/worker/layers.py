@@ -1,0 +1,273 @@
+"""The host's layer cache and env assembly: each layer fetched once, envs made of links.
+
+``<cache>/layers/<layer_id>/`` holds one package layer unpacked (still against the placeholder
+prefix), published like an env: a temp directory beside it, verified, made read-only, marked
+complete and renamed into place under a per-layer ``flock``, so concurrent hydrates on one host
+fetch each layer once and a killed one leaves only a temp directory the next one removes.
+
+:func:`assemble` makes an env from its layers in install order: every file is a hard link to
+the layer's copy (read-only: a task cannot change another env's files through its own), except
+the files that hold the prefix, which are copied and relocated, and everything when links are
+impossible (another file system) or not wanted (``link=False``). The env layer, unpacked apart,
+goes last and wins; the manifest's ``removes`` are taken away.
+
+Standard library only (with the archive and store packages): workers import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from envmgr.archive.manifest import ArchiveError, LayerRef, Manifest, Relocation
+from envmgr.cache.layout import layer_manifest_key
+from envmgr.cache.store import Store
+from envmgr.fs import file_lock
+from envmgr.ids import check_under, parse_layer_id
+from envmgr.worker.env_cache import COMPLETE, layer_use_lock
+
+__all__ = [
+    "assemble",
+    "fetch_layer_manifests",
+    "layer_dir",
+    "layer_streams",
+    "published_layer",
+    "read_layer_manifest",
+    "using_layers",
+    "with_layer",
+]
+
+#: Store reads in flight while layer manifests are looked up.
+_LOOKUPS = 16
+#: Errors of ``link(2)`` that mean "copy instead": another file system, too many links, a
+#: file system without hard links.
+_NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def layer_streams() -> int:
+    """``ENVMGR_LAYER_STREAMS``: layers fetched at once (default 8, at least 1)."""
+    with contextlib.suppress(ValueError):
+        return max(1, int(os.environ.get("ENVMGR_LAYER_STREAMS", "8")))
+    return 8
+
+
+def layer_dir(cache_dir: Path, layer_id: str) -> Path:
+    """``<cache>/layers/<layer_id>``; raises ``BadIdError`` unless *layer_id* is one."""
+    return cache_dir / "layers" / parse_layer_id(layer_id, where="layer id")
+
+
+def read_layer_manifest(raw: bytes | None, ref: LayerRef, url: str) -> Manifest | None:
+    """The layer manifest *raw* read for *ref*, checked against it; ``None`` when absent.
+    Raises ``ArchiveError`` when it is unreadable or describes another package or layer."""
+    if raw is None:
+        return None
+    key = layer_manifest_key(ref.layer_id)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ArchiveError(f"{url}/{key} is not JSON") from None
+    manifest = Manifest.from_dict(data, where=f"{url}/{key}")
+    if manifest.layer != ref or manifest.env_id != ref.layer_id:
+        held = manifest.layer.package if manifest.layer is not None else "no package"
+        raise ArchiveError(
+            f"{url}/{key} describes {held[:80]}, not the layer of {ref.package[:80]}; "
+            "the store was altered",
+            hint=f"delete {url}/layers/{ref.layer_id}/ and build the env again",
+        )
+    return manifest
+
+
+def fetch_layer_manifests(store: Store, refs: Iterable[LayerRef]) -> dict[str, Manifest | None]:
+    """Each layer's manifest from *store* (``None`` when absent), read in parallel and
+    checked by :func:`read_layer_manifest`."""
+    wanted = list(refs)
+
+    def one(ref: LayerRef) -> Manifest | None:
+        return read_layer_manifest(store.get(layer_manifest_key(ref.layer_id)), ref, store.url)
+
+    if len(wanted) <= 1:
+        found = [one(ref) for ref in wanted]
+    else:
+        workers = min(_LOOKUPS, len(wanted))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="envmgr-look") as pool:
+            found = list(pool.map(one, wanted))
+    return {ref.layer_id: manifest for ref, manifest in zip(wanted, found, strict=True)}
+
+
+@contextlib.contextmanager
+def using_layers(cache_dir: Path, layer_ids: Iterable[str]) -> Iterator[None]:
+    """Hold the shared use lock of each layer for the block, so ``gc`` leaves them alone
+    while an env is assembled from them (it takes each exclusively, without waiting)."""
+    with contextlib.ExitStack() as held:
+        for layer_id in layer_ids:
+            path = layer_use_lock(cache_dir, layer_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            held.callback(os.close, fd)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+
+
+def published_layer(cache_dir: Path, manifest: Manifest) -> Path | None:
+    """The layer's directory when this host has it complete (and marks it used), else
+    ``None``."""
+    final = layer_dir(cache_dir, manifest.env_id)
+    marker = final / COMPLETE
+    try:
+        if marker.read_text().strip() != manifest.sha256:
+            return None  # another archive under this id: fetch it again
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(marker)
+    return final
+
+
+def _read_only(root: Path) -> None:
+    """Take write permission off every file below *root* (directories keep theirs, so the
+    next publisher can replace the layer)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_mode & 0o222:
+                os.chmod(path, stat.S_IMODE(info.st_mode) & ~0o222)
+
+
+def with_layer(
+    cache_dir: Path, manifest: Manifest, fetch: Callable[[Manifest, Path], None]
+) -> tuple[Path, bool]:
+    """The published directory of the layer *manifest* describes, and whether this call
+    fetched it: *fetch* (manifest, temp dir) unpacks and verifies it into a temp directory,
+    which is then made read-only, marked and renamed into place under the layer's lock."""
+    done = published_layer(cache_dir, manifest)
+    if done is not None:
+        return done, False
+    final = layer_dir(cache_dir, manifest.env_id)
+    locks = final.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with file_lock(locks / f"{manifest.env_id}.hydrate"):
+        done = published_layer(cache_dir, manifest)
+        if done is not None:
+            return done, False
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(check_under(stale, final.parent), ignore_errors=True)
+        if final.is_symlink():
+            final.unlink()
+        elif final.exists():
+            doomed = final.with_name(f".tmp-{final.name}-old-{os.getpid()}")
+            final.rename(doomed)
+            shutil.rmtree(check_under(doomed, final.parent), ignore_errors=True)
+        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+        try:
+            fetch(manifest, tmp)
+            _read_only(tmp)
+            (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final, True
+
+
+def _copy(source: str, target: str) -> None:
+    shutil.copyfile(source, target, follow_symlinks=False)
+    os.chmod(target, stat.S_IMODE(os.lstat(source).st_mode) | 0o200)
+
+
+class _Linker:
+    """Puts a layer's files into an env: links, or copies once links fail (or are off)."""
+
+    def __init__(self, link: bool) -> None:
+        self.link = link
+        self.linked = 0
+        self.copied = 0
+
+    def place(self, source: str, target: str, copy: bool) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)  # a later layer (or the env layer) wins
+        if self.link and not copy:
+            try:
+                os.link(source, target)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                self.link = False  # one failure says the file systems differ: copy the rest
+            else:
+                self.linked += 1
+                return
+        _copy(source, target)
+        self.copied += 1
+
+
+def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> list[str]:
+    """Every directory, file and link of *source* into *dest* (files by *linker*; those in
+    *copy* always copied); returns the files and links placed (relative paths)."""
+    placed = []
+    root = str(source)
+    for dirpath, dirnames, filenames in os.walk(source):
+        rel = os.path.relpath(dirpath, root)
+        here = dest if rel == "." else dest / rel
+        for name in list(dirnames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                dirnames.remove(name)
+                filenames.append(name)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    (here / name).mkdir(mode=0o755)
+        for name in filenames:
+            if rel == "." and name == COMPLETE:
+                continue
+            path = os.path.join(dirpath, name)
+            target = str(here / name)
+            key = name if rel == "." else f"{rel}/{name}"
+            placed.append(key)
+            if os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                os.symlink(os.readlink(path), target)
+            else:
+                linker.place(path, target, key in copy)
+    return placed
+
+
+def assemble(
+    dest: Path,
+    layers: list[tuple[Manifest, Path]],
+    env_layer: Path,
+    manifest: Manifest,
+    *,
+    link: bool = True,
+) -> tuple[tuple[Relocation, ...], int, int]:
+    """Make the env *manifest* describes in the new directory *dest* from its published
+    *layers* (manifest, directory) in order, then the unpacked *env_layer*, then its
+    ``removes``. Returns the relocations to apply (each file they name is a copy of its own)
+    and how many files were linked and copied. Raises ``ArchiveError`` for a remove that
+    leaves the env, ``OSError`` when the disk refuses."""
+    dest.mkdir(parents=True, exist_ok=True)
+    linker = _Linker(link)
+    relocations: dict[str, Relocation] = {}
+    for layer, directory in [*layers, (manifest, env_layer)]:
+        own = {r.path: r for r in layer.relocations}
+        # What a layer places replaces what came before, relocation entry included: a
+        # relocation must never write through a link into a shared file.
+        for key in _merge(directory, dest, linker, frozenset(own)):
+            relocations.pop(key, None)
+        relocations.update(own)
+    for rel in manifest.removes:
+        path = dest / rel
+        if not os.path.realpath(path.parent).startswith(os.path.realpath(dest)):
+            raise ArchiveError(f"env {manifest.env_id}: remove {rel!r} points outside the env")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        relocations.pop(rel, None)
+    return tuple(sorted(relocations.values())), linker.linked, linker.copied

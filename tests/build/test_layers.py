@@ -1,0 +1,280 @@
+"""Package layers (format 3): the same env as one install, shared bytes, built and fetched once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from _helpers import fixture_options
+
+import envmgr.build.layers
+from envmgr.archive.manifest import ArchiveError
+from envmgr.build.once import BuildOptions, build_and_store
+from envmgr.build.placeholder import PLACEHOLDER
+from envmgr.cache.layout import archive_key, layer_archive_key, layer_manifest_key, manifest_key
+from envmgr.cache.local import LocalStore
+from envmgr.resolve.resolution_cache import resolve_specs
+from envmgr.specs.model import CondaDep, EnvSpec, PypiDep
+from envmgr.worker.env_cache import gc
+from envmgr.worker.hydrate import HydrateError, hydrate
+
+PY = "3.11.*"
+
+
+@pytest.fixture(scope="module")
+def locks(conda_channel, pypi_index, tmp_path_factory):
+    """Locks that share packages: ``small`` (python, tabulate, pip; PyPI six), ``more`` (the
+    same and PyPI colorama), ``clobber`` (the fixture pair that writes one path twice),
+    ``alone_b`` (one of the pair)."""
+    options = fixture_options(tmp_path_factory.mktemp("locks"), conda_channel.url, pypi_index.url)
+
+    def lock(conda: tuple[str, ...], pypi: tuple[str, ...] = ()):
+        spec = EnvSpec(
+            python=PY,
+            conda=tuple(CondaDep.parse(c) for c in conda),
+            pypi=tuple(PypiDep.parse(p) for p in pypi),
+        )
+        return resolve_specs({"step": spec}, options)[0].lock
+
+    return {
+        "small": lock(("tabulate",), ("six",)),
+        "more": lock(("tabulate",), ("six", "colorama")),
+        "clobber": lock(("fixture-clobber-a", "fixture-clobber-b")),
+        "alone_b": lock(("fixture-clobber-b",)),
+    }
+
+
+def _tree(root: Path, prefixes: tuple[str, ...]) -> dict[str, str]:
+    """Every file and link below *root* as it would compare across prefixes: *root* and each
+    of *prefixes* (same-length build prefixes in bytecode) replaced by a token; conda-meta's
+    hashes of prefix-holding files (they hash a build-time state) left out."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if Path(dirpath, d).is_symlink()]:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(".envmgr-"):
+                continue
+            if path.is_symlink():
+                found[rel] = f"-> {path.readlink()}"
+                continue
+            data = path.read_bytes().replace(str(root).encode(), b"<root>")
+            for prefix in prefixes:
+                data = data.replace(prefix.encode(), b"<build>")
+            if rel.startswith("conda-meta/") and rel.endswith(".json"):
+                record = json.loads(data)
+                for entry in record.get("paths_data", {}).get("paths", []):
+                    entry.pop("sha256_in_prefix", None)
+                    if entry.get("path_type") == "unix_python_entry_point":
+                        entry.pop("sha256", None)
+                data = json.dumps(record, sort_keys=True).encode()
+            mode = stat.S_IMODE(path.stat().st_mode) & 0o111
+            found[rel] = f"{hashlib.sha256(data).hexdigest()[:16]} {mode:o}"
+    return found
+
+
+def _same_env(one: dict[str, str], layered: dict[str, str], prefix: Path) -> None:
+    """The two trees hold the same paths with the same bytes, but for the bytecode of
+    sources that hold the prefix: stale in both (it hashes the source as it was packed),
+    so Python compiles those sources again at import either way."""
+    assert one.keys() == layered.keys()
+    for rel in (k for k in one if one[k] != layered[k]):
+        assert rel.endswith(".pyc"), rel
+        parent, _, name = rel.rpartition("/__pycache__/")
+        source = prefix / parent / f"{name.split('.')[0]}.py"
+        assert str(prefix) in source.read_text(), rel
+
+
+def _both(lock, home: Path):
+    """*lock* built as one archive and as layers, each hydrated: (one, layered, manifest)."""
+    one = LocalStore(home / "one")
+    layered = LocalStore(home / "layered")
+    flat = build_and_store(lock, BuildOptions(store=one, cache_dir=home / "c", layers=False))
+    built = build_and_store(lock, BuildOptions(store=layered, cache_dir=home / "c"))
+    assert flat.manifest.format == 2 and built.manifest.format == 3
+    a = hydrate(lock.env_id, one, home / "h1", platform="linux-64")
+    b = hydrate(lock.env_id, layered, home / "h2", platform="linux-64")
+    prefixes = (flat.manifest.build_prefix, PLACEHOLDER)
+    return _tree(a.prefix, prefixes), _tree(b.prefix, prefixes), built.manifest, b
+
+
+def test_a_layered_env_is_the_env_one_install_makes(mixed_lock, tmp_path):
+    """Every file, link and mode of the mixed env (conda and PyPI, text and binary prefixes)
+    is the same from layers as from one archive; it runs at its new path."""
+    one, layered, manifest, hydrated = _both(mixed_lock, tmp_path)
+    _same_env(one, layered, hydrated.prefix)
+    assert [ref.package.split()[1] for ref in manifest.layers] == [
+        "numpy", "pip", "prefix-demo", "python", "tabulate", "colorama", "python-dateutil", "six"
+    ]  # fmt: skip
+    assert manifest.files <= 3 and manifest.removes == ()  # history and CACHEDIR.TAG
+    assert hydrated.layers_fetched == 8 and hydrated.linked > 4000
+    assert 0 < hydrated.copied < 50  # the files that hold the prefix, relocated
+    said = subprocess.run(
+        [hydrated.prefix / "bin" / "prefix-demo"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(hydrated.prefix) in said and PLACEHOLDER not in said
+    code = "import numpy, tabulate, colorama, dateutil, sys; print(sys.prefix)"
+    ran = subprocess.run([hydrated.python, "-c", code], capture_output=True, text=True)
+    assert ran.stdout.strip() == str(hydrated.prefix), ran.stderr
+
+
+def test_two_packages_writing_one_path_assemble_as_one_install(locks, tmp_path):
+    """The clobbering pair: the shared path holds what one install gives (the first
+    package's), and each package's layer is the layer it has alone."""
+    one, layered, manifest, hydrated = _both(locks["clobber"], tmp_path / "pair")
+    _same_env(one, layered, hydrated.prefix)
+    assert one["share/fixture-clobber/shared.txt"] == layered["share/fixture-clobber/shared.txt"]
+    store = LocalStore(tmp_path / "pair" / "layered")
+    alone = build_and_store(locks["alone_b"], BuildOptions(store=store, cache_dir=tmp_path / "c"))
+    [b] = [ref for ref in manifest.layers if "clobber-b" in ref.package]
+    assert b in alone.manifest.layers  # the same layer: found, not built again
+    layer = json.loads(store.get(layer_manifest_key(b.layer_id)) or b"")
+    assert "share/fixture-clobber/shared.txt" in layer["paths"]
+    alone_b = hydrate(locks["alone_b"].env_id, store, tmp_path / "h3", platform="linux-64")
+    shared = (alone_b.prefix / "share" / "fixture-clobber" / "shared.txt").read_text()
+    assert shared == "written by fixture-clobber-b\n"
+
+
+def test_a_layer_is_the_same_bytes_whatever_env_and_host_built_it(
+    mixed_lock, locks, tmp_path, monkeypatch
+):
+    """Two envs that share packages, built on "two hosts" (build roots, caches and stores
+    apart): every layer they share has the same id and the same bytes."""
+    digests = []
+    for lock, host in ((mixed_lock, "a"), (locks["more"], "bb")):
+        monkeypatch.setenv("ENVMGR_BUILD_ROOT", str(tmp_path / f"root-{host}"))
+        store = LocalStore(tmp_path / host / "store")
+        options = BuildOptions(store=store, cache_dir=tmp_path / host / "cache")
+        manifest = build_and_store(lock, options).manifest
+        digests.append(
+            {
+                ref.layer_id: hashlib.sha256(store.get(layer_archive_key(ref.layer_id)) or b"")
+                for ref in manifest.layers
+            }
+        )
+    common = digests[0].keys() & digests[1].keys()
+    assert len(common) == 5  # python, pip, tabulate, six, colorama
+    assert all(digests[0][k].hexdigest() == digests[1][k].hexdigest() for k in common)
+
+
+def test_adding_a_package_builds_one_layer_and_the_host_links_the_rest(
+    any_store, locks, tmp_path, monkeypatch
+):
+    """After ``small``, ``more`` installs, packs and uploads only colorama's layer (and its
+    env layer and manifest); a host that has ``small`` fetches one layer and links the
+    rest, read-only; ``gc`` keeps a layer while an env links to it."""
+    small, more = locks["small"], locks["more"]
+    options = BuildOptions(store=any_store, cache_dir=tmp_path / "build-cache")
+    build_and_store(small, options)
+    before = set(any_store.list(""))
+    installs = []
+    real = envmgr.build.layers.create_prefix
+
+    def spy(lock, prefix, *args, **kwargs):
+        installs.append(sorted(p.name for p in lock.packages if p.name not in kwargs["skip"]))
+        return real(lock, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(envmgr.build.layers, "create_prefix", spy)
+    built = build_and_store(more, options)
+    [colorama] = [ref for ref in built.manifest.layers if "colorama" in ref.package]
+    assert installs == [["colorama"], []]  # its layer; the env layer's own install
+    assert set(any_store.list("")) - before == {
+        layer_archive_key(colorama.layer_id),
+        layer_manifest_key(colorama.layer_id),
+        archive_key("linux-64", more.env_id),
+        f"envs/linux-64/{more.env_id}/conda-lock.yml",
+        manifest_key("linux-64", more.env_id),
+    }
+
+    cache = tmp_path / "host"
+    first = hydrate(small.env_id, any_store, cache, platform="linux-64")
+    second = hydrate(more.env_id, any_store, cache, platform="linux-64")
+    assert (first.layers_fetched, second.layers_fetched) == (4, 1)
+    module = Path("lib/python3.11/site-packages/tabulate/__init__.py")
+    a, b = (first.prefix / module).stat(), (second.prefix / module).stat()
+    assert a.st_ino == b.st_ino and not a.st_mode & 0o222  # one read-only file
+    script = Path("bin/tabulate")  # holds its env's python: each env has its own copy
+    assert (first.prefix / script).stat().st_ino != (second.prefix / script).stat().st_ino
+    assert str(second.prefix) in (second.prefix / script).read_text()
+    if os.geteuid() != 0:  # root writes through any mode: the README says so
+        with pytest.raises(PermissionError):
+            (second.prefix / module).open("a")
+    copied = hydrate(more.env_id, any_store, tmp_path / "copies", link=False)
+    assert copied.linked == 0 and (copied.prefix / module).stat().st_nlink == 1
+
+    removed, _busy, layers = gc(cache, max_size=0)
+    assert {e.env_id for e in removed} == {small.env_id, more.env_id}
+    assert len(layers) == 5 and not list((cache / "layers").glob("[0-9a-f]*"))
+
+
+def test_concurrent_hydrates_on_one_host_fetch_each_layer_once(locks, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    options = BuildOptions(store=store, cache_dir=tmp_path / "c")
+    for name in ("small", "more"):
+        build_and_store(locks[name], options)
+    opened: list[str] = []
+    real_open = store.open
+
+    def counting_open(key):
+        opened.append(key)
+        return real_open(key)
+
+    store.open = counting_open  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            hydrate(locks[name].env_id, store, tmp_path / "host", platform="linux-64")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("small", "more") * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    layer_reads = [key for key in opened if key.startswith("layers/")]
+    assert len(layer_reads) == len(set(layer_reads)) == 5  # python, pip, tabulate, six, colorama
+
+
+def _layered_store(lock, tmp_path) -> LocalStore:
+    store = LocalStore(tmp_path / "store")
+    build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
+    return store
+
+
+def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
+    """A layer's manifest swapped for another package's, a layer gone, a relocation entry
+    that climbs out: one clear error each, no env and no layer published."""
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
+    layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
+    python, tabulate = layers["python"], layers["tabulate"]
+    good = store.get(layer_manifest_key(tabulate)) or b""
+    store.put(layer_manifest_key(tabulate), store.get(layer_manifest_key(python)) or b"")
+    cache = tmp_path / "host"
+    with pytest.raises(ArchiveError, match=r"describes conda python .*not the layer of conda tab"):
+        hydrate(lock.env_id, store, cache, platform="linux-64")
+    store.delete(layer_manifest_key(tabulate))
+    with pytest.raises(HydrateError, match=r"its layer of conda tabulate .* is not in"):
+        hydrate(lock.env_id, store, cache, platform="linux-64")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    climbing = json.loads(good)
+    climbing["relocations"] = [[os.path.relpath(victim, tmp_path / "x" / "y"), "text"]]
+    store.put(layer_manifest_key(tabulate), json.dumps(climbing).encode())
+    with pytest.raises(ArchiveError, match="unsafe member name"):
+        hydrate(lock.env_id, store, cache, platform="linux-64")
+    assert victim.read_text() == "keep me\n"
+    assert not (cache / "envs" / lock.env_id).exists()
+    assert not list((cache / "layers").glob("*/.envmgr-complete"))
+    store.put(layer_manifest_key(tabulate), good)
+    assert hydrate(lock.env_id, store, cache, platform="linux-64").layers_fetched == 4
