@@ -100,7 +100,8 @@ class LocalStore:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
         return True
 
-    def open(self, key: str) -> IO[bytes] | None:
+    def open(self, key: str, *, streams: int = 0) -> IO[bytes] | None:
+        del streams  # a local file has no network to wait on
         try:
             return self._path(key).open("rb")
         except FileNotFoundError:

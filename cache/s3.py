@@ -222,11 +222,11 @@ class S3Store:
             raise self._fail(key, exc) from None
         return True
 
-    def open(self, key: str) -> IO[bytes] | None:
+    def open(self, key: str, *, streams: int = 0) -> IO[bytes] | None:
         size = self.size(key)
         if size is None:
             return None
-        parts = _parts()
+        parts = _parts() or (streams if streams > 1 else 0)
         if parts:
             return cast(IO[bytes], _RangedReader(self, key, size, threads=parts))
         return cast(IO[bytes], _StreamReader(self, key, size))

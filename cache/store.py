@@ -70,9 +70,10 @@ class Store(Protocol):
         """Download to *path* (parallel ranges where the store has them); ``False`` if absent."""
         ...
 
-    def open(self, key: str) -> IO[bytes] | None:
-        """A sequential reader of the object (parallel ranged reads where the store has
-        them), or ``None`` when it does not exist. The caller closes it."""
+    def open(self, key: str, *, streams: int = 0) -> IO[bytes] | None:
+        """A sequential reader of the object, or ``None`` when it does not exist; where the
+        store has ranged reads, *streams* of them run in parallel (0: the store's default).
+        The caller closes it."""
         ...
 
     def size(self, key: str) -> int | None:

@@ -497,4 +497,5 @@ def build_options(
         notify=tell,
         lease_seconds=float(config["lease_seconds"]),
         credentials=channel_credentials(channel_flags),
+        layers=int(config["format"]) == 3,
     )

@@ -78,6 +78,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(key="build_root", kind="path", help="where envs are built (same on every machine)"),
     Setting(key="codec", kind="str", help="archive compression: zst or gz"),
     Setting(key="level", kind="int", help="archive compression level"),
+    Setting(
+        key="format",
+        kind="int",
+        help="how builds store envs: 3, package layers shared across envs; 2, one archive each",
+    ),
     Setting(key="index_ttl", kind="int", help="seconds an index page without caching headers"),
     Setting(
         key="lease_seconds",
@@ -185,7 +190,7 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
         return Path(DEFAULT_BUILD_ROOT), "default"
     if key == "codec":
         return "zst", "default"
-    if key == "level":
+    if key in ("level", "format"):
         return 3, "default"
     if key == "lease_seconds":
         return 60, "default"
@@ -214,6 +219,8 @@ def load(env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None =
             value, source = _default(setting.key, values, env)
         values[setting.key] = value
         sources[setting.key] = source
+    if values["format"] not in (2, 3):
+        raise ConfigError(f"{sources['format']}: format {values['format']!r}: use 3 or 2")
     if values["codec"] not in ("zst", "gz"):
         raise ConfigError(f"{sources['codec']}: codec {values['codec']!r}: use zst or gz")
     return Config(path=path, values=values, sources=sources)

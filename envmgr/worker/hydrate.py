@@ -338,7 +338,8 @@ def _from_layers(
         def fetch(layer: Manifest, into: Path) -> None:
             ref = layer.layer
             what = f"env {manifest.env_id}: layer of {ref.package if ref else layer.env_id}"
-            _download(store, layer_archive_key(layer.env_id), layer, into, task, what)
+            key = layer_archive_key(layer.env_id)
+            _download(store, key, layer, into, task, what, streams=_streams_for(layer.size))
 
         def one(layer: Manifest) -> tuple[Path, bool]:
             return with_layer(cache_dir, layer, fetch)
@@ -370,13 +371,30 @@ def _tracking(progress: Progress | None, label: str, total: int) -> Any:
     return tracked(progress, label, total=total)
 
 
+#: A layer this large comes down over several ranged streams (one per this many bytes, at
+#: most 8): one connection's speed must not decide a task's start (torch is 300 MB).
+_BYTES_PER_STREAM = 24 << 20
+
+
+def _streams_for(size: int) -> int:
+    return min(8, size // _BYTES_PER_STREAM) if size >= 2 * _BYTES_PER_STREAM else 0
+
+
 def _download(
-    store: Store, key: str, manifest: Manifest, dest: Path, task: Task | None, what: str
+    store: Store,
+    key: str,
+    manifest: Manifest,
+    dest: Path,
+    task: Task | None,
+    what: str,
+    *,
+    streams: int = 0,
 ) -> None:
-    """Stream the archive *key* through its checks into *dest* (made here); *what* names it
-    in errors ("env …", "layer …"). Raises ``HydrateError`` (absent), ``HashMismatchError``,
-    ``ArchiveError``, ``StoreError``, ``WriteError``."""
-    source = store.open(key)
+    """Stream the archive *key* through its checks into *dest* (made here), over *streams*
+    ranged reads where the store has them; *what* names it in errors ("env …", "layer …").
+    Raises ``HydrateError`` (absent), ``HashMismatchError``, ``ArchiveError``,
+    ``StoreError``, ``WriteError``."""
+    source = store.open(key, streams=streams)
     if source is None:
         raise HydrateError(
             f"{what}: the manifest is in {store.url} but the archive {key} is not",

@@ -278,3 +278,36 @@ def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
     assert not list((cache / "layers").glob("*/.envmgr-complete"))
     store.put(layer_manifest_key(tabulate), good)
     assert hydrate(lock.env_id, store, cache, platform="linux-64").layers_fetched == 4
+
+
+def test_a_large_layer_comes_down_over_ranged_streams(
+    locks, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """Layers over two streams' worth of bytes are read with parallel ranged GETs (here with
+    the threshold lowered to 1 MB, so python's layer takes them), the rest as one stream."""
+    import envmgr.cache.s3
+    import envmgr.worker.hydrate
+
+    monkeypatch.delenv("ENVMGR_S3_PARTS", raising=False)
+    monkeypatch.setattr(envmgr.worker.hydrate, "_BYTES_PER_STREAM", 1 << 20)
+    store = envmgr.cache.s3.S3Store(f"s3://{s3_bucket}/layers-test", client=s3_server.client())
+    lock = locks["small"]
+    manifest = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c")).manifest
+    ranged: dict[str, int] = {}
+    real = envmgr.cache.s3._RangedReader
+
+    def spy(store_, key, size, *, threads, **more):
+        ranged[key] = threads
+        return real(store_, key, size, threads=threads, **more)
+
+    monkeypatch.setattr(envmgr.cache.s3, "_RangedReader", spy)
+    hydrated = hydrate(lock.env_id, store, tmp_path / "host", platform="linux-64")
+    sizes = {
+        layer_archive_key(ref.layer_id): json.loads(
+            store.get(layer_manifest_key(ref.layer_id)) or b""
+        )["size"]
+        for ref in manifest.layers
+    }
+    assert ranged == {k: min(8, s >> 20) for k, s in sizes.items() if s >= 2 << 20} != {}
+    ran = subprocess.run([hydrated.python, "-c", "import tabulate"], capture_output=True)
+    assert ran.returncode == 0, ran.stderr
