@@ -137,7 +137,8 @@ def bench_env(name: str, repeat: int, work: Path, s3, client) -> list[str]:  # n
     build = Row("envmgr build: install, bytecode, pack, upload")
     cpu = _self_cpu() + _children_cpu()
     start = time.monotonic()
-    manifest = build_and_store(lock, BuildOptions(store=store, cache_dir=cache)).manifest
+    options = BuildOptions(store=store, cache_dir=cache, layers=False)  # the one archive peers get
+    manifest = build_and_store(lock, options).manifest
     build.wall.append(time.monotonic() - start)
     build.cpu.append(_self_cpu() + _children_cpu() - cpu)  # with the bytecode workers
     key = f"{name}/{archive_key('linux-64', lock.env_id)}"

@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         "`envmgr gc` never removes it); must come last",
     )
     parser.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy the env's files out of the host's layer cache instead of hard-linking "
+        "them (for a task that writes into its env as root; default ENVMGR_LINK=copy)",
+    )
+    parser.add_argument(
         "--build-if-missing",
         action="store_true",
         help="build the env here when the store has its lock but no archive (needs a full "
@@ -190,7 +196,12 @@ def hydrate_env(
     if builder is not None and args.build_if_missing:
         build = builder(store, args.cache_dir)
     result = hydrate(
-        chosen.env_id, store, args.cache_dir, platform=chosen.platform, build_missing=build
+        chosen.env_id,
+        store,
+        args.cache_dir,
+        platform=chosen.platform,
+        build_missing=build,
+        link=False if args.copy else None,
     )
     layers = {}
     if result.layers_fetched or result.linked or result.copied:

@@ -198,6 +198,9 @@ def test_a_full_disk_during_hydrate_publishes_nothing(built, s3_server, tmp_path
     envs = cache / "envs"
     assert not env_dir(cache, lock.env_id).exists()
     assert not [p for p in envs.iterdir() if p.name.startswith(".tmp-")]
+    layers = cache / "layers"  # format 3: layers that fit are kept, whole; none half-written
+    assert not list(layers.glob(".tmp-*"))
+    assert all((p / ".envmgr-complete").is_file() for p in layers.glob("[0-9a-f]*"))
     fine = subprocess.run(
         [sys.executable, "-m", "envmgr.bootstrap", *args],
         capture_output=True,

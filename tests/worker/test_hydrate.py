@@ -172,8 +172,10 @@ def test_kill_minus_nine_never_leaves_an_incomplete_env(local_store, lock, tmp_p
     cache = tmp_path / "cache"
     final = env_dir(cache, lock.env_id)
     rng = random.Random(1234)  # noqa: S311 - kill timings, not secrets
-    for _trial in range(20):
+    for trial in range(20):
         shutil.rmtree(final, ignore_errors=True)
+        if trial % 2 == 0:  # a host without the layers: kills land in downloads, else assembly
+            shutil.rmtree(cache / "layers", ignore_errors=True)
         proc = _bootstrap(local_store.url, lock.env_id, cache)
         time.sleep(rng.uniform(0.0, 0.6))
         proc.send_signal(signal.SIGKILL)
@@ -181,10 +183,13 @@ def test_kill_minus_nine_never_leaves_an_incomplete_env(local_store, lock, tmp_p
         # Whatever was killed, a published env is complete, and the next hydrate works.
         if final.exists():
             assert (final / COMPLETE).is_file()
+        for layer in (cache / "layers").glob("[0-9a-f]*"):
+            assert (layer / COMPLETE).is_file(), layer  # a layer, too, is whole or absent
         result = hydrate(lock.env_id, local_store, cache)
         assert (result.prefix / COMPLETE).is_file()
     assert _versions(final / "bin" / "python")["numpy"] == lock.names()["numpy"].version
     assert not list(final.parent.glob(".tmp-*"))
+    assert not list((cache / "layers").glob(".tmp-*"))
 
 
 def test_flipped_byte_is_a_hash_mismatch_and_publishes_nothing(local_store, lock, tmp_path):

@@ -1,0 +1,217 @@
+"""Package layers (format 3) against one archive per env (format 2), from one S3 store.
+
+    python bench/layers.py [--repeat 3]
+
+Envs (python from the fixture channel, wheels from pip's configured index, torch's CPU wheel
+from pip's find-links): ``ds`` (numpy, pandas, scipy, scikit-learn, matplotlib, pyarrow),
+``torch`` (ds + torch 2.13.0) and ``ds+tab`` (ds + tabulate). In one run, medians of
+``--repeat`` where it says so, every cold run from an empty cache:
+
+- **store**: the three envs built as layers into one store, against the bytes of their
+  distinct layers, and against the same three built as one archive each;
+- **incremental build**: ds + tabulate built from its lock after ds (the solve is not timed),
+  against ds's cold build, with the bytes uploaded besides manifests;
+- **host reuse**: ds + tabulate hydrated on a host that holds ds, against the same cold;
+- **cold hydrate** of torch on an empty host: layers against one archive on loopback, and
+  each through a proxy that gives every connection 15 MB/s and 30 ms before its first byte;
+- **first import** of torch after a layered hydrate, against the same import warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.hydrate import BENCH_CACHE, DS, Row, _lock_for, timed  # noqa: E402
+
+MB = 1e6
+
+
+def _ds_tab_lock(work: Path, cache: Path):  # noqa: ANN202
+    """ds + tabulate: :func:`bench.hydrate._lock_for`'s ds with one small pure package more."""
+    import bench.hydrate
+
+    saved = bench.hydrate.DS
+    bench.hydrate.DS = (*DS, "tabulate")
+    try:
+        return _lock_for("ds", work, None, cache)
+    finally:
+        bench.hydrate.DS = saved
+
+
+def _stored(client, prefix: str) -> dict[str, int]:  # noqa: ANN001
+    sizes = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+        for item in page.get("Contents", []):
+            sizes[item["Key"][len(prefix) :]] = int(item["Size"])
+    return sizes
+
+
+def _build(lock, url: str, client, *, layers: bool) -> float:  # noqa: ANN001
+    from envmgr.build.once import BuildOptions, build_and_store
+    from envmgr.cache.s3 import S3Store
+
+    options = BuildOptions(
+        store=S3Store(url, client=client), cache_dir=BENCH_CACHE / "cache", layers=layers
+    )
+    start = time.monotonic()
+    build_and_store(lock, options)
+    return time.monotonic() - start
+
+
+def _bootstrap(url: str, env_id: str, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "envmgr.bootstrap", "--store", url, "--env-id", env_id,
+            "--cache-dir", str(cache), "--json"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fixtures.s3_server import launch
+    from fixtures.tcp_proxy import FaultProxy, Faults
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only-torch", action="store_true", help="only the torch hydrate rows")
+    args = parser.parse_args(argv)
+    repeat = args.repeat
+    print(f"load at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-layers-") as tmp,
+        launch(Path(tmp) / "s3") as s3,
+    ):
+        work = Path(tmp)
+        client = s3.client()
+        client.create_bucket(Bucket="bench")
+        aws = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint_url,
+               "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+               "AWS_DEFAULT_REGION": s3.region}  # fmt: skip
+        host, port = s3.endpoint_url.removeprefix("http://").rsplit(":", 1)
+        proxy = FaultProxy((host, int(port))).start()
+        proxy.faults = Faults(bandwidth=15e6, first_byte=0.03)
+        slow = {**aws, "AWS_ENDPOINT_URL": proxy.url}
+        cache = BENCH_CACHE / "cache"
+        locks = {
+            "ds": _lock_for("ds", work, None, cache),
+            "torch": _lock_for("torch", work, None, cache),
+            "ds+tab": _ds_tab_lock(work, cache),
+        }
+
+        if args.only_torch:
+            _build(locks["torch"], "s3://bench/three", client, layers=True)
+            _build(locks["torch"], "s3://bench/two", client, layers=False)
+            _torch(locks["torch"].env_id, work, repeat, aws, slow)
+            proxy.stop()
+            return 0
+        # Store: the three envs as layers in one store, and as one archive each.
+        seconds = {}
+        for name, lock in locks.items():
+            seconds[f"3 {name}"] = _build(lock, "s3://bench/three", client, layers=True)
+            seconds[f"2 {name}"] = _build(lock, "s3://bench/two", client, layers=False)
+        three, two = _stored(client, "three/"), _stored(client, "two/")
+        layer_bytes = sum(size for key, size in three.items() if key.startswith("layers/"))
+        print("\nstore: ds, torch and ds+tabulate built into one store")
+        print(f"  layers (format 3): {sum(three.values()) / MB:9.1f} MB in the store, "
+              f"{layer_bytes / MB:.1f} MB of distinct layers: "
+              f"{sum(three.values()) / layer_bytes:.3f}x (goal <= 1.05x)")  # fmt: skip
+        print(f"  one archive each (format 2): {sum(two.values()) / MB:9.1f} MB: "
+              f"{sum(two.values()) / sum(three.values()):.2f}x the layered store")  # fmt: skip
+        print(
+            "  builds in this order (s): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+        )
+
+        # Incremental build: ds + tabulate from its lock after ds, against ds cold.
+        cold_build, incremental = Row("ds cold build from its lock"), Row("ds + tabulate after ds")
+        uploaded = []
+        for i in range(repeat):
+            url = f"s3://bench/inc{i}"
+            cold_build.wall.append(_build(locks["ds"], url, client, layers=True))
+            before = _stored(client, f"inc{i}/")
+            incremental.wall.append(_build(locks["ds+tab"], url, client, layers=True))
+            new = {k: v for k, v in _stored(client, f"inc{i}/").items() if k not in before}
+            data = sum(v for k, v in new.items() if not k.endswith("manifest.json"))
+            uploaded.append((data, sum(new.values()) - data))
+        print("\nincremental build (medians of", repeat, "; solves not counted)")
+        print(f"  {cold_build.what:<40} {cold_build.w:8.2f} s")
+        print(f"  {incremental.what:<40} {incremental.w:8.2f} s  "
+              f"{incremental.w / cold_build.w:.3f}x (goal <= 0.10x)")  # fmt: skip
+        data, manifests = uploaded[-1]
+        print(f"  uploaded besides manifests: {data / 1e3:.1f} kB (goal <= 1 MB); "
+              f"manifests {manifests / 1e3:.1f} kB")  # fmt: skip
+
+        # Host reuse: ds + tabulate on a host that holds ds.
+        url = "s3://bench/three"
+        cold_tab, reuse = Row("ds + tabulate, cold host"), Row("ds + tabulate, host holds ds")
+        shown = {}
+        for i in range(repeat):
+            timed(cold_tab, _bootstrap(url, locks["ds+tab"].env_id, work / f"tab{i}"), aws)
+            warm = work / f"reuse{i}"
+            subprocess_run(_bootstrap(url, locks["ds"].env_id, warm), aws)
+            shown = json.loads(timed(reuse, _bootstrap(url, locks["ds+tab"].env_id, warm), aws))
+            shutil.rmtree(work / f"tab{i}", ignore_errors=True)
+            shutil.rmtree(warm, ignore_errors=True)
+        print(f"\nhost reuse (medians of {repeat})")
+        print(f"  {cold_tab.what:<40} {cold_tab.w:8.2f} s")
+        print(f"  {reuse.what:<40} {reuse.w:8.2f} s  {reuse.w / cold_tab.w:.3f}x (goal <= 0.25x)")
+        layers = shown.get("layers", {})
+        print(
+            f"  layers fetched {layers.get('fetched')}, files linked {layers.get('linked')}, "
+            f"written (relocated copies, the env layer) {layers.get('copied')}"
+        )
+
+        _torch(locks["torch"].env_id, work, repeat, aws, slow)
+        proxy.stop()
+    print(f"\nload at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def _torch(torch: str, work: Path, repeat: int, aws: dict[str, str], slow: dict[str, str]) -> None:
+    """Cold hydrate of torch: layers against one archive, loopback and throttled; the first
+    import after a layered hydrate against the same import warm."""
+    rows = {
+        ("3", "loop"): Row("torch, layers, loopback"),
+        ("2", "loop"): Row("torch, one archive, loopback"),
+        ("3", "slow"): Row("torch, layers, 15 MB/s + 30 ms"),
+        ("2", "slow"): Row("torch, one archive, 15 MB/s + 30 ms"),
+    }
+    first, again = Row("first `import torch` after a layered hydrate"), Row("warm import")
+    for i in range(repeat):
+        order = list(rows) if i % 2 == 0 else list(reversed(rows))
+        for fmt, net in order:
+            target = work / f"torch-{fmt}{net}{i}"
+            store = "s3://bench/three" if fmt == "3" else "s3://bench/two"
+            network = slow if net == "slow" else aws
+            out = json.loads(timed(rows[fmt, net], _bootstrap(store, torch, target), network))
+            if (fmt, net) == ("3", "loop"):
+                timed(first, [out["python"], "-c", "import torch"])
+                timed(again, [out["python"], "-c", "import torch"])
+            shutil.rmtree(target, ignore_errors=True)
+    print(f"\ncold hydrate of torch, empty host (medians of {repeat}, order alternating)")
+    base = rows["3", "loop"]
+    for row in rows.values():
+        print(f"  {row.what:<40} {row.w:8.2f} s wall {row.c:7.2f} s cpu  {row.w / base.w:.2f}x")
+    print(
+        f"  goals: layers / one archive on loopback {base.w / rows['2', 'loop'].w:.2f}x "
+        f"(<= 1.0x); layers throttled / loopback {rows['3', 'slow'].w / base.w:.2f}x (<= 1.25x)"
+    )
+    print(
+        f"  {first.what}: {first.w:.2f} s, warm {again.w:.2f} s: "
+        f"{first.w / again.w:.2f}x (goal <= 1.1x)"
+    )
+
+
+def subprocess_run(command: list[str], env: dict[str, str]) -> None:
+    import subprocess
+
+    subprocess.run(command, env=env, check=True, capture_output=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
