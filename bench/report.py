@@ -3,8 +3,9 @@
     bench/run            (or: python bench/report.py [--out bench/RESULTS.md])
 
 Runs ``pypi_resolve.py`` (envmgr vs uv vs pip, against pip's configured index), ``pack.py``
-(envmgr vs conda-pack vs ``tar | zstd``) and ``hydrate.py`` (envmgr vs download + untar vs a
-per-package install, on the SeaweedFS fixture), each in its own process, and writes their
+(envmgr vs conda-pack vs ``tar | zstd``), ``hydrate.py`` (envmgr vs download + untar vs a
+per-package install, on the SeaweedFS fixture) and ``layers.py`` (package layers vs one archive
+per env), each in its own process, and writes their
 tables (times and ratios, envmgr and its peers side by side) under a description of the
 machine. A benchmark that fails is written down with its error, not left out.
 """
@@ -25,6 +26,7 @@ BENCHMARKS: tuple[tuple[str, str, list[str]], ...] = (
     ("PyPI resolution", "pypi_resolve.py", []),
     ("Packing", "pack.py", []),
     ("Hydrating", "hydrate.py", ["--repeat", "3"]),
+    ("Package layers", "layers.py", ["--repeat", "3"]),
 )
 
 
