@@ -34,12 +34,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from envmgr import __version__
 from envmgr.archive.manifest import LayerRef, Manifest
 from envmgr.archive.pack import pack
 from envmgr.build.bytecode import bytecode_python, python_xy
+from envmgr.build.options import BuildOptions
 from envmgr.build.owners import Owners, find_owners, package_key
 from envmgr.build.placeholder import PLACEHOLDER
 from envmgr.build.prefix import create_prefix, tree_size
@@ -51,9 +51,6 @@ from envmgr.locks.lock import LockedPackage, PlatformLock
 from envmgr.platforms import host_platform
 from envmgr.progress import NULL, tracked
 from envmgr.worker.layers import fetch_layer_manifests
-
-if TYPE_CHECKING:
-    from envmgr.build.once import BuildOptions
 
 __all__ = ["LAYER_FORMAT", "build_layers", "bytecode_tag", "layer_id", "layer_refs"]
 

@@ -22,22 +22,21 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from envmgr import __version__
-from envmgr.archive.manifest import Codec, Manifest
+from envmgr.archive.manifest import Manifest
 from envmgr.archive.pack import pack
-from envmgr.build.bytecode import BytecodeSource
 from envmgr.build.layers import build_layers
+from envmgr.build.options import BuildOptions
 from envmgr.build.placeholder import BUILD_PREFIX_LENGTH
 from envmgr.build.prefix import Prefix, conda_records, create_prefix, tree_size
 from envmgr.cache import Store, StoreError
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.cache.lease import (
-    LEASE_SECONDS,
     LeaseInfo,
     LeaseWatch,
     held_lease,
@@ -56,8 +55,7 @@ from envmgr.locks.lock import (
     read_conda_lock,
     write_conda_lock,
 )
-from envmgr.platforms import Platform
-from envmgr.progress import NULL, Progress, tracked
+from envmgr.progress import Progress, tracked
 from envmgr.worker.env_cache import pack_dir_prefix, sweep_dead_pack_dirs
 from envmgr.worker.hydrate import BuildMissing
 
@@ -77,35 +75,6 @@ __all__ = [
     "read_manifest",
     "read_stored_lock",
 ]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BuildOptions:
-    """How to build: where, with which codec, and how long to wait for other builders."""
-
-    store: Store
-    cache_dir: Path
-    codec: Codec = "zst"
-    level: int = 3
-    #: The build-once lease's period (renewed by a heartbeat): the longest a killed
-    #: builder can hold others up.
-    lease_seconds: float = LEASE_SECONDS
-    wait_timeout: float = 3600.0
-    poll_seconds: float = 0.5
-    holder: str = ""
-    #: Called with what a person must see even off a terminal (whom a build waits for).
-    notify: Callable[[str], None] | None = None
-    #: Channel credentials per host, for package downloads (see :mod:`envmgr.channels`).
-    credentials: Mapping[str, str] = field(default_factory=dict)
-    progress: Progress = NULL
-    #: The build host's platform (a value, so tests can build "as if" on another host);
-    #: ``None``: this machine's.
-    host: Platform | None = None
-    #: Which interpreter writes the target's bytecode (see :mod:`envmgr.build.bytecode`).
-    bytecode: BytecodeSource = "auto"
-    #: Store the env as package layers (format 3, see :mod:`envmgr.build.layers`); false, or
-    #: a gzip codec: one archive per env (format 2, or 1).
-    layers: bool = True
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

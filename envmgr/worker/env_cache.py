@@ -237,22 +237,32 @@ def parse_age(text: str) -> float:
     return float(match.group(1)) * scale[match.group(2).lower()]
 
 
-def _try_remove(cache_dir: Path, env: LocalEnv) -> bool:
-    use = lock_path(cache_dir, env.env_id, "use")
+@contextlib.contextmanager
+def _unused(use: Path) -> Iterator[bool]:
+    """Whether nobody holds the use lock *use* (then it is held exclusively for the block,
+    so nobody starts using it); never waits."""
     use.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(use, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def _try_remove(cache_dir: Path, env: LocalEnv) -> bool:
+    with _unused(lock_path(cache_dir, env.env_id, "use")) as free:
+        if not free:
             return False  # a running `envmgr run` uses it
         # Unpublish first (atomic rename), then delete at leisure.
         doomed = env.prefix.with_name(f".tmp-{env.env_id}-gc-{os.getpid()}")
         env.prefix.rename(check_under(doomed, cache_dir / "envs"))
         shutil.rmtree(doomed, ignore_errors=True)
         return True
-    finally:
-        os.close(fd)
 
 
 def gc(
@@ -313,13 +323,8 @@ def gc_layers(cache_dir: Path) -> list[tuple[str, int]]:
     for path in _layer_dirs(cache_dir):
         if path.name in wanted:
             continue
-        lock = layer_use_lock(cache_dir, path.name)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with _unused(layer_use_lock(cache_dir, path.name)) as free:
+            if not free:
                 continue  # a hydrate is assembling an env from it
             if path.name in {layer for env in list_envs(cache_dir) for layer in env.layers}:
                 continue  # published since we looked
@@ -328,6 +333,4 @@ def gc_layers(cache_dir: Path) -> list[tuple[str, int]]:
             path.rename(check_under(doomed, cache_dir / "layers"))
             shutil.rmtree(doomed, ignore_errors=True)  # read-only files, writable dirs
             removed.append((path.name, size))
-        finally:
-            os.close(fd)
     return removed
