@@ -144,9 +144,33 @@ def test_a_device_as_a_requirements_file_is_bounded_in_bytes(tmp_path):
     ]
 
 
+def _interrupt(child, *, timeout: float) -> None:
+    """Send SIGINT and expect exit 130. A child that hangs instead is reported with its signal
+    state and, through faulthandler (SIGABRT), every thread's stack."""
+    import signal
+    import subprocess
+
+    child.send_signal(signal.SIGINT)
+    try:
+        _out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            state = " ".join(line for line in status.splitlines() if line.startswith("Sig"))
+        except OSError as error:
+            state = str(error)
+        child.send_signal(signal.SIGABRT)
+        try:
+            _out, err = child.communicate(timeout=10)
+        finally:
+            child.kill()
+            child.communicate()
+        pytest.fail(f"no exit {timeout} s after SIGINT ({state}); its stacks:\n{err}")
+    assert child.returncode == 130, err
+
+
 def test_ctrl_c_stops_a_command_waiting_on_its_input(tmp_path):
     """A requirements file that is a pipe nobody writes: Ctrl-C ends the command at once."""
-    import signal
     import subprocess
     import sys
     import time
@@ -166,20 +190,15 @@ def test_ctrl_c_stops_a_command_waiting_on_its_input(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
-    try:
-        time.sleep(1.0)  # the child is inside open() of the pipe by now (or soon will be)
-        child.send_signal(signal.SIGINT)
-        child.communicate(timeout=30)  # a guard against a hang, not a timing assertion
-    finally:
-        child.kill()
-    assert child.returncode == 130
+    time.sleep(1.0)  # the child is inside open() of the pipe by now (or soon will be)
+    _interrupt(child, timeout=30)  # a guard against a hang, not a timing assertion
 
 
 def test_ctrl_c_stops_a_resolve_waiting_on_the_index(world, pypi_index, tmp_path):
     """A resolve waits on an index that answers after 30 s: Ctrl-C ends it anyway (the
     resolver's thread used to hold the exit up until its request came back)."""
-    import signal
     import subprocess
     import sys
     import time
@@ -188,15 +207,11 @@ def test_ctrl_c_stops_a_resolve_waiting_on_the_index(world, pypi_index, tmp_path
         child = subprocess.Popen(
             [sys.executable, "-c", "from envmgr.cli.app import main; main()", "resolve",
              "--pypi", "six", "--python", "3.11", "--force"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=world,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            env={**world, "PYTHONFAULTHANDLER": "1"},
         )  # fmt: skip
-        try:
-            time.sleep(2.0)  # the conda part is solved; the resolver waits on the index
-            child.send_signal(signal.SIGINT)
-            _out, err = child.communicate(timeout=10)  # well before the index answers
-        finally:
-            child.kill()
-    assert child.returncode == 130, err
+        time.sleep(2.0)  # the conda part is solved; the resolver waits on the index
+        _interrupt(child, timeout=10)  # well before the index answers
 
 
 def test_requirements_files_with_odd_shapes(tmp_path):
