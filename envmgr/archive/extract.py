@@ -58,11 +58,18 @@ class Extractor:
     not see each other's links (a member under a link's name then fails as a repeat).
     """
 
-    def __init__(self, dest: Path, manifest: Manifest, *, defer_links: bool) -> None:
+    def __init__(
+        self, dest: Path, manifest: Manifest, *, defer_links: bool, read_only: bool = False
+    ) -> None:
         self.dest = dest
         self.root = str(dest)
         self.tree = _Tree(dest)
         self.cap = _MODE_CAP & ~_umask()
+        # Files are created with their final mode: a read-only one still takes the writes of
+        # the descriptor that creates it, and no chmod pass over 35,000 files follows.
+        self.owner_bits, self.cap_files = (
+            (0o400, self.cap & ~0o222) if read_only else (0o600, self.cap)
+        )
         self.defer_links = defer_links
         self.lock = threading.Lock()
         self.files_left = manifest.files
@@ -90,7 +97,7 @@ class Extractor:
             elif member.issym():
                 self.add_link((order, number), name, member.linkname)
             elif is_file:
-                mode = (member.mode & self.cap) | 0o600
+                mode = self.file_mode(member.mode)
                 handle = tar.extractfile(member)
                 if handle is None:
                     raise ArchiveError(f"cannot read member {name!r}")
@@ -138,7 +145,7 @@ class Extractor:
             self.make_link(name, link)
 
     def file_mode(self, mode: int) -> int:
-        return (mode & self.cap) | 0o600
+        return (mode & self.cap_files) | self.owner_bits
 
     def make_link(self, name: str, link: str) -> None:
         target = self.dest / name

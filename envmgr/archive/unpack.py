@@ -26,7 +26,7 @@ __all__ = ["unpack"]
 _IN_FLIGHT = 256
 
 
-def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
+def unpack(source: IO[bytes], dest: Path, manifest: Manifest, *, read_only: bool = False) -> None:
     """Extract the archive stream *source* into the empty or new directory *dest*.
 
     Raises ``ArchiveError`` for unsafe members (absolute or ``..`` names, links pointing out
@@ -34,11 +34,12 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest) -> None:
     file count; for format 2 also ``ChunkDigestError`` when a frame does not match its hash
     (each frame is checked before it is decoded; format 1's hash is the caller's to check).
     Modes are capped at 0755 and the process umask: a shared cache never gets group- or
-    world-writable files from an archive.
+    world-writable files from an archive. With *read_only*, files are created without write
+    permission (a host's shared layers).
     """
     dest.mkdir(parents=True, exist_ok=True)
     parallel = bool(manifest.chunks) and _has_zstandard()
-    extractor = Extractor(dest, manifest, defer_links=parallel)
+    extractor = Extractor(dest, manifest, defer_links=parallel, read_only=read_only)
     try:
         if parallel:
             unpack_chunks(source, extractor, manifest)

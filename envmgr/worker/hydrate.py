@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -339,30 +339,48 @@ def _from_layers(
             ref = layer.layer
             what = f"env {manifest.env_id}: layer of {ref.package if ref else layer.env_id}"
             key = layer_archive_key(layer.env_id)
-            _download(store, key, layer, into, task, what, streams=_streams_for(layer.size))
+            streams = _streams_for(layer.size)
+            _download(store, key, layer, into, task, what, streams=streams, read_only=True)
 
-        def one(layer: Manifest) -> tuple[Path, bool]:
-            return with_layer(cache_dir, layer, fetch)
-
-        with ThreadPoolExecutor(
-            max_workers=min(layer_streams(), max(1, len(wanted))),
-            thread_name_prefix="envmgr-layer",
-        ) as pool:
-            placed = list(pool.map(one, [m for m in wanted if m is not None]))
-        env_layer = tmp.with_name(f"{tmp.name}-envlayer")
-        shutil.rmtree(env_layer, ignore_errors=True)
-        try:
+        def fetch_env_layer() -> tuple[Path, bool]:
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
             _download(store, key, manifest, env_layer, task, f"env {manifest.env_id}")
-            pairs = [(m, d) for m, (d, _f) in zip(wanted, placed, strict=True) if m is not None]
-            relocations, linked, copied = assemble(tmp, pairs, env_layer, manifest, link=link)
+            return env_layer, False
+
+        env_layer = tmp.with_name(f"{tmp.name}-envlayer")
+        shutil.rmtree(env_layer, ignore_errors=True)
+        present = [m for m in wanted if m is not None]
+        pool = ThreadPoolExecutor(
+            max_workers=min(layer_streams(), len(present) + 1), thread_name_prefix="envmgr-layer"
+        )
+        # Each layer is linked into the env as soon as it and those before it are here,
+        # while later ones still download: assembly costs no wall time of its own.
+        jobs = [pool.submit(with_layer, cache_dir, m, fetch) for m in present]
+        jobs.append(pool.submit(fetch_env_layer))
+        parts = [*present, manifest]
+        fetched = 0
+
+        def arrived() -> Iterator[tuple[Manifest, Path]]:
+            nonlocal fetched
+            for part, job in zip(parts, jobs, strict=True):
+                directory, new = job.result()
+                fetched += new
+                yield part, directory
+
+        try:
+            relocations, linked, copied = assemble(tmp, arrived(), manifest, link=link)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
         finally:
+            pool.shutdown(wait=True)
             shutil.rmtree(env_layer, ignore_errors=True)
         (tmp / LAYERS).write_text("".join(f"{layer}\n" for layer in ids))
         relocate_files(
             tmp, relocations, manifest.build_prefix, str(final), f"env {manifest.env_id}"
         )
-    return sum(fetched for _d, fetched in placed), linked, copied
+    return fetched, linked, copied
 
 
 def _tracking(progress: Progress | None, label: str, total: int) -> Any:
@@ -390,9 +408,11 @@ def _download(
     what: str,
     *,
     streams: int = 0,
+    read_only: bool = False,
 ) -> None:
     """Stream the archive *key* through its checks into *dest* (made here), over *streams*
-    ranged reads where the store has them; *what* names it in errors ("env …", "layer …").
+    ranged reads where the store has them, its files *read_only* if asked; *what* names it
+    in errors ("env …", "layer …").
     Raises ``HydrateError`` (absent), ``HashMismatchError``, ``ArchiveError``,
     ``StoreError``, ``WriteError``."""
     source = store.open(key, streams=streams)
@@ -404,7 +424,7 @@ def _download(
     with source:
         hashing = _Hashing(source, task, digest=not manifest.chunks)
         try:
-            unpack(hashing, dest, manifest)  # type: ignore[arg-type]
+            unpack(hashing, dest, manifest, read_only=read_only)  # type: ignore[arg-type]
         except ChunkDigestError as exc:
             raise HashMismatchError(
                 f"{what}: the archive {key} in {store.url} does not match "
