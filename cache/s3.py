@@ -232,13 +232,21 @@ class S3Store:
         return cast(IO[bytes], _StreamReader(self, key, size))
 
     def size(self, key: str) -> int | None:
+        """The object's size, ``None`` when absent; a transient error (a 5xx while the
+        server restarts, a dropped connection) is retried like a read, with backoff."""
         full = self._key(key)
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
-        except Exception as exc:
-            if self._missing(exc):
-                return None
-            raise self._fail(key, exc) from None
+        attempt = 0
+        while True:
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
+            except Exception as exc:
+                if self._missing(exc):
+                    return None
+                if not self._transient(exc) or attempt >= _retries():
+                    detail = f" after {attempt + 1} attempts" if attempt else ""
+                    raise self._fail(key, exc, detail) from None
+                attempt += 1
+                time.sleep(min(4.0, 0.25 * 2**attempt))
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
