@@ -183,7 +183,7 @@ class S3Store:
                     )
                     raise self._fail(key, exc, detail) from None
                 attempt += 1
-                time.sleep(min(4.0, 0.25 * 2**attempt))
+                _back_off(attempt)
 
     def put(self, key: str, data: bytes) -> None:
         full = self._key(key)
@@ -246,7 +246,7 @@ class S3Store:
                     detail = f" after {attempt + 1} attempts" if attempt else ""
                     raise self._fail(key, exc, detail) from None
                 attempt += 1
-                time.sleep(min(4.0, 0.25 * 2**attempt))
+                _back_off(attempt)
 
     def exists(self, key: str) -> bool:
         return self.size(key) is not None
@@ -309,6 +309,11 @@ def _parts() -> int:
         return max(0, int(os.environ.get("ENVMGR_S3_PARTS", "0")))
     except ValueError:
         return 0
+
+
+def _back_off(attempt: int) -> None:
+    """The pause before try *attempt* (1, 2, …) of a read or HEAD: 0.5 s doubling, at most 4 s."""
+    time.sleep(min(4.0, 0.25 * 2**attempt))
 
 
 def _retries() -> int:
@@ -440,7 +445,7 @@ class _StreamReader(io.RawIOBase):
                     detail = f" after {self.attempt + 1} attempts ({self.offset} bytes read)"
                     raise store._fail(self.key, exc, detail if self.attempt else "") from None
                 self.attempt += 1
-                time.sleep(min(4.0, 0.25 * 2**self.attempt))
+                _back_off(self.attempt)
                 continue
             count = len(data)
             target[:count] = data
