@@ -244,8 +244,9 @@ def assemble(
     link: bool = True,
 ) -> tuple[tuple[Relocation, ...], int, int]:
     """Make the env *manifest* describes in the new directory *dest* from its *parts*
-    (manifest, directory): its published layers in order, then its unpacked env layer (with
-    *manifest* itself), each taken as it comes; then its ``removes``. Returns the
+    (manifest, directory): its published layers in any order (a path two of them hold is the
+    env layer's or one of its ``removes``), then its unpacked env layer (with *manifest*
+    itself), each taken as it comes; then its ``removes``. Returns the
     relocations to apply (each file they name is a copy of its own) and how many files were
     linked and copied. Raises ``ArchiveError`` for a remove that leaves the env, ``OSError``
     when the disk refuses."""

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -286,6 +289,64 @@ def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
     assert not list((cache / "layers").glob("*/.envmgr-complete"))
     store.put(layer_manifest_key(tabulate), good)
     assert hydrate(lock.env_id, store, cache, platform="linux-64").layers_fetched == 4
+
+
+class _Trickle(io.RawIOBase):
+    """A store object read 512 bytes per 50 ms (10 kB/s) until *until*, then at full speed."""
+
+    def __init__(self, inner, until: float) -> None:
+        super().__init__()
+        self.inner, self.until = inner, until
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        slow = time.monotonic() < self.until
+        if slow:
+            time.sleep(0.05)
+        data = self.inner.read(min(len(target), 512) if slow else len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, tmp_path):
+    """Ctrl-C while the layers trickle in (python's alone would take half an hour): the
+    hydrate stops at the downloads' next read, not when they end (before, it waited for
+    them: here 20 s, when the trickle ends), and leaves no env, no layer, no temp dir."""
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    real_open = store.open
+    until = time.monotonic() + 20
+
+    def trickling_open(key, **how):
+        inner = real_open(key, **how)
+        return _Trickle(inner, until) if inner is not None and key.startswith("layers/") else inner
+
+    store.open = trickling_open  # type: ignore[method-assign]
+    sent: list[float] = []
+
+    def ctrl_c() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    cache = tmp_path / "host"
+    timer = threading.Timer(0.5, ctrl_c)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hydrate(lock.env_id, store, cache, platform="linux-64")
+        stopped = time.monotonic()
+    finally:
+        timer.cancel()
+    assert sent and stopped - sent[0] < 5, f"stopped {stopped - sent[0]:.1f} s after Ctrl-C"
+    assert not (cache / "envs" / lock.env_id).exists()
+    layers = cache / "layers"
+    assert [p.name for p in layers.iterdir() if p.name != ".locks"] == []
 
 
 def test_a_large_layer_comes_down_over_ranged_streams(
