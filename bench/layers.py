@@ -15,6 +15,11 @@ from pip's find-links): ``ds`` (numpy, pandas, scipy, scikit-learn, matplotlib, 
 - **cold hydrate** of torch on an empty host: layers against one archive on loopback, and
   each through a proxy that gives every connection 15 MB/s and 30 ms before its first byte;
 - **first import** of torch after a layered hydrate, against the same import warm.
+
+Hydrated envs stay on disk until the run ends (about 25 GB with ``--repeat 3``): on ext4
+every file created within a minute of deleting many others costs a scan of the freed inodes
+(``recently_deleted`` in the kernel), which took 65% of a hydrate's CPU here and made each
+row depend on what the row before it deleted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -155,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
             warm = work / f"reuse{i}"
             subprocess_run(_bootstrap(url, locks["ds"].env_id, warm), aws)
             shown = json.loads(timed(reuse, _bootstrap(url, locks["ds+tab"].env_id, warm), aws))
-            shutil.rmtree(work / f"tab{i}", ignore_errors=True)
-            shutil.rmtree(warm, ignore_errors=True)
         print(f"\nhost reuse (medians of {repeat})")
         print(f"  {cold_tab.what:<40} {cold_tab.w:8.2f} s")
         print(f"  {reuse.what:<40} {reuse.w:8.2f} s  {reuse.w / cold_tab.w:.3f}x (goal <= 0.25x)")
@@ -192,7 +194,6 @@ def _torch(torch: str, work: Path, repeat: int, aws: dict[str, str], slow: dict[
             if (fmt, net) == ("3", "loop"):
                 timed(first, [out["python"], "-c", "import torch"])
                 timed(again, [out["python"], "-c", "import torch"])
-            shutil.rmtree(target, ignore_errors=True)
     print(f"\ncold hydrate of torch, empty host (medians of {repeat}, order alternating)")
     base = rows["3", "loop"]
     for row in rows.values():
