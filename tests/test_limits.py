@@ -144,6 +144,16 @@ def test_a_device_as_a_requirements_file_is_bounded_in_bytes(tmp_path):
     ]
 
 
+def _at_a_terminal() -> None:
+    """In the child before exec: SIGINT as a shell's foreground job gets it. An ignored
+    SIGINT survives exec, and pytest's process can have one (a suite started with ``&``
+    from a script, or a library that ignores it while a test runs): the child then ignored
+    Ctrl-C as it should, and these tests hung."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(child, *, timeout: float) -> None:
     """Send SIGINT and expect exit 130. A child that hangs instead is reported with its signal
     state and, through faulthandler (SIGABRT), every thread's stack."""
@@ -191,6 +201,7 @@ def test_ctrl_c_stops_a_command_waiting_on_its_input(tmp_path):
         text=True,
         cwd=tmp_path,
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        preexec_fn=_at_a_terminal,
     )
     time.sleep(1.0)  # the child is inside open() of the pipe by now (or soon will be)
     _interrupt(child, timeout=30)  # a guard against a hang, not a timing assertion
@@ -208,7 +219,7 @@ def test_ctrl_c_stops_a_resolve_waiting_on_the_index(world, pypi_index, tmp_path
             [sys.executable, "-c", "from envmgr.cli.app import main; main()", "resolve",
              "--pypi", "six", "--python", "3.11", "--force"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-            env={**world, "PYTHONFAULTHANDLER": "1"},
+            env={**world, "PYTHONFAULTHANDLER": "1"}, preexec_fn=_at_a_terminal,
         )  # fmt: skip
         time.sleep(2.0)  # the conda part is solved; the resolver waits on the index
         _interrupt(child, timeout=10)  # well before the index answers

@@ -335,6 +335,8 @@ def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, t
         os.kill(os.getpid(), signal.SIGINT)
 
     cache = tmp_path / "host"
+    # As at a terminal, even when the suite was started in the background (SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, ctrl_c)
     timer.start()
     try:
@@ -343,6 +345,7 @@ def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, t
         stopped = time.monotonic()
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert sent and stopped - sent[0] < 5, f"stopped {stopped - sent[0]:.1f} s after Ctrl-C"
     assert not (cache / "envs" / lock.env_id).exists()
     layers = cache / "layers"
