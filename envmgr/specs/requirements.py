@@ -160,6 +160,8 @@ def _local_file(text: str, base_dir: Path | None) -> str | None:
     )
 
     value = text[len("file://") :] if text.startswith("file://") else text
+    if "\0" in value:  # no path holds one (and expanduser raises ValueError on "~\0")
+        return None
     path = Path(os.path.expanduser(value.removeprefix("file:")))  # noqa: PTH111 - see spec.py
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path

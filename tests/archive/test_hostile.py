@@ -80,6 +80,7 @@ def test_spec_and_manifest_from_dict_raise_only_envmgr_errors(data):
 @example("=: x")  # found by this test: a scalar YAML has no constructor for (ConstructorError)
 @example("-r \x00")  # found by this test: a NUL byte in an included file name (ValueError)
 @example("~0")  # found by this test: a home directory of no user (Path.expanduser raises)
+@example("~\x00")  # found by this test: a NUL in a user's name (os.path.expanduser: ValueError)
 def test_spec_file_readers_raise_only_envmgr_errors(text):
     for reader, name in (
         (read_environment_yml, "environment.yml"),
