@@ -394,40 +394,34 @@ def unpack_chunks(source: IO[bytes], extractor: Extractor, manifest: Manifest) -
             failed.set()
             raise
 
+    ended = False
     try:
-        try:
-            for number, chunk in enumerate(manifest.chunks):
-                while not slots.acquire(timeout=0.2):
-                    if failed.is_set():
-                        break
+        for number, chunk in enumerate(manifest.chunks):
+            while not slots.acquire(timeout=0.2):
                 if failed.is_set():
                     break
-                frame = _read_exact(source, chunk.size)
-                if len(frame) != chunk.size:
-                    raise _short_error(number, count, chunk, len(frame), manifest.size)
-                if hashlib.sha256(frame).hexdigest() != chunk.sha256:
-                    raise _digest_error(number, count, chunk)
-                if not chunk.cont:
-                    if jobs:
-                        jobs[-1][0].put(_END)
-                    frames: queue.SimpleQueue[Any] = queue.SimpleQueue()
-                    jobs.append((frames, pool.submit(run, frames, len(jobs))))
-                jobs[-1][0].put((number, chunk, frame))
-            else:
-                jobs[-1][0].put(_END)
-                if source.read(1):
-                    raise ArchiveError(
-                        f"archive is longer than its manifest's {manifest.size} bytes"
-                    )
-        except BaseException:
+            if failed.is_set():
+                break
+            frame = _read_exact(source, chunk.size)
+            if len(frame) != chunk.size:
+                raise _short_error(number, count, chunk, len(frame), manifest.size)
+            if hashlib.sha256(frame).hexdigest() != chunk.sha256:
+                raise _digest_error(number, count, chunk)
+            if not chunk.cont:
+                if jobs:
+                    jobs[-1][0].put(_END)
+                frames: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                jobs.append((frames, pool.submit(run, frames, len(jobs))))
+            jobs[-1][0].put((number, chunk, frame))
+        else:
+            jobs[-1][0].put(_END)
+            if source.read(1):
+                raise ArchiveError(f"archive is longer than its manifest's {manifest.size} bytes")
+        ended = True
+    finally:
+        if not ended or failed.is_set():
             for frames, _future in jobs:
                 frames.put(_ABORT)
-            raise
-        finally:
-            if failed.is_set():
-                for frames, _future in jobs:
-                    frames.put(_ABORT)
-    finally:
         # Jobs run in a shared pool in the order they were queued: each ends after its own
         # frames, which were all read before any later job's.
         wait([future for _frames, future in jobs])

@@ -345,6 +345,9 @@ def _from_layers(
     todo = [m for m in wanted if m is not None and published_layer(cache_dir, m) is None]
     total = manifest.size + sum(m.size for m in todo)
     ids = [ref.layer_id for ref in manifest.layers]
+    # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop at
+    # their next read instead of finishing a layer nobody waits for.
+    stop = threading.Event()
     with (
         using_layers(cache_dir, ids),
         _tracking(progress, f"hydrate {manifest.env_id[:12]}", total) as task,
@@ -363,10 +366,6 @@ def _from_layers(
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
             _download(store, key, manifest, env_layer, task, f"env {manifest.env_id}", stop=stop)
             return env_layer
-
-        # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop
-        # at their next read instead of finishing a layer nobody waits for.
-        stop = threading.Event()
 
         env_layer = tmp.with_name(f"{tmp.name}-envlayer")
         shutil.rmtree(env_layer, ignore_errors=True)
