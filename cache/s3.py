@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from envmgr.cache.store import Entry, StoreError, check_key
@@ -27,6 +27,7 @@ from envmgr.cache.store import Entry, StoreError, check_key
 __all__ = ["S3Store"]
 
 _MiB = 1024 * 1024
+_T = TypeVar("_T")
 
 
 class S3Store:
@@ -223,13 +224,18 @@ class S3Store:
         return True
 
     def open(self, key: str, *, streams: int = 0) -> IO[bytes] | None:
-        size = self.size(key)
-        if size is None:
-            return None
         parts = _parts() or (streams if streams > 1 else 0)
         if parts:
+            size = self.size(key)
+            if size is None:
+                return None
             return cast(IO[bytes], _RangedReader(self, key, size, threads=parts))
-        return cast(IO[bytes], _StreamReader(self, key, size))
+        # One stream needs no HEAD first: the GET's answer says the size. An env of 250
+        # layers made 250 requests fewer (each 30 ms away on a slow link).
+        reader = _StreamReader(self, key)
+        if not reader.start():
+            return None
+        return cast(IO[bytes], reader)
 
     def size(self, key: str) -> int | None:
         """The object's size, ``None`` when absent; a transient error (a 5xx while the
@@ -389,15 +395,21 @@ class _RangedReader(io.RawIOBase):
         super().close()
 
 
-class _StreamReader(io.RawIOBase):
-    """Reads an object with one GET stream. When the stream breaks (a reset, a timeout, a
-    short body, a 5xx), it goes on from the first byte not yet read with a ranged GET pinned
-    to the first answer's ETag, up to ``ENVMGR_S3_RETRIES`` times with backoff, as
-    :meth:`S3Store.get` does; an object that changes meanwhile is an error, never a mix."""
+class _Absent(Exception):  # noqa: N818 - internal signal: the first GET found no object
+    pass
 
-    def __init__(self, store: S3Store, key: str, size: int) -> None:
+
+class _StreamReader(io.RawIOBase):
+    """Reads an object with one GET stream; :meth:`start` sends the GET, whose answer gives
+    the object's size. When the stream breaks (a reset, a timeout, a short body, a 5xx), it
+    goes on from the first byte not yet read with a ranged GET pinned to the first answer's
+    ETag, up to ``ENVMGR_S3_RETRIES`` times with backoff, as :meth:`S3Store.get` does; an
+    object that changes meanwhile is an error, never a mix."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
         super().__init__()
-        self.store, self.key, self.total = store, key, size
+        self.store, self.key = store, key
+        self.total = 0  # set by the first answer
         self.offset = 0
         self.etag: str | None = None
         self.body: Any = None
@@ -415,8 +427,18 @@ class _StreamReader(io.RawIOBase):
         answer = self.store.client.get_object(
             Bucket=self.store.bucket, Key=self.store._key(self.key), **extra
         )
-        self.etag = self.etag or answer.get("ETag")
+        if self.etag is None:
+            self.total = int(answer["ContentLength"])
+            self.etag = answer.get("ETag") or ""
         self.body = answer["Body"]
+
+    def start(self) -> bool:
+        """Send the first GET (retried like a read); ``False`` when there is no object."""
+        try:
+            self._retrying(self._open)
+        except _Absent:
+            return False
+        return True
 
     def _drop_body(self) -> None:
         body, self.body = self.body, None
@@ -424,19 +446,15 @@ class _StreamReader(io.RawIOBase):
             with contextlib.suppress(Exception):  # a broken stream may fail to close too
                 body.close()
 
-    def readinto(self, target: Any) -> int:
-        if self.offset >= self.total:
-            return 0
+    def _retrying(self, step: Callable[[], _T]) -> _T:
         while True:
             try:
-                if self.body is None:
-                    self._open()
-                data = self.body.read(min(len(target), self.total - self.offset))
-                if not data:
-                    raise _ShortRead(f"{self.offset} of {self.total} bytes")
+                return step()
             except Exception as exc:
                 self._drop_body()
                 store = self.store
+                if store._missing(exc) and self.etag is None:
+                    raise _Absent from None
                 if store._missing(exc) or store._changed(exc):
                     raise StoreError(
                         store.url, self.key, "the object changed or vanished while it was read"
@@ -446,11 +464,23 @@ class _StreamReader(io.RawIOBase):
                     raise store._fail(self.key, exc, detail if self.attempt else "") from None
                 self.attempt += 1
                 _back_off(self.attempt)
-                continue
-            count = len(data)
-            target[:count] = data
-            self.offset += count
-            return count
+
+    def _read(self, size: int) -> bytes:
+        if self.body is None:
+            self._open()
+        data: bytes = self.body.read(min(size, self.total - self.offset))
+        if not data:
+            raise _ShortRead(f"{self.offset} of {self.total} bytes")
+        return data
+
+    def readinto(self, target: Any) -> int:
+        if self.offset >= self.total:
+            return 0
+        data = self._retrying(lambda: self._read(len(target)))
+        count = len(data)
+        target[:count] = data
+        self.offset += count
+        return count
 
     def close(self) -> None:
         if not self.closed:

@@ -35,6 +35,7 @@ def test_store_contract(store, tmp_path):
     assert store.get("envs/linux-64/e/env.tar.zst", (10, 19)) == data[10:20]
     with store.open("envs/linux-64/e/env.tar.zst") as reader:
         assert reader.read() == data
+    assert store.open("envs/linux-64/e/absent.tar.zst") is None
     assert store.get_file("envs/linux-64/e/env.tar.zst", tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == data
     assert list(store.list("envs/")) == ["envs/linux-64/e/env.tar.zst"]

@@ -283,10 +283,13 @@ def test_s3_responses_cut_during_a_build_name_the_real_cause(
     assert "check the network" in message
 
 
-def test_a_head_during_a_server_restart_is_retried(s3_server, s3_bucket, proxy, monkeypatch):
-    """The size of an object (the HEAD before every download) is asked again with backoff
-    while the server is away, as reads are: a layer's download that began during a restart
-    failed at once."""
+@pytest.mark.parametrize("first", ["head", "get"])
+def test_the_first_request_during_a_server_restart_is_retried(
+    s3_server, s3_bucket, proxy, monkeypatch, first
+):
+    """The size of an object (the HEAD before a ranged download) and the first GET of a
+    stream (which gives the size itself) are sent again with backoff while the server is
+    away, as reads are: a layer's download that began during a restart failed at once."""
     monkeypatch.setenv("ENVMGR_S3_RETRIES", "4")
     S3Store(f"s3://{s3_bucket}/p", client=s3_server.client()).put("layers/x", b"12345")
     store = S3Store(f"s3://{s3_bucket}/p", client=_client(s3_server, proxy.url))
@@ -294,7 +297,13 @@ def test_a_head_during_a_server_restart_is_retried(s3_server, s3_bucket, proxy, 
     back = threading.Timer(1.0, lambda: setattr(proxy, "faults", Faults()))
     back.start()
     try:
-        assert store.size("layers/x") == 5
+        if first == "head":
+            assert store.size("layers/x") == 5
+        else:
+            reader = store.open("layers/x")
+            assert reader is not None
+            with reader:
+                assert reader.read() == b"12345"
     finally:
         back.cancel()
     assert proxy.counters.refused >= 3  # botocore's own tries alone would have given up
