@@ -51,6 +51,7 @@ from envmgr.platforms import host_platform
 from envmgr.progress import Progress, Task, tracked
 from envmgr.worker.env_cache import COMPLETE, LAYERS, env_dir, lock_path, touch
 from envmgr.worker.layers import (
+    FAR,
     assemble,
     fetch_layer_manifests,
     layer_streams,
@@ -324,7 +325,9 @@ def _from_layers(
     layer cache (fetched there first when missing, several at once), then its env layer;
     returns (layers fetched, files linked, files copied)."""
     cache_dir = final.parent.parent
-    layers = fetch_layer_manifests(store, manifest.layers)
+    seconds: list[float] = []
+    layers = fetch_layer_manifests(store, manifest.layers, seconds=seconds)
+    far = bool(seconds) and min(seconds) >= FAR
     for ref in manifest.layers:
         layer = layers[ref.layer_id]
         if layer is None:
@@ -357,7 +360,7 @@ def _from_layers(
             ref = layer.layer
             what = f"env {manifest.env_id}: layer of {ref.package if ref else layer.env_id}"
             key = layer_archive_key(layer.env_id)
-            streams = _streams_for(layer.size)
+            streams = _streams_for(layer.size, far=far)
             _download(
                 store, key, layer, into, task, what, streams=streams, read_only=True, stop=stop
             )
@@ -371,7 +374,8 @@ def _from_layers(
         shutil.rmtree(env_layer, ignore_errors=True)
         present = [m for m in wanted if m is not None]
         pool = ThreadPoolExecutor(
-            max_workers=min(layer_streams(), len(present) + 1), thread_name_prefix="envmgr-layer"
+            max_workers=min(layer_streams(far), len(present) + 1),
+            thread_name_prefix="envmgr-layer",
         )
         # The largest layers start first (torch's is 44% of its env: started in install
         # order, it began last and ended 1.5 s after the rest), and each is linked into the
@@ -416,14 +420,17 @@ def _tracking(progress: Progress | None, label: str, total: int) -> Any:
     return tracked(progress, label, total=total)
 
 
-#: A layer this large comes down over several ranged streams (one per this many bytes, at
-#: most 4): one connection's speed must not decide a task's start (torch's layer is 300 MB),
-#: and on a fast network each stream costs CPU that unpacking needs.
-_BYTES_PER_STREAM = 64 << 20
+#: A layer this large comes down over several ranged streams, one per this many bytes (at
+#: most the second number), from a near / a far store: one connection's speed must not
+#: decide a task's start (torch's layer is 175 MB), and on a fast network each stream costs
+#: CPU that unpacking needs.
+_BYTES_PER_STREAM = {False: (64 << 20, 4), True: (16 << 20, 8)}
 
 
-def _streams_for(size: int) -> int:
-    return min(4, size // _BYTES_PER_STREAM) if size >= 2 * _BYTES_PER_STREAM else 0
+def _streams_for(size: int, *, far: bool) -> int:
+    """Ranged streams for a layer of *size* bytes (0: one plain stream)."""
+    step, most = _BYTES_PER_STREAM[far]
+    return min(most, size // step) if size >= 2 * step else 0
 
 
 def _download(

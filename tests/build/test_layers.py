@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from _helpers import fixture_options
@@ -27,6 +28,7 @@ from envmgr.resolve.resolution_cache import resolve_specs
 from envmgr.specs.model import CondaDep, EnvSpec, PypiDep
 from envmgr.worker.env_cache import gc
 from envmgr.worker.hydrate import HydrateError, hydrate
+from fixtures.tcp_proxy import FaultProxy, Faults
 
 PY = "3.11.*"
 
@@ -356,13 +358,19 @@ def test_a_large_layer_comes_down_over_ranged_streams(
     locks, s3_server, s3_bucket, tmp_path, monkeypatch
 ):
     """Layers over two streams' worth of bytes are read with parallel ranged GETs (here with
-    the threshold lowered to 1 MB, so python's layer takes them), the rest as one stream."""
+    the threshold lowered to 1 MB, so python's layer takes them), the rest as one stream.
+    A far store (30 ms to each first byte, through a proxy) gets more streams: per layer,
+    and layers at once."""
     import envmgr.cache.s3
     import envmgr.worker.hydrate
 
     monkeypatch.delenv("ENVMGR_S3_PARTS", raising=False)
-    monkeypatch.setattr(envmgr.worker.hydrate, "_BYTES_PER_STREAM", 1 << 20)
-    store = envmgr.cache.s3.S3Store(f"s3://{s3_bucket}/layers-test", client=s3_server.client())
+    monkeypatch.delenv("ENVMGR_LAYER_STREAMS", raising=False)
+    monkeypatch.setattr(
+        envmgr.worker.hydrate, "_BYTES_PER_STREAM", {False: (1 << 20, 4), True: (1 << 19, 8)}
+    )
+    url = f"s3://{s3_bucket}/layers-test"
+    store = envmgr.cache.s3.S3Store(url, client=s3_server.client())
     lock = locks["small"]
     manifest = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c")).manifest
     ranged: dict[str, int] = {}
@@ -372,7 +380,15 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         ranged[key] = threads
         return real(store_, key, size, threads=threads, **more)
 
+    at_once: list[bool] = []
+    real_streams = envmgr.worker.hydrate.layer_streams
+
+    def spy_streams(far: bool = False) -> int:
+        at_once.append(far)
+        return real_streams(far)
+
     monkeypatch.setattr(envmgr.cache.s3, "_RangedReader", spy)
+    monkeypatch.setattr(envmgr.worker.hydrate, "layer_streams", spy_streams)
     hydrated = hydrate(lock.env_id, store, tmp_path / "host", platform="linux-64")
     sizes = {
         layer_archive_key(ref.layer_id): json.loads(
@@ -381,5 +397,16 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         for ref in manifest.layers
     }
     assert ranged == {k: min(4, s >> 20) for k, s in sizes.items() if s >= 2 << 20} != {}
+    assert at_once == [False]
     ran = subprocess.run([hydrated.python, "-c", "import tabulate"], capture_output=True)
     assert ran.returncode == 0, ran.stderr
+
+    ranged.clear()
+    upstream = urlsplit(s3_server.endpoint_url)
+    with FaultProxy((str(upstream.hostname), int(upstream.port or 80))) as proxy:
+        proxy.faults = Faults(first_byte=0.03)
+        far = envmgr.cache.s3.S3Store(url, client=s3_server.client(proxy.url))
+        hydrate(lock.env_id, far, tmp_path / "far-host", platform="linux-64")
+    assert ranged == {k: min(8, s >> 19) for k, s in sizes.items() if s >= 1 << 20} != {}
+    assert at_once == [False, True]
+    assert real_streams(True) == min(8, 2 * real_streams(False))
