@@ -123,6 +123,14 @@ CudaOpt = Annotated[
     str | None, typer.Option("--cuda", metavar="VERSION", help="Assume this CUDA version (__cuda).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+SpecsJsonOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--specs-json",
+        hidden=True,
+        help="Steps' specs as JSON (how the Metaflow extension hands them over).",
+    ),
+]
 LockedOpt = Annotated[
     bool,
     typer.Option(

@@ -31,6 +31,7 @@ from envmgr.cli._inputs import (
     PypiSpecs,
     PythonOpt,
     ReqFiles,
+    SpecsJsonOpt,
     StoreOpt,
     build_options,
     configured_store,
@@ -171,14 +172,7 @@ def build(
     python: PythonOpt = None,
     platform: PlatformOpt = [],
     channel: ChannelOpt = [],
-    specs_json: Annotated[
-        Path | None,
-        typer.Option(
-            "--specs-json",
-            hidden=True,
-            help="Steps' specs as JSON (how the Metaflow extension hands them over).",
-        ),
-    ] = None,
+    specs_json: SpecsJsonOpt = None,
     from_lock: Annotated[
         Path | None,
         typer.Option(

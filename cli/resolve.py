@@ -30,6 +30,7 @@ from envmgr.cli._inputs import (
     PypiSpecs,
     PythonOpt,
     ReqFiles,
+    SpecsJsonOpt,
     StoreOpt,
     configured_store,
     gather,
@@ -106,6 +107,7 @@ def resolve(
     ] = False,
     locked: LockedOpt = False,
     frozen: FrozenOpt = False,
+    specs_json: SpecsJsonOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Resolve specs into locks for each target platform; unchanged specs come from the cache.
@@ -127,7 +129,13 @@ def resolve(
             results, sources = _adopt(adopt_file, args)
         else:
             inputs = gather(
-                **args, force=force, check=check, locked=locked, frozen=frozen, progress=progress
+                **args,
+                force=force,
+                check=check,
+                locked=locked,
+                frozen=frozen,
+                specs_json=specs_json,
+                progress=progress,
             )
             results = resolve_specs(inputs.specs, inputs.options) if inputs.specs else []
             sources = inputs.sources

@@ -136,7 +136,8 @@ class _Reader:
                     key=key,
                     message=f"line {node.lineno}: not a literal; envmgr reads flow files without "
                     "running them, so write the value out (or bind it to a literal at "
-                    "module level)",
+                    "module level), or let the flow compute it: python "
+                    f"{self.filename} --environment=conda environment build",
                 )
             )
             return None

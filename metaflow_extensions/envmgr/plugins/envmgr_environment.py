@@ -60,6 +60,20 @@ def _child_error(result: Any) -> str:
     return "\n".join(line.removeprefix("envmgr: error: ") for line in lines[-15:])
 
 
+def built_line(row: dict[str, Any]) -> str:
+    """How a run (and ``environment build``) reports one env of ``envmgr build --json``."""
+    state = {
+        "built": "built",
+        "present": "stored already",
+        "waited": "built by another process",
+    }[row["status"]]
+    lock_state = "cached lock" if row["lock_cached"] else "solved"
+    return (
+        f"envmgr: {', '.join(row['steps'])}: {row['platform']} env "
+        f"{row['env_id'][:12]} ({lock_state}, {state})"
+    )
+
+
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     TYPE = "conda"
 
@@ -116,30 +130,32 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             # as one message (Metaflow prints MetaflowException without a traceback).
             raise MetaflowException(f"envmgr: {exc}") from None
 
-    def _init_environment(self, echo: Any, only_steps: Any) -> None:
-        import subprocess
-        import sys
-
-        from envmgr.errors import EnvmgrError
+    def plan(self, only_steps: Any = None) -> tuple[dict[str, Any], dict[str, str], str]:
+        """The specs of the run's steps (of *only_steps* if given), the named envs of steps
+        with ``name=``, and the store the run keeps its envs in."""
         from envmgr.specs.flows import run_settings, run_store
 
         specs, names = self._specs()
         if only_steps:
             specs = {k: v for k, v in specs.items() if k in only_steps}
             names = {k: v for k, v in names.items() if k in only_steps}
-        if not specs and not names:
-            return
         store_url, endpoint = run_store(run_settings(self._datastore or None).datastore)
         if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
             os.environ["AWS_ENDPOINT_URL"] = endpoint  # for the child and the hydrates here
-        if names:
-            self._named_envs(names, store_url, echo)
-        if not specs:
-            self._write_package_file()
-            return
-        echo(f"envmgr: resolving {len(specs)} step environments (store {store_url})")
-        # Solving and building run in a child process: py-rattler's runtime threads must not
-        # live in Metaflow's process (they can abort an interpreter while it finalizes).
+        return specs, names, store_url
+
+    def run_envmgr(
+        self, command: str, specs: dict[str, Any], store_url: str, *extra: str
+    ) -> list[dict[str, Any]]:
+        """``envmgr COMMAND`` (resolve or build) of *specs* into *store_url*: its ``--json``
+        rows, one per env and platform. Solving and building run in a child process:
+        py-rattler's runtime threads must not live in Metaflow's process (they can abort an
+        interpreter while it finalizes). Raises ``EnvmgrError`` with the child's error."""
+        import subprocess
+        import sys
+
+        from envmgr.errors import EnvmgrError
+
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump({"steps": {k: v.to_dict() for k, v in specs.items()}}, handle)
         try:
@@ -148,12 +164,13 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                     sys.executable,
                     "-m",
                     "envmgr",
-                    "build",
+                    command,
                     "--specs-json",
                     handle.name,  # each spec names the platforms its step runs on
                     "--store",
                     store_url,
                     "--json",
+                    *extra,
                 ],
                 capture_output=True,
                 text=True,
@@ -163,17 +180,21 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             Path(handle.name).unlink()
         if result.returncode != 0:
             raise EnvmgrError(_child_error(result))
-        for row in json.loads(result.stdout)["envs"]:
-            state = {
-                "built": "built",
-                "present": "stored already",
-                "waited": "built by another process",
-            }[row["status"]]
-            lock_state = "cached lock" if row["lock_cached"] else "solved"
-            echo(
-                f"envmgr: {', '.join(row['steps'])}: {row['platform']} env "
-                f"{row['env_id'][:12]} ({lock_state}, {state})"
-            )
+        rows: list[dict[str, Any]] = json.loads(result.stdout)["envs"]
+        return rows
+
+    def _init_environment(self, echo: Any, only_steps: Any) -> None:
+        specs, names, store_url = self.plan(only_steps)
+        if not specs and not names:
+            return
+        if names:
+            self._named_envs(names, store_url, echo)
+        if not specs:
+            self._write_package_file()
+            return
+        echo(f"envmgr: resolving {len(specs)} step environments (store {store_url})")
+        for row in self.run_envmgr("build", specs, store_url):
+            echo(built_line(row))
             for step in row["steps"]:
                 entry = self.envmgr_envs.setdefault(
                     step, {"spec_id": row["spec_id"], "store": store_url, "envs": {}}
@@ -282,4 +303,4 @@ class PypiEnvironment(CondaEnvironment):
     TYPE = "pypi"
 
 
-__all__ = ["CondaEnvironment", "PypiEnvironment"]
+__all__ = ["CondaEnvironment", "PypiEnvironment", "built_line"]

@@ -11,6 +11,7 @@ FLOW_DECORATORS_DESC = [
     ("conda_base", ".envmgr_decorators.CondaFlowDecorator"),
     ("pypi_base", ".envmgr_decorators.PyPIFlowDecorator"),
 ]
+CLIS_DESC = [("environment", ".envmgr_cli.cli")]
 ENVIRONMENTS_DESC = [
     ("conda", ".envmgr_environment.CondaEnvironment"),
     ("pypi", ".envmgr_environment.PypiEnvironment"),

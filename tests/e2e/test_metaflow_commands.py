@@ -1,0 +1,111 @@
+"""``python flow.py --environment=conda environment resolve|build|show`` on a flow whose envs
+only a run can know (a computed python, a Config-driven @pypi, @conda through --with)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _helpers import run_envmgr
+from test_metaflow import _flow_env, _seen
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOW = ROOT / "fixtures" / "flows" / "computedflow.py"
+#: `end` has no decorator of its own: it gets this one, as `run --with` gives it.
+WITH = 'conda:libraries={"colorama": ""}'
+ENV_LINE = re.compile(r"envmgr: (.+): (\S+) env ([0-9a-f]{12}) \((.+)\)$")
+
+
+def _flow(env: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(FLOW), "--environment=conda", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def commands(conda_channel, pypi_index, tmp_path_factory):
+    """resolve, show, build and show again, then the run; every output."""
+    home = tmp_path_factory.mktemp("mfcmd")
+    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
+    out = {}
+    for name, args in {
+        "unresolved": ("environment", "--with", WITH, "show"),
+        "resolve": ("environment", "--with", WITH, "resolve", "--json"),
+        "show": ("environment", "--with", WITH, "show", "--json"),
+        "build": ("environment", "--with", WITH, "build", "--json"),
+        "shown": ("environment", "--with", WITH, "show"),
+        "run": ("run", "--with", WITH),
+    }.items():
+        out[name] = _flow(env, home, *args)
+    return home, env, out
+
+
+def test_the_static_reader_cannot_read_this_flow_and_says_what_to_run(commands):
+    home, env, _out = commands
+    refused = run_envmgr("build", str(FLOW), env=env, cwd=home)
+    assert refused.returncode != 0
+    assert "not a literal" in refused.stderr
+    assert "environment build" in refused.stderr, refused.stderr
+
+
+def test_show_before_resolve_names_the_steps_and_the_command(commands):
+    _home, _env, out = commands
+    shown = out["unresolved"]
+    assert shown.returncode != 0
+    message = shown.stdout + shown.stderr
+    assert "no lock yet for" in message and "environment resolve" in message, message
+    assert "Traceback" not in message
+
+
+def test_resolve_locks_every_step_and_builds_nothing(commands):
+    _home, _env, out = commands
+    assert out["resolve"].returncode == 0, out["resolve"].stderr[-3000:]
+    rows = json.loads(out["resolve"].stdout)["envs"]
+    assert sorted(s for r in rows for s in r["steps"]) == ["end", "middle", "start"]
+    assert all(r["platform"] == "linux-64" and not r["cached"] for r in rows)
+    shown = json.loads(out["show"].stdout)["envs"]
+    assert {r["env_id"] for r in shown} == {r["env_id"] for r in rows}
+    assert not any(r["stored"] for r in shown)
+
+
+def test_build_makes_exactly_the_envs_the_run_uses(commands):
+    home, _env, out = commands
+    assert out["build"].returncode == 0, out["build"].stderr[-3000:]
+    built = {s: r["env_id"] for r in json.loads(out["build"].stdout)["envs"] for s in r["steps"]}
+    resolved = {
+        s: r["env_id"] for r in json.loads(out["resolve"].stdout)["envs"] for s in r["steps"]
+    }
+    assert built == resolved
+    assert "in the store" in out["shown"].stdout and "not built" not in out["shown"].stdout
+    run = out["run"]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    lines = [ENV_LINE.search(line) for line in output.splitlines()]
+    used = {step: m.group(3) for m in lines if m for step in m.group(1).split(", ")}
+    assert used == {step: env_id[:12] for step, env_id in built.items()}
+    states = {m.group(4) for m in lines if m}
+    assert states == {"cached lock, stored already"}, states
+    seen = _seen(output)
+    assert seen["start"][0][1]["tabulate"] == "0.9.0"  # the Config's @pypi
+    assert seen["middle"][0][1]["six"] == "1.17.0"
+    assert "colorama" in seen["end"][0][1]  # from --with only
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for step, env_id in built.items():
+        prefix = home / "cache" / "envs" / env_id
+        assert list(prefix.glob(f"lib/python{python}/site-packages")), (step, python)
+
+
+def test_a_step_that_is_not_in_the_flow_is_one_line(commands):
+    home, env, _out = commands
+    wrong = _flow(env, home, "environment", "build", "--step", "trian")
+    assert wrong.returncode != 0
+    assert "has no step 'trian'" in wrong.stderr and "Traceback" not in wrong.stderr
