@@ -456,3 +456,57 @@ def test_an_osx_arm64_env_with_a_real_macos_wheel_builds_here(conda_channel, pyp
     assert (dist / "RECORD").is_file()
     pycs = list((site / "__pycache__").glob("*.cpython-311.pyc"))
     assert len(pycs) >= 8 and {_pyc_flags(p) for p in pycs} == {3}
+
+
+@pytest.mark.parametrize("deploy", ["argo-workflows", "airflow", "step-functions"])
+def test_a_prebuild_for_a_deploy_leaves_the_deploy_nothing_to_solve_or_build(
+    deploy, conda_channel, s3_server, s3_bucket, tmp_path
+):
+    """``environment --for DEPLOY build`` gives every step the compute decorator that deploy
+    attaches (so start and end become linux-aarch64 steps too); the deploy then finds every
+    env in the store, and each pod command names one that is there. (Step Functions'
+    ``create`` calls AWS even with ``--only-json``: only its pre-build is run.)"""
+    _arm64_or_skip(conda_channel)
+    from envmgr.cache.layout import manifest_key
+    from envmgr.cache.s3 import S3Store
+
+    laptop = {
+        **os.environ,
+        **s3_env(s3_server),
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "METAFLOW_KUBERNETES_NAMESPACE": "default",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
+    }
+    laptop.pop("ENVMGR_STORE", None)
+    flow = [sys.executable, str(REMOTE_FLOW), "--environment=conda"]
+    built = subprocess.run(
+        [*flow, "environment", "--for", deploy, "build", "--json"],
+        capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    rows = json.loads(built.stdout)["envs"]
+    assert sorted(s for r in rows for s in r["steps"]) == ["end", "start", "train"]
+    assert {r["platform"] for r in rows} == {"linux-aarch64"}
+    if deploy == "step-functions":
+        return
+    create = ["--only-json"] if deploy == "argo-workflows" else [str(tmp_path / "dag.py")]
+    deployed = subprocess.run(
+        [*flow, deploy, "create", *create],
+        capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    lines = [line for line in deployed.stderr.splitlines() if re.search(r"envmgr: .+ env ", line)]
+    assert len(lines) == len(rows), deployed.stderr
+    assert all("(cached lock, stored already)" in line for line in lines), lines
+    text = deployed.stdout if deploy == "argo-workflows" else (tmp_path / "dag.py").read_text()
+    named = set(re.findall(r"--env-for linux-aarch64=([0-9a-f]{32})", text))
+    assert named == {r["env_id"] for r in rows}
+    store = S3Store(json.loads(built.stdout)["store"], client=s3_server.client())
+    assert all(store.exists(manifest_key("linux-aarch64", env_id)) for env_id in named)
