@@ -109,3 +109,148 @@ def test_a_step_that_is_not_in_the_flow_is_one_line(commands):
     wrong = _flow(env, home, "environment", "build", "--step", "trian")
     assert wrong.returncode != 0
     assert "has no step 'trian'" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+NETFLIXEXT_FLOW = """
+import os
+from metaflow import FlowSpec, named_env, named_env_base, step
+
+
+def seen():
+    import contextlib, importlib.metadata as m, sys
+
+    out = dict()
+    for name in ("tabulate", "six"):
+        with contextlib.suppress(m.PackageNotFoundError):
+            out[name] = m.version(name)
+    return sys.prefix, out
+
+
+@named_env_base(name="team/tab:stable")
+class NamedFlow(FlowSpec):
+    @named_env(name="team/tab")
+    @step
+    def start(self):
+        print("SEEN start", seen())
+        self.next(self.again)
+
+    @named_env(pathspec=os.environ["EARLIER"])
+    @step
+    def again(self):
+        print("SEEN again", seen())
+        self.next(self.end)
+
+    @step
+    def end(self):
+        print("SEEN end", seen())
+
+
+if __name__ == "__main__":
+    NamedFlow()
+"""
+
+
+FIRST_FLOW = """
+from metaflow import FlowSpec, named_env, step
+
+
+class FirstFlow(FlowSpec):
+    @named_env(name="team/tab")
+    @step
+    def start(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    FirstFlow()
+"""
+
+
+@pytest.fixture(scope="module")
+def netflixext(conda_channel, pypi_index, tmp_path_factory):
+    """netflixext's sample shape: ``from metaflow import named_env``; two named envs (tags
+    stable and latest) and a run whose ``again`` step reuses the env of an earlier run's
+    ``start`` by pathspec."""
+    home = tmp_path_factory.mktemp("nflx")
+    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
+    ids = {}
+    for tag, pins in (
+        ("stable", ("tabulate=0.9.0", "requests")),
+        ("latest", ("six=1.17.0", "requests")),
+    ):
+        made = run_envmgr(
+            "build", *(f"--conda={p}" for p in pins), "--python", "3.11", "--json",
+            env=env, cwd=home,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        ids[tag] = json.loads(made.stdout)["envs"][0]["env_id"]
+        aliased = run_envmgr("alias", ids[tag], f"team/tab:{tag}", env=env, cwd=home)
+        assert aliased.returncode == 0, aliased.stderr
+    first = home / "firstflow.py"
+    first.write_text(FIRST_FLOW)
+    flow = home / "namedflow.py"
+    flow.write_text(NETFLIXEXT_FLOW)
+    runs = []
+    for path in (first, flow):
+        ran = subprocess.run(
+            [sys.executable, str(path), "--environment=conda", "run"],
+            capture_output=True, text=True, env=env, cwd=home, check=False,
+        )  # fmt: skip
+        output = ran.stdout + ran.stderr
+        assert ran.returncode == 0, output[-3000:]
+        runs.append(output)
+        run_id = re.search(r"run-id (\d+)", output).group(1)
+        env["EARLIER"] = f"FirstFlow/{run_id}/start"
+    return home, env, ids, runs, flow
+
+
+def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
+    _home, _env, ids, runs, _flow = netflixext
+    seen = _seen(runs[1])
+    assert seen["start"][0][0].endswith(ids["latest"])  # name without a tag: latest
+    assert seen["again"][0][0].endswith(ids["latest"])  # the earlier run's start
+    assert seen["end"][0][0].endswith(ids["stable"])  # the flow's @named_env_base
+    assert seen["end"][0][1] == {"tabulate": "0.9.0"} and seen["start"][0][1] == {"six": "1.17.0"}
+    assert f"again: linux-64 env {ids['latest'][:12]} (as FirstFlow/" in runs[1]
+    assert "solved" not in runs[1] and "built" not in runs[1].replace("stored already", "")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            (
+                '@named_env(name="team/tab")',
+                '@named_env(name="team/tab")\n    @conda(libraries={"six": ""})',
+            ),
+            "step 'start': @named_env: runs the step in an env as it is; drop @conda",
+        ),
+        (
+            ('@named_env(name="team/tab")', '@named_env(name="team/tab", fetch_at_exec=True)'),
+            "@named_env fetch_at_exec: envmgr fixes a step's env when the run starts",
+        ),
+        (
+            ('os.environ["EARLIER"]', '"FirstFlow/999999/start"'),
+            "step 'again': @named_env(pathspec='FirstFlow/999999/start'): no such task",
+        ),
+    ],
+)
+def test_a_wrong_named_env_stops_the_run_in_one_line(netflixext, tmp_path, change, message):
+    _home, env, _ids, _runs, flow = netflixext
+    wrong = tmp_path / "namedflow.py"
+    wrong.write_text(
+        flow.read_text()
+        .replace(*change)
+        .replace("import os", "import os\nfrom metaflow import conda")
+    )
+    ran = subprocess.run(
+        [sys.executable, str(wrong), "--environment=conda", "run"],
+        capture_output=True, text=True, env=env, cwd=flow.parent, check=False,
+    )  # fmt: skip
+    assert ran.returncode != 0
+    assert message in ran.stderr, ran.stderr[-2000:]
+    assert "Traceback" not in ran.stderr and "SEEN" not in ran.stdout

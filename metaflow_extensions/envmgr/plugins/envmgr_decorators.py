@@ -301,6 +301,46 @@ class PyPIFlowDecorator(_EnvmgrFlow):
         self._stock_init()
 
 
+class NamedEnvStepDecorator(StepDecorator):  # type: ignore[misc]
+    """netflixext's ``@named_env``: run the step in an env that exists already, by name
+    (``name="team/env:tag"``, see ``envmgr alias``) or as the step of an earlier run used it
+    (``pathspec="Flow/run/step"``). It only says which env: the step's ``@conda`` (which
+    ``--environment=conda`` gives every step) hydrates it and records it."""
+
+    name = "named_env"
+    defaults: ClassVar[dict[str, Any]] = {
+        "name": None,
+        "pathspec": None,
+        "fetch_at_exec": False,
+        "disabled": None,
+    }
+
+    def step_init(
+        self,
+        flow: Any,
+        graph: Any,
+        step: str,
+        decos: Any,
+        environment: Any,
+        flow_datastore: Any,
+        logger: Any,
+    ) -> None:
+        _require_envmgr_environment(environment, f"@{self.name} decorator on step {step!r}")
+
+
+class NamedEnvFlowDecorator(_EnvmgrFlow):
+    """``@named_env_base``: the named env (or earlier step's env) of every step that has no
+    ``@conda``, ``@pypi`` or ``@named_env`` of its own."""
+
+    name = "named_env_base"
+    defaults: ClassVar[dict[str, Any]] = {
+        "name": None,
+        "pathspec": None,
+        "fetch_at_exec": False,
+        "disabled": None,
+    }
+
+
 #: The names of earlier envmgr releases.
 PypiStepDecorator = PyPIStepDecorator
 PypiFlowDecorator = PyPIFlowDecorator

@@ -24,7 +24,7 @@ from typing import Any
 from metaflow.metaflow_environment import MetaflowEnvironment
 from metaflow.packaging_sys import ContentType
 
-from metaflow_extensions.envmgr.plugins.envmgr_steps import decorator_calls, placement
+from metaflow_extensions.envmgr.plugins.envmgr_steps import decorator_calls, named_env, placement
 
 _PACKAGE_FILE = "envmgr_envs.json"
 
@@ -74,6 +74,52 @@ def built_line(row: dict[str, Any]) -> str:
     )
 
 
+def _pathspec_envs(store: Any, pathspec: str, platforms: Any, *, step: str) -> dict[str, str]:
+    """``@named_env(pathspec="Flow/run/step[/task]")``: the env that step's (first) task ran
+    in, as its metadata recorded it, for the one platform *platforms* holds; raises
+    ``EnvmgrError`` naming *step* when there is no such task, env or platform."""
+    from metaflow import Step, Task
+    from metaflow.exception import MetaflowNotFound
+
+    from envmgr.cache.layout import manifest_key
+    from envmgr.errors import EnvmgrError
+
+    where = f"step {step!r}: @named_env(pathspec={pathspec!r})"
+    parts = pathspec.strip("/").split("/")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise EnvmgrError(f"{where}: not a step or task pathspec", hint='write "Flow/run/step"')
+    try:
+        found = (
+            Task(pathspec, _namespace_check=False)
+            if len(parts) == 4
+            else next(iter(Step(pathspec, _namespace_check=False)), None)
+        )
+    except MetaflowNotFound:
+        found = None
+    if found is None:
+        raise EnvmgrError(
+            f"{where}: no such task in this metadata service",
+            hint="check the flow name, the run id and the step name",
+        )
+    meta = found.metadata_dict
+    env_id = meta.get("envmgr_env_id")
+    if not env_id:
+        raise EnvmgrError(
+            f"{where}: task {found.pathspec} ran without an envmgr env",
+            hint="point at a step that ran with --environment=conda or pypi",
+        )
+    wanted = list(platforms)
+    have = [p for p in wanted if store.exists(manifest_key(p, env_id))]
+    if len(wanted) != 1 or not have:
+        raise EnvmgrError(
+            f"{where}: its env {env_id[:12]} is not in {store.url} for "
+            f"{', '.join(wanted)}, where this step runs",
+            hint="run the step where that task ran, or use a named env that has this platform "
+            "(`envmgr alias`)",
+        )
+    return {have[0]: env_id}
+
+
 class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
     TYPE = "conda"
 
@@ -97,8 +143,10 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
 
     def _specs(self) -> tuple[dict[str, Any], dict[str, str]]:
         """The run's spec of every step (:mod:`envmgr.specs.flows`, as ``envmgr build flow.py``
-        computes them) and the named env of steps with ``name=``."""
-        from envmgr.specs.decorators import step_names, step_specs
+        computes them) and the existing env of steps with ``name=`` or netflixext's
+        ``@named_env``: ``"team/env:tag"``, or ``"Flow/run/step"`` for ``pathspec=``."""
+        from envmgr.errors import SpecError
+        from envmgr.specs.decorators import DecoratorCall, step_names, step_specs
         from envmgr.specs.flows import run_settings, run_specs
 
         flow_decos = [
@@ -106,13 +154,27 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             for name in ("conda_base", "pypi_base")
             for d in self.flow._flow_decorators.get(name, [])
         ]
-        steps = {
-            step.name: decorator_calls(step.decorators, ("conda", "pypi")) for step in self.flow
-        }
+        named_base = (self.flow._flow_decorators.get("named_env_base") or [None])[0]
+        problems: list[Any] = []
+        steps: dict[str, list[Any]] = {}
+        pathspecs: dict[str, str] = {}
+        for step in self.flow:
+            ref = named_env(step, named_base, problems)
+            if ref is None:
+                steps[step.name] = decorator_calls(step.decorators, ("conda", "pypi"))
+            elif ref[0] == "pathspec":
+                pathspecs[step.name] = ref[1]
+                steps[step.name] = []
+            else:  # as @conda(name=...) or @conda(disabled=True) says it
+                where = "@named_env"
+                steps[step.name] = [DecoratorCall(kind="conda", kwargs=dict([ref]), where=where)]
+        if problems:
+            raise SpecError(problems)
         specs = step_specs(
             decorator_calls(flow_decos, ("conda_base", "pypi_base")), steps, flow=self.flow.name
         )
         names = {k: v for k, v in step_names(steps).items() if not specs[k].disabled}
+        names.update(pathspecs)
         placements = {step.name: placement(step) for step in self.flow}
         settings = run_settings(self._datastore or None, where="--datastore")
         unnamed = {k: v for k, v in specs.items() if k not in names}
@@ -208,7 +270,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         self._package_file = handle.name
 
     def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
-        """Steps with ``name=`` run in that named env's env for their platform, as it is."""
+        """Steps with ``name=`` run in that named env's env for their platform, as it is;
+        steps with ``@named_env(pathspec=)`` in the env that step's task ran in."""
         from envmgr.cache import open_store
         from envmgr.cache.names import step_envs
         from envmgr.specs.flows import step_platforms
@@ -219,7 +282,12 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             step = next(s for s in self.flow if s.name == step_name)
             # name= comes alone (the spec layer refuses platforms= beside it).
             platforms = step_platforms(EnvSpec(), placement(step))
-            envs = step_envs(store, name, platforms, step=step_name)
+            if name.count("/") >= 2:  # a pathspec; a name has one slash at most
+                envs = _pathspec_envs(store, name, platforms, step=step_name)
+                what = f"as {name} ran"
+            else:
+                envs = step_envs(store, name, platforms, step=step_name)
+                what = f"named {name}"
             self.envmgr_envs[step_name] = {
                 "spec_id": "",
                 "store": store_url,
@@ -227,7 +295,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                 "name": name,
             }
             for platform_, env_id in envs.items():
-                echo(f"envmgr: {step_name}: {platform_} env {env_id[:12]} (named {name})")
+                echo(f"envmgr: {step_name}: {platform_} env {env_id[:12]} ({what})")
 
     def add_to_package(self) -> list[tuple[str, str, Any]]:
         files = list(super().add_to_package())

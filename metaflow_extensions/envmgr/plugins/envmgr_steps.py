@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["decorator_calls", "own_kwargs", "placement", "remote_decorator"]
+__all__ = ["decorator_calls", "named_env", "own_kwargs", "placement", "remote_decorator"]
 
 
 def own_kwargs(deco: Any) -> dict[str, Any]:
@@ -43,6 +43,71 @@ def placement(step: Any) -> Any:
     if deco is None:
         return Placement()
     return Placement(remote=deco.name, target_platform=getattr(deco, "target_platform", None))
+
+
+def named_env(step: Any, base: Any, problems: list[Any]) -> tuple[str, Any] | None:
+    """What ``@named_env`` (netflixext's) says of *step*, or the flow's ``@named_env_base``
+    (*base*) for a step without an env decorator of its own: ``("name", "team/env:tag")``,
+    ``("pathspec", "Flow/run/step")``, ``("disabled", True)``, or ``None``. Problems go to
+    *problems* (envmgr ``Problem``s naming the step)."""
+    from envmgr.errors import Problem
+
+    where = f"step {step.name!r}"
+    own = [
+        deco
+        for deco in step.decorators
+        if deco.name in ("conda", "pypi") and (deco.statically_defined or own_kwargs(deco))
+    ]
+    mine = [deco for deco in step.decorators if deco.name == "named_env"]
+    if mine:
+        if own:
+            problems.append(
+                Problem(
+                    where=where,
+                    key="@named_env",
+                    message="runs the step in an env as it is; drop "
+                    f"{' and '.join('@' + d.name for d in own)} from the step (or @named_env "
+                    "to resolve its own packages)",
+                )
+            )
+            return None
+        kwargs, key = own_kwargs(mine[0]), "@named_env"
+    elif base is not None and not own:
+        kwargs, key = own_kwargs(base), "@named_env_base"
+    else:
+        return None
+    if str(kwargs.get("disabled")).lower() == "true":
+        return ("disabled", True)
+    if kwargs.get("fetch_at_exec"):
+        problems.append(
+            Problem(
+                where=where,
+                key=f"{key} fetch_at_exec",
+                message="envmgr fixes a step's env when the run starts (or the flow is "
+                "deployed), never at task start; drop fetch_at_exec and deploy again to "
+                "take up a tag that moved",
+            )
+        )
+    given = [k for k in ("name", "pathspec") if kwargs.get(k)]
+    if len(given) != 1:
+        problems.append(
+            Problem(
+                where=where,
+                key=key,
+                message='give name="team/env:tag" or pathspec="Flow/run/step"'
+                + (", not both" if given else ""),
+            )
+        )
+        return None
+    value = kwargs[given[0]]
+    if not isinstance(value, str):
+        problems.append(
+            Problem(
+                where=where, key=f"{key} {given[0]}", message=f"must be a string, not {value!r}"
+            )
+        )
+        return None
+    return (given[0], value)
 
 
 def decorator_calls(decorators: Any, kinds: tuple[str, ...]) -> list[Any]:
