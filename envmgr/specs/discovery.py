@@ -32,6 +32,8 @@ from envmgr.specs.model import EnvSpec
 __all__ = ["FlowFile", "discover", "discover_source", "read_flow", "read_flow_source"]
 
 _SOURCES = ("metaflow", "envmgr")
+#: netflixext's decorators for an env that exists already (see :meth:`_Reader.named_env`).
+_NAMED = ("named_env", "named_env_base")
 #: Metaflow names that change decorators when a flow is loaded (configs, mutators, user
 #: decorators): a file read without running it cannot see what they do.
 _DYNAMIC = frozenset(
@@ -48,6 +50,7 @@ class _Names:
         self.steps: set[str] = set()
         self.remote: dict[str, str] = {}  # local name -> Metaflow's remote-compute decorator
         self.dynamic: set[str] = set()  # Metaflow's configs and mutators the file imports
+        self.named: dict[str, str] = {}  # local name -> named_env / named_env_base
         self.modules: set[str] = set()
         self.constants: dict[str, ast.expr] = {}
         for node in tree.body:
@@ -59,7 +62,10 @@ class _Names:
                 for alias in node.names:
                     if alias.name == "*":
                         self.decorators.update({k: k for k in KINDS})
+                        self.named.update({k: k for k in _NAMED})
                         self.steps.add("step")
+                    elif alias.name in _NAMED:
+                        self.named[alias.asname or alias.name] = alias.name
                     elif alias.name in KINDS:
                         self.decorators[alias.asname or alias.name] = alias.name
                     elif alias.name == "step":
@@ -106,6 +112,14 @@ class _Names:
             return ref[1:] if ref[1:] in KINDS else None  # type: ignore[return-value]
         return self.decorators.get(ref)
 
+    def named_of(self, decorator: ast.expr) -> str | None:
+        """``named_env`` or ``named_env_base`` (netflixext's) if *decorator* is one."""
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        ref = self._ref(target)
+        if ref is not None and ref.startswith("."):
+            return ref[1:] if ref[1:] in _NAMED else None
+        return self.named.get(ref or "")
+
     def is_step(self, decorator: ast.expr) -> bool:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
         ref = self._ref(target)
@@ -125,6 +139,8 @@ class _Reader:
         self.names = _Names(tree)
         self.filename = filename
         self.problems: list[Problem] = []
+        #: The class being read: its ``@named_env_base`` as a step's ``@conda(name=...)``.
+        self.named_base: DecoratorCall | None = None
 
     def value(self, node: ast.expr, where: str, key: str, depth: int = 0) -> Any:
         try:
@@ -170,12 +186,55 @@ class _Reader:
             )
         return node
 
+    def class_named_base(self) -> DecoratorCall | None:
+        """The ``@named_env_base`` of the class whose decorators were read last."""
+        return self.named_base
+
+    def named_env(self, decorator: ast.expr, what: str, where: str) -> DecoratorCall | None:
+        """netflixext's ``@named_env`` / ``@named_env_base`` as the ``@conda(name=...)`` (or
+        ``@conda(disabled=True)``) it means; ``pathspec=`` is looked up in Metaflow's metadata,
+        which only a run reads."""
+        location = f"{self.filename}:{decorator.lineno}"
+        keywords = decorator.keywords if isinstance(decorator, ast.Call) else []
+        kwargs = {k.arg: self.value(k.value, where, f"@{what} {k.arg}") for k in keywords if k.arg}
+        if kwargs.get("disabled") is True:
+            return DecoratorCall(kind="conda", kwargs={"disabled": True}, where=location)
+        if kwargs.get("pathspec") or kwargs.get("fetch_at_exec"):
+            self.problems.append(
+                Problem(
+                    where=where,
+                    key=f"@{what}",
+                    message=f"{location}: the env of a pathspec (or one fetched at task start) "
+                    "is looked up by a run; let the flow do it: python "
+                    f"{self.filename} --environment=conda environment build",
+                )
+            )
+            return None
+        unknown = sorted(set(kwargs) - {"name", "disabled", "fetch_at_exec", "pathspec"})
+        if unknown or not isinstance(kwargs.get("name"), str):
+            self.problems.append(
+                Problem(
+                    where=where,
+                    key=f"@{what}",
+                    message=f'{location}: give name="team/env:tag" (or pathspec=)'
+                    + (f"; unknown {', '.join(unknown)}" if unknown else ""),
+                )
+            )
+            return None
+        return DecoratorCall(kind="conda", kwargs={"name": kwargs["name"]}, where=location)
+
     def calls(self, decorators: list[ast.expr], where: str) -> tuple[list[DecoratorCall], bool]:
         found: list[DecoratorCall] = []
+        named: list[DecoratorCall] = []
         is_step = False
         for decorator in decorators:
             if self.names.is_step(decorator):
                 is_step = True
+            what = self.names.named_of(decorator)
+            if what == "named_env_base":
+                self.named_base = self.named_env(decorator, what, where)
+            elif what is not None:
+                named += filter(None, [self.named_env(decorator, what, where)])
             kind = self.names.kind_of(decorator)
             if kind is None:
                 continue
@@ -200,7 +259,17 @@ class _Reader:
                         continue
                     kwargs[keyword.arg] = self.value(keyword.value, where, f"@{kind} {keyword.arg}")
             found.append(DecoratorCall(kind=kind, kwargs=kwargs, where=location))
-        return found, is_step
+        if named and found:
+            self.problems.append(
+                Problem(
+                    where=where,
+                    key="@named_env",
+                    message="runs the step in an env as it is; drop "
+                    f"{' and '.join(sorted({'@' + c.kind for c in found}))} from the step (or "
+                    "@named_env to resolve its own packages)",
+                )
+            )
+        return named or found, is_step
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -249,11 +318,15 @@ def read_flow_source(source: str, filename: str = "<flow>") -> FlowFile:
     names: dict[str, str] = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
+            reader.named_base = None
             base, _ = reader.calls(node.decorator_list, f"flow {node.name!r}")
+            named_base = reader.class_named_base()  # for the steps without their own
             steps: dict[str, list[DecoratorCall]] = {}
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     calls, is_step = reader.calls(item.decorator_list, f"step {item.name!r}")
+                    if is_step and not calls and named_base is not None:
+                        calls = [named_base]
                     if calls or is_step:
                         steps[item.name] = calls
                     if is_step:

@@ -285,3 +285,64 @@ def test_configs_and_mutators_are_named_since_a_read_cannot_apply_them():
     )
     assert read_flow_source(source).dynamic == ("Config", "FlowMutator")
     assert read_flow_source(METAFLOW_FLOW).dynamic == ()
+
+
+NAMED_ENV_FLOW = """
+import metaflow as mf
+from metaflow import FlowSpec, named_env, step
+from metaflow import named_env_base as base
+
+
+@base(name="team/tab:stable")
+class NamedFlow(FlowSpec):
+    @named_env(name="team/tab")
+    @step
+    def start(self):
+        self.next(self.off)
+
+    @mf.named_env(disabled=True)
+    @step
+    def off(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+
+
+def test_netflixext_named_env_reads_as_a_named_env_of_envmgr():
+    """``envmgr build flow.py`` reads netflixext's @named_env as the run does: a name (no
+    tag: latest), the flow's @named_env_base for steps without their own, disabled."""
+    from envmgr.specs.discovery import read_flow_source
+
+    found = read_flow_source(NAMED_ENV_FLOW, "namedflow.py")
+    assert found.names == {"start": "team/tab:latest", "end": "team/tab:stable"}
+    assert set(found.specs) == {"off"} and found.specs["off"].disabled
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ('@named_env(name="team/tab")', '@named_env(pathspec="NamedFlow/12/start")'),
+            "step 'start': @named_env: namedflow.py:9: the env of a pathspec (or one fetched at "
+            "task start) is looked up by a run; let the flow do it: python namedflow.py "
+            "--environment=conda environment build",
+        ),
+        (
+            (
+                '@named_env(name="team/tab")',
+                '@named_env(name="team/tab")\n    @mf.conda(python="3.11")',
+            ),
+            "step 'start': @named_env: runs the step in an env as it is; drop @conda",
+        ),
+        (('@named_env(name="team/tab")', "@named_env(nme=1)"), 'give name="team/env:tag"'),
+    ],
+)
+def test_a_named_env_the_reader_cannot_use_is_one_line_each(change, message):
+    from envmgr.specs.discovery import read_flow_source
+
+    with pytest.raises(SpecError) as raised:
+        read_flow_source(NAMED_ENV_FLOW.replace(*change), "namedflow.py")
+    assert message in str(raised.value)
