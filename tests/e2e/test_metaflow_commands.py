@@ -178,17 +178,19 @@ def netflixext(conda_channel, pypi_index, tmp_path_factory):
     home = tmp_path_factory.mktemp("nflx")
     env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
     ids = {}
-    for tag, pins in (
-        ("stable", ("tabulate=0.9.0", "requests")),
-        ("latest", ("six=1.17.0", "requests")),
+    for name, pins in (
+        ("team/tab:stable", ("tabulate=0.9.0", "requests")),
+        ("team/tab:latest", ("six=1.17.0", "requests")),
+        ("team/bare:latest", ("tabulate=0.9.0",)),  # no requests: Metaflow's tasks need it
     ):
         made = run_envmgr(
             "build", *(f"--conda={p}" for p in pins), "--python", "3.11", "--json",
             env=env, cwd=home,
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
-        ids[tag] = json.loads(made.stdout)["envs"][0]["env_id"]
-        aliased = run_envmgr("alias", ids[tag], f"team/tab:{tag}", env=env, cwd=home)
+        env_id = json.loads(made.stdout)["envs"][0]["env_id"]
+        ids.setdefault(name.split(":")[1], env_id)
+        aliased = run_envmgr("alias", env_id, name, env=env, cwd=home)
         assert aliased.returncode == 0, aliased.stderr
     first = home / "firstflow.py"
     first.write_text(FIRST_FLOW)
@@ -204,7 +206,7 @@ def netflixext(conda_channel, pypi_index, tmp_path_factory):
         assert ran.returncode == 0, output[-3000:]
         runs.append(output)
         run_id = re.search(r"run-id (\d+)", output).group(1)
-        env["EARLIER"] = f"FirstFlow/{run_id}/start"
+        env.setdefault("EARLIER", f"FirstFlow/{run_id}/start")
     return home, env, ids, runs, flow
 
 
@@ -234,6 +236,10 @@ def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
             "@named_env fetch_at_exec: envmgr fixes a step's env when the run starts",
         ),
         (
+            ('@named_env(name="team/tab")', '@named_env(name="team/bare")'),
+            "named team/bare:latest, linux-64) has no requests, which Metaflow's task code imports",
+        ),
+        (
             ('os.environ["EARLIER"]', '"FirstFlow/999999/start"'),
             "step 'again': @named_env(pathspec='FirstFlow/999999/start'): no such task",
         ),
@@ -241,7 +247,7 @@ def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
 )
 def test_a_wrong_named_env_stops_the_run_in_one_line(netflixext, tmp_path, change, message):
     _home, env, _ids, _runs, flow = netflixext
-    wrong = tmp_path / "namedflow.py"
+    wrong = flow.parent / f"{tmp_path.name}.py"  # beside the first run's local metadata
     wrong.write_text(
         flow.read_text()
         .replace(*change)

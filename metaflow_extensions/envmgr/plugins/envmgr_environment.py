@@ -74,6 +74,32 @@ def built_line(row: dict[str, Any]) -> str:
     )
 
 
+def _check_task_packages(
+    store: Any, platform: str, env_id: str, datastore: str, step: str, what: str
+) -> None:
+    """An env used as it is (a named env, an earlier step's) must hold what Metaflow's own
+    task code imports (``requests``; ``boto3`` for S3): else the task would stop in a
+    traceback inside Metaflow. Raises ``EnvmgrError`` naming what is missing."""
+    from envmgr.build.once import read_manifest
+    from envmgr.errors import EnvmgrError
+    from envmgr.specs.flows import run_settings, task_packages
+
+    manifest = read_manifest(store, platform, env_id)
+    if manifest is None or not manifest.package_sizes:
+        return  # an env stored before manifests named their packages: not checked
+    have = {name.lower().replace("_", "-") for name, _size in manifest.package_sizes}
+    needed = task_packages(run_settings(datastore or None).datastore)
+    missing = sorted(name for name in needed if name.lower() not in have)
+    if missing:
+        raise EnvmgrError(
+            f"step {step!r}: its env {env_id[:12]} ({what}, {platform}) has no "
+            f"{' or '.join(missing)}, which Metaflow's task code imports",
+            hint="build that env again with "
+            + " ".join(f"--conda {name}" for name in missing)
+            + " and point the name at it (`envmgr alias`)",
+        )
+
+
 def _pathspec_envs(store: Any, pathspec: str, platforms: Any, *, step: str) -> dict[str, str]:
     """``@named_env(pathspec="Flow/run/step[/task]")``: the env that step's (first) task ran
     in, as its metadata recorded it, for the one platform *platforms* holds; raises
@@ -288,6 +314,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             else:
                 envs = step_envs(store, name, platforms, step=step_name)
                 what = f"named {name}"
+            for platform_, env_id in envs.items():
+                _check_task_packages(store, platform_, env_id, self._datastore, step_name, what)
             self.envmgr_envs[step_name] = {
                 "spec_id": "",
                 "store": store_url,
