@@ -21,6 +21,7 @@ from envmgr.cli.config import config_app
 from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
 from envmgr.cli.graph import tree_command, why_command
 from envmgr.cli.inspect import diff_command, export_command, show_command
+from envmgr.cli.kernel import kernel_command
 from envmgr.cli.names import alias_command, names_command
 from envmgr.cli.resolve import resolve
 from envmgr.cli.store import store_app
@@ -91,6 +92,7 @@ _COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
     ("alias", alias_command, "envmgr alias flow.py:train team/pandas:candidate"),
     ("names", names_command, "envmgr names team/pandas"),
     ("ls", ls_command, "envmgr ls --json"),
+    ("kernel", kernel_command, "envmgr kernel flow.py:train --name train"),
     ("gc", gc_command, "envmgr gc --max-size 20G --older-than 14d"),
 )
 for _name, _function, _example in _COMMANDS:

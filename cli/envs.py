@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from envmgr.locks.lock import PlatformLock
     from envmgr.progress import Progress
 
-__all__ = ["gc_command", "hydrate_command", "ls_command", "run_command"]
+__all__ = ["gc_command", "hydrate_command", "hydrate_for", "ls_command", "run_command"]
 
 
 def _hydrate(
@@ -111,6 +111,13 @@ def _hydrate(
     if steps:
         record_steps(cache, env_id, steps)
     return result.prefix, result.downloaded, steps
+
+
+def hydrate_for(target: str, options: FlowOptions) -> Path:
+    """The prefix of TARGET's env for this host, hydrated (built into the store first where
+    it lacks a lock file's or flow step's env); the flow steps it serves are recorded."""
+    prefix, _downloaded, _steps = _hydrate(target, options)
+    return prefix
 
 
 def _as_env_id(target: str, store: Store) -> str | None:
