@@ -356,8 +356,8 @@ def _flow_specs(
     if found.dynamic:
         tell(
             f"warning: {flow} uses Metaflow's {', '.join(found.dynamic)}: envmgr reads the "
-            "decorators as written, so a run may resolve other envs than these (the run "
-            "prints the env id of each step)"
+            "decorators as written, so a run may resolve other envs than these; "
+            f"`python {flow} --environment=conda environment build` builds the run's own"
         )
     settings = run_settings(datastore, python)
     placements = {

@@ -260,3 +260,26 @@ def test_a_wrong_named_env_stops_the_run_in_one_line(netflixext, tmp_path, chang
     assert ran.returncode != 0
     assert message in ran.stderr, ran.stderr[-2000:]
     assert "Traceback" not in ran.stderr and "SEEN" not in ran.stdout
+
+
+def test_the_static_reader_names_the_flows_own_command_for_configs(commands, tmp_path):
+    """A flow that uses a Config but literal decorators reads fine; the warning says which
+    command sees what the Config changes."""
+    home, env, _out = commands
+    flow = tmp_path / "configflow.py"
+    flow.write_text(
+        "from metaflow import Config, FlowSpec, conda, step\n"
+        "class ConfigFlow(FlowSpec):\n"
+        "    cfg = Config('cfg', default_value={})\n"
+        "    @conda(libraries={'six': '1.17.0'})\n"
+        "    @step\n"
+        "    def start(self):\n"
+        "        self.next(self.end)\n"
+        "    @step\n"
+        "    def end(self):\n"
+        "        pass\n"
+    )
+    resolved = run_envmgr("resolve", str(flow), env=env, cwd=home)
+    assert resolved.returncode == 0, resolved.stderr
+    assert "uses Metaflow's Config" in resolved.stderr
+    assert f"python {flow} --environment=conda environment build" in resolved.stderr
