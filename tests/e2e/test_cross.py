@@ -346,6 +346,34 @@ def test_with_kubernetes_on_the_command_line_makes_every_step_remote(conda_chann
     assert bad.returncode != 0 and "is not a platform" in bad.stderr
 
 
+def _s3_datastore(s3_server, s3_bucket) -> dict[str, str]:
+    """Metaflow's S3 datastore in the test world (deploys need one)."""
+    return {
+        "METAFLOW_DEFAULT_DATASTORE": "s3",
+        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
+        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "METAFLOW_KUBERNETES_NAMESPACE": "default",
+    }
+
+
+def _deploying_laptop(conda_channel, s3_server, s3_bucket, tmp_path) -> dict[str, str]:
+    """The shell of a user who deploys to a Graviton cluster: the S3 datastore, the store
+    under it, remote steps on linux-aarch64."""
+    laptop = {
+        **os.environ,
+        **s3_env(s3_server),
+        **_s3_datastore(s3_server, s3_bucket),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "USER": "envmgr-test",
+        "METAFLOW_HOME": str(tmp_path),
+        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
+        "ENVMGR_CHANNELS": conda_channel.url,
+        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
+    }
+    laptop.pop("ENVMGR_STORE", None)
+    return laptop
+
+
 def test_argo_workflows_json_carries_the_bootstrap_a_graviton_pod_runs(
     conda_channel, s3_server, s3_bucket, tmp_path
 ):
@@ -356,24 +384,8 @@ def test_argo_workflows_json_carries_the_bootstrap_a_graviton_pod_runs(
     from fixtures.python_arm64 import worker_python
 
     aws = s3_env(s3_server)
-    datastore = {
-        "METAFLOW_DEFAULT_DATASTORE": "s3",
-        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
-        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "METAFLOW_KUBERNETES_NAMESPACE": "default",
-    }
-    laptop = {
-        **os.environ,
-        **aws,
-        **datastore,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "USER": "envmgr-test",
-        "METAFLOW_HOME": str(tmp_path),
-        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
-    }
-    laptop.pop("ENVMGR_STORE", None)
+    datastore = _s3_datastore(s3_server, s3_bucket)
+    laptop = _deploying_laptop(conda_channel, s3_server, s3_bucket, tmp_path)
     deployed = subprocess.run(
         [sys.executable, str(REMOTE_FLOW), "--environment=conda", "argo-workflows", "create",
          "--only-json"],
@@ -470,21 +482,7 @@ def test_a_prebuild_for_a_deploy_leaves_the_deploy_nothing_to_solve_or_build(
     from envmgr.cache.layout import manifest_key
     from envmgr.cache.s3 import S3Store
 
-    laptop = {
-        **os.environ,
-        **s3_env(s3_server),
-        "METAFLOW_DEFAULT_DATASTORE": "s3",
-        "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{s3_bucket}/metaflow",
-        "METAFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
-        "METAFLOW_KUBERNETES_NAMESPACE": "default",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "USER": "envmgr-test",
-        "METAFLOW_HOME": str(tmp_path),
-        "ENVMGR_CACHE_DIR": str(tmp_path / "laptop"),
-        "ENVMGR_CHANNELS": conda_channel.url,
-        "ENVMGR_REMOTE_PLATFORM": "linux-aarch64",
-    }
-    laptop.pop("ENVMGR_STORE", None)
+    laptop = _deploying_laptop(conda_channel, s3_server, s3_bucket, tmp_path)
     flow = [sys.executable, str(REMOTE_FLOW), "--environment=conda"]
     built = subprocess.run(
         [*flow, "environment", "--for", deploy, "build", "--json"],
