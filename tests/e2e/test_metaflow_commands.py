@@ -106,6 +106,9 @@ def test_build_makes_exactly_the_envs_the_run_uses(commands):
 
 def test_a_step_that_is_not_in_the_flow_is_one_line(commands):
     home, env, _out = commands
+    one = _flow(env, home, "environment", "--with", WITH, "resolve", "--step", "middle", "--json")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert [r["steps"] for r in json.loads(one.stdout)["envs"]] == [["middle"]]
     wrong = _flow(env, home, "environment", "build", "--step", "trian")
     assert wrong.returncode != 0
     assert "has no step 'trian'" in wrong.stderr and "Traceback" not in wrong.stderr
