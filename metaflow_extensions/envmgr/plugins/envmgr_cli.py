@@ -130,7 +130,8 @@ def _emit(obj: Any, store_url: str, rows: list[dict[str, Any]], names: dict[str,
 
 def _named_lines(obj: Any, names: dict[str, str]) -> None:
     for step, name in sorted(names.items()):
-        click.echo(f"{step:<16} named env {name}: used as it is, never resolved")
+        what = f"the env {name} ran in" if name.count("/") >= 2 else f"named env {name}"
+        click.echo(f"{step:<16} {what}: used as it is, never resolved")
 
 
 @environment.command(
