@@ -214,7 +214,14 @@ def netflixext(conda_channel, pypi_index, tmp_path_factory):
 
 
 def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
-    _home, _env, ids, runs, _flow = netflixext
+    home, env, ids, runs, flow = netflixext
+    shown = subprocess.run(
+        [sys.executable, str(flow), "--environment=conda", "environment", "show"],
+        capture_output=True, text=True, env=env, cwd=home, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"again            the env {env['EARLIER']} ran in: used as it is" in shown.stdout
+    assert "end              named env team/tab:stable: used as it is" in shown.stdout
     seen = _seen(runs[1])
     assert seen["start"][0][0].endswith(ids["latest"])  # name without a tag: latest
     assert seen["again"][0][0].endswith(ids["latest"])  # the earlier run's start
