@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -107,17 +106,20 @@ def test_a_steps_kernel_runs_the_locked_versions_and_goes_away(kernel_world):
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     cell = ran.stdout.strip().splitlines()[-1]
     assert cell == f"CELL 0.8.10 {prefix}", cell  # train's lock, not start's 0.9.0
-    # gc removes the env the kernel does not run in now; the kernel's next start hydrates it
-    # again (jupyter_client runs in a copy of the env's python, which gc cannot see).
-    python = home / "jupyter-python"
-    shutil.copytree(prefix, python, symlinks=True)
+    # gc removes the env no kernel runs in now; the kernel's command hydrates it again.
     collected = run_envmgr("gc", "--older-than", "0s", env=env, cwd=home)
     assert collected.returncode == 0 and not prefix.exists(), collected.stderr
+    argv = spec["argv"]
+    probe = [
+        *argv[: argv.index("--") + 1],
+        "python",
+        "-c",
+        "import tabulate as t; print(t.__version__)",
+    ]
     again = subprocess.run(
-        [str(python / "bin" / "python"), "-c", CELL, "envmgr-flow-train"],
-        capture_output=True, text=True, env=env, cwd=home, timeout=300, check=False,
-    )  # fmt: skip
-    assert again.stdout.strip().splitlines()[-1] == cell, again.stderr[-3000:]
+        probe, capture_output=True, text=True, env={**env, **spec["env"]}, cwd=home, check=False
+    )
+    assert again.stdout.strip() == "0.8.10" and prefix.is_dir(), again.stderr[-3000:]
     listed = run_envmgr("kernel", "--list", "--json", env=env, cwd=home)
     assert [k["name"] for k in shaped("kernel", listed.stdout)["kernels"]] == [out["name"]]
     removed = run_envmgr("kernel", "flow.py:train", "--remove", env=env, cwd=home)

@@ -470,41 +470,47 @@ def test_an_osx_arm64_env_with_a_real_macos_wheel_builds_here(conda_channel, pyp
     assert len(pycs) >= 8 and {_pyc_flags(p) for p in pycs} == {3}
 
 
-@pytest.mark.parametrize("deploy", ["argo-workflows", "airflow", "step-functions"])
 def test_a_prebuild_for_a_deploy_leaves_the_deploy_nothing_to_solve_or_build(
-    deploy, conda_channel, s3_server, s3_bucket, tmp_path
+    conda_channel, s3_server, s3_bucket, tmp_path
 ):
     """``environment --for DEPLOY build`` gives every step the compute decorator that deploy
     attaches (so start and end become linux-aarch64 steps too); the deploy then finds every
-    env in the store, and each pod command names one that is there. (Step Functions'
-    ``create`` calls AWS even with ``--only-json``: only its pre-build is run.)"""
+    env in the store, and each pod command names one that is there. Step Functions' @batch
+    and Argo's and Airflow's @kubernetes ask for the same envs here, so the second pre-build
+    finds them stored. (Step Functions' ``create`` calls AWS even with ``--only-json``: only
+    its pre-build is run.)"""
     _arm64_or_skip(conda_channel)
     from envmgr.cache.layout import manifest_key
     from envmgr.cache.s3 import S3Store
 
     laptop = _deploying_laptop(conda_channel, s3_server, s3_bucket, tmp_path)
     flow = [sys.executable, str(REMOTE_FLOW), "--environment=conda"]
-    built = subprocess.run(
-        [*flow, "environment", "--for", deploy, "build", "--json"],
-        capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr[-3000:]
-    rows = json.loads(built.stdout)["envs"]
-    assert sorted(s for r in rows for s in r["steps"]) == ["end", "start", "train"]
-    assert {r["platform"] for r in rows} == {"linux-aarch64"}
-    if deploy == "step-functions":
-        return
-    create = ["--only-json"] if deploy == "argo-workflows" else [str(tmp_path / "dag.py")]
-    deployed = subprocess.run(
-        [*flow, deploy, "create", *create],
-        capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
-    )  # fmt: skip
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
-    lines = [line for line in deployed.stderr.splitlines() if re.search(r"envmgr: .+ env ", line)]
-    assert len(lines) == len(rows), deployed.stderr
-    assert all("(cached lock, stored already)" in line for line in lines), lines
-    text = deployed.stdout if deploy == "argo-workflows" else (tmp_path / "dag.py").read_text()
-    named = set(re.findall(r"--env-for linux-aarch64=([0-9a-f]{32})", text))
-    assert named == {r["env_id"] for r in rows}
-    store = S3Store(json.loads(built.stdout)["store"], client=s3_server.client())
-    assert all(store.exists(manifest_key("linux-aarch64", env_id)) for env_id in named)
+    prebuilt = {}
+    for deploy in ("step-functions", "argo-workflows"):
+        built = subprocess.run(
+            [*flow, "environment", "--for", deploy, "build", "--json"],
+            capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr[-3000:]
+        prebuilt[deploy] = json.loads(built.stdout)
+        rows = prebuilt[deploy]["envs"]
+        assert sorted(s for r in rows for s in r["steps"]) == ["end", "start", "train"]
+        assert {r["platform"] for r in rows} == {"linux-aarch64"}
+    assert {r["status"] for r in prebuilt["argo-workflows"]["envs"]} == {"present"}
+    store = S3Store(prebuilt["argo-workflows"]["store"], client=s3_server.client())
+    for deploy in ("argo-workflows", "airflow"):
+        create = ["--only-json"] if deploy == "argo-workflows" else [str(tmp_path / "dag.py")]
+        deployed = subprocess.run(
+            [*flow, deploy, "create", *create],
+            capture_output=True, text=True, env=laptop, cwd=tmp_path, check=False,
+        )  # fmt: skip
+        assert deployed.returncode == 0, deployed.stderr[-3000:]
+        lines = [
+            line for line in deployed.stderr.splitlines() if re.search(r"envmgr: .+ env ", line)
+        ]
+        assert len(lines) == len(rows), deployed.stderr
+        assert all("(cached lock, stored already)" in line for line in lines), lines
+        text = deployed.stdout if deploy == "argo-workflows" else (tmp_path / "dag.py").read_text()
+        named = set(re.findall(r"--env-for linux-aarch64=([0-9a-f]{32})", text))
+        assert named == {r["env_id"] for r in rows}
+        assert all(store.exists(manifest_key("linux-aarch64", env_id)) for env_id in named)

@@ -234,16 +234,14 @@ def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        # A spec mistake (the same Problem whatever runs it) is one line too: the cases
+        # are in test_metaflow_decorators.py::test_what_named_env_says_of_a_step.
         (
             (
                 '@named_env(name="team/tab")',
                 '@named_env(name="team/tab")\n    @conda(libraries={"six": ""})',
             ),
             "step 'start': @named_env: runs the step in an env as it is; drop @conda",
-        ),
-        (
-            ('@named_env(name="team/tab")', '@named_env(name="team/tab", fetch_at_exec=True)'),
-            "@named_env fetch_at_exec: envmgr fixes a step's env when the run starts",
         ),
         (
             ('@named_env(name="team/tab")', '@named_env(name="team/bare")'),

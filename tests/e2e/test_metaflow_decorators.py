@@ -280,3 +280,58 @@ def test_envmgrs_copy_of_metaflows_task_packages_is_metaflows():
     for datastore in DATASTORES:
         assert metaflow_config.get_pinned_conda_libs(None, datastore) == _TASK_PACKAGES[datastore]
         assert task_packages(datastore) == _TASK_PACKAGES[datastore]
+
+
+def _step(name, *decorators):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, decorators=list(decorators))
+
+
+@pytest.mark.parametrize(
+    ("decorators", "expected", "message"),
+    [
+        ((("named_env", {"name": "team/tab"}, True),), ("name", "team/tab"), None),
+        ((("named_env", {"pathspec": "F/1/start"}, True),), ("pathspec", "F/1/start"), None),
+        ((("named_env", {"disabled": True}, True),), ("disabled", True), None),
+        # The environment's bare @conda on every step gives way; the user's does not.
+        ((("named_env", {"name": "t/a"}, True), ("conda", {}, False)), ("name", "t/a"), None),
+        (
+            (("named_env", {"name": "t/a"}, True), ("pypi", {"packages": {"six": ""}}, True)),
+            None,
+            "runs the step in an env as it is; drop @pypi",
+        ),
+        (
+            (("named_env", {"name": "t/a", "fetch_at_exec": True}, True),),
+            ("name", "t/a"),
+            "fixes a step's env when the run starts",
+        ),
+        ((("named_env", {"name": "t/a", "pathspec": "F/1/s"}, True),), None, ", not both"),
+        ((("named_env", {}, True),), None, 'give name="team/env:tag" or pathspec='),
+    ],
+)
+def test_what_named_env_says_of_a_step(decorators, expected, message):
+    """netflixext's @named_env, read as the environment reads it (one Problem per mistake)."""
+    from metaflow_extensions.envmgr.plugins.envmgr_steps import named_env
+
+    decos = []
+    for name, attributes, static in decorators:
+        deco = STEP[name](attributes=attributes or None, statically_defined=static)
+        if name != "named_env":
+            deco._envmgr_own = attributes  # what step_init records for @conda/@pypi
+        decos.append(deco)
+    problems: list = []
+    assert named_env(_step("start", *decos), None, problems) == expected
+    assert [p.message for p in problems if message and message in p.message] or not message
+    assert bool(problems) == bool(message)
+
+
+def test_named_env_base_serves_steps_without_their_own():
+    from metaflow_extensions.envmgr.plugins.envmgr_steps import named_env
+
+    base = FLOW["named_env_base"](attributes={"name": "team/tab:stable"})
+    own = STEP["conda"](attributes={"libraries": {"six": ""}}, statically_defined=True)
+    own._envmgr_own = {"libraries": {"six": ""}}
+    problems: list = []
+    assert named_env(_step("a"), base, problems) == ("name", "team/tab:stable")
+    assert named_env(_step("b", own), base, problems) is None and problems == []
