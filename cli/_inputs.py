@@ -35,6 +35,7 @@ from envmgr.specs.deps import (
 from envmgr.specs.discovery import read_flow
 from envmgr.specs.files import read_spec_file
 from envmgr.specs.flows import (
+    DEPLOY_DECORATORS,
     Placement,
     metaflow_target_platform,
     run_settings,
@@ -123,6 +124,15 @@ CudaOpt = Annotated[
     str | None, typer.Option("--cuda", metavar="VERSION", help="Assume this CUDA version (__cuda).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
+DeployOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--for",
+        metavar="DEPLOY",
+        help="Build each step for the platform this deploy runs it on (argo-workflows, "
+        "airflow: @kubernetes on every step; step-functions: @batch).",
+    ),
+]
 SpecsJsonOpt = Annotated[
     Path | None,
     typer.Option(
@@ -340,10 +350,15 @@ def parse_platforms(values: list[str], where: str = "--platform") -> tuple[Platf
 
 
 def _flow_specs(
-    flow: Path, datastore: str | None, python: str | None, store: str | None
+    flow: Path,
+    datastore: str | None,
+    python: str | None,
+    store: str | None,
+    deploy: str | None = None,
 ) -> tuple[dict[str, EnvSpec], str | None, dict[str, tuple[str, tuple[Platform, ...]]]]:
     """The specs of a flow file's steps and, for a Metaflow flow, the store its run uses:
-    the specs the run hydrates (:mod:`envmgr.specs.flows`), so building here warms the run."""
+    the specs the run hydrates (:mod:`envmgr.specs.flows`), so building here warms the run.
+    With *deploy*, every step without a compute decorator gets the one that deploy adds."""
     import dataclasses  # noqa: PLC0415
 
     found = read_flow(flow)
@@ -352,6 +367,8 @@ def _flow_specs(
     if not found.is_metaflow:
         if python:
             fail("--python with a flow file is for Metaflow flows (the launching python)")
+        if deploy:
+            fail(f"--for {deploy} is for Metaflow flows; {flow} has none")
         return found.specs, None, {}
     if found.dynamic:
         tell(
@@ -361,10 +378,14 @@ def _flow_specs(
         )
     settings = run_settings(datastore, python)
     placements = {
+        name: place if place.remote or not deploy else Placement(remote=DEPLOY_DECORATORS[deploy])
+        for name, place in found.placements.items()
+    }
+    placements = {
         name: dataclasses.replace(place, target_platform=metaflow_target_platform(place.remote))
         if place.remote
         else place
-        for name, place in found.placements.items()
+        for name, place in placements.items()
     }
     url, endpoint = run_store(settings.datastore, store)
     if endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
@@ -398,6 +419,7 @@ def gather(
     locked: bool = False,
     frozen: bool = False,
     specs_json: Path | None = None,
+    deploy: str | None = None,
     progress: Progress = NULL,
 ) -> Inputs:
     """The specs named on the command line and the options to resolve them with; usage
@@ -416,6 +438,10 @@ def gather(
             requirements, flow = [flow, *requirements], None
     if flow is not None and (env_file or requirements or conda or pypi):
         fail("give a flow file or -f/-r/--conda/--pypi, not both")
+    if deploy is not None and deploy not in DEPLOY_DECORATORS:
+        fail(f"--for {deploy!r}: use one of {', '.join(sorted(DEPLOY_DECORATORS))}")
+    if deploy is not None and flow is None:
+        fail(f"--for {deploy} goes with a flow file (envmgr build flow.py --for {deploy})")
     singles = bool(env_file or requirements or conda or pypi or python)
     if specs_json is not None:
         flow, singles = None, False
@@ -454,7 +480,7 @@ def gather(
         specs = _specs_from_json(specs_json)
         sources = [str(specs_json)]
     elif flow is not None:
-        specs, run_store_url, named = _flow_specs(flow, datastore, python, store)
+        specs, run_store_url, named = _flow_specs(flow, datastore, python, store, deploy)
         if run_store_url is not None:
             config = load(flags={**config_flags, "store": run_store_url})
         sources = [str(flow)]

@@ -19,6 +19,7 @@ from envmgr.cli._inputs import (
     CondaSpecs,
     CudaOpt,
     DatastoreOpt,
+    DeployOpt,
     EnvFiles,
     ExtraIndexOpt,
     FindLinksOpt,
@@ -82,6 +83,8 @@ def _jobs(
 ) -> tuple[Store, Path, list[tuple[tuple[str, ...], PlatformLock]], dict[str, tuple[str, bool]]]:
     """The store, cache dir, (steps, lock) pairs to build, and env_id -> (spec_id, cached)."""
     given = any(spec_args[k] for k in ("flow", "env_file", "requirements", "conda", "pypi"))
+    if spec_args.get("deploy") and (env is not None or from_lock is not None):
+        fail("--for goes with a flow file, not with --env or --from-lock")
     if env is not None:
         if from_lock is not None or given or spec_args["python"]:
             fail("give --env, --from-lock or specs to resolve, not several")
@@ -173,6 +176,7 @@ def build(
     platform: PlatformOpt = [],
     channel: ChannelOpt = [],
     specs_json: SpecsJsonOpt = None,
+    deploy: DeployOpt = None,
     from_lock: Annotated[
         Path | None,
         typer.Option(
@@ -214,7 +218,13 @@ def build(
         store_obj, cache, jobs, resolved = _jobs(
             from_lock,
             env,
-            {**spec_args(parameters), "specs_json": specs_json, "locked": locked, "frozen": frozen},
+            {
+                **spec_args(parameters),
+                "specs_json": specs_json,
+                "deploy": deploy,
+                "locked": locked,
+                "frozen": frozen,
+            },
             progress,
         )
         options = build_options(store_obj, cache, progress, channel, config)

@@ -36,6 +36,7 @@ from envmgr.specs.model import EnvSpec, merge
 
 __all__ = [
     "DATASTORES",
+    "DEPLOY_DECORATORS",
     "REMOTE_DECORATORS",
     "Datastore",
     "Placement",
@@ -54,6 +55,12 @@ DATASTORES: tuple[Datastore, ...] = get_args(Datastore)
 
 #: Decorators that run a step elsewhere: Metaflow's own list (its conda environment's).
 REMOTE_DECORATORS = ("batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step")
+#: The compute decorator each deploy command puts on every step (as its own CLI does).
+DEPLOY_DECORATORS: Mapping[str, str] = {
+    "airflow": "kubernetes",
+    "argo-workflows": "kubernetes",
+    "step-functions": "batch",
+}
 
 #: Metaflow 2.19's pins, for a host without Metaflow (``metaflow_config.get_pinned_conda_libs``).
 _TASK_PACKAGES: Mapping[str, Mapping[str, str]] = {

@@ -377,3 +377,13 @@ def test_env_id_prefixes_work_like_gits_abbreviated_hashes(mixed_lock, tmp_path)
     # build --env takes a prefix too (here: a platform the env has no lock for).
     built = envmgr_here("build", "--env", part.env_id[:12], "--platform", "osx-arm64", env=env)
     assert built.returncode == 1 and f"env {part.env_id}: " in built.stderr, built.stderr
+
+
+def test_for_a_deploy_takes_a_known_deploy_and_a_flow_file(world, tmp_path):
+    flow = tmp_path / "flow.py"
+    flow.write_text("from metaflow import FlowSpec, conda, step\n")
+    unknown = invoke("build", str(flow), "--for", "kubeflow")
+    assert unknown.exit_code == 2
+    assert "--for 'kubeflow': use one of airflow, argo-workflows, step-functions" in unknown.output
+    alone = invoke("build", "--conda", "six", "--for", "airflow")
+    assert alone.exit_code == 2 and "--for airflow goes with a flow file" in alone.output

@@ -497,6 +497,17 @@ def test_a_prebuild_for_a_deploy_leaves_the_deploy_nothing_to_solve_or_build(
         assert sorted(s for r in rows for s in r["steps"]) == ["end", "start", "train"]
         assert {r["platform"] for r in rows} == {"linux-aarch64"}
     assert {r["status"] for r in prebuilt["argo-workflows"]["envs"]} == {"present"}
+    # The file reader (no run) with the same --for makes the same envs.
+    read = run_envmgr(
+        "build", str(REMOTE_FLOW), "--for", "airflow", "--json", env=laptop, cwd=tmp_path
+    )
+    assert read.returncode == 0, read.stderr[-3000:]
+    by_step = {s: r["env_id"] for r in json.loads(read.stdout)["envs"] for s in r["steps"]}
+    assert by_step == {s: r["env_id"] for r in rows for s in r["steps"]}
+    from envmgr.specs.flows import DEPLOY_DECORATORS
+    from metaflow_extensions.envmgr.plugins.envmgr_cli import DEPLOYS
+
+    assert tuple(sorted(DEPLOY_DECORATORS)) == DEPLOYS
     store = S3Store(prebuilt["argo-workflows"]["store"], client=s3_server.client())
     for deploy in ("argo-workflows", "airflow"):
         create = ["--only-json"] if deploy == "argo-workflows" else [str(tmp_path / "dag.py")]

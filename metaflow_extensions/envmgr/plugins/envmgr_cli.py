@@ -20,12 +20,9 @@ from metaflow_extensions.envmgr.plugins.envmgr_steps import own_kwargs
 
 __all__ = ["cli"]
 
-#: The decorators each deploy command attaches to every step (as its own CLI does).
-DEPLOYS = {
-    "argo-workflows": ("kubernetes",),
-    "airflow": ("kubernetes",),
-    "step-functions": ("batch",),
-}
+#: The deploy commands ``--for`` knows (:data:`envmgr.specs.flows.DEPLOY_DECORATORS` says
+#: which decorator each attaches; this module is loaded on workers, which lack that module).
+DEPLOYS = ("airflow", "argo-workflows", "step-functions")
 
 
 @click.group()
@@ -37,7 +34,7 @@ def cli() -> None:
 @click.option(
     "--for",
     "deploy",
-    type=click.Choice(sorted(DEPLOYS)),
+    type=click.Choice(DEPLOYS),
     default=None,
     help="Make each step's env for the platform this deploy runs it on (its compute "
     "decorator on every step), so the deploy finds them built.",
@@ -61,7 +58,9 @@ def environment(obj: Any, deploy: str | None, decospecs: tuple[str, ...]) -> Non
             f"`python {obj.flow.script_name} --environment=conda environment ...` "
             "(or --environment=pypi)"
         )
-    added = [*decospecs, *DEPLOYS.get(deploy or "", ())]
+    from envmgr.specs.flows import DEPLOY_DECORATORS
+
+    added = [*decospecs, *([DEPLOY_DECORATORS[deploy]] if deploy else [])]
     if decospecs:
         # Metaflow has already given every step without @conda a bare one (the environment's
         # default decorator); `run --with` comes before that default, so it comes here too.
