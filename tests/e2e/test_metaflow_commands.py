@@ -234,15 +234,8 @@ def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        # A spec mistake (the same Problem whatever runs it) is one line too: the cases
-        # are in test_metaflow_decorators.py::test_what_named_env_says_of_a_step.
-        (
-            (
-                '@named_env(name="team/tab")',
-                '@named_env(name="team/tab")\n    @conda(libraries={"six": ""})',
-            ),
-            "step 'start': @named_env: runs the step in an env as it is; drop @conda",
-        ),
+        # Spec mistakes are Problems whatever reads them, each one line: their cases are in
+        # test_metaflow_decorators.py::test_what_named_env_says_of_a_step.
         (
             ('@named_env(name="team/tab")', '@named_env(name="team/bare")'),
             "named team/bare:latest, linux-64) has no requests, which Metaflow's task code imports",
@@ -256,11 +249,7 @@ def test_a_netflixext_named_env_flow_runs_with_envmgr(netflixext):
 def test_a_wrong_named_env_stops_the_run_in_one_line(netflixext, tmp_path, change, message):
     _home, env, _ids, _runs, flow = netflixext
     wrong = flow.parent / f"{tmp_path.name}.py"  # beside the first run's local metadata
-    wrong.write_text(
-        flow.read_text()
-        .replace(*change)
-        .replace("import os", "import os\nfrom metaflow import conda")
-    )
+    wrong.write_text(flow.read_text().replace(*change))
     ran = subprocess.run(
         [sys.executable, str(wrong), "--environment=conda", "run"],
         capture_output=True, text=True, env=env, cwd=flow.parent, check=False,
