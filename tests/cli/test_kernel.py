@@ -145,6 +145,8 @@ def test_remove_leaves_other_kernels_alone(kernel_world):
     (theirs / "kernel.json").write_text(json.dumps({"argv": ["python3"], "language": "python"}))
     refused = run_envmgr("kernel", "--name", "python3", "--remove", env=env, cwd=home)
     assert refused.returncode != 0 and "is not envmgr's" in refused.stderr
-    assert (theirs / "kernel.json").is_file()
+    kept = run_envmgr("kernel", "flow.py:train", "--name", "python3", env=env, cwd=home)
+    assert kept.returncode != 0 and "is not envmgr's; envmgr leaves it alone" in kept.stderr
+    assert json.loads((theirs / "kernel.json").read_text())["argv"] == ["python3"]
     bad = run_envmgr("kernel", "flow.py:train", "--name", "../x", env=env, cwd=home)
     assert bad.returncode == 2 and "--name '../x'" in bad.stderr
