@@ -230,8 +230,8 @@ class S3Store:
             if size is None:
                 return None
             return cast(IO[bytes], _RangedReader(self, key, size, threads=parts))
-        # One stream needs no HEAD first: the GET's answer says the size. An env of 250
-        # layers made 250 requests fewer (each 30 ms away on a slow link).
+        # One stream needs no HEAD first: the GET's answer says the size (one request fewer
+        # per layer, each a round trip on a slow link).
         reader = _StreamReader(self, key)
         if not reader.start():
             return None

@@ -16,7 +16,7 @@ from typing import Any
 
 from metaflow._vendor import click
 
-from metaflow_extensions.envmgr.plugins.envmgr_steps import own_kwargs
+from metaflow_extensions.envmgr.plugins.envmgr_steps import is_pathspec, own_kwargs
 
 __all__ = ["cli"]
 
@@ -129,7 +129,7 @@ def _emit(obj: Any, store_url: str, rows: list[dict[str, Any]], names: dict[str,
 
 def _named_lines(obj: Any, names: dict[str, str]) -> None:
     for step, name in sorted(names.items()):
-        what = f"the env {name} ran in" if name.count("/") >= 2 else f"named env {name}"
+        what = f"the env {name} ran in" if is_pathspec(name) else f"named env {name}"
         click.echo(f"{step:<16} {what}: used as it is, never resolved")
 
 

@@ -24,7 +24,12 @@ from typing import Any
 from metaflow.metaflow_environment import MetaflowEnvironment
 from metaflow.packaging_sys import ContentType
 
-from metaflow_extensions.envmgr.plugins.envmgr_steps import decorator_calls, named_env, placement
+from metaflow_extensions.envmgr.plugins.envmgr_steps import (
+    decorator_calls,
+    is_pathspec,
+    named_env,
+    placement,
+)
 
 _PACKAGE_FILE = "envmgr_envs.json"
 
@@ -192,8 +197,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                 pathspecs[step.name] = ref[1]
                 steps[step.name] = []
             else:  # as @conda(name=...) or @conda(disabled=True) says it
-                where = "@named_env"
-                steps[step.name] = [DecoratorCall(kind="conda", kwargs=dict([ref]), where=where)]
+                call = DecoratorCall(kind="conda", kwargs=dict([ref]), where="@named_env")
+                steps[step.name] = [call]
         if problems:
             raise SpecError(problems)
         specs = step_specs(
@@ -219,8 +224,8 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             raise MetaflowException(f"envmgr: {exc}") from None
 
     def plan(self, only_steps: Any = None) -> tuple[dict[str, Any], dict[str, str], str]:
-        """The specs of the run's steps (of *only_steps* if given), the named envs of steps
-        with ``name=``, and the store the run keeps its envs in."""
+        """The specs of the run's steps (of *only_steps* if given), the existing env of steps
+        that name one (see :meth:`_specs`), and the store the run keeps its envs in."""
         from envmgr.specs.flows import run_settings, run_store
 
         specs, names = self._specs()
@@ -308,7 +313,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             step = next(s for s in self.flow if s.name == step_name)
             # name= comes alone (the spec layer refuses platforms= beside it).
             platforms = step_platforms(EnvSpec(), placement(step))
-            if name.count("/") >= 2:  # a pathspec; a name has one slash at most
+            if is_pathspec(name):
                 envs = _pathspec_envs(store, name, platforms, step=step_name)
                 what = f"as {name} ran"
             else:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["decorator_calls", "named_env", "own_kwargs", "placement", "remote_decorator"]
+__all__ = [
+    "decorator_calls",
+    "is_pathspec",
+    "named_env",
+    "own_kwargs",
+    "placement",
+    "remote_decorator",
+]
 
 
 def own_kwargs(deco: Any) -> dict[str, Any]:
@@ -43,6 +50,12 @@ def placement(step: Any) -> Any:
     if deco is None:
         return Placement()
     return Placement(remote=deco.name, target_platform=getattr(deco, "target_platform", None))
+
+
+def is_pathspec(ref: str) -> bool:
+    """Whether a step's existing env *ref* is an earlier step's pathspec ("Flow/run/step"),
+    not an env name ("team/env:tag" has one slash at most)."""
+    return ref.count("/") >= 2
 
 
 def named_env(step: Any, base: Any, problems: list[Any]) -> tuple[str, Any] | None:
