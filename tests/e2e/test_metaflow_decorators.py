@@ -335,3 +335,12 @@ def test_named_env_base_serves_steps_without_their_own():
     problems: list = []
     assert named_env(_step("a"), base, problems) == ("name", "team/tab:stable")
     assert named_env(_step("b", own), base, problems) is None and problems == []
+
+
+@pytest.mark.parametrize("pathspec", ["F/../start", "F/1", "F/1/start/2/3", "F//start", "F/1/.x"])
+def test_a_pathspec_that_is_not_one_is_refused_before_any_lookup(pathspec):
+    from envmgr.errors import EnvmgrError
+    from metaflow_extensions.envmgr.plugins.envmgr_environment import _pathspec_envs
+
+    with pytest.raises(EnvmgrError, match="not a step or task pathspec"):
+        _pathspec_envs(None, pathspec, ("linux-64",), step="again")  # no store is touched

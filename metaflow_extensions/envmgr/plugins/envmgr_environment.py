@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,10 @@ def _check_task_packages(
         )
 
 
+#: One part of a Metaflow pathspec (flow, run id, step, task id): never "." or "..".
+_PATHSPEC_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
 def _pathspec_envs(store: Any, pathspec: str, platforms: Any, *, step: str) -> dict[str, str]:
     """``@named_env(pathspec="Flow/run/step[/task]")``: the env that step's (first) task ran
     in, as its metadata recorded it, for the one platform *platforms* holds; raises
@@ -117,7 +122,7 @@ def _pathspec_envs(store: Any, pathspec: str, platforms: Any, *, step: str) -> d
 
     where = f"step {step!r}: @named_env(pathspec={pathspec!r})"
     parts = pathspec.strip("/").split("/")
-    if len(parts) not in (3, 4) or not all(parts):
+    if len(parts) not in (3, 4) or not all(_PATHSPEC_PART.fullmatch(part) for part in parts):
         raise EnvmgrError(f"{where}: not a step or task pathspec", hint='write "Flow/run/step"')
     try:
         found = (
