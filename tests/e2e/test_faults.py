@@ -137,8 +137,8 @@ def test_s3_server_stopped_and_restarted_during_a_download(mixed_lock, tmp_path,
             mixed_lock, BuildOptions(store=S3Store(url, client=client), cache_dir=tmp_path / "b")
         )
         proxy = FaultProxy(_upstream(server)).start()
-        # Slow enough (about 13 s for the archive) that the stop, which gives weed 3 s to
-        # finish, always lands mid-download.
+        # Slow enough (about 13 s for the archive) that the stop, which gives weed
+        # WEED_GRACE s to finish, always lands mid-download.
         proxy.faults = Faults(latency=0.03)
         store = S3Store(url, client=_client(server, proxy.url), threads=1)
         outcome: dict[str, Any] = {}
