@@ -121,7 +121,13 @@ StoreOpt = Annotated[
     ),
 ]
 CudaOpt = Annotated[
-    str | None, typer.Option("--cuda", metavar="VERSION", help="Assume this CUDA version (__cuda).")
+    str | None,
+    typer.Option(
+        "--cuda",
+        metavar="VERSION|host|none",
+        help="Lock every target for this CUDA version (__cuda); 'host': this machine's driver; "
+        "'none': CPU builds. Default: GPU steps get the cuda setting, others none.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON.")]
 DeployOpt = Annotated[
@@ -466,11 +472,14 @@ def gather(
         links = tuple(parse_find_links(u) for u in find_links or ())
     except ValueError as exc:
         fail(f"--find-links: {exc}")
-    if cuda:
+    if cuda and cuda not in ("host", "none"):
         try:
             parse_system_package("__cuda", cuda)
         except ValueError:
-            fail(f"--cuda {cuda!r}: not a CUDA version; give digits and dots, e.g. --cuda 12.4")
+            fail(
+                f"--cuda {cuda!r}: not a CUDA version; give digits and dots (--cuda 12.4), "
+                "host or none"
+            )
     default_platforms = config["platforms"]
     bad = [p for p in default_platforms if not is_platform(p)]
     if bad:

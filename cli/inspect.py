@@ -18,6 +18,7 @@ from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.cli._targets import FlowOptions, Target, TargetArg, load_target
 from envmgr.config import load
+from envmgr.cuda import cuda_need, describe
 from envmgr.fs import write_atomic
 from envmgr.locks.export import FORMATS, known_format, render
 from envmgr.locks.lock import Lock, LockedPackage, PlatformLock, diff_locks
@@ -89,10 +90,18 @@ def show_command(
         manifest = read_manifest(store_obj, part.platform, part.env_id)
         prefix = env_dir(cache, part.env_id)
         python = part.names().get("python")
+        need = cuda_need(part.packages)
+        locked_for = next(
+            (v.split("=")[1] for v in part.virtual_packages if v.startswith("__cuda=")), None
+        )
         rows.append(
             {
                 "platform": part.platform,
                 "env_id": part.env_id,
+                "variant": describe(part.platform, need),
+                "cuda": None
+                if need is None
+                else {"minimum": need.minimum, "package": need.package, "locked_for": locked_for},
                 "python": python.version if python else None,
                 "packages": [
                     _package_row(p, dict(manifest.package_sizes) if manifest else None)
@@ -142,6 +151,12 @@ def _print_env(row: dict[str, Any]) -> None:
         f"env {row['env_id']}  {row['platform']}  python {row['python'] or '-'}  "
         f"{len(packages)} packages"
     )
+    cuda, variant = row["cuda"], "CPU"
+    if cuda is not None:
+        variant = f"CUDA >= {cuda['minimum']} ({cuda['package']})"
+        if cuda["locked_for"]:
+            variant += f", locked for __cuda {cuda['locked_for']}"
+    typer.echo(f"  variant  {variant}")
     archive = row["archive"]
     if archive:
         typer.echo(

@@ -39,6 +39,7 @@ from envmgr.cli._inputs import (
 from envmgr.cli._progress import progress_for_cli
 from envmgr.cli._targets import default_resolve_options, read_lock_file
 from envmgr.config import load
+from envmgr.cuda import cuda_need, describe
 from envmgr.errors import EnvmgrError
 from envmgr.locks.formats import detect_format
 from envmgr.locks.lock import (
@@ -179,6 +180,7 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
                         "platform": r.platform,
                         "env_id": r.lock.env_id,
                         "packages": len(r.lock.packages),
+                        "variant": describe(r.platform, cuda_need(r.lock.packages)),
                         "cached": r.cached,
                         "adopted": adopted,
                         "seconds": round(r.seconds, 3),
@@ -194,10 +196,12 @@ def _report(results: list[Resolved], *, check: bool, adopted: bool, as_json: boo
             state = "cached" if r.cached else ("drifted" if r.drifted else "solved")
             state = "new" if r.uncached and check else state
             state = "adopted" if adopted else state
+            need = cuda_need(r.lock.packages)
             for step in r.steps:
                 typer.echo(
                     f"{step:<16} {r.platform:<14} env {r.lock.env_id[:12]}  "
                     f"{len(r.lock.packages):>3} packages  {state:<7} {r.seconds:.2f}s"
+                    + (f"  CUDA >= {need.minimum}" if need else "")
                 )
             for build in r.source_builds:
                 typer.echo(f"envmgr: note: {r.platform}: {build.sentence(r.platform)}", err=True)

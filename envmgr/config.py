@@ -94,6 +94,11 @@ SETTINGS: tuple[Setting, ...] = (
         kind="str",
         help="platform of Metaflow's remote steps (@kubernetes, @batch, ...)",
     ),
+    Setting(
+        key="cuda",
+        kind="str",
+        help="CUDA version of the cluster's GPU nodes: GPU steps are locked for it (__cuda)",
+    ),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -196,6 +201,10 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
         return 60, "default"
     if key == "remote_platform":
         return "linux-64", "default (Metaflow's remote compute)"
+    if key == "cuda":
+        from envmgr.cuda import DEFAULT_CUDA  # noqa: PLC0415
+
+        return DEFAULT_CUDA, "default (GPU steps only)"
     return 600, "default"  # index_ttl: PyPI's own cache policy
 
 

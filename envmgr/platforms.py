@@ -2,10 +2,12 @@
 
 A lock is made for a *target*, not for the host: :func:`virtual_packages` gives the default
 virtual packages of each platform (``__unix``/``__linux`` with ``__glibc`` 2.28, ``__osx``,
-``__win``, ``__archspec``), then applies the spec's system packages, ``--cuda`` and
-``CONDA_OVERRIDE_*`` variables. The host's detected packages are used only when the target is
-the host, and then only for ``__cuda``: ``__glibc``, ``__linux`` and ``__osx`` keep portable
-defaults unless overridden, so a lock made on a new laptop still installs on older workers.
+``__win``, ``__archspec``), then applies ``CONDA_OVERRIDE_*`` variables, the spec's system
+packages and ``--cuda``. Nothing is taken from the host: ``__glibc``, ``__linux`` and ``__osx``
+keep portable defaults unless overridden, so a lock made on a new laptop still installs on older
+workers, and ``__cuda`` is set only by the spec (a GPU step gets the ``cuda`` setting, see
+:mod:`envmgr.specs.flows`) or by ``--cuda`` (``--cuda host`` asks for this machine's driver;
+``CONDA_OVERRIDE_CUDA`` says what the host has, so it counts there and nowhere else).
 """
 
 from __future__ import annotations
@@ -85,15 +87,13 @@ def virtual_packages(
     system: Mapping[str, str] | None = None,
     cuda: str | None = None,
     env: Mapping[str, str] | None = None,
-    host: Mapping[str, str] | None = None,
 ) -> tuple[VirtualPackage, ...]:
     """The virtual packages to solve *target* with, sorted by name.
 
     Precedence, lowest first: the platform defaults (macOS 12.0, or
-    ``MACOSX_DEPLOYMENT_TARGET``); *host* (detected versions by name, given only when the
-    target is the host); ``CONDA_OVERRIDE_<NAME>`` in *env*; the spec's *system*
-    packages; *cuda* (the ``--cuda`` flag). An empty override value removes the package, as
-    conda does. Only ``__cuda`` is taken from *host*: see the module docstring.
+    ``MACOSX_DEPLOYMENT_TARGET``); ``CONDA_OVERRIDE_<NAME>`` in *env* for ``__glibc``,
+    ``__osx`` and ``__linux``; the spec's *system* packages; *cuda* (the ``--cuda`` flag's
+    version, or ``""`` for none). An empty value removes the package, as conda does.
     """
     env = os.environ if env is None else env
     os_name = target.split("-")[0]
@@ -110,11 +110,7 @@ def virtual_packages(
             found["__osx"] = deployment if "." in deployment else f"{deployment}.0"
     else:
         found["__win"] = "0"
-    # From the host only __cuda: the others would tie the lock to this machine's glibc,
-    # kernel or macOS release, and older workers could not install it.
-    if host and "__cuda" in host:
-        found["__cuda"] = host["__cuda"]
-    for name in ("__glibc", "__cuda", "__osx", "__linux"):
+    for name in ("__glibc", "__osx", "__linux"):
         override = env.get(f"CONDA_OVERRIDE_{name[2:].upper()}")
         if override is not None:
             found[name] = override

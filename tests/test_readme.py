@@ -110,6 +110,15 @@ def test_every_guide_command_runs_as_printed(conda_channel, pypi_index, tmp_path
         if cmd.startswith(("envmgr resolve --lockfile", "envmgr resolve -r")):
             assert f"env {train_env[:12]}" in out, (cmd, out)
     assert "numpy 2.1.3" in result.stdout and "tabulate 0.9.0" in result.stdout  # the flow ran
+    # GPU steps: train is locked for CUDA, start and end are not; a node with an older driver
+    # is refused before anything is downloaded.
+    gpu = by_command[next(c for c in commands if c.startswith("envmgr resolve gpuflow.py"))]
+    cuda_lines = [line.split()[0] for line in gpu.splitlines() if line.endswith("CUDA >= 12")]
+    assert cuda_lines == ["train"], gpu
+    node = by_command[next(c for c in commands if c.startswith("CONDA_OVERRIDE_CUDA=11.8"))]
+    assert node.strip() == "refused", node  # the bootstrap's line went to stderr
+    assert "needs CUDA >= 12 (fixture-torch 2.5.1 cuda126_h0_200)" in result.stderr
+    assert "this node's driver supports CUDA 11.8" in result.stderr
     # Laptop -> cluster: the worker command hydrated the linux-aarch64 env built on this host.
     pod = next(out for cmd, out in by_command.items() if "--platform linux-aarch64 --cache" in cmd)
     python = Path(pod.strip().splitlines()[-1])

@@ -202,6 +202,9 @@ class Manifest:
     layer: LayerRef | None = None
     #: Format 3, a layer: its files and links, sorted (what a builder checks for clobbers).
     paths: tuple[str, ...] = ()
+    #: An env that needs a GPU: (the lowest CUDA its node's driver must support, the package
+    #: that needs it), see :mod:`envmgr.cuda`; empty for a CPU env. Older readers ignore it.
+    cuda: tuple[str, ...] = ()
 
     @property
     def format(self) -> int:
@@ -235,6 +238,8 @@ class Manifest:
         if self.layer is not None:
             out["layer"] = self.layer.to_list()
             out["paths"] = list(self.paths)
+        if self.cuda:
+            out["cuda"] = {"minimum": self.cuda[0], "package": self.cuda[1]}
         return out
 
     @classmethod
@@ -274,6 +279,7 @@ class Manifest:
                 if data["format"] in (2, 3)
                 else (),
                 **(_layer_fields(data) if data["format"] == 3 else {}),
+                cuda=_cuda_field(data.get("cuda")),
             )
         except (KeyError, TypeError, ValueError, ArchiveError, BadIdError) as exc:
             raise ArchiveError(f"{where}: not an envmgr manifest ({exc})") from None
@@ -282,6 +288,16 @@ class Manifest:
         if not manifest.build_prefix.startswith("/"):
             raise ArchiveError(f"{where}: build prefix must be absolute")
         return manifest
+
+
+def _cuda_field(value: Any) -> tuple[str, ...]:
+    """A manifest's ``cuda`` entry, checked: a version (or ``any``) and a package label."""
+    if value is None:
+        return ()
+    minimum, package = str(value["minimum"]), str(value["package"])
+    if not re.fullmatch(r"any|\d+(\.\d+){0,2}", minimum) or not 0 < len(package) <= 300:
+        raise ValueError(f"cuda: bad entry {value!r}")
+    return (minimum, package)
 
 
 def _layer_fields(data: Any) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from envmgr.build.placeholder import PLACEHOLDER
 from envmgr.build.prefix import create_prefix, tree_size
 from envmgr.cache.layout import archive_key, layer_archive_key, layer_manifest_key, lease_key
 from envmgr.cache.lease import LeaseInfo, LeaseWatch, held_lease, new_holder, try_take
+from envmgr.cuda import manifest_cuda
 from envmgr.errors import BuildError
 from envmgr.fs import file_lock
 from envmgr.locks.lock import LockedPackage, PlatformLock
@@ -393,4 +394,5 @@ def _store_env_layer(
         package_sizes=tuple(
             (package.name, layers[ref.layer_id].unpacked_size) for package, ref in pairs
         ),
+        cuda=manifest_cuda(lock),
     )

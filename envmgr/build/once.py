@@ -45,6 +45,7 @@ from envmgr.cache.lease import (
 )
 from envmgr.cache.usage import record_use
 from envmgr.config import load
+from envmgr.cuda import manifest_cuda
 from envmgr.errors import BuildError, EnvmgrError
 from envmgr.fs import file_lock
 from envmgr.ids import EnvId
@@ -349,6 +350,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                 created=_now(),
                 link_scripts=made.link_scripts,
                 package_sizes=made.sizes,
+                cuda=manifest_cuda(lock),
             )
             label = f"upload {lock.env_id[:12]}"
             with tracked(options.progress, label, total=result.size) as task:

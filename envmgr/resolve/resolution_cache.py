@@ -117,16 +117,6 @@ def _targets(spec: EnvSpec, options: ResolveOptions) -> tuple[Platform, ...]:
     return options.platforms or spec.platforms or options.default_platforms or (host_platform(),)
 
 
-def _host_virtuals() -> dict[str, str]:
-    import rattler  # noqa: PLC0415
-
-    detected = {}
-    for package in rattler.VirtualPackage.detect():
-        generic = package.into_generic()
-        detected[generic.name.normalized] = str(generic.version)
-    return detected
-
-
 def _cached(
     store: Store, spec_id: str, platform: Platform, vps: tuple[str, ...]
 ) -> PlatformLock | None:
@@ -166,8 +156,13 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
     for step, spec in specs.items():
         effective = effective_spec(spec, options)
         groups.setdefault(effective.spec_id, (effective, []))[1].append(step)
-    host = host_platform()
-    host_vps: dict[str, str] | None = None
+    cuda = options.cuda
+    if cuda == "host":  # this machine's driver, or CONDA_OVERRIDE_CUDA: what the host has
+        from envmgr.cuda import node_cuda  # noqa: PLC0415
+
+        cuda = node_cuda(options.env)[0] or ""
+    elif cuda == "none":
+        cuda = ""
     jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]] = []
     credentials: dict[str, str] = {}
     for effective, steps in groups.values():
@@ -175,14 +170,8 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
         channels, found = split_credentials(effective.channels)
         credentials.update(found)
         for platform in _targets(effective, options):
-            if platform == host and host_vps is None:
-                host_vps = _host_virtuals()
             vps = virtual_packages(
-                platform,
-                system=dict(effective.system),
-                cuda=options.cuda,
-                env=options.env,
-                host=host_vps if platform == host else None,
+                platform, system=dict(effective.system), cuda=cuda, env=options.env
             )
             target = CondaTarget(platform=platform, channels=channels, virtual_packages=vps)
             jobs.append((effective, tuple(steps), target))

@@ -26,7 +26,7 @@ from typing import Any
 from envmgr.errors import Problem, SpecError
 from envmgr.limits import InputError, read_bounded
 from envmgr.specs.decorators import KINDS, DecoratorCall, Kind, step_names, step_specs
-from envmgr.specs.flows import REMOTE_DECORATORS, Placement
+from envmgr.specs.flows import REMOTE_DECORATORS, FlowSettingError, Placement, wants_gpu
 from envmgr.specs.model import EnvSpec
 
 __all__ = ["FlowFile", "discover", "discover_source", "read_flow", "read_flow_source"]
@@ -141,6 +141,26 @@ class _Reader:
         self.problems: list[Problem] = []
         #: The class being read: its ``@named_env_base`` as a step's ``@conda(name=...)``.
         self.named_base: DecoratorCall | None = None
+
+    def placement(self, step: ast.FunctionDef | ast.AsyncFunctionDef) -> Placement:
+        """Where *step* runs: its remote-compute decorator and whether it asks for GPUs."""
+        for decorator in step.decorator_list:
+            remote = self.names.remote_of(decorator)
+            if remote is None:
+                continue
+            gpu = None
+            if isinstance(decorator, ast.Call):
+                for keyword in decorator.keywords:
+                    if keyword.arg == "gpu":
+                        gpu = self.value(keyword.value, f"step {step.name!r}", f"@{remote} gpu")
+            try:
+                return Placement(remote=remote, gpu=wants_gpu(remote, gpu))
+            except FlowSettingError as exc:
+                self.problems.append(
+                    Problem(where=f"step {step.name!r}", key=f"@{remote} gpu", message=str(exc))
+                )
+                return Placement(remote=remote)
+        return Placement()
 
     def value(self, node: ast.expr, where: str, key: str, depth: int = 0) -> Any:
         try:
@@ -330,10 +350,7 @@ def read_flow_source(source: str, filename: str = "<flow>") -> FlowFile:
                     if calls or is_step:
                         steps[item.name] = calls
                     if is_step:
-                        remote = next(
-                            filter(None, map(reader.names.remote_of, item.decorator_list)), None
-                        )
-                        placements[item.name] = Placement(remote=remote)
+                        placements[item.name] = reader.placement(item)
             if base or any(steps.values()):
                 errors += _collect(result, base, steps, node.name)
                 names.update(step_names(steps))

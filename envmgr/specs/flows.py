@@ -16,6 +16,9 @@ same env ids):
   (``@kubernetes``, ``@batch``, … or any decorator with ``supports_conda_environment``), the
   ``remote_platform`` setting, else the decorator's ``target_platform``, else linux-64; else
   this host.
+* **CUDA**: a step whose compute asks for GPUs (``gpu=`` above 0 on ``@kubernetes``/``@batch``,
+  or ``@nvidia``) is locked with ``__cuda`` at the ``cuda`` setting (the cluster's CUDA), unless
+  its spec names ``__cuda`` itself; every other step without. The host's GPU never decides.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from envmgr.specs.model import EnvSpec, merge
 __all__ = [
     "DATASTORES",
     "DEPLOY_DECORATORS",
+    "GPU_DECORATORS",
     "REMOTE_DECORATORS",
     "Datastore",
     "Placement",
@@ -46,8 +50,10 @@ __all__ = [
     "run_spec",
     "run_specs",
     "run_store",
+    "step_cuda",
     "step_platforms",
     "task_packages",
+    "wants_gpu",
 ]
 
 Datastore = Literal["local", "s3", "azure", "gs"]
@@ -55,6 +61,8 @@ DATASTORES: tuple[Datastore, ...] = get_args(Datastore)
 
 #: Decorators that run a step elsewhere: Metaflow's own list (its conda environment's).
 REMOTE_DECORATORS = ("batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step")
+#: Compute decorators whose steps always run on a GPU.
+GPU_DECORATORS = ("nvidia", "nvct")
 #: The compute decorator each deploy command puts on every step (as its own CLI does).
 DEPLOY_DECORATORS: Mapping[str, str] = {
     "airflow": "kubernetes",
@@ -92,11 +100,13 @@ class FlowSettingError(EnvmgrError):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Placement:
-    """Where a step runs: the name of its remote-compute decorator (``None``: this host) and
-    the platform that decorator asks for, when it says (Metaflow's ``target_platform``)."""
+    """Where a step runs: the name of its remote-compute decorator (``None``: this host),
+    the platform that decorator asks for, when it says (Metaflow's ``target_platform``), and
+    whether it asks for GPUs (see :func:`wants_gpu`)."""
 
     remote: str | None = None
     target_platform: str | None = None
+    gpu: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -180,8 +190,41 @@ def step_platforms(spec: EnvSpec, placement: Placement) -> tuple[Platform, ...]:
     return (parse_platform(value, where=where),)  # type: ignore[return-value]  # checked
 
 
+def wants_gpu(remote: str | None, gpu: object) -> bool:
+    """Whether a step on the compute decorator *remote* with its ``gpu=`` argument *gpu*
+    (a number or its text; ``None`` when not given) runs on a GPU."""
+    if remote in GPU_DECORATORS:
+        return True
+    if remote is None or gpu is None or isinstance(gpu, bool):
+        return False
+    try:
+        return float(str(gpu).strip()) > 0
+    except ValueError:
+        raise FlowSettingError(
+            f"@{remote}(gpu={gpu!r}): not a number of GPUs", hint="give a whole number, e.g. gpu=1"
+        ) from None
+
+
+def step_cuda(spec: EnvSpec, placement: Placement) -> tuple[tuple[str, str], ...]:
+    """*spec*'s system packages with ``__cuda`` at the ``cuda`` setting for a GPU step that
+    names no ``__cuda`` itself."""
+    if not placement.gpu or "__cuda" in dict(spec.system):
+        return spec.system
+    from envmgr.cuda import parse_cuda  # noqa: PLC0415
+
+    config = load()
+    try:
+        cuda = parse_cuda(
+            str(config["cuda"]), where=f"envmgr setting cuda ({config.sources['cuda']})"
+        )
+    except ValueError as exc:
+        raise FlowSettingError(str(exc), hint="set it to your GPU nodes' CUDA, e.g. 12.4") from None
+    return (*spec.system, ("__cuda", cuda))
+
+
 def run_spec(spec: EnvSpec, placement: Placement, settings: RunSettings) -> EnvSpec:
-    """*spec* (a step's declared spec) as the run uses it: python, task packages, platforms."""
+    """*spec* (a step's declared spec) as the run uses it: python, task packages, platforms,
+    CUDA."""
     python = spec.python or parse_python(settings.python)
     present = {d.name for d in spec.conda} | {d.name for d in spec.pypi}
     missing = {n: v for n, v in task_packages(settings.datastore).items() if n not in present}
@@ -192,7 +235,10 @@ def run_spec(spec: EnvSpec, placement: Placement, settings: RunSettings) -> EnvS
         extra = EnvSpec(conda=tuple(CondaDep.parse(f"{n} {v}") for n, v in missing.items()))
     completed = merge(spec, extra)
     return dataclasses.replace(
-        completed, python=python, platforms=step_platforms(completed, placement)
+        completed,
+        python=python,
+        platforms=step_platforms(completed, placement),
+        system=step_cuda(completed, placement),
     )
 
 

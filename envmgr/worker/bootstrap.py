@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         "them (for a task that writes into its env as root; default ENVMGR_LINK=copy)",
     )
     parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="hydrate an env that needs CUDA on a node without a fitting NVIDIA driver (it "
+        "runs on the CPU, or fails in the framework); default ENVMGR_ALLOW_CPU",
+    )
+    parser.add_argument(
         "--build-if-missing",
         action="store_true",
         help="build the env here when the store has its lock but no archive (needs a full "
@@ -202,6 +208,7 @@ def hydrate_env(
         platform=chosen.platform,
         build_missing=build,
         link=False if args.copy else None,
+        check_gpu=not args.allow_cpu,
     )
     layers = {}
     if result.layers_fetched or result.linked or result.copied:

@@ -31,12 +31,14 @@ __all__ = [
     "COMPLETE",
     "LAYERS",
     "LocalEnv",
+    "complete_marker",
     "env_dir",
     "exec_in_env",
     "gc",
     "hold_for_use",
     "list_envs",
     "lock_path",
+    "marker_cuda",
     "open_use_lock",
     "pack_dir_prefix",
     "parse_age",
@@ -47,7 +49,8 @@ __all__ = [
     "touch",
 ]
 
-#: The marker file inside a published env; it holds the manifest's sha256.
+#: The marker file inside a published env; it holds the manifest's sha256, and for an env
+#: that needs CUDA a second line ``cuda MINIMUM PACKAGE...`` (see :func:`complete_marker`).
 COMPLETE = ".envmgr-complete"
 #: In a format-3 env: the layers it links to, one id per line.
 LAYERS = ".envmgr-layers"
@@ -62,6 +65,25 @@ def lock_path(cache_dir: Path, env_id: str, kind: str = "hydrate") -> Path:
     """The ``flock`` file of *env_id*'s *kind* (``hydrate``: one publisher per host;
     ``use``: held shared by every process running in the env)."""
     return cache_dir / "envs" / ".locks" / f"{parse_env_id(env_id, where='env id')}.{kind}"
+
+
+def complete_marker(sha256: str, cuda: tuple[str, ...] = ()) -> str:
+    """The text of an env's :data:`COMPLETE` marker (*cuda*: the manifest's ``cuda``)."""
+    return f"{sha256}\n" + (f"cuda {cuda[0]} {cuda[1]}\n" if cuda else "")
+
+
+def marker_cuda(prefix: Path) -> tuple[str, ...]:
+    """The ``cuda`` of the manifest the env at *prefix* was published from (``()``: a CPU
+    env, or one published by an envmgr that did not record it)."""
+    try:
+        lines = (prefix / COMPLETE).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    for line in lines[1:3]:
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "cuda":
+            return (parts[1], parts[2])
+    return ()
 
 
 def touch(prefix: Path) -> None:

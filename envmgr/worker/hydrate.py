@@ -49,7 +49,14 @@ from envmgr.fs import file_lock
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
 from envmgr.platforms import host_platform
 from envmgr.progress import Progress, Task, tracked
-from envmgr.worker.env_cache import COMPLETE, LAYERS, env_dir, lock_path, touch
+from envmgr.worker.env_cache import (
+    COMPLETE,
+    LAYERS,
+    complete_marker,
+    env_dir,
+    lock_path,
+    touch,
+)
 from envmgr.worker.layers import (
     FAR,
     assemble,
@@ -94,6 +101,24 @@ class Hydrated(NamedTuple):
         return self.prefix / "bin" / "python"
 
 
+def _check_gpu(manifest: Manifest, env_id: str) -> None:
+    """Refuse an env that needs CUDA on a node that cannot run it (see :mod:`envmgr.cuda`)."""
+    if not manifest.cuda or os.environ.get("ENVMGR_ALLOW_CPU", "") not in ("", "0"):
+        return
+    from envmgr.cuda import CudaNeed, check_node, node_cuda  # noqa: PLC0415
+
+    try:
+        have, source = node_cuda()
+    except ValueError as exc:
+        raise HydrateError(f"env {env_id}: {exc}", hint="unset it to read the driver") from None
+    refused = check_node(CudaNeed(*manifest.cuda), have, source)
+    if refused is not None:
+        why, todo = refused
+        raise HydrateError(
+            f"env {env_id} ({manifest.platform}) {why}; nothing was downloaded", hint=todo
+        )
+
+
 def hydrate(
     env_id: str,
     store: Store,
@@ -103,12 +128,15 @@ def hydrate(
     build_missing: BuildMissing | None = None,
     progress: Progress | None = None,
     link: bool | None = None,
+    check_gpu: bool = False,
 ) -> Hydrated:
     """Return the published env *env_id* under *cache_dir*, fetching it if needed;
     *progress* sees the download (and a build, when this worker must build). An env whose
     store has only its lock is built by *build_missing* when given, else refused with the
     command that builds it. A format-3 env is assembled from the host's layer cache by hard
-    links unless *link* is false (default: true unless ``ENVMGR_LINK=copy``).
+    links unless *link* is false (default: true unless ``ENVMGR_LINK=copy``). With
+    *check_gpu*, an env that needs CUDA is refused before any download on a node whose driver
+    cannot run it (no GPU, or too old), unless ``ENVMGR_ALLOW_CPU=1``.
 
     Raises ``BadIdError`` (before touching anything) when *env_id* or *platform* is not one,
     ``HydrateError`` (no archive and no lock, relocation impossible, a manifest of another
@@ -140,6 +168,8 @@ def hydrate(
             raise HydrateError(
                 f"env {env_id}: cannot read it from the store: {exc.message}", hint=exc.hint
             ) from None
+        if check_gpu:
+            _check_gpu(manifest, env_id)
         if link is None:
             link = os.environ.get("ENVMGR_LINK", "hardlink") != "copy"
         fetched, linked, copied = _fetch_and_publish(store, manifest, final, progress, link=link)
@@ -290,7 +320,7 @@ def _fetch_and_publish(
             with task as tracker:
                 _download(store, key, manifest, tmp, tracker, f"env {manifest.env_id}")
             relocate(tmp, manifest, str(final))
-        (tmp / COMPLETE).write_text(manifest.sha256 + "\n")
+        (tmp / COMPLETE).write_text(complete_marker(manifest.sha256, manifest.cuda))
         tmp.rename(final)
     except StoreError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,8 +24,8 @@ from envmgr.cli.store import STORE_COMMANDS
         ),
         (
             ["--conda", "numpy", "--cuda", "abc"],
-            "envmgr: error: --cuda 'abc': not a CUDA version; give digits and dots, e.g. "
-            "--cuda 12.4",
+            "envmgr: error: --cuda 'abc': not a CUDA version; give digits and dots "
+            "(--cuda 12.4), host or none",
         ),
         (
             ["--conda", "numpy", "--python", "py311"],

@@ -212,7 +212,7 @@ def test_attribute_values_survive_the_decorator_spec_round_trip():
 
 
 PLACED_FLOW = """
-from metaflow import FlowSpec, conda, conda_base, kubernetes, pypi, step
+from metaflow import FlowSpec, batch, conda, conda_base, kubernetes, pypi, step
 
 @conda_base(libraries={"numpy": ">=2"})
 class PlacedFlow(FlowSpec):
@@ -224,6 +224,11 @@ class PlacedFlow(FlowSpec):
     @pypi(packages={"six": "1.17.0"})
     @step
     def train(self):
+        self.next(self.tune)
+
+    @batch(gpu="2", memory=16000)
+    @step
+    def tune(self):
         self.next(self.mac)
 
     @conda(libraries={"tabulate": "0.9.*"}, platforms=["osx-arm64"])
@@ -242,11 +247,14 @@ class PlacedFlow(FlowSpec):
 def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, monkeypatch):
     """``envmgr build flow.py`` reads the file; the run reads the decorator objects. Both go
     through envmgr.specs.flows, so every step's spec id (and so its lock and env) is the same."""
+    from envmgr.cuda import DEFAULT_CUDA
     from envmgr.specs.discovery import read_flow
     from envmgr.specs.flows import run_settings, run_specs
 
     monkeypatch.setenv("USER", "envmgr-test")
     monkeypatch.delenv("ENVMGR_REMOTE_PLATFORM", raising=False)
+    monkeypatch.delenv("ENVMGR_CUDA", raising=False)
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "11.8")  # what the host has decides nothing
     path = tmp_path / "placed.py"
     flow, environment = _load(path, PLACED_FLOW, "PlacedFlow")
     environment._datastore = datastore
@@ -260,9 +268,12 @@ def test_the_cli_and_the_extension_compute_the_same_specs(tmp_path, datastore, m
     found = read_flow(path)
     cli = run_specs(found.specs, found.placements, run_settings(datastore))
     assert {k: v.spec_id for k, v in cli.items()} == {k: v.spec_id for k, v in run.items()}
-    assert sorted(run) == ["mac", "start", "train"]
+    assert sorted(run) == ["mac", "start", "train", "tune"]
     assert run_names == found.names == {"end": "team/env:stable"}
     assert run["train"].platforms == ("linux-64",)  # @kubernetes: the remote platform
+    # @batch(gpu="2") asks for GPUs: locked for the cluster's CUDA; no other step is.
+    assert dict(run["tune"].system) == {"__cuda": DEFAULT_CUDA}
+    assert not any(dict(run[s].system) for s in ("start", "train", "mac"))
     assert run["mac"].platforms == ("osx-arm64",)
     names = {d.name for d in run["train"].pypi} | {d.name for d in run["train"].conda}
     if datastore == "s3":

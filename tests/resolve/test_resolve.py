@@ -285,14 +285,16 @@ def test_virtual_package_defaults_and_overrides():
             "linux-64",
             env={"CONDA_OVERRIDE_GLIBC": "2.17", "CONDA_OVERRIDE_CUDA": "11.8"},
             system={"__cuda": "12.1"},
-            host={"__glibc": "2.39", "__cuda": "12.4"},
         )
     }
     assert tuned["__glibc"] == "2.17" and tuned["__cuda"] == "12.1"
-    assert {
-        v.name: v.version
-        for v in virtual_packages("linux-64", env={}, cuda="12.2", host={"__cuda": "12.4"})
-    }["__cuda"] == "12.2"
+    # CONDA_OVERRIDE_CUDA says what the host has: it never enters a lock by itself.
+    pretending = virtual_packages("linux-64", env={"CONDA_OVERRIDE_CUDA": "12.4"})
+    assert "__cuda" not in {v.name for v in pretending}
+    flag = virtual_packages("linux-64", env={}, cuda="12.2", system={"__cuda": "12.4"})
+    assert {v.name: v.version for v in flag}["__cuda"] == "12.2"
+    none = virtual_packages("linux-64", env={}, cuda="", system={"__cuda": "12.4"})
+    assert "__cuda" not in {v.name for v in none}
 
 
 def test_credentials_never_reach_lock_files(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 from metaflow.decorators import FlowDecorator, StepDecorator
@@ -202,11 +203,17 @@ class _EnvmgrStep(_UserValues, StepDecorator):  # type: ignore[misc]
         env_id = os.environ.get("ENVMGR_ENV_ID")
         if not env_id:
             return
+        from envmgr.cuda import CudaNeed, describe
+        from envmgr.platforms import host_platform
+        from envmgr.worker.env_cache import marker_cuda
+
+        cuda = marker_cuda(Path(sys.prefix))  # the task runs on its env's python
         tags = [f"attempt_id:{retry_count}"]
         fields = {
             "envmgr_env_id": env_id,
             "envmgr_spec_id": os.environ.get("ENVMGR_SPEC_ID", ""),
             "envmgr_env_name": os.environ.get("ENVMGR_ENV_NAME", ""),
+            "envmgr_variant": describe(host_platform(), CudaNeed(*cuda) if cuda else None),
         }
         metadata.register_metadata(
             run_id,

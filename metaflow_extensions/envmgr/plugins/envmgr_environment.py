@@ -367,7 +367,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
                     f"{host_platform()} host (add this platform with @conda(platforms=[...]), "
                     "or run the step on its remote compute)"
                 )
-            result = hydrate(env_id, open_store(env["store"]), cache_dir())
+            result = hydrate(env_id, open_store(env["store"]), cache_dir(), check_gpu=True)
             self._pythons[step_name] = str(result.prefix / "bin" / "python")
         return self._pythons[step_name]
 

@@ -44,12 +44,16 @@ def remote_decorator(decorators: Any) -> Any:
 
 def placement(step: Any) -> Any:
     """Where *step* runs, as :mod:`envmgr.specs.flows` takes it."""
-    from envmgr.specs.flows import Placement
+    from envmgr.specs.flows import Placement, wants_gpu
 
     deco = remote_decorator(step.decorators)
     if deco is None:
         return Placement()
-    return Placement(remote=deco.name, target_platform=getattr(deco, "target_platform", None))
+    gpu = any(wants_gpu(d.name, None) for d in step.decorators)  # @nvidia beside @kubernetes
+    gpu = gpu or wants_gpu(deco.name, deco.attributes.get("gpu"))
+    return Placement(
+        remote=deco.name, target_platform=getattr(deco, "target_platform", None), gpu=gpu
+    )
 
 
 def is_pathspec(ref: str) -> bool:
