@@ -505,6 +505,7 @@ def gather(
         default_platforms=tuple(default_platforms),
         default_channels=tuple(config["channels"]),
         cuda=cuda,
+        torch_index=config["torch_index"],
         force=force,
         check=check or locked,
         frozen=frozen,

@@ -95,6 +95,11 @@ SETTINGS: tuple[Setting, ...] = (
         help="platform of Metaflow's remote steps (@kubernetes, @batch, ...)",
     ),
     Setting(
+        key="torch_index",
+        kind="str",
+        help="PyPI index of the torch family, with {backend} (cpu, cu126): each env's CUDA picks",
+    ),
+    Setting(
         key="cuda",
         kind="str",
         help="CUDA version of the cluster's GPU nodes: GPU steps are locked for it (__cuda)",
@@ -201,6 +206,8 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
         return 60, "default"
     if key == "remote_platform":
         return "linux-64", "default (Metaflow's remote compute)"
+    if key == "torch_index":
+        return None, "default (none: torch comes from the spec's indexes)"
     if key == "cuda":
         from envmgr.cuda import DEFAULT_CUDA  # noqa: PLC0415
 

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_CUDA",
+    "TORCH_FAMILY",
     "CudaNeed",
     "check_node",
     "cuda_need",
@@ -29,12 +30,27 @@ __all__ = [
     "manifest_cuda",
     "node_cuda",
     "parse_cuda",
+    "torch_backend",
 ]
 
 #: The CUDA version GPU steps are locked for unless the ``cuda`` setting says otherwise:
 #: what the GPU node images of the large clouds' Kubernetes and Batch services ship drivers
 #: for in 2026 (12.x drivers run every 12.x runtime).
 DEFAULT_CUDA = "12.6"
+
+#: The PyPI projects PyTorch's own indexes serve per backend (``cpu``, ``cu126``): with the
+#: ``torch_index`` setting they come from there only, whoever asks for them (as uv's
+#: ``--torch-backend`` routes them).
+TORCH_FAMILY = (
+    "torch",
+    "torchaudio",
+    "torchdata",
+    "torchtext",
+    "torchvision",
+    "torchrec",
+    "pytorch-triton",
+    "pytorch-triton-rocm",
+)
 
 _VERSION = re.compile(r"\d+(\.\d+){0,2}")
 _LOWER = re.compile(r"(>=|==|>|=)?\s*(\d+(?:\.\d+)*)(\.\*)?")
@@ -58,6 +74,15 @@ def parse_cuda(value: str, *, where: str = "cuda") -> str:
     if not _VERSION.fullmatch(text):
         raise ValueError(f"{where}: {value!r} is not a CUDA version; give digits and dots: 12.4")
     return text
+
+
+def torch_backend(cuda: str | None) -> str:
+    """PyTorch's name for the wheels of an env locked with ``__cuda`` *cuda*: ``cpu`` without,
+    ``cu126`` for 12.6."""
+    if not cuda:
+        return "cpu"
+    major, _, rest = cuda.partition(".")
+    return f"cu{major}{rest.split('.')[0] or '0'}"
 
 
 def _key(version: str) -> tuple[int, ...]:

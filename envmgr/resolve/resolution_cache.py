@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from envmgr.cache import Store
 from envmgr.cache.layout import lock_key
 from envmgr.channels import Credentials, make_gateway, split_credentials
+from envmgr.cuda import TORCH_FAMILY, torch_backend
 from envmgr.errors import EnvmgrError
 from envmgr.locks.lock import LOCK_FORMAT, Lock, LockError, PlatformLock, dumps
 from envmgr.locks.python_target import PythonTarget
@@ -64,6 +65,7 @@ class ResolveOptions:
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()  # added to every PyPI spec's find-links
     cuda: str | None = None
+    torch_index: str | None = None  # the torch family's index, "{backend}" in it
     force: bool = False
     check: bool = False
     frozen: bool = False  # never solve: a spec without a cached lock is an error
@@ -105,11 +107,15 @@ def effective_spec(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
         # machine's disk without the spec saying so: only their http(s) ones are used.
         extra = (*extra, *(u for u in pip_extra if not u.startswith("file:")))
         find_links = (*find_links, *(u for u in pip_links if not u.startswith("file:")))
+    pins = dict(spec.index_pins)
+    if options.torch_index:  # as uv's --torch-backend: the whole family, direct or not
+        pins = dict.fromkeys(TORCH_FAMILY, options.torch_index) | pins
     return replace(
         spec,
         index_url=parse_index_url(index_url),
         extra_index_urls=tuple(parse_index_url(u) for u in extra),
         find_links=find_links,
+        index_pins=tuple(pins.items()),
     )
 
 
@@ -324,13 +330,20 @@ def _add_pypi(
     if python is None:
         raise EnvmgrError(f"{where}: the conda solve has no python for the PyPI packages")
     indexes = tuple(u for u in (spec.index_url, *spec.extra_index_urls) if u)
-    key = (*indexes, "--find-links", *spec.find_links)
+    virtual = {v.name: v.version for v in target.virtual_packages}
+    pins = tuple(
+        (name, url.replace("{backend}", torch_backend(virtual.get("__cuda"))))
+        for name, url in spec.index_pins
+    )
+    key = (*indexes, "--find-links", *spec.find_links, "--pins", *map(str, pins))
     client = clients.get(key)
     if client is None:
         client = clients.setdefault(
-            key, IndexClient(indexes, options.cache_dir / "pypi", find_links=spec.find_links)
+            key,
+            IndexClient(
+                indexes, options.cache_dir / "pypi", find_links=spec.find_links, pins=dict(pins)
+            ),
         )
-    virtual = {v.name: v.version for v in target.virtual_packages}
     python_target = PythonTarget.from_virtual_packages(target.platform, python.version, virtual)
 
     sdists = Sdists(

@@ -98,6 +98,9 @@ class EnvSpec:
     platforms: tuple[Platform, ...] = ()
     system: tuple[tuple[str, str], ...] = ()
     disabled: bool | None = None
+    #: PyPI projects that come from one index only, ``(project, index URL)``; a URL may hold
+    #: ``{backend}`` (``cpu``, ``cu126``: the target's ``__cuda``), see ``torch_index``.
+    index_pins: tuple[tuple[str, str], ...] = ()
     _id: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class EnvSpec:
             raise ValueError(f"unknown platform(s) {unknown}; known: {', '.join(PLATFORMS)}")
         set_(self, "platforms", tuple(sorted(set(self.platforms))))
         set_(self, "system", tuple(sorted(dict(self.system).items())))
+        set_(self, "index_pins", tuple(sorted(dict(self.index_pins).items())))
 
     @property
     def kind(self) -> SpecKind:
@@ -156,6 +160,8 @@ class EnvSpec:
         }
         if self.find_links:  # only when given, so the ids of specs without stay as they were
             data["find_links"] = list(self.find_links)
+        if self.index_pins:  # the same
+            data["index_pins"] = dict(self.index_pins)
         return data
 
     def canonical_json(self) -> str:
@@ -184,7 +190,7 @@ class EnvSpec:
             raise SpecError([Problem(where=where, key="-", message="not a mapping")])
         if data.get("format") != SPEC_FORMAT:
             bad("format", f"unsupported spec format {data.get('format')!r}, want {SPEC_FORMAT}")
-        known = {*cls().to_dict(), "find_links"}
+        known = {*cls().to_dict(), "find_links", "index_pins"}
         for key in sorted(set(data) - known):
             bad(key, "unknown key")
 
@@ -215,6 +221,12 @@ class EnvSpec:
         if not isinstance(system, Mapping):
             bad("system", "must be a mapping of name to version")
             system = {}
+        pins = data.get("index_pins") or {}
+        if not isinstance(pins, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in pins.items()
+        ):
+            bad("index_pins", "must be a mapping of project to index URL")
+            pins = {}
         disabled = data.get("disabled")
         if disabled is not None and not isinstance(disabled, bool):
             bad("disabled", "must be true, false or null")
@@ -243,6 +255,7 @@ class EnvSpec:
                 platforms=tuple(platforms),  # type: ignore[arg-type]  # checked on construction
                 system=tuple((str(k), str(v)) for k, v in system.items()),
                 disabled=disabled,
+                index_pins=tuple(pins.items()),
             )
         except ValueError as exc:
             raise SpecError([Problem(where=where, key="-", message=str(exc))]) from None
@@ -280,6 +293,7 @@ def merge(base: EnvSpec, step: EnvSpec) -> EnvSpec:
         platforms=step.platforms or base.platforms,
         system=tuple((dict(base.system) | dict(step.system)).items()),
         disabled=step.disabled if step.disabled is not None else base.disabled,
+        index_pins=tuple((dict(base.index_pins) | dict(step.index_pins)).items()),
     )
 
 

@@ -237,3 +237,76 @@ def test_the_node_override_is_checked():
         node_cuda({"CONDA_OVERRIDE_CUDA": "twelve"})
     have, source = node_cuda({})  # this machine: no NVIDIA driver
     assert have is None and "libcuda" in source
+
+
+def _torch_index(root: Path) -> str:
+    """A static (PEP 503, file://) index per PyTorch backend, each with its own torch wheel,
+    as PyTorch serves them; the ``torch_index`` template for them."""
+    import hashlib
+    from urllib.parse import quote
+
+    from fixtures.wheelmaker import make_wheel
+
+    for backend in ("cpu", "cu118", "cu126"):
+        page = root / backend / "torch"
+        wheel = make_wheel(page, "torch", f"2.5.1+{backend}")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        link = f'<a href="{quote(wheel.name)}#sha256={digest}">{wheel.name}</a>'
+        (page / "index.html").write_text(f"<html><body>{link}</body></html>\n")
+    return f"{root.as_uri()}/{{backend}}/"
+
+
+PYPI_GPU_FLOW = """
+from metaflow import FlowSpec, batch, pypi, pypi_base, step
+
+
+@pypi_base(packages={"torch": "2.5.1"}, python="3.11")
+class TorchFlow(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.train)
+
+    @batch(gpu=1)
+    @pypi(packages={"six": ""})
+    @step
+    def train(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+
+
+def test_pypi_steps_take_torch_from_the_index_of_their_cuda(world, monkeypatch, pypi_index):
+    from fixtures.wheelmaker import make_wheel
+
+    monkeypatch.setenv("PIP_INDEX_URL", pypi_index.url)
+    monkeypatch.setenv("ENVMGR_TORCH_INDEX", _torch_index(world / "torch-index"))
+    newer = world / "links"
+    make_wheel(newer, "torch", "3.0.0")  # elsewhere, newer: never taken while pinned
+    flow = world / "torchflow.py"
+    flow.write_text(PYPI_GPU_FLOW)
+    result = envmgr_here("resolve", str(flow), "--find-links", str(newer), "--json")
+    assert result.returncode == 0, result.stderr
+    variants = {s: e["variant"] for e in json.loads(result.stdout)["envs"] for s in e["steps"]}
+    assert variants == {
+        "start": "linux-64, CPU",
+        "train": "linux-64, CUDA >= 12 (torch 2.5.1+cu126)",
+        "end": "linux-64, CPU",
+    }
+    built = envmgr_here("build", str(flow), "--json")  # file:// wheels install as any other
+    assert built.returncode == 0, built.stderr
+    shown = json.loads(envmgr_here("show", f"{flow}:train", "--json").stdout)["platforms"][0]
+    torch = next(p for p in shown["packages"] if p["name"] == "torch")
+    assert torch["version"] == "2.5.1+cu126" and torch["installed_size"]
+    monkeypatch.setenv("ENVMGR_CUDA", "11.8")
+    older = envmgr_here("resolve", str(flow), "--json")
+    assert "CUDA >= 11 (torch 2.5.1+cu118)" in older.stdout, older.stderr
+    # Without the setting, torch comes from the spec's indexes like any package.
+    monkeypatch.delenv("ENVMGR_TORCH_INDEX")
+    plain = envmgr_here(
+        "resolve", "--pypi", "torch", "--python", "3.11", "--find-links", str(newer)
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert "CUDA" not in plain.stdout

@@ -21,7 +21,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
@@ -82,6 +82,7 @@ class IndexClient:
         cache_dir: Path,
         *,
         find_links: Iterable[str] = (),
+        pins: Mapping[str, str] | None = None,
         timeout: float = 30.0,
         pool_size: int = 16,
     ) -> None:
@@ -91,6 +92,8 @@ class IndexClient:
 
         self.index_urls = tuple(dict.fromkeys(u.rstrip("/") + "/" for u in index_urls))
         self.find_links = tuple(dict.fromkeys(find_links))
+        #: Projects read from one index only (and never from the others or find-links).
+        self.pins = {canonicalize_name(k): v.rstrip("/") + "/" for k, v in (pins or {}).items()}
         self._flat: dict[str, list[tuple[str, str, str]]] = {}  # location -> (project, name, url)
         self.cache_dir = cache_dir
         self.timeout = timeout
@@ -122,7 +125,7 @@ class IndexClient:
         )
         if parts.username:
             return bare, (unquote(parts.username), unquote(parts.password or ""))
-        for index in self.index_urls:
+        for index in (*self.index_urls, *self.pins.values()):
             ip = urlsplit(expand(index))
             if ip.username and ip.hostname == parts.hostname and ip.port == parts.port:
                 return bare, (unquote(ip.username), unquote(ip.password or ""))
@@ -154,9 +157,10 @@ class IndexClient:
             if name in self._pages:
                 return self._pages[name]
         files: list[DistFile] = []
-        for index in self.index_urls:
+        pinned = self.pins.get(name)
+        for index in (pinned,) if pinned else self.index_urls:
             files += self._page(index, name)
-        for location in self.find_links:
+        for location in () if pinned else self.find_links:
             files += self._flat_files(location, name)
         with self._lock:
             self._pages[name] = files
