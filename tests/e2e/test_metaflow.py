@@ -29,6 +29,9 @@ def _flow_env(home: Path, channel_url: str, **extra: str) -> dict[str, str]:
         "ENVMGR_STORE": (home / "store").as_uri(),
         "ENVMGR_CACHE_DIR": str(home / "cache"),
         "ENVMGR_CHANNELS": channel_url,
+        # The host pretends to have a GPU: `mixed` needs CUDA 12 and runs here; no other
+        # step's lock may change because of it.
+        "CONDA_OVERRIDE_CUDA": "12.4",
         **extra,
     }
 
@@ -65,8 +68,11 @@ def _seen(output: str) -> dict[str, list[tuple[str, dict]]]:
     return found
 
 
-def _env_locks(home: Path, env: dict, output: str, store=None) -> dict[str, dict]:
-    """Per step, the versions in the lock of the env the task recorded in its metadata."""
+def _env_locks(
+    home: Path, env: dict, output: str, store=None, variants: dict | None = None
+) -> dict[str, dict]:
+    """Per step, the versions in the lock of the env the task recorded in its metadata (and
+    in *variants*, when given, the ``envmgr_variant`` it recorded)."""
     run_id = re.search(r"run-id (\d+)", output).group(1)
     code = (
         "import json; from metaflow import Run, namespace; namespace(None); "
@@ -74,7 +80,7 @@ def _env_locks(home: Path, env: dict, output: str, store=None) -> dict[str, dict
         "for step in run:\n"
         "    task = next(iter(step))\n"
         "    meta = {m.name: m.value for m in task.metadata}\n"
-        "    out[step.id] = meta.get('envmgr_env_id')\n"
+        "    out[step.id] = [meta.get('envmgr_env_id'), meta.get('envmgr_variant')]\n"
         "print(json.dumps(out))"
     )
     ids = json.loads(
@@ -91,8 +97,10 @@ def _env_locks(home: Path, env: dict, output: str, store=None) -> dict[str, dict
     from envmgr.locks.lock import read_conda_lock
 
     locks = {}
-    for step, env_id in ids.items():
+    for step, (env_id, variant) in ids.items():
         if env_id:
+            if variants is not None:
+                variants[step] = variant
             path = home / "store" / "envs" / "linux-64" / env_id / "conda-lock.yml"
             if store is not None:
                 path = home / f"{env_id}.yml"
@@ -106,7 +114,10 @@ def test_every_step_sees_its_locked_versions(runs):
     home, env, (first, _second) = runs
     seen = _seen(first)
     assert sorted(seen) == ["end", "fan", "fetch", "mixed", "off", "start"]
-    locks = _env_locks(home, env, first)
+    variants: dict[str, str] = {}
+    locks = _env_locks(home, env, first, variants=variants)
+    cuda = "linux-64, CUDA >= 12 (fixture-torch 2.5.1 cuda126_h0_200)"
+    assert variants == {**dict.fromkeys(locks, "linux-64, CPU"), "mixed": cuda}, variants
     for step, tasks in seen.items():
         if step == "off":
             continue
