@@ -43,7 +43,7 @@ def runs(conda_channel, pypi_index, tmp_path_factory):
     home = tmp_path_factory.mktemp("mf")
     env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
     outputs = []
-    for width in ("20", "2"):
+    for width in ("10", "2"):
         run = ["run", "--max-workers", "4", "--width", width]
         result = subprocess.run(
             [sys.executable, str(FLOW), "--environment=conda", *run],
@@ -131,10 +131,10 @@ def test_every_step_sees_its_locked_versions(runs):
     assert not seen["off"][0][0].startswith(str(home / "cache"))
 
 
-def test_a_foreach_of_twenty_tasks_hydrates_once(runs):
+def test_a_foreach_of_ten_tasks_hydrates_once(runs):
     home, _env, (first, _second) = runs
     fans = _seen(first)["fan"]
-    assert len(fans) == 20 and len({prefix for prefix, _ in fans}) == 1
+    assert len(fans) == 10 and len({prefix for prefix, _ in fans}) == 1
     envs = [p for p in (home / "cache" / "envs").iterdir() if len(p.name) == 32]
     assert len(envs) == 4  # start/join/end share the base env; fan, fetch, mixed
 
@@ -292,9 +292,9 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
     prebuilt = json.loads(built.stdout)
     assert prebuilt["store"] == f"s3://{s3_bucket}/metaflow/envmgr"
     result = subprocess.run(
-        # Four fan tasks at once (the foreach of twenty runs on the local datastore above).
+        # Two fan tasks at once (the foreach of ten runs on the local datastore above).
         [sys.executable, str(FLOW), "--environment=conda", "run", "--max-workers", "4",
-         "--width", "4"],
+         "--width", "2"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -317,7 +317,7 @@ def test_s3_datastore_flow_stores_envs_under_the_datastore(
         for _prefix, versions in seen[step]:
             for name, version in versions.items():
                 assert locks[step][name] == version, (step, name)
-    assert len(seen["fan"]) == 4
+    assert len(seen["fan"]) == 2
 
 
 PARITY_FLOW = """
