@@ -128,10 +128,14 @@ def main() -> None:
     code: int | str | None = 0
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)
+    from envmgr import profile  # noqa: PLC0415
+
     try:
-        _run_app()
+        with profile.phase("command"):
+            _run_app()
     except SystemExit as exc:
         code = exc.code
+    profile.dump()
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from envmgr import __version__
+from envmgr import __version__, profile
 from envmgr.build.once import conda_records, offer_lock
 from envmgr.cache.layout import lock_key
 from envmgr.cli._common import STATE, emit_json, fail, writing_output
@@ -114,6 +114,7 @@ def resolve(
     """Resolve specs into locks for each target platform; unchanged specs come from the cache.
     With --locked and -o/--lock-dir, those files must already hold these locks (they are not
     rewritten): a CI check that committed locks are current."""
+    profile.since_command("cli")
     if output is not None and lock_dir is not None:
         fail("give -o/--output or --lock-dir, not both")
     lock_files = [f for f in env_file if _is_lock_file(f)]

@@ -218,6 +218,13 @@ def _default(key: str, values: Mapping[str, Any], env: Mapping[str, str]) -> tup
 def load(env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None) -> Config:
     """The effective settings; *flags* maps keys to command-line values (``None``/empty:
     not given). Raises ``ConfigError`` naming the file or variable."""
+    from envmgr import profile  # noqa: PLC0415
+
+    with profile.phase("config"):
+        return _load(env, flags)
+
+
+def _load(env: Mapping[str, str] | None, flags: Mapping[str, Any] | None) -> Config:
     env = os.environ if env is None else env
     path = config_path(env)
     from_file = _read_file(path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from envmgr import profile
 from envmgr.cache import Store
 from envmgr.cache.layout import lock_key
 from envmgr.channels import Credentials, make_gateway, split_credentials
@@ -102,7 +103,8 @@ def effective_spec(spec: EnvSpec, options: ResolveOptions) -> EnvSpec:
     extra = (*spec.extra_index_urls, *options.extra_index_urls)
     find_links = (*spec.find_links, *options.find_links)
     if index_url is None:
-        index_url, pip_extra, pip_links = pip_sources()
+        with profile.phase("config"):
+            index_url, pip_extra, pip_links = pip_sources()
         # pip.conf's file:// indexes and local find-links would make the lock depend on this
         # machine's disk without the spec saying so: only their http(s) ones are used.
         extra = (*extra, *(u for u in pip_extra if not u.startswith("file:")))
@@ -243,7 +245,8 @@ async def _run(
     options: ResolveOptions,
     credentials: Credentials,
 ) -> list[Resolved]:
-    gateway = make_gateway(options.cache_dir / "repodata", credentials)
+    with profile.phase("gateway"):
+        gateway = make_gateway(options.cache_dir / "repodata", credentials)
     clients: dict[tuple[str, ...], Any] = {}
     tasks = [_one(spec, steps, target, gateway, options, clients) for spec, steps, target in jobs]
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -271,7 +274,8 @@ async def _one(
 ) -> Resolved:
     start = time.monotonic()
     vps = tuple(str(v) for v in target.virtual_packages)
-    cached = _cached(options.store, spec.spec_id, target.platform, vps)
+    with profile.phase("store"):
+        cached = _cached(options.store, spec.spec_id, target.platform, vps)
     if cached is not None and not options.force and not options.check:
         return Resolved(
             steps=steps,
@@ -288,15 +292,20 @@ async def _one(
     )
     label = f"solve {', '.join(steps)[:18]} {target.platform}"
     with tracked(options.progress, label, unit="phase"):
+        solving = time.perf_counter()
         lock = await solve(spec, target, gateway=gateway, where=where, spec_id=spec.spec_id)
+        profile.add("conda", time.perf_counter() - solving)
         builds: tuple[SourceBuild, ...] = ()
         if spec.pypi:
+            solving = time.perf_counter()
             lock, builds = await asyncio.to_thread(
                 _add_pypi, spec, lock, target, options, clients, where
             )
+            profile.add("pypi", time.perf_counter() - solving)
     drifted = options.check and cached is not None and cached.env_id != lock.env_id
     if not options.check:
-        options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
+        with profile.phase("store"):
+            options.store.put(lock_key(spec.spec_id, target.platform), dumps(lock.to_dict()))
     return Resolved(
         steps=steps,
         spec=spec,

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from packaging.utils import canonicalize_name
 
+from envmgr import profile
 from envmgr.config import load
 from envmgr.fs import write_atomic
 from envmgr.locks.lock import strip_credentials
@@ -67,7 +68,8 @@ _METADATA_PROBES = 3  # unadvertised .metadata 404s on an index before we stop a
 
 
 def _parse_metadata(data: bytes) -> email.message.Message:
-    return email.parser.BytesParser().parsebytes(data)
+    with profile.phase("parse"):
+        return email.parser.BytesParser().parsebytes(data)
 
 
 class IndexClient:
@@ -137,8 +139,9 @@ class IndexClient:
         real, auth = self._auth_for(url)
         with self._lock:
             self.requests_made += 1
+        start = time.perf_counter()
         try:
-            return self.session.get(
+            answer = self.session.get(
                 real, headers=headers or {}, timeout=self.timeout, auth=auth, stream=False
             )
         except requests.RequestException as exc:
@@ -147,6 +150,8 @@ class IndexClient:
                 f"cannot reach {strip_credentials(url)}: {cause}",
                 hint="check the index URL and the network",
             ) from None
+        profile.add("http", time.perf_counter() - start, size=len(answer.content))
+        return answer
 
     # -- project pages -----------------------------------------------------------------------
 
@@ -327,7 +332,10 @@ class IndexClient:
             path = Path(unquote(urlsplit(expand(url)).path)) / "index.html"
             if not path.is_file():
                 return []
-            return files_from_html(path.read_text(encoding="utf-8", errors="replace"), url, name)
+            with profile.phase("parse"):
+                return files_from_html(
+                    path.read_text(encoding="utf-8", errors="replace"), url, name
+                )
         # The page cache holds parsed rows with credential-free absolute URLs, not the page body:
         # decoding thousands of rows is what a warm resolution costs.
         cache = self._cache_path("pages", strip_credentials(url))
@@ -356,6 +364,7 @@ class IndexClient:
         if answer.status_code != 200:
             raise PackageIndexError(f"{strip_credentials(url)} answered HTTP {answer.status_code}")
         base = strip_credentials(answer.url)
+        parsing = time.perf_counter()
         if answer.headers.get("Content-Type", "").split(";")[0].strip() == JSON_TYPE:
             try:
                 files = files_from_json(answer.json(), base, name)
@@ -363,6 +372,7 @@ class IndexClient:
                 raise PackageIndexError(f"{strip_credentials(url)}: malformed JSON page") from None
         else:
             files = files_from_html(answer.text, base, name)
+        profile.add("parse", time.perf_counter() - parsing)
         entry = {
             "format": _PAGE_FORMAT,
             "etag": answer.headers.get("ETag"),
