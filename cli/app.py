@@ -8,38 +8,93 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from importlib import import_module
+from typing import Any
 
 import typer
 
 from envmgr import __version__
-from envmgr.build.once import BuildInterrupted
 from envmgr.cli._common import STATE, error_prefix
 from envmgr.cli._help import RootGroup, RunCommand, TidyCommand
-from envmgr.cli.build import build
-from envmgr.cli.config import config_app
-from envmgr.cli.envs import gc_command, hydrate_command, ls_command, run_command
-from envmgr.cli.graph import tree_command, why_command
-from envmgr.cli.inspect import diff_command, export_command, show_command
-from envmgr.cli.kernel import kernel_command
-from envmgr.cli.names import alias_command, names_command
-from envmgr.cli.resolve import resolve
-from envmgr.cli.store import store_app
-from envmgr.errors import EnvmgrError
+from envmgr.errors import BuildInterrupted, EnvmgrError
 
-__all__ = ["app", "main"]
+__all__ = ["app", "commands", "main", "make_app"]  # noqa: F822 - app: see __getattr__
 
-app = typer.Typer(
-    cls=RootGroup,
-    name="envmgr",
-    help="Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps.",
-    epilog="Example: envmgr resolve --conda numpy --python 3.11 --platform linux-64",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    # Markdown joins a docstring's wrapped lines into paragraphs.
-    rich_markup_mode="markdown",
-)
+#: Each command, where its function lives, and the example its help ends with (tests run
+#: every one). A run imports only the module of the command it runs.
+_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("resolve", "resolve:resolve",
+     "envmgr resolve -f environment.yml --platform linux-64 -o env.lock.yml"),
+    ("build", "build:build", "envmgr build flow.py --store s3://bucket/envmgr"),
+    ("hydrate", "envs:hydrate_command", "envmgr hydrate team/pandas:stable"),
+    ("run", "envs:run_command", "envmgr run flow.py:train -- python train.py"),
+    ("show", "inspect:show_command", "envmgr show flow.py:train --json"),
+    ("diff", "inspect:diff_command", "envmgr diff team/pandas:stable team/pandas:candidate"),
+    ("tree", "graph:tree_command", "envmgr tree flow.py:train --invert numpy"),
+    ("why", "graph:why_command", "envmgr why flow.py:train libblas"),
+    ("export", "inspect:export_command", "envmgr export flow.py:train --format requirements.txt"),
+    ("alias", "names:alias_command", "envmgr alias flow.py:train team/pandas:candidate"),
+    ("names", "names:names_command", "envmgr names team/pandas"),
+    ("ls", "envs:ls_command", "envmgr ls --json"),
+    ("kernel", "kernel:kernel_command", "envmgr kernel flow.py:train --name train"),
+    ("gc", "envs:gc_command", "envmgr gc --max-size 20G --older-than 14d"),
+)  # fmt: skip
+#: Command groups: their typer app.
+_GROUPS = {"config": "config:config_app", "store": "store:store_app"}
+
+
+def _load(where: str) -> Any:
+    module, name = where.split(":")
+    return getattr(import_module(f"envmgr.cli.{module}"), name)
+
+
+def commands() -> tuple[tuple[str, Callable[..., None], str], ...]:
+    """Every command as ``(name, function, example)`` (imports them all)."""
+    return tuple((name, _load(where), example) for name, where, example in _COMMANDS)
+
+
+def make_app(only: Iterable[str] | None = None) -> typer.Typer:
+    """The typer application with every command, or with those named in *only*."""
+    wanted = None if only is None else set(only)
+    made = typer.Typer(
+        cls=RootGroup,
+        name="envmgr",
+        help="Resolve, build, store and hydrate locked conda/PyPI environments for workflow steps.",
+        epilog="Example: envmgr resolve --conda numpy --python 3.11 --platform linux-64",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        # Markdown joins a docstring's wrapped lines into paragraphs.
+        rich_markup_mode="markdown",
+    )
+    made.callback()(_root)
+    for name, where, example in _COMMANDS:
+        if wanted is None or name in wanted:
+            command_class = RunCommand if name == "run" else TidyCommand
+            made.command(name, cls=command_class, epilog=f"Example: {example}")(_load(where))
+    for name, where in _GROUPS.items():
+        if wanted is None or name in wanted:
+            made.add_typer(_load(where), name=name)
+    return made
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The command *args* run (the first word that is not a global flag), if it is one of
+    envmgr's and no shell completion is asked for; else ``None`` (all are needed)."""
+    if any(key.startswith("_ENVMGR_COMPLETE") for key in os.environ):
+        return None
+    word = next((a for a in args if not a.startswith("-")), None)
+    known = {name for name, _w, _e in _COMMANDS} | set(_GROUPS)
+    return word if word in known else None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the whole application, for tests and tools that invoke it
+        value = make_app()
+        globals()["app"] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _print_version(value: bool) -> None:
@@ -48,7 +103,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(
         False,
@@ -76,30 +130,6 @@ def _root(
         logger = logging.getLogger("envmgr")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
-
-
-#: Each command and the example its help ends with (tests run every one).
-_COMMANDS: tuple[tuple[str, Callable[..., None], str], ...] = (
-    ("resolve", resolve, "envmgr resolve -f environment.yml --platform linux-64 -o env.lock.yml"),
-    ("build", build, "envmgr build flow.py --store s3://bucket/envmgr"),
-    ("hydrate", hydrate_command, "envmgr hydrate team/pandas:stable"),
-    ("run", run_command, "envmgr run flow.py:train -- python train.py"),
-    ("show", show_command, "envmgr show flow.py:train --json"),
-    ("diff", diff_command, "envmgr diff team/pandas:stable team/pandas:candidate"),
-    ("tree", tree_command, "envmgr tree flow.py:train --invert numpy"),
-    ("why", why_command, "envmgr why flow.py:train libblas"),
-    ("export", export_command, "envmgr export flow.py:train --format requirements.txt"),
-    ("alias", alias_command, "envmgr alias flow.py:train team/pandas:candidate"),
-    ("names", names_command, "envmgr names team/pandas"),
-    ("ls", ls_command, "envmgr ls --json"),
-    ("kernel", kernel_command, "envmgr kernel flow.py:train --name train"),
-    ("gc", gc_command, "envmgr gc --max-size 20G --older-than 14d"),
-)
-for _name, _function, _example in _COMMANDS:
-    command_class = RunCommand if _name == "run" else TidyCommand
-    app.command(_name, cls=command_class, epilog=f"Example: {_example}")(_function)
-app.add_typer(config_app, name="config")
-app.add_typer(store_app, name="store")
 
 
 #: How long Ctrl-C waits for the command to unwind before the process ends anyway.
@@ -150,7 +180,9 @@ def main() -> None:
 def _run_app() -> None:
     try:
         # Standalone mode: usage errors print one line and exit 2; our errors pass through.
-        app(prog_name="envmgr")  # also under `python -m envmgr`: completion keys on it
+        command = _command_of(sys.argv[1:])
+        running = make_app(None if command is None else [command])
+        running(prog_name="envmgr")  # also under `python -m envmgr`: completion keys on it
     except BuildInterrupted as exc:
         name = signal.Signals(exc.signum).name
         typer.echo(

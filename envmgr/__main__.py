@@ -1,5 +1,5 @@
 """``python -m envmgr``: the same as the ``envmgr`` command."""
 
-from envmgr.cli.app import main
+from envmgr.cli import main
 
 main()

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "BuildError",
+    "BuildInterrupted",
     "EnvmgrError",
     "Problem",
     "SpecError",
@@ -95,3 +96,13 @@ class SpecError(EnvmgrError):
 
 class BuildError(EnvmgrError):
     """An env could not be built, packed or stored; names the env and what failed."""
+
+
+class BuildInterrupted(BaseException):
+    """SIGTERM, SIGHUP or SIGINT arrived during a build: the lease is released and the
+    build's temp files removed on the way out; the CLI exits 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum

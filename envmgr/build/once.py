@@ -46,7 +46,7 @@ from envmgr.cache.lease import (
 from envmgr.cache.usage import record_use
 from envmgr.config import load
 from envmgr.cuda import manifest_cuda
-from envmgr.errors import BuildError, EnvmgrError
+from envmgr.errors import BuildError, BuildInterrupted, EnvmgrError
 from envmgr.fs import file_lock
 from envmgr.ids import EnvId
 from envmgr.locks.lock import (
@@ -180,16 +180,6 @@ def build_missing(options: BuildOptions) -> BuildMissing:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-class BuildInterrupted(BaseException):
-    """SIGTERM, SIGHUP or SIGINT arrived during a build: the lease is released and the
-    build's temp files removed on the way out; the CLI exits 128 + the signal number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from _shapes import documented_shapes, problems
 from typer.testing import CliRunner
 
 from envmgr.cache.local import LocalStore
-from envmgr.cli.app import _COMMANDS, app
+from envmgr.cli.app import app, commands
 from envmgr.cli.store import STORE_COMMANDS
 from envmgr.config import load
 from envmgr.errors import EnvmgrError
@@ -40,15 +40,13 @@ def shaped(command: str, text: str) -> dict[str, Any]:
 
 
 def test_the_readme_documents_a_shape_for_every_json_command():
-    commands = [*_COMMANDS, *((f"store {name}", f, e) for name, f, e in STORE_COMMANDS)]
-    with_json = {
-        name for name, function, _ in commands if "as_json" in function.__code__.co_varnames
-    }
+    every = [*commands(), *((f"store {name}", f, e) for name, f, e in STORE_COMMANDS)]
+    with_json = {name for name, function, _ in every if "as_json" in function.__code__.co_varnames}
     assert with_json | {"config show"} == set(SHAPES)
 
 
 def test_every_help_ends_with_an_example_and_completion_is_offered(world):
-    for name, _function, example in _COMMANDS:
+    for name, _function, example in commands():
         result = invoke(name, "--help")
         assert result.exit_code == 0 and "Example:" in result.stdout, name
         assert example.startswith(f"envmgr {name} ")

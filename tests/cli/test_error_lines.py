@@ -9,7 +9,7 @@ import re
 import pytest
 from _helpers import envmgr_here, run_envmgr
 
-from envmgr.cli.app import _COMMANDS
+from envmgr.cli.app import commands
 from envmgr.cli.store import STORE_COMMANDS
 
 
@@ -60,10 +60,10 @@ def test_the_same_conda_spec_twice_is_fine(world):
 def test_help_is_in_the_usual_style():
     """No typer type labels (<bool>, <list[Path]>) and no {target} in any command's help."""
     env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
-    commands = [[name] for name, _f, _e in _COMMANDS] + [
+    every = [[name] for name, _f, _e in commands()] + [
         ["store", name] for name, _f, _e in STORE_COMMANDS
     ]
-    for command in [[], *commands, ["config", "show"]]:
+    for command in [[], *every, ["config", "show"]]:
         text = envmgr_here(*command, "--help", env=env).stdout
         assert "Usage: envmgr" in text, command
         for label in ("<bool>", "<str>", "<path>", "<list[", "<int>", "{"):
