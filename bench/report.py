@@ -2,7 +2,8 @@
 
     bench/run            (or: python bench/report.py [--out bench/RESULTS.md])
 
-Runs ``pypi_resolve.py`` (envmgr vs uv vs pip, against pip's configured index), ``pack.py``
+Runs ``pypi_resolve.py`` (envmgr vs uv vs pip, against pip's configured index),
+``resolve_profile.py`` (a cold resolve's phases beside uv's time), ``pack.py``
 (envmgr vs conda-pack vs ``tar | zstd``), ``hydrate.py`` (envmgr vs download + untar vs a
 per-package install, on the SeaweedFS fixture) and ``layers.py`` (package layers vs one archive
 per env), each in its own process, and writes their
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BENCHMARKS: tuple[tuple[str, str, list[str]], ...] = (
     ("PyPI resolution", "pypi_resolve.py", []),
+    ("Where a resolve's time goes", "resolve_profile.py", ["--repeat", "3"]),
     ("Packing", "pack.py", []),
     ("Hydrating", "hydrate.py", ["--repeat", "3"]),
     ("Package layers", "layers.py", ["--repeat", "3"]),

@@ -84,6 +84,8 @@ def _envmgr(args: list[str], work: Path, cache: Path) -> dict[str, float]:
     covered = ("start", "cli", "config", "gateway", "store", "conda", "pypi")
     row["other"] = wall - sum(row[name] for name in covered)
     row["requests"] = phases.get("http", {}).get("count", 0)
+    if args[0] == "resolve":
+        row["packages"] = json.loads(result.stdout)["envs"][0]["packages"]
     row["mb"] = phases.get("http", {}).get("bytes", 0) / 1e6
     return row
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{p:>8}" for p in PHASES
     )
     print(header + f"{'other':>8}{'reqs':>6}{'MB':>6}")
-    for label, reqs in (("small (10)", SMALL), (f"large ({len(LARGE)} reqs)", LARGE)):
+    for label, reqs in (("small", SMALL), ("large", LARGE)):
         rows, uvs = [], []
         for _ in range(args.repeat):
             with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 _uv(reqs, index, work, work / "uv-cache")
                 uvs.append(time.monotonic() - start)
         row, uv = _median(rows), statistics.median(uvs)
+        label = f"{label} ({len(reqs)} -> {row['packages']:.0f})"
         phases = "".join(f"{row[p]:>8.2f}" for p in PHASES)
         print(
             f"{label:<22}{row['wall']:>7.2f}{row['cpu']:>7.2f}{uv:>7.2f}{row['wall'] / uv:>6.1f}x"

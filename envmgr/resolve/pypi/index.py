@@ -94,6 +94,8 @@ class IndexClient:
 
         self.index_urls = tuple(dict.fromkeys(u.rstrip("/") + "/" for u in index_urls))
         self.find_links = tuple(dict.fromkeys(find_links))
+        #: How long a page from a server without caching headers stays fresh (read once).
+        self.index_ttl = float(load()["index_ttl"])
         #: Projects read from one index only (and never from the others or find-links).
         self.pins = {canonicalize_name(k): v.rstrip("/") + "/" for k, v in (pins or {}).items()}
         self._flat: dict[str, list[tuple[str, str, str]]] = {}  # location -> (project, name, url)
@@ -356,7 +358,7 @@ class IndexClient:
             headers["If-Modified-Since"] = cached["last_modified"]
         answer = self._get(url, headers)
         if answer.status_code == 304 and cached:
-            cached["fresh_until"] = time.time() + _max_age(answer.headers)
+            cached["fresh_until"] = time.time() + _max_age(answer.headers, self.index_ttl)
             write_atomic(cache, json.dumps(cached).encode())
             return rows_to_files(cached["rows"], name)
         if answer.status_code == 404:
@@ -377,7 +379,7 @@ class IndexClient:
             "format": _PAGE_FORMAT,
             "etag": answer.headers.get("ETag"),
             "last_modified": answer.headers.get("Last-Modified"),
-            "fresh_until": time.time() + _max_age(answer.headers),
+            "fresh_until": time.time() + _max_age(answer.headers, self.index_ttl),
             "rows": [file_to_row(f) for f in files],
         }
         write_atomic(cache, json.dumps(entry, separators=(",", ":")).encode())
@@ -483,15 +485,14 @@ class IndexClient:
         return metadata_from_wheel(answer.content, dist)
 
 
-def _max_age(headers: Any) -> float:
+def _max_age(headers: Any, default: float) -> float:
     """How long a project page stays fresh: ``Cache-Control: max-age``; a server that sends
-    no caching headers at all gets PyPI's own policy (``ENVMGR_INDEX_TTL``, default 600 s), as
-    there would be nothing to revalidate with; ``no-cache``/``no-store`` mean zero."""
+    no caching headers at all gets PyPI's own policy (*default*: ``ENVMGR_INDEX_TTL``, 600 s),
+    as there would be nothing to revalidate with; ``no-cache``/``no-store`` mean zero."""
     control = headers.get("Cache-Control", "")
     match = re.search(r"max-age=(\d+)", control)
     if match:
         return float(match.group(1))
     if control or headers.get("ETag") or headers.get("Last-Modified"):
         return 0.0
-
-    return float(load()["index_ttl"])
+    return default
