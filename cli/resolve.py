@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from envmgr import __version__, profile
-from envmgr.build.once import conda_records, offer_lock
+from envmgr.build.once import offer_lock
 from envmgr.cache.layout import lock_key
 from envmgr.cli._common import STATE, emit_json, fail, writing_output
 from envmgr.cli._inputs import (
@@ -303,6 +303,8 @@ def _check_satisfies(spec: EnvSpec, lock: PlatformLock, *, where: str) -> None:
     the requirements that are not."""
     import rattler  # noqa: PLC0415
     from packaging.specifiers import SpecifierSet  # noqa: PLC0415
+
+    from envmgr.build.prefix import conda_records  # noqa: PLC0415 - this command only
 
     records = {r.name.normalized: r for r in conda_records(lock)}
     pypi = {p.name: p for p in lock.packages if p.manager == "pypi"}

@@ -18,7 +18,6 @@ read-only or ``PYTHONDONTWRITEBYTECODE`` worker could not do anyway.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import sys
@@ -99,6 +98,8 @@ def _tool_python(lock: PlatformLock, xy: str, host: Platform, cache_dir: Path) -
         tmp = root.with_name(f".tmp-{root.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
+            import asyncio  # noqa: PLC0415 - only to install a python, rarely
+
             asyncio.run(_install_python(lock, version, xy, host, tmp, cache_dir))
             (tmp / ".complete").write_text(f"{version}\n")
             shutil.rmtree(root, ignore_errors=True)

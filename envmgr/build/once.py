@@ -25,15 +25,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from envmgr import __version__
 from envmgr.archive.manifest import Manifest
-from envmgr.archive.pack import pack
-from envmgr.build.layers import build_layers
 from envmgr.build.options import BuildOptions
 from envmgr.build.placeholder import BUILD_PREFIX_LENGTH
-from envmgr.build.prefix import Prefix, conda_records, create_prefix, tree_size
 from envmgr.cache import Store, StoreError
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
 from envmgr.cache.lease import (
@@ -60,6 +57,9 @@ from envmgr.progress import Progress, tracked
 from envmgr.worker.env_cache import pack_dir_prefix, sweep_dead_pack_dirs
 from envmgr.worker.hydrate import BuildMissing
 
+if TYPE_CHECKING:
+    from envmgr.build.prefix import Prefix, conda_records, create_prefix
+
 __all__ = [
     "BUILD_PREFIX_LENGTH",
     "BuildError",
@@ -76,6 +76,18 @@ __all__ = [
     "read_manifest",
     "read_stored_lock",
 ]
+
+#: Re-exported from :mod:`envmgr.build.prefix`, imported on first use: installing a prefix
+#: pulls in asyncio, py-rattler and the wheel installer, which a resolve never needs.
+_FROM_PREFIX = ("Prefix", "conda_records", "create_prefix", "tree_size")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_PREFIX:
+        from envmgr.build import prefix  # noqa: PLC0415
+
+        return getattr(prefix, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -301,10 +313,15 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
     if prefix.exists():
         shutil.rmtree(prefix)
     if options.layers and options.codec == "zst":
+        from envmgr.build.layers import build_layers  # noqa: PLC0415 - builds only
+
         manifest = build_layers(lock, options, prefix)
         _store_lock_and_manifest(lock, options, manifest)
         return manifest
     try:
+        from envmgr.archive.pack import pack  # noqa: PLC0415 - builds only
+        from envmgr.build.prefix import create_prefix, tree_size  # noqa: PLC0415
+
         made = create_prefix(
             lock,
             prefix,
