@@ -424,3 +424,44 @@ def test_a_hash_pin_that_matches_no_file_says_hash_mismatch(index, conda_channel
     text = str(info.value)
     assert "hash mismatch: no file of six" in text and "000000000000…" in text
     assert "fits" not in text
+
+
+def test_an_https_index_is_verified_and_its_ca_bundle_loaded_once(
+    conda_channel, tmp_path, monkeypatch
+):
+    """An index behind TLS with a private CA: trusted through REQUESTS_CA_BUNDLE (as pip and
+    requests do), refused in one line without it; every connection shares one TLS context
+    (requests would load the bundle again for each new connection)."""
+    from envmgr.resolve.pypi.index import IndexClient
+    from fixtures.tls import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    server = PypiIndexServer(fetch_wheels(), tls=ca.server_context()).start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        spec = EnvSpec(python="3.11.*", pypi=(PypiDep.parse("requests"),))
+
+        def resolve_with(cache: str) -> dict[str, str]:
+            options = fixture_options(
+                tmp_path / cache, conda_channel.url, server.url, platforms=("linux-64",)
+            )
+            lock = resolve_specs({"s": spec}, options)[0].lock
+            return {p.name: p.version for p in lock.packages if p.manager == "pypi"}
+
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        with pytest.raises(EnvmgrError, match="TLS certificate is not trusted") as refused:
+            resolve_with("untrusted")
+        assert "REQUESTS_CA_BUNDLE" in str(refused.value)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.ca_file))
+        assert {"requests", "urllib3", "idna", "certifi"} <= set(resolve_with("trusted"))
+
+        client = IndexClient([server.url], tmp_path / "client")
+        for name in ("six", "idna", "certifi", "urllib3", "tabulate"):
+            assert client.project_files(name), name
+        adapter = client.session.get_adapter(server.url)
+        assert list(adapter._contexts) == [str(ca.ca_file)]
+        pools = list(adapter.poolmanager.pools._container.values())
+        assert pools and all(pool.ca_certs is None for pool in pools)
+    finally:
+        server.stop()
