@@ -472,6 +472,12 @@ def gather(
         links = tuple(parse_find_links(u) for u in find_links or ())
     except ValueError as exc:
         fail(f"--find-links: {exc}")
+    torch_index = config["torch_index"]
+    if torch_index:
+        try:
+            parse_index_url(torch_index)
+        except ValueError as exc:
+            fail(f"{config.sources['torch_index']}: torch_index: {exc}")
     if cuda and cuda not in ("host", "none"):
         try:
             parse_system_package("__cuda", cuda)
@@ -505,7 +511,7 @@ def gather(
         default_platforms=tuple(default_platforms),
         default_channels=tuple(config["channels"]),
         cuda=cuda,
-        torch_index=config["torch_index"],
+        torch_index=torch_index,
         force=force,
         check=check or locked,
         frozen=frozen,

@@ -168,7 +168,10 @@ def resolve_specs(specs: Mapping[str, EnvSpec], options: ResolveOptions) -> list
     if cuda == "host":  # this machine's driver, or CONDA_OVERRIDE_CUDA: what the host has
         from envmgr.cuda import node_cuda  # noqa: PLC0415
 
-        cuda = node_cuda(options.env)[0] or ""
+        try:
+            cuda = node_cuda(options.env)[0] or ""
+        except ValueError as exc:  # a CONDA_OVERRIDE_CUDA that is no version
+            raise EnvmgrError(f"--cuda host: {exc}", hint="fix or unset it") from None
     elif cuda == "none":
         cuda = ""
     jobs: list[tuple[EnvSpec, tuple[str, ...], CondaTarget]] = []

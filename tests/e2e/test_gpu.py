@@ -310,3 +310,18 @@ def test_pypi_steps_take_torch_from_the_index_of_their_cuda(world, monkeypatch, 
     )
     assert plain.returncode == 0, plain.stderr
     assert "CUDA" not in plain.stdout
+
+
+def test_bad_cuda_and_torch_index_settings_are_one_line(world, monkeypatch):
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "abc")
+    host = envmgr_here("resolve", "--conda", "six", "--cuda", "host")
+    assert host.returncode == 1 and len(host.stderr.strip().splitlines()) == 1, host.stderr
+    assert "--cuda host: CONDA_OVERRIDE_CUDA: 'abc' is not a CUDA version" in host.stderr
+    monkeypatch.delenv("CONDA_OVERRIDE_CUDA")
+    monkeypatch.setenv("ENVMGR_TORCH_INDEX", "notaurl")
+    torch = envmgr_here("resolve", "--pypi", "six", "--python", "3.11")
+    assert torch.returncode == 2, torch.stderr
+    assert torch.stderr.strip() == (
+        "envmgr: error: ENVMGR_TORCH_INDEX: torch_index: index URL 'notaurl' must be an "
+        "http://, https:// or file:// URL"
+    )
