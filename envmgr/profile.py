@@ -22,17 +22,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["add", "dump", "enabled", "phase", "since_command"]
+__all__ = ["add", "dump", "phase", "since_command"]
 
 _TARGET = os.environ.get("ENVMGR_PROFILE") or None
 _LOCK = threading.Lock()
 _TOTALS: dict[str, dict[str, float]] = {}
 _COMMAND_START: list[float] = []
-
-
-def enabled() -> bool:
-    """Whether this process records its phases."""
-    return _TARGET is not None
 
 
 def add(name: str, seconds: float, *, count: int = 1, size: int = 0) -> None:
