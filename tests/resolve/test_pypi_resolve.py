@@ -466,3 +466,20 @@ def test_an_https_index_is_verified_and_its_ca_bundle_loaded_once(
         assert pools and all(pool.ca_certs is None for pool in pools)
     finally:
         server.stop()
+
+
+def test_the_index_client_opens_at_most_its_pool_of_connections(index, tmp_path):
+    """Twenty threads asking at once share the client's eight connections per host instead of
+    opening one each: every new connection is a handshake, and a slow connect stalls its
+    request (here about one in twenty new connections took 5 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from envmgr.resolve.pypi.index import IndexClient
+
+    client = IndexClient([index.url], tmp_path / "client")
+    urls = [f"{index.url}{name}/" for name in ("six", "idna", "certifi", "tabulate")] * 5
+    with index.behaving(latency=0.05), ThreadPoolExecutor(max_workers=len(urls)) as pool:
+        answers = list(pool.map(client._get, urls))
+    assert [a.status_code for a in answers] == [200] * len(urls)
+    pools = list(client.session.get_adapter(index.url).poolmanager.pools._container.values())
+    assert len(pools) == 1 and 1 < pools[0].num_connections <= 8
