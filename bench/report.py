@@ -1,6 +1,6 @@
 """Run every benchmark in one go and write ``bench/RESULTS.md``.
 
-    bench/run            (or: python bench/report.py [--out bench/RESULTS.md])
+    bench/run            (or: python bench/report.py [--out bench/RESULTS.md] [--only a.py,b.py])
 
 Runs ``pypi_resolve.py`` (envmgr vs uv vs pip, against pip's configured index),
 ``resolve_profile.py`` (a cold resolve's phases beside uv's time), ``pack.py``
@@ -8,7 +8,8 @@ Runs ``pypi_resolve.py`` (envmgr vs uv vs pip, against pip's configured index),
 per-package install, on the SeaweedFS fixture) and ``layers.py`` (package layers vs one archive
 per env), each in its own process, and writes their
 tables (times and ratios, envmgr and its peers side by side) under a description of the
-machine. A benchmark that fails is written down with its error, not left out.
+machine. A benchmark that fails is written down with its error, not left out. ``--only``
+runs the named scripts and replaces just their sections, each dated, in the file as it is.
 """
 
 from __future__ import annotations
@@ -66,12 +67,19 @@ def _machine() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--only", default="", help="comma-separated scripts to run again")
     args = parser.parse_args(argv)
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = only - {script for _t, script, _e in BENCHMARKS}
+    if unknown:
+        parser.error(f"--only: no benchmark {', '.join(sorted(unknown))}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     sections = []
     failed = 0
     total = time.monotonic()
     for title, script, extra in BENCHMARKS:
+        if only and script not in only:
+            continue
         print(f"== {title} ({script})", flush=True)
         start = time.monotonic()
         result = subprocess.run(
@@ -88,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             body += f"\n\nFAILED (exit {result.returncode}):\n{result.stderr.strip()[-2000:]}"
         doc = (ROOT / "bench" / script).read_text().split('"""')[1].strip()
+        when = f" on {started}" if only else ""
         sections.append(
             f"## {title}\n\n`python bench/{script} {' '.join(extra)}`".rstrip()
-            + f" ({seconds:.0f} s)\n\n{doc.splitlines()[0]}\n\n```\n{body}\n```\n"
+            + f"{when} ({seconds:.0f} s)\n\n{doc.splitlines()[0]}\n\n```\n{body}\n```\n"
         )
+    if only:
+        args.out.write_text(_replace_sections(args.out.read_text(), sections))
+        print(f"wrote {args.out}")
+        return 1 if failed else 0
     text = "\n".join(
         [
             "# Benchmark results",
@@ -110,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text)
     print(f"wrote {args.out}")
     return 1 if failed else 0
+
+
+def _replace_sections(text: str, sections: list[str]) -> str:
+    """*text* (a RESULTS.md) with each of *sections* put in place of the section of the same
+    ``## title`` (or added at the end)."""
+    head, *old = text.split("\n## ")
+    parts = {part.split("\n", 1)[0]: "## " + part for part in old}
+    for section in sections:
+        parts[section.split("\n", 1)[0].removeprefix("## ")] = section
+    return "\n".join([head.rstrip("\n") + "\n", *(p.rstrip("\n") + "\n" for p in parts.values())])
 
 
 if __name__ == "__main__":
