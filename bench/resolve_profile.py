@@ -32,18 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.pypi_resolve import SETS, _uv  # noqa: E402
 
-SMALL = [
-    "requests",
-    "rich",
-    "click",
-    "tabulate",
-    "attrs",
-    "packaging",
-    "pyyaml",
-    "six",
-    "python-dateutil",
-    "typing-extensions",
-]
+SMALL = SETS["small"]
 LARGE = sorted(
     {r for name in ("datasci", "webapi", "markers", "mltrack", "cloudio") for r in SETS[name]}
 )
