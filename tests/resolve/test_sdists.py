@@ -221,6 +221,23 @@ def test_an_old_sdist_only_release_is_found_when_it_is_the_only_solution(world):
     assert pypi_versions(world(["st-like"]))["st-like"] == "3.0.0"
 
 
+def test_walking_down_a_projects_versions_fetches_their_metadata_ahead(world, index):
+    """After a conflict resolvelib tries the next version of a project without asking for its
+    matches again; the versions below come in parallel, not one round trip each."""
+    with index.behaving(latency=0.3):
+        found = pypi_versions(world(["st-like", "tf-like==4.30.1"]))
+        log = list(index.requests)
+    assert found == {"st-like": "2.2.2", "tf-like": "4.30.1"}
+    reads = {}
+    for version in ("2.4.0", "2.3.0"):
+        reads[version] = [r for r in log if f"st_like-{version}-" in r.path and r.method == "GET"]
+        assert reads[version], f"st-like {version}'s metadata was never read"
+    first = min(r.started for r in reads["2.3.0"])
+    assert first < max(r.answered for r in reads["2.4.0"]), (
+        "st-like 2.3.0's metadata was asked for only after 2.4.0's came back"
+    )
+
+
 def test_requires_python_known_only_from_an_sdist_is_honoured(world):
     assert pypi_versions(world(["py-limited"]))["py-limited"] == "1.0"
     with pytest.raises(PypiConflictError) as info:

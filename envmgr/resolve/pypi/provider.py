@@ -50,6 +50,9 @@ from envmgr.resolve.pypi.sdist import Sdists
 
 __all__ = ["PypiProvider"]
 
+#: Candidates whose metadata is fetched ahead while the resolver walks down a project's list.
+_AHEAD = 10
+
 
 class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
     """The provider resolvelib asks; see the module docstring for the rules."""
@@ -92,6 +95,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         self._candidates: dict[tuple[str, Version, frozenset[str]], Candidate] = {}
         self._meta: dict[str, Future[email.message.Message]] = {}
         self._direct: dict[str, Future[DistFile]] = {}
+        self._found: dict[str, list[Candidate]] = {}  # identifier -> find_matches' last answer
 
     def close(self) -> None:
         self._closed = True
@@ -271,13 +275,33 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
         finals = [c for c in found if not c.version.is_prerelease]
         if not explicit_pre and finals:
             found = finals
+        self._found[identifier] = found
         # The resolver asks about the first candidate next; when it is backtracking it will
-        # likely walk down the list, so fetch a few more ahead.
-        for candidate in found[: 10 if bad else 1]:
+        # likely walk down the list, so fetch a few more ahead (and see get_dependencies).
+        for candidate in found[: _AHEAD if bad else 1]:
             # Asked for next: fetch (or, for an sdist, prepare) its metadata in the pool.
             if candidate.dist is not None and (candidate.dist.is_wheel or not bad):
                 self.metadata(candidate.dist)
         return found
+
+    def _walking_down(self, candidate: Candidate) -> None:
+        """When the resolver asks about a candidate below the first of its list, it is walking
+        down that list (resolvelib tries each in turn after a conflict, without asking for
+        matches again): fetch the metadata of the next few wheels ahead, in parallel, instead
+        of one at a time (sentence-transformers beside transformers==4.30.1 walks down 40
+        versions)."""
+        found = self._found.get(candidate.identifier, [])
+        try:
+            at = found.index(candidate)
+        except ValueError:
+            return
+        if at == 0 or candidate.dist is None:
+            return
+        self.metadata(candidate.dist)  # asked for now: first in the pool's queue
+        for ahead in found[at + 1 : at + 1 + _AHEAD]:
+            if ahead.dist is not None and ahead.dist.is_wheel:
+                with contextlib.suppress(RuntimeError):  # the pool closed meanwhile
+                    self.metadata(ahead.dist)
 
     def _direct_matches(
         self,
@@ -450,6 +474,7 @@ class PypiProvider(AbstractProvider):  # type: ignore[type-arg]
             return deps
         if candidate.dist is None:
             return []
+        self._walking_down(candidate)
         deps = []
         for line in self.dependencies_of(candidate):
             deps += self.make_requirement(line)
