@@ -15,11 +15,11 @@ import tarfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from envmgr.archive.manifest import READ_SIZE, ArchiveError, Manifest, safe_name
 
-__all__ = ["SMALL_FILE", "Extractor", "inside", "write_file"]
+__all__ = ["SMALL_FILE", "Extractor", "Mirror", "inside", "write_file"]
 
 #: Files up to this size are read whole and written by a pool of threads.
 SMALL_FILE = 4 << 20
@@ -49,17 +49,36 @@ def _loops(link: Path) -> bool:
     return False
 
 
+class Mirror(Protocol):
+    """Places each member an extractor wrote into a second tree as well (a host's layer is
+    unpacked into its cache and into the env being assembled from it in one pass)."""
+
+    def file(self, name: str, source: str, data: bytes | None) -> None:
+        """*name* was written at *source*; *data* is its content when it was read whole."""
+
+    def symlink(self, name: str, link: str) -> None:
+        """*name* is a checked symlink to *link*."""
+
+
 class Extractor:
     """Writes the members of one tar stream, or (format 2) of several at once from threads,
     into *dest*, checking each against the manifest's totals and the target's bounds.
 
     With *defer_links*, symlinks are recorded and made by :meth:`make_links` after every file
     is written: no file is ever written through a link, so streams extracted in parallel need
-    not see each other's links (a member under a link's name then fails as a repeat).
+    not see each other's links (a member under a link's name then fails as a repeat). A
+    *mirror* is told of every file as it is written (by the format-2 job extractor only) and
+    of the links once :meth:`mirror_links` is called after they were all checked.
     """
 
     def __init__(
-        self, dest: Path, manifest: Manifest, *, defer_links: bool, read_only: bool = False
+        self,
+        dest: Path,
+        manifest: Manifest,
+        *,
+        defer_links: bool,
+        read_only: bool = False,
+        mirror: Mirror | None = None,
     ) -> None:
         self.dest = dest
         self.root = str(dest)
@@ -79,6 +98,7 @@ class Extractor:
         self.declared_files = manifest.files
         self.dirs: list[tuple[str, int]] = []
         self.links: list[tuple[tuple[int, int], str, str]] = []
+        self.mirror = mirror
         self.unpacked = False
 
     def extract(
@@ -160,6 +180,12 @@ class Extractor:
         """The deferred links, in archive order, each checked as :meth:`make_link` does."""
         for _order, name, link in sorted(self.links):
             self.make_link(name, link)
+
+    def mirror_links(self) -> None:
+        """The deferred links, checked, to the mirror (in archive order)."""
+        if self.mirror is not None:
+            for _order, name, link in sorted(self.links):
+                self.mirror.symlink(name, link)
 
     def set_dir_modes(self) -> None:
         """Last: a directory's own mode may forbid writing into it. Deepest first."""

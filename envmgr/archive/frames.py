@@ -300,7 +300,10 @@ def _extract_job(reader: _JobReader, extractor: Extractor, order: int) -> None:
                     raise ArchiveError("damaged archive: a member's data is cut short")
                 write_file(target, data, mode)
             else:
+                data = None
                 write_file(target, _Exact(reader, size), mode)  # type: ignore[arg-type]
+            if extractor.mirror is not None:
+                extractor.mirror.file(name, target, data)
         else:
             raise ArchiveError(
                 f"member {name!r} is a link, device, FIFO or tar extension (type {kind!r}); refused"

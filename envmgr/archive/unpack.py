@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from envmgr.archive.extract import Extractor, write_file
+from envmgr.archive.extract import Extractor, Mirror, write_file
 from envmgr.archive.frames import CheckedFrames, unpack_chunks
 from envmgr.archive.manifest import READ_SIZE, WRITE_ERRNOS, ArchiveError, Manifest, WriteError
 
@@ -26,8 +26,16 @@ __all__ = ["unpack"]
 _IN_FLIGHT = 256
 
 
-def unpack(source: IO[bytes], dest: Path, manifest: Manifest, *, read_only: bool = False) -> None:
-    """Extract the archive stream *source* into the empty or new directory *dest*.
+def unpack(
+    source: IO[bytes],
+    dest: Path,
+    manifest: Manifest,
+    *,
+    read_only: bool = False,
+    mirror: Mirror | None = None,
+) -> bool:
+    """Extract the archive stream *source* into the empty or new directory *dest*; returns
+    whether *mirror* was told of every member (format 2 decoded here: else it was not used).
 
     Raises ``ArchiveError`` for unsafe members (absolute or ``..`` names, links pointing out
     of *dest*, devices, FIFOs), and when the members exceed the manifest's declared size or
@@ -39,7 +47,13 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest, *, read_only: bool
     """
     dest.mkdir(parents=True, exist_ok=True)
     parallel = bool(manifest.chunks) and _has_zstandard()
-    extractor = Extractor(dest, manifest, defer_links=parallel, read_only=read_only)
+    extractor = Extractor(
+        dest,
+        manifest,
+        defer_links=parallel,
+        read_only=read_only,
+        mirror=mirror if parallel else None,
+    )
     try:
         if parallel:
             unpack_chunks(source, extractor, manifest)
@@ -56,6 +70,7 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest, *, read_only: bool
         else:
             _unpack_stream(source, extractor, manifest)
         extractor.tree.check_links()
+        extractor.mirror_links()
         extractor.unpacked = True
     except _stream_errors() as exc:
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
@@ -67,6 +82,7 @@ def unpack(source: IO[bytes], dest: Path, manifest: Manifest, *, read_only: bool
         if not extractor.unpacked:  # a refused or broken archive leaves no link for a loose reader
             extractor.tree.drop_links()
     extractor.set_dir_modes()
+    return extractor.mirror is not None
 
 
 def _unpack_stream(

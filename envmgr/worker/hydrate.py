@@ -27,11 +27,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from envmgr.archive.extract import Mirror
 from envmgr.archive.manifest import ArchiveError, ChunkDigestError, Manifest, WriteError
 from envmgr.archive.relocate import relocate, relocate_files
 from envmgr.archive.unpack import unpack
@@ -59,7 +60,7 @@ from envmgr.worker.env_cache import (
 )
 from envmgr.worker.layers import (
     FAR,
-    assemble,
+    Assembly,
     fetch_layer_manifests,
     layer_streams,
     published_layer,
@@ -381,6 +382,8 @@ def _from_layers(
     # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop at
     # their next read instead of finishing a layer nobody waits for.
     stop = threading.Event()
+    assembly = Assembly(tmp, link=link)
+    mirrored: set[str] = set()  # layers placed in the env while this hydrate unpacked them
     with (
         using_layers(cache_dir, ids),
         _tracking(progress, f"hydrate {manifest.env_id[:12]}", total) as task,
@@ -391,9 +394,20 @@ def _from_layers(
             what = f"env {manifest.env_id}: layer of {ref.package if ref else layer.env_id}"
             key = layer_archive_key(layer.env_id)
             streams = _streams_for(layer.size, far=far)
-            _download(
-                store, key, layer, into, task, what, streams=streams, read_only=True, stop=stop
-            )
+            mirror = assembly.mirror(layer)
+            if _download(
+                store,
+                key,
+                layer,
+                into,
+                task,
+                what,
+                streams=streams,
+                read_only=True,
+                stop=stop,
+                mirror=mirror,
+            ):
+                mirrored.add(layer.env_id)
 
         def fetch_env_layer() -> Path:
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
@@ -408,26 +422,23 @@ def _from_layers(
             thread_name_prefix="envmgr-layer",
         )
         # The largest layers start first (torch's is 44% of its env: started in install
-        # order, it began last and ended 1.5 s after the rest), and each is linked into the
-        # env as it arrives while the others still download, so assembly costs little wall
-        # time of its own; the env layer goes last.
+        # order, it began last and ended 1.5 s after the rest). A layer fetched here is
+        # placed in the env file by file as it is unpacked; one the host had is linked in
+        # as its turn comes while the others download. The env layer goes last.
         jobs = {
             pool.submit(with_layer, cache_dir, layer, fetch): layer
             for layer in sorted(present, key=lambda m: -m.size)
         }
         last = pool.submit(fetch_env_layer)
         fetched = 0
-
-        def arrived() -> Iterator[tuple[Manifest, Path]]:
-            nonlocal fetched
+        try:
             for job in as_completed(jobs):
                 directory, new = job.result()
                 fetched += new
-                yield jobs[job], directory
-            yield manifest, last.result()
-
-        try:
-            relocations, linked, copied = assemble(tmp, arrived(), manifest, link=link)
+                layer = jobs[job]
+                assembly.add(layer, directory, mirrored=new and layer.env_id in mirrored)
+            assembly.add(manifest, last.result())
+            relocations, linked, copied = assembly.finish(manifest)
         except BaseException:
             stop.set()
             last.cancel()
@@ -474,10 +485,12 @@ def _download(
     streams: int = 0,
     read_only: bool = False,
     stop: threading.Event | None = None,
-) -> None:
+    mirror: Mirror | None = None,
+) -> bool:
     """Stream the archive *key* through its checks into *dest* (made here), over *streams*
     ranged reads where the store has them, its files *read_only* if asked, giving up at the
-    next read once *stop* is set; *what* names it in errors ("env …", "layer …").
+    next read once *stop* is set; *what* names it in errors ("env …", "layer …"). Returns
+    whether *mirror* was told of every file (see :func:`envmgr.archive.unpack.unpack`).
     Raises ``HydrateError`` (absent), ``HashMismatchError``, ``ArchiveError``,
     ``StoreError``, ``WriteError``."""
     source = store.open(key, streams=streams)
@@ -488,8 +501,15 @@ def _download(
         )
     with source:
         hashing = _Hashing(source, task, digest=not manifest.chunks, stop=stop)
+        mirrored = False
         try:
-            unpack(hashing, dest, manifest, read_only=read_only)  # type: ignore[arg-type]
+            mirrored = unpack(
+                hashing,  # type: ignore[arg-type]
+                dest,
+                manifest,
+                read_only=read_only,
+                mirror=mirror,
+            )
         except ChunkDigestError as exc:
             raise HashMismatchError(
                 f"{what}: the archive {key} in {store.url} does not match "
@@ -519,3 +539,4 @@ def _download(
                 f"its manifest ({differs}); nothing was published",
                 hint="rebuild it with `envmgr build` or restore the object",
             )
+    return mirrored

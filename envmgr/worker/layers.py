@@ -5,11 +5,12 @@ prefix), published like an env: a temp directory beside it, verified, its files 
 complete and renamed into place under a per-layer ``flock``, so concurrent hydrates on one host
 fetch each layer once and a killed one leaves only a temp directory the next one removes.
 
-:func:`assemble` makes an env from its layers in install order: every file is a hard link to
-the layer's copy (read-only: a task cannot change another env's files through its own), except
-the files that hold the prefix, which are copied and relocated, and everything when links are
-impossible (another file system) or not wanted (``link=False``). The env layer, unpacked apart,
-goes last and wins; the manifest's ``removes`` are taken away.
+:class:`Assembly` makes an env from its layers: every file is a hard link to the layer's copy
+(read-only: a task cannot change another env's files through its own), except the files that
+hold the prefix, which are copied and relocated, and everything when links are impossible
+(another file system) or not wanted (``link=False``). A layer this hydrate fetches is placed in
+the env file by file as it is unpacked; one the host had is walked. The env layer, unpacked
+apart, goes last and wins; the manifest's ``removes`` are taken away.
 
 Standard library only (with the archive and store packages): workers import it.
 """
@@ -23,11 +24,13 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from envmgr.archive.extract import write_file
 from envmgr.archive.frames import workers
 from envmgr.archive.manifest import ArchiveError, LayerRef, Manifest, Relocation
 from envmgr.cache.layout import layer_manifest_key
@@ -38,7 +41,7 @@ from envmgr.worker.env_cache import COMPLETE, layer_use_lock
 
 __all__ = [
     "FAR",
-    "assemble",
+    "Assembly",
     "fetch_layer_manifests",
     "layer_dir",
     "layer_streams",
@@ -192,32 +195,47 @@ def _copy(source: str, target: str) -> None:
 
 
 class _Linker:
-    """Puts a layer's files into an env: links, or copies once links fail (or are off)."""
+    """Puts a layer's files into an env: links, or copies once links fail (or are off).
+    Threads that unpack layers share it."""
 
     def __init__(self, link: bool) -> None:
         self.link = link
         self.linked = 0
         self.copied = 0
+        self._count = threading.Lock()
 
-    def place(self, source: str, target: str, copy: bool) -> None:
+    def place(self, source: str, target: str, copy: bool, data: bytes | None = None) -> None:
+        """*target* becomes a link to *source*, or a writable copy of it (of *data*, its
+        content, when given) when *copy* or links fail."""
         if self.link and not copy:
             try:
                 os.link(source, target)
             except FileExistsError:  # a later layer (or the env layer) wins: rare
                 os.unlink(target)
-                self.place(source, target, copy)
+                self.place(source, target, copy, data)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_LINK:
                     raise
                 self.link = False  # one failure says the file systems differ: copy the rest
             else:
-                self.linked += 1
+                with self._count:
+                    self.linked += 1
                 return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
-        _copy(source, target)
-        self.copied += 1
+        if data is None:
+            _copy(source, target)
+        else:
+            write_file(target, data, stat.S_IMODE(os.lstat(source).st_mode) | 0o200)
+        with self._count:
+            self.copied += 1
+
+
+def _replace_with_symlink(link: str, target: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(target)
+    os.symlink(link, target)
 
 
 def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> list[str]:
@@ -242,43 +260,87 @@ def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> l
                     continue
                 placed.append(key)
                 if entry.is_symlink():
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(target)
-                    os.symlink(os.readlink(entry.path), target)
+                    _replace_with_symlink(os.readlink(entry.path), target)
                 else:
                     linker.place(entry.path, target, key in copy)
     return placed
 
 
-def assemble(
-    dest: Path,
-    parts: Iterable[tuple[Manifest, Path]],
-    manifest: Manifest,
-    *,
-    link: bool = True,
-) -> tuple[tuple[Relocation, ...], int, int]:
-    """Make the env *manifest* describes in the new directory *dest* from its *parts*
-    (manifest, directory): its published layers in any order (a path two of them hold is the
-    env layer's or one of its ``removes``), then its unpacked env layer (with *manifest*
-    itself), each taken as it comes; then its ``removes``. Returns the
-    relocations to apply (each file they name is a copy of its own) and how many files were
-    linked and copied. Raises ``ArchiveError`` for a remove that leaves the env, ``OSError``
-    when the disk refuses."""
-    dest.mkdir(parents=True, exist_ok=True)
-    linker = _Linker(link)
-    relocations: dict[str, Relocation] = {}
-    for layer, directory in parts:
+class _Mirror:
+    """Places a layer's files into the env while the layer is unpacked into the host's
+    cache (an :class:`envmgr.archive.extract.Mirror`): each file is linked (or copied, see
+    :class:`Assembly`) the moment it is written, by the thread that wrote it, so a layer
+    fetched by this hydrate is never walked again and the env is complete when its last
+    layer is (torch's 14,600 files took 0.3-0.4 s to walk after its layer arrived)."""
+
+    def __init__(self, root: str, linker: _Linker, copy: frozenset[str]) -> None:
+        self.root = root
+        self.linker = linker
+        self.copy = copy
+        self.dirs = {root}
+
+    def _parent(self, target: str) -> None:
+        parent = target.rpartition("/")[0]
+        if parent not in self.dirs:
+            os.makedirs(parent, 0o755, exist_ok=True)
+            self.dirs.add(parent)
+
+    def file(self, name: str, source: str, data: bytes | None) -> None:
+        target = f"{self.root}/{name}"
+        self._parent(target)
+        copy = name in self.copy
+        self.linker.place(source, target, copy, data if copy else None)
+
+    def symlink(self, name: str, link: str) -> None:
+        target = f"{self.root}/{name}"
+        self._parent(target)
+        _replace_with_symlink(link, target)
+
+
+class Assembly:
+    """The env a manifest describes, made in the new directory *dest* from its layers.
+
+    Every file is a hard link to the layer's copy in the host's cache (read-only: a task
+    cannot change another env's files through its own), except the files that hold the
+    prefix, which are copied (and relocated by the caller), and everything when links are
+    impossible (another file system) or not wanted (*link* false). Layers come in any order
+    (a path two of them hold is the env layer's or one of its ``removes``): one this host
+    already had through :meth:`add`, which walks it; one being unpacked now through the
+    :meth:`mirror` given to its unpack, then :meth:`add` with ``mirrored=True``. The env
+    layer comes last (it wins); :meth:`finish` takes the ``removes`` away."""
+
+    def __init__(self, dest: Path, *, link: bool = True) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        self.dest = dest
+        self.linker = _Linker(link)
+        self.relocations: dict[str, Relocation] = {}
+
+    def mirror(self, layer: Manifest) -> _Mirror:
+        """What the unpack of *layer* into the host's cache tells of each file it writes."""
+        return _Mirror(str(self.dest), self.linker, frozenset(r.path for r in layer.relocations))
+
+    def add(self, layer: Manifest, directory: Path, *, mirrored: bool = False) -> None:
+        """*layer* (unpacked in *directory*) into the env, unless its :meth:`mirror` placed
+        every file already."""
         own = {r.path: r for r in layer.relocations}
-        # What a layer places replaces what came before, relocation entry included: a
-        # relocation must never write through a link into a shared file.
-        for key in _merge(directory, dest, linker, frozenset(own)):
-            relocations.pop(key, None)
-        relocations.update(own)
-    for rel in manifest.removes:
-        path = dest / rel
-        if not os.path.realpath(path.parent).startswith(os.path.realpath(dest)):
-            raise ArchiveError(f"env {manifest.env_id}: remove {rel!r} points outside the env")
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        relocations.pop(rel, None)
-    return tuple(sorted(relocations.values())), linker.linked, linker.copied
+        if not mirrored:
+            # What a layer places replaces what came before, relocation entry included: a
+            # relocation must never write through a link into a shared file.
+            for key in _merge(directory, self.dest, self.linker, frozenset(own)):
+                self.relocations.pop(key, None)
+        self.relocations.update(own)
+
+    def finish(self, manifest: Manifest) -> tuple[tuple[Relocation, ...], int, int]:
+        """The env's ``removes`` taken away; returns the relocations to apply (each file
+        they name is a copy of its own) and how many files were linked and copied. Raises
+        ``ArchiveError`` for a remove that leaves the env."""
+        dest = self.dest
+        for rel in manifest.removes:
+            path = dest / rel
+            if not os.path.realpath(path.parent).startswith(os.path.realpath(dest)):
+                raise ArchiveError(f"env {manifest.env_id}: remove {rel!r} points outside the env")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self.relocations.pop(rel, None)
+        relocations = tuple(sorted(self.relocations.values()))
+        return relocations, self.linker.linked, self.linker.copied

@@ -10,14 +10,14 @@ import json
 import os
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from _helpers import archive_manifest, framed, run_envmgr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from envmgr.archive.manifest import ArchiveError, Manifest
+from envmgr.archive.manifest import ArchiveError, Manifest, safe_name
 from envmgr.archive.unpack import unpack
 from envmgr.errors import EnvmgrError
 from envmgr.locks.export import ExplicitFileError, _parse_explicit
@@ -51,6 +51,27 @@ def _file(text: str, name: str) -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     return path
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(["/", ".", "..", "\\", "a", "b.c", "é"]), max_size=8).map("".join))
+@example("./a")
+@example("a/.")
+@example("a//b")
+@example(".")
+@example(".a/b.")
+def test_a_member_name_is_kept_only_when_it_is_already_plain(name):
+    """safe_name's fast path (substring tests) agrees with the slow one: a name comes back
+    unchanged only when it is its own normal form, relative and without ``..``."""
+    pure = PurePosixPath(name)
+    refused = not name or pure.is_absolute() or ".." in pure.parts or "\\" in name
+    try:
+        kept = safe_name(name)
+    except ArchiveError:
+        assert refused, name
+        return
+    assert not refused and kept == pure.as_posix(), name
+    assert not kept.startswith("/") and ".." not in PurePosixPath(kept).parts
 
 
 @FUZZ

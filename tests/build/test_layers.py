@@ -121,6 +121,14 @@ def test_a_layered_env_is_the_env_one_install_makes(mixed_lock, tmp_path):
     assert manifest.files <= 3 and manifest.removes == ()  # history and CACHEDIR.TAG
     assert hydrated.layers_fetched == 8 and hydrated.linked > 4000
     assert 0 < hydrated.copied < 50  # the files that hold the prefix, relocated
+    # Each was placed in the env while its layer was unpacked: a copy, never a link through
+    # which the relocation would have written this env's prefix into the host's layer.
+    cache = hydrated.prefix.parent.parent
+    demo = hydrated.prefix / "share" / "prefix-demo" / "prefix.bin"  # a binary prefix
+    assert demo.stat().st_nlink == 1 and str(hydrated.prefix).encode() in demo.read_bytes()
+    for layer_file in (cache / "layers").rglob("*"):
+        if layer_file.is_file() and layer_file.stat().st_size < 1 << 20:
+            assert str(hydrated.prefix).encode() not in layer_file.read_bytes(), layer_file
     said = subprocess.run(
         [hydrated.prefix / "bin" / "prefix-demo"], capture_output=True, text=True, check=True
     ).stdout
