@@ -19,7 +19,9 @@ from pip's find-links): ``ds`` (numpy, pandas, scipy, scikit-learn, matplotlib, 
 Hydrated envs stay on disk until the run ends (about 25 GB with ``--repeat 3``): on ext4
 every file created within a minute of deleting many others costs a scan of the freed inodes
 (``recently_deleted`` in the kernel), which took 65% of a hydrate's CPU here and made each
-row depend on what the row before it deleted.
+row depend on what the row before it deleted. ``--torch-host DIR`` puts the torch rows' host
+caches under *DIR* instead and deletes each after its row: on a tmpfs (``/dev/shm``) the
+rows measure envmgr's work without the disk's (the same rows on ext4 swung 2x between runs).
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only-torch", action="store_true", help="only the torch hydrate rows")
+    parser.add_argument(
+        "--torch-host",
+        type=Path,
+        default=None,
+        help="where the torch rows' host caches go, each deleted after its row "
+        "(default: the run's temp dir, kept to its end)",
+    )
     args = parser.parse_args(argv)
     repeat = args.repeat
     print(f"load at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_torch:
             _build(locks["torch"], "s3://bench/three", client, layers=True)
             _build(locks["torch"], "s3://bench/two", client, layers=False)
-            _torch(locks["torch"].env_id, work, repeat, aws, slow)
+            _torch(locks["torch"].env_id, args.torch_host or work, repeat, aws, slow,
+                   keep=args.torch_host is None)  # fmt: skip
             proxy.stop()
             return 0
         # Store: the three envs as layers in one store, and as one archive each.
@@ -168,15 +178,30 @@ def main(argv: list[str] | None = None) -> int:
             f"written (relocated copies, the env layer) {layers.get('copied')}"
         )
 
-        _torch(locks["torch"].env_id, work, repeat, aws, slow)
+        _torch(locks["torch"].env_id, args.torch_host or work, repeat, aws, slow,
+               keep=args.torch_host is None)  # fmt: skip
         proxy.stop()
     print(f"\nload at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 
-def _torch(torch: str, work: Path, repeat: int, aws: dict[str, str], slow: dict[str, str]) -> None:
+def _torch(
+    torch: str,
+    host: Path,
+    repeat: int,
+    aws: dict[str, str],
+    slow: dict[str, str],
+    *,
+    keep: bool,
+) -> None:
     """Cold hydrate of torch: layers against one archive, loopback and throttled; the first
-    import after a layered hydrate against the same import warm."""
+    import after a layered hydrate against the same import warm. Each host cache is made
+    under *host*, and deleted after its row unless *keep*."""
+    import shutil
+
+    host.mkdir(parents=True, exist_ok=True)
+    kept = "kept to the end" if keep else "each deleted after its row"
+    print(f"\ntorch host caches under {host} ({kept})")
     rows = {
         ("3", "loop"): Row("torch, layers, loopback"),
         ("2", "loop"): Row("torch, one archive, loopback"),
@@ -187,13 +212,16 @@ def _torch(torch: str, work: Path, repeat: int, aws: dict[str, str], slow: dict[
     for i in range(repeat):
         order = list(rows) if i % 2 == 0 else list(reversed(rows))
         for fmt, net in order:
-            target = work / f"torch-{fmt}{net}{i}"
+            target = host / f"torch-{fmt}{net}{i}"
+            shutil.rmtree(target, ignore_errors=True)
             store = "s3://bench/three" if fmt == "3" else "s3://bench/two"
             network = slow if net == "slow" else aws
             out = json.loads(timed(rows[fmt, net], _bootstrap(store, torch, target), network))
             if (fmt, net) == ("3", "loop"):
                 timed(first, [out["python"], "-c", "import torch"])
                 timed(again, [out["python"], "-c", "import torch"])
+            if not keep:
+                shutil.rmtree(target)
     print(f"\ncold hydrate of torch, empty host (medians of {repeat}, order alternating)")
     base = rows["3", "loop"]
     for row in rows.values():

@@ -65,14 +65,15 @@ FAR = 0.015
 
 
 def layer_streams(far: bool = False) -> int:
-    """``ENVMGR_LAYER_STREAMS``: layers fetched at once, at least 1; by default two per core
+    """``ENVMGR_LAYER_STREAMS``: layers fetched at once, at least 1; by default one per core
     (at most 8), four per core from a *far* store. Unpacking keeps the cores busy on a
     near store, where more streams only contend; a far store's streams mostly wait. Torch
-    on 2 cores, 4 rounds interleaved on loopback: 8 at once cost 1.06x the time of 4; at
-    15 MB/s and 30 ms per connection 8 took 0.83x the time of 4."""
+    on 2 cores from loopback, 8 rounds interleaved: 2 at once took 0.96x the time of 4, and
+    1 took 1.09x the time of 2; at 15 MB/s and 30 ms per connection 8 took 0.83x the time
+    of 4."""
     with contextlib.suppress(ValueError):
         return max(1, int(os.environ.get("ENVMGR_LAYER_STREAMS", "")))
-    return min(8, (4 if far else 2) * workers())
+    return min(8, (4 if far else 1) * workers())
 
 
 def layer_dir(cache_dir: Path, layer_id: str) -> Path:

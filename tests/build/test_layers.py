@@ -377,6 +377,7 @@ def test_a_large_layer_comes_down_over_ranged_streams(
     monkeypatch.setattr(
         envmgr.worker.hydrate, "_BYTES_PER_STREAM", {False: (1 << 20, 4), True: (1 << 19, 8)}
     )
+    monkeypatch.setattr(envmgr.worker.hydrate, "workers", lambda: 8)  # 4 streams when near
     url = f"s3://{s3_bucket}/layers-test"
     store = envmgr.cache.s3.S3Store(url, client=s3_server.client())
     lock = locks["small"]
@@ -417,4 +418,18 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         hydrate(lock.env_id, far, tmp_path / "far-host", platform="linux-64")
     assert ranged == {k: min(8, s >> 19) for k, s in sizes.items() if s >= 1 << 20} != {}
     assert at_once == [False, True]
-    assert real_streams(True) == min(8, 2 * real_streams(False))
+    assert real_streams(True) == min(8, 4 * real_streams(False))
+
+
+def test_a_near_store_gives_a_layer_at_most_one_stream_per_two_cores(monkeypatch):
+    """Near, one stream outruns a core's unpacking: a 2-core host reads torch's 175 MB layer
+    as one stream, an 8-core host over two; a far store still splits it by its bytes."""
+    import envmgr.worker.hydrate as hydrating
+
+    monkeypatch.setattr(hydrating, "workers", lambda: 2)
+    assert hydrating._streams_for(175 << 20, far=False) == 0
+    assert hydrating._streams_for(175 << 20, far=True) == 8
+    monkeypatch.setattr(hydrating, "workers", lambda: 8)
+    assert hydrating._streams_for(175 << 20, far=False) == 2
+    assert hydrating._streams_for(400 << 20, far=False) == 4
+    assert hydrating._streams_for(100 << 20, far=False) == 0
