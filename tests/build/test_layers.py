@@ -301,6 +301,45 @@ def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
     assert hydrate(lock.env_id, store, cache, platform="linux-64").layers_fetched == 4
 
 
+def test_the_largest_layer_downloads_before_the_other_manifests_are_read(locks, tmp_path):
+    """The env manifest's package sizes say which layer is largest: its manifest is read
+    (with the smallest's, whose time says whether the store is far) and its download starts
+    before the other layers' manifests are read. An env manifest without package sizes (an
+    older builder's) has every manifest read first, and gives the same env."""
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    key = manifest_key("linux-64", lock.env_id)
+    manifest = json.loads(store.get(key) or b"")
+    sizes = manifest["package_sizes"]
+    by_size = sorted(manifest["layers"], key=lambda ref: sizes[ref[1].split()[1]])
+    smallest, largest = by_size[0][0], by_size[-1][0]
+    assert len(by_size) == 4 and sizes[by_size[-1][1].split()[1]] > 10 * 2**20  # python
+    real_get, real_open = store.get, store.open
+    largest_opened = threading.Event()
+    waits: list[bool] = []
+
+    def get(key, *args, **kwargs):
+        probe = (layer_manifest_key(largest), layer_manifest_key(smallest))
+        if key.startswith("layers/") and key not in probe:
+            waits.append(largest_opened.wait(10))  # False: read before the download began
+        return real_get(key, *args, **kwargs)
+
+    def open_(key, **how):
+        if key == layer_archive_key(largest):
+            largest_opened.set()
+        return real_open(key, **how)
+
+    store.get, store.open = get, open_  # type: ignore[method-assign]
+    first = hydrate(lock.env_id, store, tmp_path / "host", platform="linux-64")
+    assert waits == [True, True]
+    store.get, store.open = real_get, real_open  # type: ignore[method-assign]
+    del manifest["package_sizes"]
+    store.put(key, json.dumps(manifest).encode())
+    again = hydrate(lock.env_id, store, tmp_path / "older", platform="linux-64")
+    assert again.layers_fetched == 4
+    assert _tree(again.prefix, ()) == _tree(first.prefix, ())
+
+
 class _Trickle(io.RawIOBase):
     """A store object read 512 bytes per 50 ms (10 kB/s) until *until*, then at full speed."""
 
