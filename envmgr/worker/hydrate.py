@@ -68,6 +68,7 @@ from envmgr.worker.env_cache import (
 from envmgr.worker.layers import (
     Assembly,
     LayerLookups,
+    held_layer,
     layer_streams,
     published_layer,
     using_layers,
@@ -363,15 +364,6 @@ def _from_layers(
     returns (layers fetched, files linked, files copied)."""
     cache_dir = final.parent.parent
     hints = _size_hints(manifest)
-    # The largest layers start first (torch's is 44% of its env: started in install order,
-    # it began last and ended 1.5 s after the rest). The env manifest's package sizes say
-    # which are largest, so each layer's manifest is read in that order and its download
-    # starts once its own manifest is in; without them every manifest is read first. The
-    # largest's and the smallest's manifests are read first, alone: the smallest's time says
-    # whether the store is far (the largest's, 1.2 MB for torch, took 9 ms on loopback).
-    refs = sorted(manifest.layers, key=lambda ref: -hints[ref.layer_id]) if hints else []
-    probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
-    reads = [*probes, *(ref for ref in refs if ref not in probes)] or list(manifest.layers)
     ids = [ref.layer_id for ref in manifest.layers]
     # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop at
     # their next read instead of finishing a layer nobody waits for.
@@ -380,21 +372,41 @@ def _from_layers(
     mirrored: set[str] = set()  # layers placed in the env while this hydrate unpacked them
     env_layer = tmp.with_name(f"{tmp.name}-envlayer")
     shutil.rmtree(env_layer, ignore_errors=True)
-    with (
-        LayerLookups(store, reads, ahead=len(probes) or None) as lookups,
-        using_layers(cache_dir, ids),
-        _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size) as task,
-    ):
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(using_layers(cache_dir, ids))  # gc leaves them alone from here
+        task = scope.enter_context(
+            _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
+        )
+        # A layer this host holds comes with the manifest it was checked against; only the
+        # others' are read from the store. The largest layers start first (torch's is 44% of
+        # its env: started in install order, it began last and ended 1.5 s after the rest).
+        # The env manifest's package sizes say which are largest, so each manifest is read in
+        # that order and its download starts once its own manifest is in; without them every
+        # manifest is read first. The largest's and the smallest's manifests are read first,
+        # alone: the smallest's time says whether the store is far (the largest's, 1.2 MB for
+        # torch, took 9 ms on loopback).
+        held = {
+            ref.layer_id: layer
+            for ref in manifest.layers
+            if (layer := held_layer(cache_dir, ref)) is not None
+        }
+        missing = [ref for ref in manifest.layers if ref.layer_id not in held]
+        refs = sorted(missing, key=lambda ref: -hints[ref.layer_id]) if hints else []
+        probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
+        reads = [*probes, *(ref for ref in refs if ref not in probes)] or missing
+        lookups = scope.enter_context(LayerLookups(store, reads, ahead=len(probes) or None))
 
         def checked(ref: LayerRef) -> Manifest:
-            return _layer(lookups, ref, manifest, final, store.url)
+            found = held[ref.layer_id] if ref.layer_id in held else lookups.get(ref.layer_id)
+            return _layer(found, ref, manifest, final, store.url)
 
         if not refs:
-            sizes = {ref.layer_id: checked(ref).size for ref in manifest.layers}
-            refs = sorted(manifest.layers, key=lambda ref: -sizes[ref.layer_id])
+            sizes = {ref.layer_id: checked(ref).size for ref in missing}
+            refs = sorted(missing, key=lambda ref: -sizes[ref.layer_id])
         for ref in probes:
             checked(ref)
         far = lookups.far()
+        refs += [ref for ref in manifest.layers if ref.layer_id in held]
 
         def fetch(layer: Manifest, into: Path) -> None:
             ref = layer.layer
@@ -478,12 +490,11 @@ def _size_hints(manifest: Manifest) -> dict[str, int]:
 
 
 def _layer(
-    lookups: LayerLookups, ref: LayerRef, manifest: Manifest, final: Path, url: str
+    layer: Manifest | None, ref: LayerRef, manifest: Manifest, final: Path, url: str
 ) -> Manifest:
-    """The manifest of *ref*, a layer of the env *manifest*, once read and checked: in the
-    store at *url*, for the env's platform, its prefix no shorter than *final*. Raises
-    ``HydrateError``, ``ArchiveError`` or ``StoreError``."""
-    layer = lookups.get(ref.layer_id)
+    """*layer*, the manifest of *ref* (a layer of the env *manifest*), checked: there
+    (``None``: the store at *url* lacks it), for the env's platform, its prefix no shorter
+    than *final*. Raises ``HydrateError``."""
     if layer is None:
         raise HydrateError(
             f"env {manifest.env_id}: its layer of {ref.package} "

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from envmgr.resolve.resolution_cache import resolve_specs
 from envmgr.specs.model import CondaDep, EnvSpec, PypiDep
 from envmgr.worker.env_cache import gc
 from envmgr.worker.hydrate import HydrateError, hydrate
+from envmgr.worker.layers import LAYER_MANIFEST
 from fixtures.tcp_proxy import FaultProxy, Faults
 
 PY = "3.11.*"
@@ -208,8 +210,20 @@ def test_adding_a_package_builds_one_layer_and_the_host_links_the_rest(
 
     cache = tmp_path / "host"
     first = hydrate(small.env_id, any_store, cache, platform="linux-64")
+    reads: list[str] = []
+    real_get = any_store.get
+
+    def counting_get(key, *args, **kwargs):
+        reads.append(key)
+        return real_get(key, *args, **kwargs)
+
+    monkeypatch.setattr(any_store, "get", counting_get)
     second = hydrate(more.env_id, any_store, cache, platform="linux-64")
     assert (first.layers_fetched, second.layers_fetched) == (4, 1)
+    # The layers the host holds come with the manifests they were checked against.
+    assert [key for key in reads if key.startswith("layers/")] == [
+        layer_manifest_key(colorama.layer_id)
+    ]
     module = Path("lib/python3.11/site-packages/tabulate/__init__.py")
     a, b = (first.prefix / module).stat(), (second.prefix / module).stat()
     assert a.st_ino == b.st_ino and not a.st_mode & 0o222  # one read-only file
@@ -269,6 +283,37 @@ def _layered_store(lock, tmp_path) -> LocalStore:
     store = LocalStore(tmp_path / "store")
     build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
     return store
+
+
+def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(locks, tmp_path):
+    """A held layer's kept manifest that is not JSON, or that names another layer, is not
+    trusted: that layer's manifest is read from the store (the layer itself is not fetched
+    again), and the env is the same."""
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    cache = tmp_path / "host"
+    first = hydrate(lock.env_id, store, cache, platform="linux-64")
+    manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
+    layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
+    kept = {name: cache / "layers" / layer_id / LAYER_MANIFEST for name, layer_id in layers.items()}
+    before = _tree(first.prefix, ())
+    kept["tabulate"].write_text("{not json")
+    kept["python"].write_bytes(kept["six"].read_bytes())
+    shutil.rmtree(first.prefix)
+    reads: list[str] = []
+    real_get = store.get
+
+    def counting_get(key, *args, **kwargs):
+        reads.append(key)
+        return real_get(key, *args, **kwargs)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    again = hydrate(lock.env_id, store, cache, platform="linux-64")
+    assert again.layers_fetched == 0
+    assert sorted(key for key in reads if key.startswith("layers/")) == sorted(
+        layer_manifest_key(layers[name]) for name in ("python", "tabulate")
+    )
+    assert _tree(again.prefix, ()) == before
 
 
 def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
