@@ -257,3 +257,15 @@ def test_the_checks_fail_on_a_library_a_worker_lacks_and_allow_an_optional_impor
     original = entry.read_text()
     assert "from envmgr.build.once import" in original  # --build-if-missing, under try
     assert worker_breaches(copied_tree) == []
+
+
+def test_pytest_collects_every_test_directory(pytestconfig):
+    """No directory of tests/ is one pytest skips: its default ``norecursedirs`` names
+    ``build``, and tests/build (42 tests) ran only when named until it was overridden."""
+    import fnmatch
+
+    skipped = pytestconfig.getini("norecursedirs")
+    tests = Path(__file__).resolve().parent
+    dirs = {p.name for p in tests.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert "build" in dirs
+    assert [d for d in sorted(dirs) if any(fnmatch.fnmatch(d, pat) for pat in skipped)] == []

@@ -261,6 +261,8 @@ def test_a_format_1_env_still_hydrates(tree, tmp_path):
     got = hydrate(manifest.env_id, store, tmp_path / "cache", platform="linux-64")
     assert (got.prefix / "bin" / "tool").read_text() == f"#!{got.prefix}/bin/python\n"
     assert (got.prefix / "lib" / "big.so").read_bytes() == (tree / "lib" / "big.so").read_bytes()
-    (store.root / archive_key("linux-64", manifest.env_id)).write_bytes(data[:-1] + b"\1")
+    # The last byte flipped (set to 1 it was a no-op one run in 256: it ended in 1 already).
+    damaged = data[:-1] + bytes([data[-1] ^ 0xFF])
+    (store.root / archive_key("linux-64", manifest.env_id)).write_bytes(damaged)
     with pytest.raises(HashMismatchError, match="does not match its manifest"):
         hydrate(manifest.env_id, store, tmp_path / "cache2", platform="linux-64")
