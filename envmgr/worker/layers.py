@@ -181,6 +181,9 @@ def using_layers(cache_dir: Path, layer_ids: Iterable[str]) -> Iterator[None]:
 #: assembled from layers the host holds reads theirs here, not from the store (ds + tabulate
 #: on a host that holds ds: 22 store reads fewer).
 LAYER_MANIFEST = ".envmgr-manifest.json"
+#: A kept manifest longer than this is not read (torch's is 1.2 MB): a file of the host's
+#: cache can be replaced by anything, a link to ``/dev/zero`` included.
+_KEPT_MANIFEST_BYTES = 64 << 20
 
 
 def held_layer(cache_dir: Path, ref: LayerRef) -> Manifest | None:
@@ -190,8 +193,11 @@ def held_layer(cache_dir: Path, ref: LayerRef) -> Manifest | None:
     that kept none)."""
     final = layer_dir(cache_dir, ref.layer_id)
     try:
-        raw = (final / LAYER_MANIFEST).read_bytes()
+        with (final / LAYER_MANIFEST).open("rb") as handle:
+            raw = handle.read(_KEPT_MANIFEST_BYTES + 1)
         marker = (final / COMPLETE).read_text().strip()
+        if len(raw) > _KEPT_MANIFEST_BYTES:
+            return None
         manifest = read_layer_manifest(raw, ref, str(final))
     except (OSError, ArchiveError):
         return None

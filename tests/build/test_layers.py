@@ -286,9 +286,9 @@ def _layered_store(lock, tmp_path) -> LocalStore:
 
 
 def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(locks, tmp_path):
-    """A held layer's kept manifest that is not JSON, or that names another layer, is not
-    trusted: that layer's manifest is read from the store (the layer itself is not fetched
-    again), and the env is the same."""
+    """A held layer's kept manifest that is not JSON, that names another layer, or that is
+    a link to ``/dev/zero`` is not trusted: that layer's manifest is read from the store (the
+    layer itself is not fetched again), and the env is the same."""
     lock = locks["small"]
     store = _layered_store(lock, tmp_path)
     cache = tmp_path / "host"
@@ -299,6 +299,8 @@ def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stor
     before = _tree(first.prefix, ())
     kept["tabulate"].write_text("{not json")
     kept["python"].write_bytes(kept["six"].read_bytes())
+    kept["six"].unlink()
+    kept["six"].symlink_to("/dev/zero")
     shutil.rmtree(first.prefix)
     reads: list[str] = []
     real_get = store.get
@@ -311,7 +313,7 @@ def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stor
     again = hydrate(lock.env_id, store, cache, platform="linux-64")
     assert again.layers_fetched == 0
     assert sorted(key for key in reads if key.startswith("layers/")) == sorted(
-        layer_manifest_key(layers[name]) for name in ("python", "tabulate")
+        layer_manifest_key(layers[name]) for name in ("python", "six", "tabulate")
     )
     assert _tree(again.prefix, ()) == before
 
