@@ -446,7 +446,7 @@ def _from_layers(
             total = manifest.size
             for ref in refs:
                 layer = checked(ref)
-                if published_layer(cache_dir, layer) is None:
+                if ref.layer_id not in held and published_layer(cache_dir, layer) is None:
                     total += layer.size
                 jobs[pool.submit(with_layer, cache_dir, layer, fetch)] = layer
             if task is not None:

@@ -195,16 +195,13 @@ def held_layer(cache_dir: Path, ref: LayerRef) -> Manifest | None:
     try:
         with (final / LAYER_MANIFEST).open("rb") as handle:
             raw = handle.read(_KEPT_MANIFEST_BYTES + 1)
-        marker = (final / COMPLETE).read_text().strip()
         if len(raw) > _KEPT_MANIFEST_BYTES:
             return None
         manifest = read_layer_manifest(raw, ref, str(final))
     except (OSError, ArchiveError):
         return None
-    if manifest is None or marker != manifest.sha256:
+    if manifest is None or published_layer(cache_dir, manifest) is None:
         return None
-    with contextlib.suppress(OSError):
-        os.utime(final / COMPLETE)
     return manifest
 
 
@@ -214,10 +211,12 @@ def published_layer(cache_dir: Path, manifest: Manifest) -> Path | None:
     final = layer_dir(cache_dir, manifest.env_id)
     marker = final / COMPLETE
     try:
-        if marker.read_text().strip() != manifest.sha256:
-            return None  # another archive under this id: fetch it again
+        with marker.open("rb") as handle:  # a sha256 and a newline; read no more
+            held = handle.read(128).decode(errors="replace").strip()
     except OSError:
         return None
+    if held != manifest.sha256:
+        return None  # another archive under this id: fetch it again
     with contextlib.suppress(OSError):
         os.utime(marker)
     return final
