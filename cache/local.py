@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from envmgr.cache.store import Entry, StoreError, check_key
+from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
 from envmgr.fs import temp_beside
 
 __all__ = ["LocalStore"]
@@ -33,11 +33,22 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+    def get(
+        self,
+        key: str,
+        byte_range: tuple[int, int] | None = None,
+        *,
+        limit: int | None = RECORD_BYTES,
+    ) -> bytes | None:
         try:
             with self._path(key).open("rb") as handle:
                 if byte_range is None:
-                    return handle.read()
+                    # Read one byte past the limit rather than trust stat: a key can be a
+                    # link to a device, which has no size.
+                    data = handle.read() if limit is None else handle.read(limit + 1)
+                    if limit is not None and len(data) > limit:
+                        raise too_large(self.url, key, limit)
+                    return data
                 handle.seek(byte_range[0])
                 return handle.read(byte_range[1] - byte_range[0] + 1)
         except FileNotFoundError:

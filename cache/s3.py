@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from envmgr.cache.store import Entry, StoreError, check_key
+from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
 
 __all__ = ["S3Store"]
 
@@ -147,12 +147,22 @@ class S3Store:
             use_threads=True,
         )
 
-    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
+    def get(
+        self,
+        key: str,
+        byte_range: tuple[int, int] | None = None,
+        *,
+        limit: int | None = RECORD_BYTES,
+    ) -> bytes | None:
         """The object (or bytes *byte_range*, inclusive). A transfer that breaks is resumed
         with a ranged GET for what is still missing, pinned to the first answer's ETag, up to
-        ``ENVMGR_S3_RETRIES`` (default 5) times with backoff; then ``StoreError``."""
+        ``ENVMGR_S3_RETRIES`` (default 5) times with backoff; then ``StoreError``. A whole
+        object of more than *limit* bytes is refused before its body is read, or as soon as
+        more arrives than its declared length said."""
         full = self._key(key)
         first, last = byte_range if byte_range else (0, None)
+        if byte_range is not None:
+            limit = None
         got = bytearray()
         etag: str | None = None
         attempt = 0
@@ -166,11 +176,20 @@ class S3Store:
             try:
                 answer = self.client.get_object(Bucket=self.bucket, Key=full, **extra)
                 etag = etag or answer.get("ETag")
-                for chunk in answer["Body"].iter_chunks(1 << 16):
+                body = answer["Body"]
+                if limit is not None and int(answer.get("ContentLength") or 0) > limit:
+                    body.close()
+                    raise too_large(self.url, key, limit)
+                for chunk in body.iter_chunks(1 << 16):
                     got += chunk
+                    if limit is not None and len(got) > limit:
+                        body.close()
+                        raise too_large(self.url, key, limit)
                 if last is None or len(got) == last - first + 1:
                     return bytes(got)
                 raise _ShortRead(f"{len(got)} of {last - first + 1} bytes")
+            except StoreError:
+                raise
             except Exception as exc:
                 if self._missing(exc) and etag is None:
                     return None

@@ -12,7 +12,13 @@ from typing import IO, NamedTuple, Protocol
 
 from envmgr.errors import EnvmgrError
 
-__all__ = ["Entry", "Store", "StoreError", "check_key"]
+__all__ = ["RECORD_BYTES", "Entry", "Store", "StoreError", "check_key", "too_large"]
+
+#: The most :meth:`Store.get` reads of a whole object unless told otherwise: what envmgr reads
+#: whole is a record (an env or layer manifest, a lease, a name, a build record; torch's layer
+#: manifest, the largest seen, is 1.2 MB). A store is another host's word, so an object that
+#: is far larger is refused rather than held in memory; archives are streamed, never read whole.
+RECORD_BYTES = 64 << 20
 
 
 class StoreError(EnvmgrError):
@@ -33,6 +39,16 @@ class Entry(NamedTuple):
     modified: float
 
 
+def too_large(url: str, key: str, limit: int) -> StoreError:
+    """The error for an object read whole that holds more than *limit* bytes."""
+    return StoreError(
+        url,
+        key,
+        f"the object holds more than {limit:,} bytes, far more than an envmgr record can be",
+        hint="something other than envmgr wrote it; delete the object or fix the store URL",
+    )
+
+
 def check_key(key: str) -> str:
     """Reject keys that could escape the store root (absolute, ``..``, empty parts)."""
     parts = key.split("/")
@@ -49,8 +65,16 @@ class Store(Protocol):
         """The store's URL (``file:///…`` or ``s3://bucket/prefix``), without credentials."""
         ...
 
-    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
-        """The object's bytes (or the inclusive *byte_range* of them); ``None`` if absent."""
+    def get(
+        self,
+        key: str,
+        byte_range: tuple[int, int] | None = None,
+        *,
+        limit: int | None = RECORD_BYTES,
+    ) -> bytes | None:
+        """The object's bytes (or the inclusive *byte_range* of them); ``None`` if absent.
+        A whole object of more than *limit* bytes raises :class:`StoreError` (``None``: no
+        limit); the bytes are counted as they arrive, whatever size the store declares."""
         ...
 
     def put(self, key: str, data: bytes) -> None:

@@ -146,3 +146,55 @@ def test_temp_files_of_writers_killed_mid_write_are_swept(tmp_path):
     assert store.put_if_absent(f"leases/{'a' * 32}", b"me")
     assert not dead.exists() and live.exists()
     assert list(store.list("leases/")) == [f"leases/{'a' * 32}"]
+
+
+def test_a_whole_object_over_the_limit_is_refused_and_a_range_is_not(store):
+    """A store is another host's word: a "manifest" of gigabytes must not be held in memory."""
+    store.put("leases/big", b"x" * 1001)
+    assert store.get("leases/big", limit=1001) == b"x" * 1001
+    with pytest.raises(StoreError, match="more than 1,000 bytes") as info:
+        store.get("leases/big", limit=1000)
+    assert "leases/big" in str(info.value) and "\n" not in str(info.value)
+    assert store.get("leases/big", (0, 1000), limit=10) == b"x" * 1001
+    assert len(store.get("leases/big", limit=None) or b"") == 1001
+
+
+def test_a_local_key_that_is_a_link_to_a_device_is_read_up_to_the_limit(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    (tmp_path / "store" / "leases").mkdir(parents=True)
+    (tmp_path / "store" / "leases" / "zero").symlink_to("/dev/zero")
+    with pytest.raises(StoreError, match="more than 4,096 bytes"):
+        store.get("leases/zero", limit=4096)
+
+
+def test_an_s3_body_longer_than_its_declared_length_stops_at_the_limit():
+    """The declared length is checked first; the bytes are counted too, for a server that
+    declares little and sends without end."""
+    sent = []
+
+    class Endless:
+        def iter_chunks(self, size):
+            while True:
+                sent.append(size)
+                yield b"\0" * size
+
+        def close(self):
+            sent.append("closed")
+
+    class Client:
+        def get_object(self, **_):
+            return {"ETag": '"e"', "ContentLength": 10, "Body": Endless()}
+
+    store = S3Store("s3://bucket/p", client=Client())
+    with pytest.raises(StoreError, match="more than 200,000 bytes"):
+        store.get("envs/linux-64/e/manifest.json", limit=200_000)
+    assert sent[-1] == "closed" and len(sent) == 5
+
+    class Declares(Client):
+        def get_object(self, **_):
+            return {"ETag": '"e"', "ContentLength": 10**12, "Body": Endless()}
+
+    sent.clear()
+    with pytest.raises(StoreError, match="more than 200,000 bytes"):
+        S3Store("s3://bucket/p", client=Declares()).get("leases/e", limit=200_000)
+    assert sent == ["closed"]
