@@ -135,3 +135,22 @@ def test_an_empty_name_is_one_line_in_process_too(tmp_path, capsys):
         "envmgr: error: '' is not an env name (use lower-case letters, digits, '.', '_' or '-', "
         "optionally one '/' (team/name), then an optional :tag)"
     ]
+
+
+def test_a_cold_start_imports_neither_boto3_nor_s3transfer(pod, tmp_path):
+    """botocore alone reads a store: boto3's import pulls in s3transfer, 0.1 s of every cold
+    task start that only uploads (builds) use."""
+    entry = _ENTRY.replace(
+        "runpy.run_module",
+        "import atexit; atexit.register(lambda: print('LOADED', sorted({m.split('.')[0] for m "
+        "in sys.modules} & {'boto3', 's3transfer', 'botocore'}), file=sys.stderr)); "
+        "runpy.run_module",
+    )
+    done = subprocess.run(
+        [str(pod["python"]), "-I", "-c", entry, str(pod["sandbox"]), "--store", pod["store"],
+         "--cache-dir", str(tmp_path / "cold"), "--env-id", pod["env_id"], "--json"],
+        capture_output=True, text=True, env=pod["env"], cwd=pod["sandbox"], check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["downloaded"] is True
+    assert "LOADED ['botocore']" in done.stderr, done.stderr
