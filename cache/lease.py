@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envmgr.cache.layout import lease_key
-from envmgr.cache.store import Store
+from envmgr.cache.store import RecordTooLargeError, Store
 from envmgr.fs import pid_alive
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "LeaseInfo",
     "LeaseWatch",
     "held_lease",
+    "lease_bytes",
     "new_holder",
     "read_lease",
     "try_take",
@@ -51,6 +52,8 @@ LEASE_SECONDS = 60.0
 MAX_LEASE_SECONDS = 600.0
 #: Periods without a write, by the store's clock, after which a one-shot reader calls it stale.
 STALE_PERIODS = 5
+#: The most of a lease object read (a lease is about 250 bytes).
+LEASE_BYTES = 64 << 10
 
 
 def _boot_id() -> str:
@@ -115,8 +118,19 @@ def _period(value: object) -> float:
     return seconds
 
 
+def lease_bytes(store: Store, key: str) -> bytes | None:
+    """The lease object at *key*, ``None`` when there is none. One too large to be a lease
+    reads as a marker and its first KiB: unreadable, so stale at once like any broken lease
+    (a broken object never blocks builds), and the same bytes each time it is read, so it is
+    taken over only while it has not changed."""
+    try:
+        return store.get(key, limit=LEASE_BYTES)
+    except RecordTooLargeError:
+        return b"\0too large: " + (store.get(key, (0, 1023)) or b"")
+
+
 def read_lease(store: Store, env_id: str) -> LeaseInfo | None:
-    raw = store.get(lease_key(env_id))
+    raw = lease_bytes(store, lease_key(env_id))
     return None if raw is None else LeaseInfo.from_bytes(raw)
 
 
@@ -169,11 +183,11 @@ def try_take(
     key = lease_key(env_id)
     if store.put_if_absent(key, _body(holder, seconds)):
         return True
-    raw = store.get(key)
+    raw = lease_bytes(store, key)
     if raw is not None:
         info = LeaseInfo.from_bytes(raw)
         stale = watch.stale(raw, info) if watch is not None else info.stale_at_once()
-        if not stale or store.get(key) != raw:
+        if not stale or lease_bytes(store, key) != raw:
             return False
         store.delete(key)  # its holder is gone: race for it once more
     return store.put_if_absent(key, _body(holder, seconds))

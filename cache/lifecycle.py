@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from envmgr.cache.layout import lease_key
-from envmgr.cache.lease import STALE_PERIODS, LeaseInfo
+from envmgr.cache.lease import STALE_PERIODS, LeaseInfo, lease_bytes
 from envmgr.cache.names import BadName, list_aliases
 from envmgr.cache.store import Entry, Store
 from envmgr.cache.usage import read_use
@@ -312,7 +312,7 @@ def _manifest_facts(raw: bytes | None) -> tuple[str, tuple[str, ...]]:
 def _leases(store: Store, now: float) -> Iterable[Lease]:
     for entry in store.entries("leases/"):
         env_id = entry.key.split("/", 1)[1]
-        raw = store.get(entry.key)
+        raw = lease_bytes(store, entry.key)
         if raw is None:
             continue  # released while we listed
         info = LeaseInfo.from_bytes(raw)
@@ -327,7 +327,7 @@ def _stale(info: LeaseInfo, modified: float, now: float) -> bool:
 
 def _live_lease(store: Store, env_id: str, now: float) -> bool:
     for entry in store.entries(lease_key(env_id)):
-        raw = store.get(entry.key)
+        raw = lease_bytes(store, entry.key)
         if entry.key == lease_key(env_id) and raw is not None:
             return not _stale(LeaseInfo.from_bytes(raw), entry.modified, now)
     return False
@@ -372,7 +372,7 @@ def collect(store: Store, plan: GcPlan) -> tuple[StoredEnv, ...]:
     lease or a name since the scan is left alone. Returns the envs removed."""
     now = time.time()
     for lease in plan.stale_leases:
-        if store.get(lease_key(lease.env_id)) == lease.raw:
+        if lease_bytes(store, lease_key(lease.env_id)) == lease.raw:
             store.delete(lease_key(lease.env_id))
     bad: list[BadName] = []
     named = {(p, e) for alias in list_aliases(store, bad=bad) for p, e in alias.envs.items()}
@@ -396,7 +396,7 @@ def collect_layers(store: Store, plan: GcPlan, contents: StoreContents) -> tuple
         return ()
     now = time.time()
     for entry in store.entries("leases/"):
-        raw = store.get(entry.key)
+        raw = lease_bytes(store, entry.key)
         if raw is not None and not _stale(LeaseInfo.from_bytes(raw), entry.modified, now):
             return ()
     seen = {key for env in contents.envs for key in env.keys}

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from envmgr.cache import Store
 from envmgr.cache.layout import name_key
+from envmgr.cache.store import RECORD_BYTES, RecordTooLargeError
 from envmgr.errors import EnvmgrError
 from envmgr.ids import BadIdError, looks_like_id, parse_env_id, parse_platform
 
@@ -196,7 +197,19 @@ def list_aliases(
         if len(parts) < 2:
             continue
         alias_name, tag = "/".join(parts[:-1]), parts[-1]
-        raw = store.get(key)
+        try:
+            raw = store.get(key)
+        except RecordTooLargeError:
+            if bad is None:
+                raise
+            # Like any other object that is not a name entry: skipped, its first MiB kept
+            # for gc, which keeps every env it mentions.
+            head = store.get(key, (0, (1 << 20) - 1)) or b""
+            error = AliasError(
+                f"{store.url}/{key}: not an envmgr name entry (more than {RECORD_BYTES:,} bytes)"
+            )
+            bad.append(BadName(key=key, raw=head, error=error))
+            continue
         if raw is None:
             continue
         try:

@@ -12,7 +12,15 @@ from typing import IO, NamedTuple, Protocol
 
 from envmgr.errors import EnvmgrError
 
-__all__ = ["RECORD_BYTES", "Entry", "Store", "StoreError", "check_key", "too_large"]
+__all__ = [
+    "RECORD_BYTES",
+    "Entry",
+    "RecordTooLargeError",
+    "Store",
+    "StoreError",
+    "check_key",
+    "too_large",
+]
 
 #: The most :meth:`Store.get` reads of a whole object unless told otherwise: what envmgr reads
 #: whole is a record (an env or layer manifest, a lease, a name, a build record; torch's layer
@@ -39,9 +47,13 @@ class Entry(NamedTuple):
     modified: float
 
 
-def too_large(url: str, key: str, limit: int) -> StoreError:
+class RecordTooLargeError(StoreError):
+    """An object read whole holds more than the reader's limit: not an envmgr record."""
+
+
+def too_large(url: str, key: str, limit: int) -> RecordTooLargeError:
     """The error for an object read whole that holds more than *limit* bytes."""
-    return StoreError(
+    return RecordTooLargeError(
         url,
         key,
         f"the object holds more than {limit:,} bytes, far more than an envmgr record can be",

@@ -44,7 +44,14 @@ from envmgr.build.owners import Owners, find_owners, package_key
 from envmgr.build.placeholder import PLACEHOLDER
 from envmgr.build.prefix import create_prefix, tree_size
 from envmgr.cache.layout import archive_key, layer_archive_key, layer_manifest_key, lease_key
-from envmgr.cache.lease import LeaseInfo, LeaseWatch, held_lease, new_holder, try_take
+from envmgr.cache.lease import (
+    LeaseInfo,
+    LeaseWatch,
+    held_lease,
+    lease_bytes,
+    new_holder,
+    try_take,
+)
 from envmgr.cuda import manifest_cuda
 from envmgr.errors import BuildError
 from envmgr.fs import file_lock
@@ -187,7 +194,7 @@ def _ensure_layers(
                 hint=f"check {store.url}/{lease_key(missing[0][1].layer_id)}; delete it if its "
                 "builder is gone",
             )
-        raw = store.get(lease_key(missing[0][1].layer_id))
+        raw = lease_bytes(store, lease_key(missing[0][1].layer_id))
         info = LeaseInfo.from_bytes(raw) if raw is not None else None
         if info is not None and info.holder != told:
             told = info.holder

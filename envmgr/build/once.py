@@ -37,6 +37,7 @@ from envmgr.cache.lease import (
     LeaseInfo,
     LeaseWatch,
     held_lease,
+    lease_bytes,
     new_holder,
     try_take,
 )
@@ -236,7 +237,7 @@ def _wait_for_manifest(
         manifest = read_manifest(options.store, lock.platform, lock.env_id)
         if manifest is not None:
             return manifest
-        raw = options.store.get(lease_key(lock.env_id))
+        raw = lease_bytes(options.store, lease_key(lock.env_id))
         info = LeaseInfo.from_bytes(raw) if raw is not None else None
         if raw is None or info is None or watch.stale(raw, info):
             return read_manifest(options.store, lock.platform, lock.env_id)

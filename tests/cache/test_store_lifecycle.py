@@ -24,10 +24,11 @@ from envmgr.cache.layout import (
     manifest_key,
     used_key,
 )
-from envmgr.cache.lease import _boot_id
+from envmgr.cache.lease import LEASE_BYTES, _boot_id, read_lease, try_take
 from envmgr.cache.lifecycle import collect, collect_layers, plan_gc, scan
 from envmgr.cache.local import LocalStore
 from envmgr.cache.names import set_alias
+from envmgr.cache.store import RECORD_BYTES
 
 DAY = 86400.0
 SHAPES = documented_shapes()
@@ -333,3 +334,34 @@ def test_gc_spares_a_layer_an_env_built_since_the_scan_lists(tmp_path):
     _layered_env(store, IDS["d"], [old], built_days_ago=0)  # a build found it and listed it
     assert collect_layers(store, plan, contents) == ()
     assert store.exists(layer_manifest_key(old))
+
+
+def test_a_name_or_lease_too_large_to_be_one_is_skipped_or_stale(world, tmp_path):
+    """Store objects are read up to a limit: a name entry of more than RECORD_BYTES is a bad
+    name like any other (warned about, its envs kept), and a lease of more than LEASE_BYTES
+    is unreadable, so stale at once: it neither fails `names`, `store gc` nor a build."""
+    store = LocalStore(tmp_path / "store")
+    for name in "abc":
+        _env(store, IDS[name], built_days_ago=200)
+    set_alias(store, "team/a:stable", {"linux-64": IDS["a"]})
+    huge = store.root / "names" / "team" / "huge" / "x"
+    huge.parent.mkdir(parents=True)
+    with huge.open("wb") as handle:  # sparse: 64 MiB and one byte that take no disk
+        handle.write(b'{"format": 1, "envs": {"linux-64": "' + IDS["b"].encode() + b'"')
+        handle.truncate(RECORD_BYTES + 1)
+    store.put(lease_key(IDS["c"]), b"{" * (LEASE_BYTES + 1))
+    names = envmgr_here("names", env=world)
+    assert names.returncode == 0, names.stderr
+    assert names.stderr.splitlines() == [
+        f"envmgr: warning: skipped {store.url}/names/team/huge/x: not an envmgr name entry "
+        f"(more than {RECORD_BYTES:,} bytes) (gc keeps every env it mentions)"
+    ]
+    gc = envmgr_here("store", "gc", "--older-than", "30d", "--json", env=world)
+    assert gc.returncode == 0, gc.stderr
+    assert [e["env_id"] for e in json.loads(gc.stdout)["removed"]] == [IDS["c"]]
+    assert not store.exists(lease_key(IDS["c"])) and huge.exists()
+    store.put(lease_key(IDS["a"]), b"{" * (LEASE_BYTES + 1))
+    info = read_lease(store, IDS["a"])
+    assert info is not None and not info.readable
+    assert try_take(store, IDS["a"], holder="me", seconds=60)
+    assert (read_lease(store, IDS["a"]) or info).holder == "me"
