@@ -32,7 +32,7 @@ from typing import Literal
 from envmgr.cache.layout import lease_key
 from envmgr.cache.lease import STALE_PERIODS, LeaseInfo, lease_bytes
 from envmgr.cache.names import BadName, list_aliases
-from envmgr.cache.store import Entry, Store
+from envmgr.cache.store import Entry, Store, get_remade
 from envmgr.cache.usage import read_use
 from envmgr.ids import BadIdError, is_env_id, parse_env_id, parse_layer_id, parse_platform
 
@@ -279,7 +279,7 @@ def _env(
         state=state,
         size=sum(entry.size for entry in entries),
         created=created,
-        last_used=read_use(store.get(used.key)) if used else "",
+        last_used=read_use(get_remade(store, used.key)) if used else "",
         last_named=max((when for _ref, when in names), default=""),
         names=tuple(sorted(ref for ref, _when in names)),
         modified=max(entry.modified for entry in entries),

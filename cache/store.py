@@ -19,6 +19,7 @@ __all__ = [
     "Store",
     "StoreError",
     "check_key",
+    "get_remade",
     "too_large",
 ]
 
@@ -59,6 +60,16 @@ def too_large(url: str, key: str, limit: int) -> RecordTooLargeError:
         f"the object holds more than {limit:,} bytes, far more than an envmgr record can be",
         hint="something other than envmgr wrote it; delete the object or fix the store URL",
     )
+
+
+def get_remade(store: Store, key: str) -> bytes | None:
+    """An object envmgr can make again (a cached lock, a wheel's metadata, a use marker), or
+    ``None`` when it is absent or too large to be envmgr's: then it is made again and
+    replaced, as a damaged one is, instead of failing the command."""
+    try:
+        return store.get(key)
+    except RecordTooLargeError:
+        return None
 
 
 def check_key(key: str) -> str:

@@ -14,6 +14,7 @@ import yaml
 from _helpers import envmgr_here, fixture_options
 
 from envmgr.cache.local import LocalStore
+from envmgr.cache.store import RECORD_BYTES
 from envmgr.locks.lock import (
     Lock,
     LockedPackage,
@@ -266,12 +267,18 @@ def test_cuda_changes_the_virtual_packages_and_the_cache_entry(home, conda_chann
 
 
 def test_damaged_cache_entry_is_solved_again(home, conda_channel):
+    """Not JSON, then more than a store record can be: each a miss, solved and replaced."""
     args = ["--conda", "six", "--channel", conda_channel.url, "--platform", "linux-64"]
     first = resolve_json(*args)[0]
     key = next((home / "store" / "locks").rglob("*.json"))
     key.write_text("{not json")
     again = resolve_json(*args)[0]
     assert again["cached"] is False and again["env_id"] == first["env_id"]
+    with key.open("r+b") as handle:  # sparse: too large to be a lock, read only to its limit
+        handle.truncate(RECORD_BYTES + 1)
+    third = resolve_json(*args)[0]
+    assert third["cached"] is False and third["env_id"] == first["env_id"]
+    assert key.stat().st_size < 1 << 20  # replaced
 
 
 def test_virtual_package_defaults_and_overrides():

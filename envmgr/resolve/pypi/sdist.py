@@ -49,6 +49,7 @@ from urllib.parse import unquote, urlsplit
 
 from packaging.utils import parse_wheel_filename
 
+from envmgr.cache.store import get_remade
 from envmgr.fs import write_atomic
 from envmgr.locks.lock import strip_credentials, strip_credentials_in
 from envmgr.resolve.pypi.pep517 import (
@@ -225,7 +226,7 @@ class Sdists:
         if cached.is_file():
             return cached.read_bytes(), "cache"
         key = f"wheels/{dist.sha256}/METADATA"
-        stored = self.store.get(key)
+        stored = get_remade(self.store, key)
         if stored is not None:
             write_atomic(cached, stored)
             return stored, "store"
