@@ -338,8 +338,9 @@ def test_gc_spares_a_layer_an_env_built_since_the_scan_lists(tmp_path):
 
 def test_a_name_or_lease_too_large_to_be_one_is_skipped_or_stale(world, tmp_path):
     """Store objects are read up to a limit: a name entry of more than RECORD_BYTES is a bad
-    name like any other (warned about, its envs kept), and a lease of more than LEASE_BYTES
-    is unreadable, so stale at once: it neither fails `names`, `store gc` nor a build."""
+    name like any other (warned about, its envs kept), a lease of more than LEASE_BYTES is
+    unreadable, so stale at once, and an env manifest that large is a damaged one to gc: none
+    of them fails `names`, `store gc` or a build."""
     store = LocalStore(tmp_path / "store")
     for name in "abc":
         _env(store, IDS[name], built_days_ago=200)
@@ -350,6 +351,11 @@ def test_a_name_or_lease_too_large_to_be_one_is_skipped_or_stale(world, tmp_path
         handle.write(b'{"format": 1, "envs": {"linux-64": "' + IDS["b"].encode() + b'"')
         handle.truncate(RECORD_BYTES + 1)
     store.put(lease_key(IDS["c"]), b"{" * (LEASE_BYTES + 1))
+    _env(store, IDS["d"], built_days_ago=1)  # recent: kept, though gc cannot read its manifest
+    with (store.root / manifest_key("linux-64", IDS["d"])).open("r+b") as handle:
+        handle.truncate(RECORD_BYTES + 1)
+    _env(store, IDS["e"], built_days_ago=1)  # the same for a small damaged manifest
+    store.put(manifest_key("linux-64", IDS["e"]), b"\x00 not json")
     names = envmgr_here("names", env=world)
     assert names.returncode == 0, names.stderr
     assert names.stderr.splitlines() == [
