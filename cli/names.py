@@ -106,6 +106,14 @@ def names_command(
             }
         )
         return
+    if not aliases and not STATE.quiet:
+        # Silence would read as "that worked": `envmgr names ls` asks for a name "ls".
+        said = (
+            f"no name {name} in {store_obj.url}; `envmgr names` lists them all"
+            if name
+            else (f"no names in {store_obj.url}; `envmgr alias TARGET team/name:tag` gives one")
+        )
+        typer.echo(f"envmgr: note: {said}", err=True)
     for a in aliases:
         envs = ", ".join(f"{p} {e[:12]}" for p, e in a.envs.items())
         typer.echo(f"{a.ref:<32} {envs}  {a.created}")

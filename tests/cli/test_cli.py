@@ -385,3 +385,21 @@ def test_for_a_deploy_takes_a_known_deploy_and_a_flow_file(world, tmp_path):
     assert "--for 'kubeflow': use one of airflow, argo-workflows, step-functions" in unknown.output
     alone = invoke("build", "--conda", "six", "--for", "airflow")
     assert alone.exit_code == 2 and "--for airflow goes with a flow file" in alone.output
+
+
+def test_names_that_match_nothing_say_so_in_one_line(world, tmp_path):
+    """`envmgr names ls` (as after `store ls`) asks for a name "ls": it printed nothing and
+    exited 0, which reads as "done"."""
+    store = (tmp_path / "empty").as_uri()
+    (tmp_path / "empty").mkdir()
+    for args, said in (
+        (["ls"], f"no name ls in {store}; `envmgr names` lists them all"),
+        ([], f"no names in {store}; `envmgr alias TARGET team/name:tag` gives one"),
+    ):
+        result = envmgr_here("names", *args, "--store", store, env=world)
+        assert result.returncode == 0 and not result.stdout
+        assert result.stderr.splitlines() == [f"envmgr: note: {said}"]
+    quiet = envmgr_here("-q", "names", "ls", "--store", store, env=world)
+    assert quiet.returncode == 0 and not quiet.stderr
+    as_json = envmgr_here("names", "ls", "--store", store, "--json", env=world)
+    assert json.loads(as_json.stdout)["names"] == [] and not as_json.stderr
