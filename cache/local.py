@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -41,10 +42,9 @@ class LocalStore:
         limit: int | None = RECORD_BYTES,
     ) -> bytes | None:
         try:
-            with self._path(key).open("rb") as handle:
+            with self._reader(key) as handle:
                 if byte_range is None:
-                    # Read one byte past the limit rather than trust stat: a key can be a
-                    # link to a device, which has no size.
+                    # Read one byte past the limit rather than trust stat's size.
                     data = handle.read() if limit is None else handle.read(limit + 1)
                     if limit is not None and len(data) > limit:
                         raise too_large(self.url, key, limit)
@@ -55,6 +55,25 @@ class LocalStore:
             return None
         except OSError as exc:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
+
+    def _reader(self, key: str) -> IO[bytes]:
+        """The object's file, opened for reading. Only a regular file is an object: a key
+        that is (or links to) a FIFO would block its reader forever, and a device has no end;
+        either is a ``StoreError`` at once. Raises ``FileNotFoundError`` when absent."""
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(
+                    self.url,
+                    key,
+                    "not a regular file (a device, a pipe or a directory)",
+                    hint="something other than envmgr put it there; remove it",
+                )
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _write(
         self,
@@ -104,7 +123,8 @@ class LocalStore:
 
     def get_file(self, key: str, path: Path) -> bool:
         try:
-            shutil.copyfile(self._path(key), path)
+            with self._reader(key) as source, path.open("wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -114,7 +134,7 @@ class LocalStore:
     def open(self, key: str, *, streams: int = 0) -> IO[bytes] | None:
         del streams  # a local file has no network to wait on
         try:
-            return self._path(key).open("rb")
+            return self._reader(key)
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -10,12 +10,14 @@ same file (:func:`temp_beside`). Standard library only: this module ships to wor
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["file_lock", "pid_alive", "temp_beside", "write_atomic"]
+__all__ = ["file_lock", "pid_alive", "read_small", "temp_beside", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -70,3 +72,22 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """The bytes of the small file *path* (a marker, a kept manifest), at most *limit*: a
+    file of this host's caches can be replaced by anything. ``OSError`` when it is missing,
+    not a regular file (a FIFO would block its reader forever, a device has no end) or
+    larger than *limit*."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"more than {limit} bytes", str(path))
+    return data

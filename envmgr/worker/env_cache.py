@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from envmgr.fs import pid_alive, write_atomic
+from envmgr.fs import pid_alive, read_small, write_atomic
 from envmgr.ids import check_under, is_env_id, parse_env_id
 
 __all__ = [
@@ -52,6 +52,9 @@ __all__ = [
 #: The marker file inside a published env; it holds the manifest's sha256, and for an env
 #: that needs CUDA a second line ``cuda MINIMUM PACKAGE...`` (see :func:`complete_marker`).
 COMPLETE = ".envmgr-complete"
+#: The most read of a marker, a layer list or a step record of this host's cache (torch's
+#: layer list is 1 kB): a file there can be replaced by anything, a FIFO included.
+_MARKER_BYTES = 1 << 20
 #: In a format-3 env: the layers it links to, one id per line.
 LAYERS = ".envmgr-layers"
 
@@ -76,7 +79,8 @@ def marker_cuda(prefix: Path) -> tuple[str, ...]:
     """The ``cuda`` of the manifest the env at *prefix* was published from (``()``: a CPU
     env, or one published by an envmgr that did not record it)."""
     try:
-        lines = (prefix / COMPLETE).read_text(encoding="utf-8", errors="replace").splitlines()
+        raw = read_small(prefix / COMPLETE, _MARKER_BYTES)
+        lines = raw.decode("utf-8", errors="replace").splitlines()
     except OSError:
         return ()
     for line in lines[1:3]:
@@ -118,7 +122,8 @@ def _size(path: Path, *, own: bool = False) -> int:
 
 def _layers_of(prefix: Path) -> tuple[str, ...]:
     with contextlib.suppress(OSError):
-        return tuple(line for line in (prefix / LAYERS).read_text().split() if is_env_id(line))
+        listed = read_small(prefix / LAYERS, _MARKER_BYTES).decode(errors="replace")
+        return tuple(line for line in listed.split() if is_env_id(line))
     return ()
 
 
@@ -131,7 +136,7 @@ def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
     path = _meta_path(cache_dir, env_id)
     known: list[str] = []
     with contextlib.suppress(OSError, ValueError):
-        known = list(json.loads(path.read_text()).get("steps", []))
+        known = list(json.loads(read_small(path, _MARKER_BYTES)).get("steps", []))
     merged = sorted(set(known) | set(steps))
     write_atomic(path, json.dumps({"steps": merged}))
 
@@ -139,7 +144,9 @@ def record_steps(cache_dir: Path, env_id: str, steps: Iterable[str]) -> None:
 def recorded_steps(cache_dir: Path, env_id: str) -> tuple[str, ...]:
     """The steps :func:`record_steps` remembered for *env_id* on this machine."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        return tuple(json.loads(_meta_path(cache_dir, env_id).read_text()).get("steps", ()))
+        return tuple(
+            json.loads(read_small(_meta_path(cache_dir, env_id), _MARKER_BYTES)).get("steps", ())
+        )
     return ()
 
 

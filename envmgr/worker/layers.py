@@ -35,7 +35,7 @@ from envmgr.archive.frames import workers
 from envmgr.archive.manifest import ArchiveError, LayerRef, Manifest, Relocation
 from envmgr.cache.layout import layer_manifest_key
 from envmgr.cache.store import Store
-from envmgr.fs import file_lock
+from envmgr.fs import file_lock, read_small
 from envmgr.ids import check_under, parse_layer_id
 from envmgr.worker.env_cache import COMPLETE, layer_use_lock
 
@@ -182,7 +182,7 @@ def using_layers(cache_dir: Path, layer_ids: Iterable[str]) -> Iterator[None]:
 #: on a host that holds ds: 22 store reads fewer).
 LAYER_MANIFEST = ".envmgr-manifest.json"
 #: A kept manifest longer than this is not read (torch's is 1.2 MB): a file of the host's
-#: cache can be replaced by anything, a link to ``/dev/zero`` included.
+#: cache can be replaced by anything, a link to ``/dev/zero`` or a FIFO included.
 _KEPT_MANIFEST_BYTES = 64 << 20
 
 
@@ -193,10 +193,7 @@ def held_layer(cache_dir: Path, ref: LayerRef) -> Manifest | None:
     that kept none)."""
     final = layer_dir(cache_dir, ref.layer_id)
     try:
-        with (final / LAYER_MANIFEST).open("rb") as handle:
-            raw = handle.read(_KEPT_MANIFEST_BYTES + 1)
-        if len(raw) > _KEPT_MANIFEST_BYTES:
-            return None
+        raw = read_small(final / LAYER_MANIFEST, _KEPT_MANIFEST_BYTES)
         manifest = read_layer_manifest(raw, ref, str(final))
     except (OSError, ArchiveError):
         return None
@@ -210,9 +207,8 @@ def published_layer(cache_dir: Path, manifest: Manifest) -> Path | None:
     ``None``."""
     final = layer_dir(cache_dir, manifest.env_id)
     marker = final / COMPLETE
-    try:
-        with marker.open("rb") as handle:  # a sha256 and a newline; read no more
-            held = handle.read(128).decode(errors="replace").strip()
+    try:  # a sha256 and a newline
+        held = read_small(marker, 128).decode(errors="replace").strip()
     except OSError:
         return None
     if held != manifest.sha256:

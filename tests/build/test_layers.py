@@ -27,7 +27,7 @@ from envmgr.cache.layout import archive_key, layer_archive_key, layer_manifest_k
 from envmgr.cache.local import LocalStore
 from envmgr.resolve.resolution_cache import resolve_specs
 from envmgr.specs.model import CondaDep, EnvSpec, PypiDep
-from envmgr.worker.env_cache import gc
+from envmgr.worker.env_cache import COMPLETE, LAYERS, gc, list_envs
 from envmgr.worker.hydrate import HydrateError, hydrate
 from envmgr.worker.layers import LAYER_MANIFEST
 from fixtures.tcp_proxy import FaultProxy, Faults
@@ -316,6 +316,32 @@ def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stor
         layer_manifest_key(layers[name]) for name in ("python", "six", "tabulate")
     )
     assert _tree(again.prefix, ()) == before
+
+
+def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):
+    """A FIFO would block its reader forever: as a layer's kept manifest, that layer's
+    manifest is read from the store; as a layer's COMPLETE marker, the layer is fetched
+    again; as an env's layer list, `envmgr ls` and gc still list the env. The FIFOs are made
+    under tmp_path, and only ever unlinked."""
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    cache = tmp_path / "host"
+    first = hydrate(lock.env_id, store, cache, platform="linux-64")
+    manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
+    layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
+    before = _tree(first.prefix, ())
+    (cache / "layers" / layers["six"] / LAYER_MANIFEST).unlink()
+    os.mkfifo(cache / "layers" / layers["six"] / LAYER_MANIFEST)
+    (cache / "layers" / layers["tabulate"] / COMPLETE).unlink()
+    os.mkfifo(cache / "layers" / layers["tabulate"] / COMPLETE)
+    (first.prefix / LAYERS).unlink()
+    os.mkfifo(first.prefix / LAYERS)
+    assert [env.layers for env in list_envs(cache)] == [()]
+    shutil.rmtree(first.prefix)
+    again = hydrate(lock.env_id, store, cache, platform="linux-64")
+    assert again.layers_fetched == 1  # tabulate's, whose marker could not be read
+    assert _tree(again.prefix, ()) == before
+    assert [env.layers for env in list_envs(cache)] == [tuple(ref[0] for ref in manifest["layers"])]
 
 
 def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):

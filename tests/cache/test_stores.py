@@ -160,12 +160,30 @@ def test_a_whole_object_over_the_limit_is_refused_and_a_range_is_not(store):
     assert len(store.get("leases/big", limit=None) or b"") == 1001
 
 
-def test_a_local_key_that_is_a_link_to_a_device_is_read_up_to_the_limit(tmp_path):
+def test_a_local_key_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    """A link to /dev/zero (read only) has no end, and a FIFO would block its reader
+    forever: every way of reading a key refuses both, and a directory, in one line; a
+    sparse file over the limit is read only to the limit."""
     store = LocalStore(tmp_path / "store")
-    (tmp_path / "store" / "leases").mkdir(parents=True)
-    (tmp_path / "store" / "leases" / "zero").symlink_to("/dev/zero")
+    leases = tmp_path / "store" / "leases"
+    leases.mkdir(parents=True)
+    (leases / "zero").symlink_to("/dev/zero")
+    os.mkfifo(leases / "fifo")
+    (leases / "dir").mkdir()
+    for key in ("leases/zero", "leases/fifo", "leases/dir"):
+        for read in (
+            lambda k: store.get(k),
+            lambda k: store.get(k, (0, 9)),
+            lambda k: store.open(k),
+            lambda k: store.get_file(k, tmp_path / "copy"),
+        ):
+            with pytest.raises(StoreError, match="not a regular file") as info:
+                read(key)
+            assert key in str(info.value) and "\n" not in str(info.value)
+    with (leases / "sparse").open("wb") as handle:
+        handle.truncate(1 << 30)
     with pytest.raises(StoreError, match="more than 4,096 bytes"):
-        store.get("leases/zero", limit=4096)
+        store.get("leases/sparse", limit=4096)
 
 
 def test_an_s3_body_longer_than_its_declared_length_stops_at_the_limit():

@@ -312,9 +312,9 @@ def test_run_ls_and_gc(local_store, lock, tmp_path):
 def test_a_store_record_that_never_ends_is_one_line_and_publishes_nothing(
     local_store, lock, tmp_path
 ):
-    """A hostile or broken store can hand a "manifest" without end (here a link to
-    /dev/zero, read only): the worker reads at most RECORD_BYTES of it, says which object,
-    and publishes nothing."""
+    """A hostile or broken store can hand a "manifest" without end: a sparse file of 1 GiB
+    is read to RECORD_BYTES, a link to /dev/zero (read only) or a FIFO is refused at once.
+    Each is one line naming the object, and nothing is published."""
     layer_manifests = sorted(k for k in local_store.list("layers/") if k.endswith(".json"))
     for name, key in (
         ("env", manifest_key("linux-64", lock.env_id)),
@@ -323,13 +323,23 @@ def test_a_store_record_that_never_ends_is_one_line_and_publishes_nothing(
         store = LocalStore(tmp_path / f"store-{name}")
         for each in local_store.list(""):
             store.put(each, local_store.get(each) or b"")
-        (store.root / key).unlink()
-        (store.root / key).symlink_to("/dev/zero")
-        cache = tmp_path / f"cache-{name}"
-        proc = _bootstrap(store.url, lock.env_id, cache)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode != 0 and not out
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and key in lines[0], err
-        assert "more than 67,108,864 bytes" in lines[0]
-        assert not env_dir(cache, lock.env_id).exists()
+        for shape, said in (
+            ("sparse", "more than 67,108,864 bytes"),
+            ("zero", "not a regular file"),
+            ("fifo", "not a regular file"),
+        ):
+            (store.root / key).unlink()
+            if shape == "sparse":
+                with (store.root / key).open("wb") as handle:
+                    handle.truncate(1 << 30)
+            elif shape == "zero":
+                (store.root / key).symlink_to("/dev/zero")
+            else:
+                os.mkfifo(store.root / key)
+            cache = tmp_path / f"cache-{name}-{shape}"
+            proc = _bootstrap(store.url, lock.env_id, cache)
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode != 0 and not out
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and key in lines[0] and said in lines[0], err
+            assert not env_dir(cache, lock.env_id).exists()
