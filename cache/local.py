@@ -8,15 +8,15 @@ links the temp file to the key, which fails if the key exists (atomic on POSIX f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
-import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
-from envmgr.fs import temp_beside
+from envmgr.fs import open_regular, temp_beside
 
 __all__ = ["LocalStore"]
 
@@ -57,23 +57,20 @@ class LocalStore:
             raise StoreError(self.url, key, f"cannot read: {exc.strerror}") from None
 
     def _reader(self, key: str) -> IO[bytes]:
-        """The object's file, opened for reading. Only a regular file is an object: a key
-        that is (or links to) a FIFO would block its reader forever, and a device has no end;
-        either is a ``StoreError`` at once. Raises ``FileNotFoundError`` when absent."""
-        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        """The object's file, opened for reading; only a regular file is an object (a key
+        that is, or links to, a FIFO would block its reader forever, a device has no end):
+        anything else is a ``StoreError`` at once. ``FileNotFoundError`` when absent."""
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise StoreError(
-                    self.url,
-                    key,
-                    "not a regular file (a device, a pipe or a directory)",
-                    hint="something other than envmgr put it there; remove it",
-                )
-            os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+            return open_regular(self._path(key))
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise StoreError(
+                self.url,
+                key,
+                "not a regular file (a device, a pipe or a directory)",
+                hint="something other than envmgr put it there; remove it",
+            ) from None
 
     def _write(
         self,

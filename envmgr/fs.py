@@ -16,8 +16,9 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
-__all__ = ["file_lock", "pid_alive", "read_small", "temp_beside", "write_atomic"]
+__all__ = ["file_lock", "open_regular", "pid_alive", "read_small", "temp_beside", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -74,20 +75,27 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
-def read_small(path: Path, limit: int) -> bytes:
-    """The bytes of the small file *path* (a marker, a kept manifest), at most *limit*: a
-    file of this host's caches can be replaced by anything. ``OSError`` when it is missing,
-    not a regular file (a FIFO would block its reader forever, a device has no end) or
-    larger than *limit*."""
+def open_regular(path: Path) -> IO[bytes]:
+    """*path* opened for reading if it is a regular file. ``OSError`` (``EINVAL``) when it
+    is not: a FIFO would block its reader forever, a device has no end, and neither is
+    ever a file envmgr wrote. It is checked on the open file, so a swap cannot slip in."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(limit + 1)
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """The bytes of the small file *path* (a marker, a kept manifest), at most *limit*: a
+    file of this host's caches can be replaced by anything. ``OSError`` when it is missing,
+    not a regular file (:func:`open_regular`) or larger than *limit*."""
+    with open_regular(path) as handle:
+        data = handle.read(limit + 1)
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"more than {limit} bytes", str(path))
     return data

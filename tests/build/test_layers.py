@@ -285,16 +285,23 @@ def _layered_store(lock, tmp_path) -> LocalStore:
     return store
 
 
-def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(locks, tmp_path):
-    """A held layer's kept manifest that is not JSON, that names another layer, or that is
-    a link to ``/dev/zero`` is not trusted: that layer's manifest is read from the store (the
-    layer itself is not fetched again), and the env is the same."""
+def _held_small(locks, tmp_path):
+    """The small env layered into a store and hydrated on a host: (lock, store, host cache,
+    the hydrate's result, layer id by package name in install order)."""
     lock = locks["small"]
     store = _layered_store(lock, tmp_path)
     cache = tmp_path / "host"
     first = hydrate(lock.env_id, store, cache, platform="linux-64")
     manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
     layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
+    return lock, store, cache, first, layers
+
+
+def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(locks, tmp_path):
+    """A held layer's kept manifest that is not JSON, that names another layer, or that is
+    a link to ``/dev/zero`` is not trusted: that layer's manifest is read from the store (the
+    layer itself is not fetched again), and the env is the same."""
+    lock, store, cache, first, layers = _held_small(locks, tmp_path)
     kept = {name: cache / "layers" / layer_id / LAYER_MANIFEST for name, layer_id in layers.items()}
     before = _tree(first.prefix, ())
     kept["tabulate"].write_text("{not json")
@@ -323,12 +330,7 @@ def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):
     manifest is read from the store; as a layer's COMPLETE marker, the layer is fetched
     again; as an env's layer list, `envmgr ls` and gc still list the env. The FIFOs are made
     under tmp_path, and only ever unlinked."""
-    lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
-    cache = tmp_path / "host"
-    first = hydrate(lock.env_id, store, cache, platform="linux-64")
-    manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
-    layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
+    lock, store, cache, first, layers = _held_small(locks, tmp_path)
     before = _tree(first.prefix, ())
     (cache / "layers" / layers["six"] / LAYER_MANIFEST).unlink()
     os.mkfifo(cache / "layers" / layers["six"] / LAYER_MANIFEST)
@@ -341,7 +343,7 @@ def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):
     again = hydrate(lock.env_id, store, cache, platform="linux-64")
     assert again.layers_fetched == 1  # tabulate's, whose marker could not be read
     assert _tree(again.prefix, ()) == before
-    assert [env.layers for env in list_envs(cache)] == [tuple(ref[0] for ref in manifest["layers"])]
+    assert [env.layers for env in list_envs(cache)] == [tuple(layers.values())]
 
 
 def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
