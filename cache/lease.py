@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from envmgr.cache.layout import lease_key
-from envmgr.cache.store import RecordTooLargeError, Store
+from envmgr.cache.store import NotARecordError, Store, head
 from envmgr.fs import pid_alive
 
 __all__ = [
@@ -119,14 +119,15 @@ def _period(value: object) -> float:
 
 
 def lease_bytes(store: Store, key: str) -> bytes | None:
-    """The lease object at *key*, ``None`` when there is none. One too large to be a lease
-    reads as a marker and its first KiB: unreadable, so stale at once like any broken lease
+    """The lease object at *key*, ``None`` when there is none. One that cannot be a lease
+    (too large, or not a regular file) reads as a marker and what can be read of its first
+    KiB: unreadable, so stale at once like any broken lease
     (a broken object never blocks builds), and the same bytes each time it is read, so it is
     taken over only while it has not changed."""
     try:
         return store.get(key, limit=LEASE_BYTES)
-    except RecordTooLargeError:
-        return b"\0too large: " + (store.get(key, (0, 1023)) or b"")
+    except NotARecordError:
+        return b"\0not a lease: " + head(store, key, 1024)
 
 
 def read_lease(store: Store, env_id: str) -> LeaseInfo | None:

@@ -32,7 +32,7 @@ from typing import Literal
 from envmgr.cache.layout import lease_key
 from envmgr.cache.lease import STALE_PERIODS, LeaseInfo, lease_bytes
 from envmgr.cache.names import BadName, list_aliases
-from envmgr.cache.store import Entry, RecordTooLargeError, Store, get_remade
+from envmgr.cache.store import Entry, NotARecordError, Store, get_remade
 from envmgr.cache.usage import read_use
 from envmgr.ids import BadIdError, is_env_id, parse_env_id, parse_layer_id, parse_platform
 
@@ -291,11 +291,11 @@ def _env(
 
 
 def _manifest_bytes(store: Store, key: str) -> bytes | None:
-    """An env manifest's bytes for gc; one too large to be a manifest reads as a damaged one
+    """An env manifest's bytes for gc; one that cannot be a manifest reads as a damaged one
     (``None``), so one hostile object does not stop gc for the whole store."""
     try:
         return store.get(key)
-    except RecordTooLargeError:
+    except NotARecordError:
         return None
 
 

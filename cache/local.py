@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
+from envmgr.cache.store import (
+    RECORD_BYTES,
+    Entry,
+    NotARecordError,
+    StoreError,
+    check_key,
+    too_large,
+)
 from envmgr.fs import open_regular, temp_beside
 
 __all__ = ["LocalStore"]
@@ -65,7 +72,7 @@ class LocalStore:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            raise StoreError(
+            raise NotARecordError(
                 self.url,
                 key,
                 "not a regular file (a device, a pipe or a directory)",

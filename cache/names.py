@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from envmgr.cache import Store
 from envmgr.cache.layout import name_key
-from envmgr.cache.store import RECORD_BYTES, RecordTooLargeError
+from envmgr.cache.store import NotARecordError, head
 from envmgr.errors import EnvmgrError
 from envmgr.ids import BadIdError, looks_like_id, parse_env_id, parse_platform
 
@@ -199,16 +199,13 @@ def list_aliases(
         alias_name, tag = "/".join(parts[:-1]), parts[-1]
         try:
             raw = store.get(key)
-        except RecordTooLargeError:
+        except NotARecordError as exc:
             if bad is None:
                 raise
-            # Like any other object that is not a name entry: skipped, its first MiB kept
-            # for gc, which keeps every env it mentions.
-            head = store.get(key, (0, (1 << 20) - 1)) or b""
-            error = AliasError(
-                f"{store.url}/{key}: not an envmgr name entry (more than {RECORD_BYTES:,} bytes)"
-            )
-            bad.append(BadName(key=key, raw=head, error=error))
+            # Like any other object that is not a name entry: skipped, what can be read of
+            # its first MiB kept for gc, which keeps every env it mentions.
+            error = AliasError(f"{store.url}/{key}: not an envmgr name entry ({exc.cause})")
+            bad.append(BadName(key=key, raw=head(store, key, 1 << 20), error=error))
             continue
         if raw is None:
             continue

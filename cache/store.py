@@ -15,11 +15,13 @@ from envmgr.errors import EnvmgrError
 __all__ = [
     "RECORD_BYTES",
     "Entry",
+    "NotARecordError",
     "RecordTooLargeError",
     "Store",
     "StoreError",
     "check_key",
     "get_remade",
+    "head",
     "too_large",
 ]
 
@@ -38,6 +40,7 @@ class StoreError(EnvmgrError):
         super().__init__(f"{where}: {cause}", hint=hint)
         self.url = url
         self.key = key
+        self.cause = cause
 
 
 class Entry(NamedTuple):
@@ -48,8 +51,13 @@ class Entry(NamedTuple):
     modified: float
 
 
-class RecordTooLargeError(StoreError):
-    """An object read whole holds more than the reader's limit: not an envmgr record."""
+class NotARecordError(StoreError):
+    """An object that cannot be an envmgr record: larger than its reader's limit, or (in a
+    local store) not a regular file. Readers treat it as a damaged object of its kind."""
+
+
+class RecordTooLargeError(NotARecordError):
+    """An object read whole holds more than the reader's limit."""
 
 
 def too_large(url: str, key: str, limit: int) -> RecordTooLargeError:
@@ -57,19 +65,28 @@ def too_large(url: str, key: str, limit: int) -> RecordTooLargeError:
     return RecordTooLargeError(
         url,
         key,
-        f"the object holds more than {limit:,} bytes, far more than an envmgr record can be",
+        f"more than {limit:,} bytes, far more than an envmgr record can be",
         hint="something other than envmgr wrote it; delete the object or fix the store URL",
     )
 
 
 def get_remade(store: Store, key: str) -> bytes | None:
     """An object envmgr can make again (a cached lock, a wheel's metadata, a use marker), or
-    ``None`` when it is absent or too large to be envmgr's: then it is made again and
+    ``None`` when it is absent or cannot be envmgr's: then it is made again and
     replaced, as a damaged one is, instead of failing the command."""
     try:
         return store.get(key)
-    except RecordTooLargeError:
+    except NotARecordError:
         return None
+
+
+def head(store: Store, key: str, size: int) -> bytes:
+    """What can be read of the first *size* bytes of an object that is not a record, for
+    the readers that keep it as evidence (``b""`` when nothing can: a device, a pipe)."""
+    try:
+        return store.get(key, (0, size - 1)) or b""
+    except NotARecordError:
+        return b""
 
 
 def check_key(key: str) -> str:

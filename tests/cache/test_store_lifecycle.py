@@ -351,6 +351,10 @@ def test_a_name_or_lease_too_large_to_be_one_is_skipped_or_stale(world, tmp_path
         handle.write(b'{"format": 1, "envs": {"linux-64": "' + IDS["b"].encode() + b'"')
         handle.truncate(RECORD_BYTES + 1)
     store.put(lease_key(IDS["c"]), b"{" * (LEASE_BYTES + 1))
+    # Not regular files: a FIFO would block its reader. Made under tmp_path, and a FIFO,
+    # never a link to a device, where gc deletes (the lease).
+    os.mkfifo(store.root / "names" / "team" / "huge" / "fifo")
+    os.mkfifo(store.root / lease_key(IDS["f"]))
     _env(store, IDS["d"], built_days_ago=1)  # recent: kept, though gc cannot read its manifest
     with (store.root / manifest_key("linux-64", IDS["d"])).open("r+b") as handle:
         handle.truncate(RECORD_BYTES + 1)
@@ -359,13 +363,18 @@ def test_a_name_or_lease_too_large_to_be_one_is_skipped_or_stale(world, tmp_path
     names = envmgr_here("names", env=world)
     assert names.returncode == 0, names.stderr
     assert names.stderr.splitlines() == [
+        f"envmgr: warning: skipped {store.url}/names/team/huge/fifo: not an envmgr name entry "
+        "(not a regular file (a device, a pipe or a directory)) (gc keeps every env it "
+        "mentions)",
         f"envmgr: warning: skipped {store.url}/names/team/huge/x: not an envmgr name entry "
-        f"(more than {RECORD_BYTES:,} bytes) (gc keeps every env it mentions)"
+        f"(more than {RECORD_BYTES:,} bytes, far more than an envmgr record can be) (gc keeps "
+        "every env it mentions)",
     ]
     gc = envmgr_here("store", "gc", "--older-than", "30d", "--json", env=world)
     assert gc.returncode == 0, gc.stderr
     assert [e["env_id"] for e in json.loads(gc.stdout)["removed"]] == [IDS["c"]]
     assert not store.exists(lease_key(IDS["c"])) and huge.exists()
+    assert not (store.root / lease_key(IDS["f"])).exists()  # the FIFO lease was stale too
     store.put(lease_key(IDS["a"]), b"{" * (LEASE_BYTES + 1))
     info = read_lease(store, IDS["a"])
     assert info is not None and not info.readable
