@@ -8,7 +8,6 @@ links the temp file to the key, which fails if the key exists (atomic on POSIX f
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from envmgr.cache.store import (
     check_key,
     too_large,
 )
-from envmgr.fs import open_regular, temp_beside
+from envmgr.fs import NotRegularFileError, open_regular, temp_beside
 
 __all__ = ["LocalStore"]
 
@@ -66,12 +65,11 @@ class LocalStore:
     def _reader(self, key: str) -> IO[bytes]:
         """The object's file, opened for reading; only a regular file is an object (a key
         that is, or links to, a FIFO would block its reader forever, a device has no end):
-        anything else is a ``StoreError`` at once. ``FileNotFoundError`` when absent."""
+        anything else is a :class:`NotARecordError` at once. ``FileNotFoundError`` when
+        absent."""
         try:
             return open_regular(self._path(key))
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
+        except NotRegularFileError:
             raise NotARecordError(
                 self.url,
                 key,

@@ -113,8 +113,10 @@ class Store(Protocol):
         limit: int | None = RECORD_BYTES,
     ) -> bytes | None:
         """The object's bytes (or the inclusive *byte_range* of them); ``None`` if absent.
-        A whole object of more than *limit* bytes raises :class:`StoreError` (``None``: no
-        limit); the bytes are counted as they arrive, whatever size the store declares."""
+        A whole object of more than *limit* bytes raises :class:`RecordTooLargeError`
+        (``None``: no limit); the bytes are counted as they arrive, whatever size the store
+        declares. An object that cannot be read as one (a local key that is a FIFO) raises
+        :class:`NotARecordError`, which both are."""
         ...
 
     def put(self, key: str, data: bytes) -> None:

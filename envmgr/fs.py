@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["file_lock", "open_regular", "pid_alive", "read_small", "temp_beside", "write_atomic"]
+__all__ = [
+    "NotRegularFileError",
+    "file_lock",
+    "open_regular",
+    "pid_alive",
+    "read_small",
+    "temp_beside",
+    "write_atomic",
+]
 
 
 @contextlib.contextmanager
@@ -75,14 +83,18 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         raise
 
 
+class NotRegularFileError(OSError):
+    """A path that had to be a regular file is a FIFO, a device, a socket or a directory."""
+
+
 def open_regular(path: Path) -> IO[bytes]:
-    """*path* opened for reading if it is a regular file. ``OSError`` (``EINVAL``) when it
-    is not: a FIFO would block its reader forever, a device has no end, and neither is
-    ever a file envmgr wrote. It is checked on the open file, so a swap cannot slip in."""
+    """*path* opened for reading if it is a regular file, else :class:`NotRegularFileError`:
+    a FIFO would block its reader forever, a device has no end, and neither is ever a file
+    envmgr wrote. It is checked on the open file, so a swap cannot slip in between."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
