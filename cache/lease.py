@@ -121,9 +121,9 @@ def _period(value: object) -> float:
 def lease_bytes(store: Store, key: str) -> bytes | None:
     """The lease object at *key*, ``None`` when there is none. One that cannot be a lease
     (too large, or not a regular file) reads as a marker and what can be read of its first
-    KiB: unreadable, so stale at once like any broken lease
-    (a broken object never blocks builds), and the same bytes each time it is read, so it is
-    taken over only while it has not changed."""
+    KiB: unreadable, so stale at once like any broken lease (a broken object never blocks
+    builds), and the same bytes each time it is read, so it is taken over only while it
+    has not changed."""
     try:
         return store.get(key, limit=LEASE_BYTES)
     except NotARecordError:

@@ -32,7 +32,7 @@ from typing import Literal
 from envmgr.cache.layout import lease_key
 from envmgr.cache.lease import STALE_PERIODS, LeaseInfo, lease_bytes
 from envmgr.cache.names import BadName, list_aliases
-from envmgr.cache.store import Entry, NotARecordError, Store, get_remade
+from envmgr.cache.store import Entry, Store, get_record
 from envmgr.cache.usage import read_use
 from envmgr.ids import BadIdError, is_env_id, parse_env_id, parse_layer_id, parse_platform
 
@@ -269,7 +269,7 @@ def _env(
     state: State = "incomplete"
     if "manifest.json" in by_name:
         state = "complete"
-        created, layers = _manifest_facts(_manifest_bytes(store, by_name["manifest.json"].key))
+        created, layers = _manifest_facts(get_record(store, by_name["manifest.json"].key))
     if env_id in live:
         state = "building" if state == "incomplete" else state
     used = by_name.get("used.json")
@@ -280,7 +280,7 @@ def _env(
         state=state,
         size=sum(entry.size for entry in entries),
         created=created,
-        last_used=read_use(get_remade(store, used.key)) if used else "",
+        last_used=read_use(get_record(store, used.key)) if used else "",
         last_named=max((when for _ref, when in names), default=""),
         names=tuple(sorted(ref for ref, _when in names)),
         modified=max(entry.modified for entry in entries),
@@ -288,15 +288,6 @@ def _env(
         layers=layers,
         layer_size=sum(layer_sizes.get(layer, 0) for layer in layers),
     )
-
-
-def _manifest_bytes(store: Store, key: str) -> bytes | None:
-    """An env manifest's bytes for gc; one that cannot be a manifest reads as a damaged one
-    (``None``), so one hostile object does not stop gc for the whole store."""
-    try:
-        return store.get(key)
-    except NotARecordError:
-        return None
 
 
 def _manifest_facts(raw: bytes | None) -> tuple[str, tuple[str, ...]]:
@@ -413,7 +404,7 @@ def collect_layers(store: Store, plan: GcPlan, contents: StoreContents) -> tuple
     listed: set[str] = set()
     for entry in store.entries("envs/"):  # envs built since the scan (no clock compared)
         if entry.key.endswith("/manifest.json") and entry.key not in seen:
-            listed.update(_manifest_facts(_manifest_bytes(store, entry.key))[1])
+            listed.update(_manifest_facts(get_record(store, entry.key))[1])
     for env in contents.envs:  # and envs the scan saw, unless removed since
         if env.layers and store.exists(env.keys[0]):
             listed.update(env.layers)

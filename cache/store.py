@@ -20,7 +20,7 @@ __all__ = [
     "Store",
     "StoreError",
     "check_key",
-    "get_remade",
+    "get_record",
     "head",
     "too_large",
 ]
@@ -70,10 +70,11 @@ def too_large(url: str, key: str, limit: int) -> RecordTooLargeError:
     )
 
 
-def get_remade(store: Store, key: str) -> bytes | None:
-    """An object envmgr can make again (a cached lock, a wheel's metadata, a use marker), or
-    ``None`` when it is absent or cannot be envmgr's: then it is made again and
-    replaced, as a damaged one is, instead of failing the command."""
+def get_record(store: Store, key: str) -> bytes | None:
+    """A record whose reader copes with a damaged one (a cached lock, a wheel's metadata, a
+    use marker, an env manifest for gc), or ``None`` when it is absent or cannot be
+    envmgr's: the reader then does what it does for a damaged one (makes it again, or
+    judges without it) instead of failing the command on one hostile object."""
     try:
         return store.get(key)
     except NotARecordError:

@@ -20,7 +20,7 @@ from envmgr.archive.frames import workers
 from envmgr.build.bytecode import python_xy
 from envmgr.build.processes import run_shares
 from envmgr.cache import Store
-from envmgr.cache.store import get_remade
+from envmgr.cache.store import get_record
 from envmgr.errors import BuildError
 from envmgr.locks.lock import LockedPackage, PlatformLock, strip_credentials
 from envmgr.platforms import Platform
@@ -97,7 +97,7 @@ def _built_wheel(package: LockedPackage, store: Store | None, cache_dir: Path) -
     found = stored_wheel(store, package.sha256, local)
     if found is not None:
         return found
-    record = get_remade(store, f"wheels/{package.sha256}/build.json")
+    record = get_record(store, f"wheels/{package.sha256}/build.json")
     try:
         indexes = tuple(json.loads(record)["index_urls"]) if record else ()
     except (ValueError, KeyError, TypeError):

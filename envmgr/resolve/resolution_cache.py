@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from envmgr import profile
 from envmgr.cache import Store
 from envmgr.cache.layout import lock_key
-from envmgr.cache.store import get_remade
+from envmgr.cache.store import get_record
 from envmgr.channels import Credentials, make_gateway, split_credentials
 from envmgr.cuda import TORCH_FAMILY, torch_backend
 from envmgr.errors import EnvmgrError
@@ -130,7 +130,7 @@ def _cached(
     store: Store, spec_id: str, platform: Platform, vps: tuple[str, ...]
 ) -> PlatformLock | None:
     key = lock_key(spec_id, platform)
-    raw = get_remade(store, key)
+    raw = get_record(store, key)
     if raw is None:
         return None
     import json  # noqa: PLC0415

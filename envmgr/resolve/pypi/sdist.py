@@ -49,7 +49,7 @@ from urllib.parse import unquote, urlsplit
 
 from packaging.utils import parse_wheel_filename
 
-from envmgr.cache.store import get_remade
+from envmgr.cache.store import get_record
 from envmgr.fs import write_atomic
 from envmgr.locks.lock import strip_credentials, strip_credentials_in
 from envmgr.resolve.pypi.pep517 import (
@@ -226,7 +226,7 @@ class Sdists:
         if cached.is_file():
             return cached.read_bytes(), "cache"
         key = f"wheels/{dist.sha256}/METADATA"
-        stored = get_remade(self.store, key)
+        stored = get_record(self.store, key)
         if stored is not None:
             write_atomic(cached, stored)
             return stored, "store"
