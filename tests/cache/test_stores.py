@@ -128,6 +128,56 @@ def test_missing_credentials_are_reported_at_once_not_retried(s3_server, s3_buck
     assert "no credentials found" in out[0] and "after" not in out[0]  # no "after N attempts"
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "said", "fix"),
+    [
+        ("AWS_ENDPOINT_URL", "localhost:9000", "Invalid endpoint: localhost:9000", "a URL such as"),
+        ("AWS_ENDPOINT_URL_S3", "ftp://store", "`ftp://store` was not a valid URI", "a URL such"),
+        ("AWS_PROFILE", "nope", "profile (nope) could not be found", "AWS_PROFILE names"),
+        ("AWS_DEFAULT_REGION", "us east 1", "'us east 1' doesn't match", "set AWS_REGION"),
+    ],
+)
+def test_bad_aws_settings_are_one_line_at_once(monkeypatch, tmp_path, setting, value, said, fix):
+    """An AWS setting botocore cannot use is named in one StoreError with what to fix, and
+    never retried: an endpoint without its scheme took 12 s of retries, and then a
+    traceback, because the error's own report made the client again."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("ENVMGR_S3_RETRIES", "5")
+    monkeypatch.setenv(setting, value)
+    if setting == "AWS_ENDPOINT_URL_S3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    store = S3Store("s3://bucket/prefix")
+    for call in (lambda: store.get("locks/a"), lambda: store.put("locks/a", b"x")):
+        with pytest.raises(StoreError) as info:
+            call()
+        text = str(info.value)
+        assert "\n" not in text and "s3://bucket/prefix" in text, text
+        assert said in text and fix in text, text
+        assert "attempts" not in text, text  # not retried
+
+
+def test_the_s3_loader_keeps_aws_data_path_and_knows_s3_alone(monkeypatch, tmp_path):
+    """The client's data loader skips botocore's listing of every service, and still
+    searches AWS_DATA_PATH first, as botocore's own does."""
+    import botocore.session
+
+    from envmgr.cache.s3 import _s3_loader
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AWS_DATA_PATH", f"~/models{os.pathsep}{tmp_path / 'more'}")
+    loader = _s3_loader(botocore.session.Session())
+    assert loader.search_paths[:2] == [str(tmp_path / "models"), str(tmp_path / "more")]
+    assert loader.list_available_services("service-2") == ["s3"]
+    assert loader.list_available_services("no-such-type-1") == []
+    assert loader.load_service_model("s3", "service-2")["metadata"]["endpointPrefix"] == "s3"
+
+
 def test_temp_files_of_writers_killed_mid_write_are_swept(tmp_path):
     import os
     import socket

@@ -140,11 +140,12 @@ def test_an_empty_name_is_one_line_in_process_too(tmp_path, capsys):
 def test_a_cold_start_imports_neither_boto3_nor_s3transfer(pod, tmp_path):
     """botocore alone reads a store: boto3's import pulls in s3transfer, 0.1 s of every cold
     task start that only uploads (builds) use."""
+    # The bootstrap leaves through os._exit (no atexit): what was loaded is said on the way.
     entry = _ENTRY.replace(
         "runpy.run_module",
-        "import atexit; atexit.register(lambda: print('LOADED', sorted({m.split('.')[0] for m "
-        "in sys.modules} & {'boto3', 's3transfer', 'botocore'}), file=sys.stderr)); "
-        "runpy.run_module",
+        "import os; leave = os._exit; os._exit = lambda code: (print('LOADED', sorted({m.split("
+        "'.')[0] for m in sys.modules} & {'boto3', 's3transfer', 'botocore'}), file=sys.stderr,"
+        " flush=True), leave(code)); runpy.run_module",
     )
     done = subprocess.run(
         [str(pod["python"]), "-I", "-c", entry, str(pod["sandbox"]), "--store", pod["store"],
