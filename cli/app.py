@@ -37,6 +37,7 @@ _COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("alias", "names:alias_command", "envmgr alias flow.py:train team/pandas:candidate"),
     ("names", "names:names_command", "envmgr names team/pandas"),
     ("ls", "envs:ls_command", "envmgr ls --json"),
+    ("verify", "envs:verify_command", "envmgr verify --fix"),
     ("kernel", "kernel:kernel_command", "envmgr kernel flow.py:train --name train"),
     ("gc", "envs:gc_command", "envmgr gc --max-size 20G --older-than 14d"),
 )  # fmt: skip

@@ -1,4 +1,4 @@
-"""``envmgr hydrate``, ``run``, ``ls`` and ``gc``: envs on this machine."""
+"""``envmgr hydrate``, ``run``, ``ls``, ``verify`` and ``gc``: envs on this machine."""
 
 from __future__ import annotations
 
@@ -40,11 +40,13 @@ from envmgr.cli._targets import (
     load_target,
 )
 from envmgr.config import cache_dir, load
+from envmgr.errors import EnvmgrError
 from envmgr.ids import is_env_id, is_id_prefix
 from envmgr.platforms import host_platform
 from envmgr.resolve.resolution_cache import require_locked, resolve_specs
 from envmgr.worker.env_cache import (
     COMPLETE,
+    drop_layers,
     env_dir,
     exec_in_env,
     gc,
@@ -55,6 +57,7 @@ from envmgr.worker.env_cache import (
     record_steps,
 )
 from envmgr.worker.hydrate import hydrate
+from envmgr.worker.layers import LayerCheck, check_layers
 
 if TYPE_CHECKING:
     from envmgr.cache import Store
@@ -286,6 +289,101 @@ def ls_command(as_json: JsonOpt = False) -> None:
     for e in envs:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
         typer.echo(f"{e.env_id}  {e.size / 1e6:9.1f} MB  {used}  {', '.join(e.steps)}")
+
+
+def _problem(check: LayerCheck) -> str:
+    """What is wrong with a layer, in a few words and at most three paths of each kind."""
+    if check.unreadable:
+        return "its kept manifest is unreadable, so its files cannot be checked"
+
+    def some(paths: tuple[str, ...]) -> str:
+        return ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+
+    parts = []
+    if check.changed:
+        parts.append(f"written since it was unpacked: {some(check.changed)}")
+    if check.missing:
+        parts.append(f"gone: {some(check.missing)}")
+    if check.added:
+        parts.append(f"not its own: {some(check.added)}")
+    return "; ".join(parts)
+
+
+def verify_command(
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="Remove each changed layer and the envs linking to it (not ones in use): "
+            "the next hydrate fetches them again.",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check this host's package layers for files changed since they were unpacked.
+
+    Envs share their layers' files through hard links, read-only; root ignores that, so a
+    task running as root that writes into its env's files changes every env linking to
+    them. Exit 1 when a layer changed (and, with --fix, an env linking to it is in use).
+    """
+
+    checks = check_layers(cache_dir())
+    bad = [check for check in checks if not check.intact]
+    envs = list_envs(cache_dir()) if bad else []
+    users = {c.layer_id: sorted(e.env_id for e in envs if c.layer_id in e.layers) for c in bad}
+    removed, busy, dropped = drop_layers(cache_dir(), users) if fix and bad else ([], [], [])
+    if as_json:
+        emit_json(
+            {
+                "cache_dir": str(cache_dir()),
+                "layers_checked": len(checks),
+                "changed": [
+                    {
+                        "layer_id": check.layer_id,
+                        "package": check.package,
+                        "written": list(check.changed),
+                        "missing": list(check.missing),
+                        "added": list(check.added),
+                        "unreadable": check.unreadable,
+                        "envs": users[check.layer_id],
+                    }
+                    for check in bad
+                ],
+                "removed": [env.env_id for env in removed],
+                "in_use": [env.env_id for env in busy],
+                "removed_layers": dropped,
+            }
+        )
+        if bad and (not fix or busy):
+            raise typer.Exit(1)
+        return
+    for check in bad:
+        linked = ", ".join(users[check.layer_id]) or "no env"
+        typer.echo(
+            f"layer {check.layer_id} ({check.package or 'unknown package'}): {_problem(check)}; "
+            f"linked by {linked}"
+        )
+    for env in removed:
+        typer.echo(f"removed {env.env_id}")
+    for env in busy:
+        typer.echo(f"kept {env.env_id}: in use by a running command; run --fix again after it")
+    if dropped:
+        what = "layer" if len(dropped) == 1 else "layers"
+        typer.echo(f"removed {len(dropped)} changed package {what}; a hydrate fetches it again")
+    if not bad:
+        if not STATE.quiet:
+            what = "layer" if len(checks) == 1 else "layers"
+            typer.echo(f"{len(checks)} package {what} checked: none changed")
+        return
+    if not fix:
+        raise EnvmgrError(
+            f"{len(bad)} of {len(checks)} package layers in {cache_dir()} changed since they "
+            "were unpacked (a task running as root wrote into its env?)",
+            hint="`envmgr verify --fix` removes them and the envs linking to them; give such "
+            "tasks ENVMGR_LINK=copy",
+        )
+    if busy:
+        raise typer.Exit(1)
 
 
 def gc_command(

@@ -8,6 +8,7 @@ list means a list of such items, an object lists its keys (``"key?"`` may be abs
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ _TYPES: dict[str, Any] = {
 }
 
 
+@functools.cache
 def documented_shapes() -> dict[str, Any]:
     """``{"resolve": shape, "config show": shape, ...}`` from the README."""
     text = (ROOT / "README.md").read_text()
@@ -61,3 +63,11 @@ def problems(data: Any, shape: Any, where: str = "$") -> list[str]:
             continue
         out += problems(data[key], shape[spelled], f"{where}.{key}")
     return out
+
+
+def shaped(command: str, text: str) -> Any:
+    """*text*, the ``--json`` output of ``envmgr COMMAND``, parsed, once it is checked to
+    have the shape the README documents for it."""
+    data = json.loads(text)
+    assert problems(data, documented_shapes()[command]) == [], (command, data)
+    return data

@@ -32,6 +32,7 @@ __all__ = [
     "LAYERS",
     "LocalEnv",
     "complete_marker",
+    "drop_layers",
     "env_dir",
     "exec_in_env",
     "gc",
@@ -357,9 +358,38 @@ def gc_layers(cache_dir: Path) -> list[tuple[str, int]]:
                 continue  # a hydrate is assembling an env from it
             if path.name in {layer for env in list_envs(cache_dir) for layer in env.layers}:
                 continue  # published since we looked
-            size = _size(path)
-            doomed = path.with_name(f".tmp-{path.name}-gc-{os.getpid()}")
-            path.rename(check_under(doomed, cache_dir / "layers"))
-            shutil.rmtree(doomed, ignore_errors=True)  # read-only files, writable dirs
-            removed.append((path.name, size))
+            removed.append((path.name, _remove_layer(cache_dir, path)))
     return removed
+
+
+def _remove_layer(cache_dir: Path, path: Path) -> int:
+    """Unpublish the layer directory *path* (an atomic rename), delete it; returns its bytes.
+    Envs linking its files keep them: a link outlives the name it was made from."""
+    size = _size(path)
+    doomed = path.with_name(f".tmp-{path.name}-gc-{os.getpid()}")
+    path.rename(check_under(doomed, cache_dir / "layers"))
+    shutil.rmtree(doomed, ignore_errors=True)  # read-only files, writable dirs
+    return size
+
+
+def drop_layers(
+    cache_dir: Path, layer_ids: Iterable[str]
+) -> tuple[list[LocalEnv], list[LocalEnv], list[str]]:
+    """Remove the layers *layer_ids* and every env linking to one of them, so the next
+    hydrate fetches them again; an env in use stays (its task goes on with the files it
+    has), and so does a layer a hydrate is assembling from. Returns (envs removed, envs kept
+    because in use, layers removed)."""
+    doomed = set(layer_ids)
+    removed: list[LocalEnv] = []
+    busy: list[LocalEnv] = []
+    for env in list_envs(cache_dir):
+        if doomed.intersection(env.layers):
+            (removed if _try_remove(cache_dir, env) else busy).append(env)
+    layers = []
+    for path in _layer_dirs(cache_dir):
+        if path.name in doomed:
+            with _unused(layer_use_lock(cache_dir, path.name)) as free:
+                if free:
+                    _remove_layer(cache_dir, path)
+                    layers.append(path.name)
+    return removed, busy, layers

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from envmgr.archive.extract import write_file
 from envmgr.archive.frames import workers
@@ -36,14 +37,16 @@ from envmgr.archive.manifest import ArchiveError, LayerRef, Manifest, Relocation
 from envmgr.cache.layout import layer_manifest_key
 from envmgr.cache.store import Store
 from envmgr.fs import file_lock, read_small
-from envmgr.ids import check_under, parse_layer_id
+from envmgr.ids import check_under, is_env_id, parse_layer_id
 from envmgr.worker.env_cache import COMPLETE, layer_use_lock
 
 __all__ = [
     "FAR",
     "LAYER_MANIFEST",
     "Assembly",
+    "LayerCheck",
     "LayerLookups",
+    "check_layers",
     "fetch_layer_manifests",
     "held_layer",
     "layer_dir",
@@ -200,6 +203,74 @@ def held_layer(cache_dir: Path, ref: LayerRef) -> Manifest | None:
     if manifest is None or published_layer(cache_dir, manifest) is None:
         return None
     return manifest
+
+
+class LayerCheck(NamedTuple):
+    """What :func:`check_layers` found of one layer on this host."""
+
+    layer_id: str
+    package: str  #: as its kept manifest names it; "" when that is unreadable
+    changed: tuple[str, ...]  #: files written since the layer was published
+    missing: tuple[str, ...]  #: files and links of its manifest it no longer has
+    added: tuple[str, ...]  #: files and links its manifest does not list
+    unreadable: bool = False  #: its kept manifest is unreadable: nothing could be checked
+
+    @property
+    def intact(self) -> bool:
+        return not (self.changed or self.missing or self.added or self.unreadable)
+
+
+def check_layers(cache_dir: Path) -> list[LayerCheck]:
+    """Each published layer on this host checked against the manifest kept in its
+    directory, which was written after every file of it: a file whose modification time is
+    later was written since (root ignores the read-only modes, so a task running as root
+    that writes into its env's files writes into the layer, and into every env linking to
+    it); a file or link the manifest lists must be there, and nothing else. A layer whose
+    kept manifest is unreadable cannot be checked and is said so."""
+    found = []
+    root = cache_dir / "layers"
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        if is_env_id(directory.name) and (directory / COMPLETE).is_file():
+            found.append(_check_layer(directory))
+    return found
+
+
+def _check_layer(directory: Path) -> LayerCheck:
+    kept = directory / LAYER_MANIFEST
+    try:
+        written = os.lstat(kept).st_mtime_ns
+        manifest = Manifest.from_dict(
+            json.loads(read_small(kept, _KEPT_MANIFEST_BYTES)), where=str(kept)
+        )
+    except (OSError, ValueError, ArchiveError):
+        return LayerCheck(directory.name, "", (), (), (), unreadable=True)
+    if manifest.layer is None or manifest.env_id != directory.name:
+        return LayerCheck(directory.name, "", (), (), (), unreadable=True)
+    changed: list[str] = []
+    present: set[str] = set()
+    todo = [(str(directory), "")]
+    while todo:
+        here, rel = todo.pop()
+        with os.scandir(here) as entries:
+            for entry in entries:
+                key = f"{rel}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append((entry.path, f"{key}/"))
+                    continue
+                if not rel and entry.name in (COMPLETE, LAYER_MANIFEST):
+                    continue
+                present.add(key)
+                written_since = entry.stat(follow_symlinks=False).st_mtime_ns > written
+                if written_since and entry.is_file(follow_symlinks=False):
+                    changed.append(key)
+    listed = set(manifest.paths)
+    return LayerCheck(
+        directory.name,
+        manifest.layer.package,
+        tuple(sorted(changed)),
+        tuple(sorted(listed - present)),
+        tuple(sorted(present - listed)),
+    )
 
 
 def published_layer(cache_dir: Path, manifest: Manifest) -> Path | None:

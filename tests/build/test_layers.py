@@ -17,7 +17,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from _helpers import fixture_options
+from _helpers import envmgr_here, fixture_options
+from _shapes import shaped
 
 import envmgr.build.layers
 from envmgr.archive.manifest import ArchiveError
@@ -323,6 +324,76 @@ def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stor
         layer_manifest_key(layers[name]) for name in ("python", "six", "tabulate")
     )
     assert _tree(again.prefix, ()) == before
+
+
+def test_verify_names_a_file_written_through_a_link_and_fix_fetches_it_again(locks, tmp_path):
+    """Root ignores read-only modes: a task that writes into its env's linked file writes
+    into the layer and every env linking it. ``envmgr verify`` names the layer, the file
+    and the envs, exit 1; ``--fix`` removes them (not an env in use) and the next hydrate
+    has the original bytes; a file gone from a layer, one added, and a kept manifest that
+    is unreadable are named too."""
+    lock, store, cache, first, layers = _held_small(locks, tmp_path)
+    world = {**os.environ, "ENVMGR_CACHE_DIR": str(cache)}
+    clean = envmgr_here("verify", env=world)
+    assert (clean.returncode, clean.stderr) == (0, ""), clean.stderr
+    assert clean.stdout == f"{len(layers)} package layers checked: none changed\n"
+    # Another env (a copy of the first's links, as a second hydrate would make) that is in use.
+    other = cache / "envs" / ("e" * 32)
+    shutil.copytree(first.prefix, other, copy_function=os.link, symlinks=True)
+    layer = cache / "layers" / layers["tabulate"]
+    rel = next(p for p in sorted(layer.rglob("*.py")) if p.is_file()).relative_to(layer)
+    written = first.prefix / rel
+    original = written.read_bytes()
+    assert written.stat().st_ino == (layer / rel).stat().st_ino  # one file, linked
+    kept = (layer / LAYER_MANIFEST).stat().st_mtime_ns
+    written.chmod(0o644)  # what root needs not do
+    with written.open("ab") as out:
+        out.write(b"# changed by a task\n")
+    os.utime(written, ns=(kept + 10**9, kept + 10**9))  # a clock tick later, however coarse
+    assert (layer / rel).read_bytes().endswith(b"# changed by a task\n")
+    six = cache / "layers" / layers["six"]
+    gone = next(p for p in sorted(six.rglob("*.py")) if p.is_file())
+    gone_rel = gone.relative_to(six)
+    gone.chmod(0o644)
+    gone.unlink()
+    (six / "stray.txt").write_text("not the package's")
+    (cache / "layers" / layers["python"] / LAYER_MANIFEST).write_text("{not json")
+
+    found = envmgr_here("verify", env=world)
+    assert found.returncode == 1, found.stderr
+    lines = found.stdout.splitlines()
+    assert len(lines) == 3, found.stdout
+    both = ", ".join(sorted([lock.env_id, other.name]))
+    said = {line.split()[1]: line for line in lines}
+    assert f"written since it was unpacked: {rel}" in said[layers["tabulate"]]
+    assert said[layers["tabulate"]].endswith(f"linked by {both}"), said
+    assert (
+        f"gone: {gone_rel}" in said[layers["six"]]
+        and "not its own: stray.txt" in said[layers["six"]]
+    )
+    assert "kept manifest is unreadable" in said[layers["python"]]
+    assert found.stderr.startswith("envmgr: error: 3 of ") and "verify --fix" in found.stderr
+    assert len(found.stderr.splitlines()) == 1
+    as_json = shaped("verify", envmgr_here("verify", "--json", env=world).stdout)
+    assert {c["layer_id"] for c in as_json["changed"]} == {
+        layers[n] for n in ("tabulate", "six", "python")
+    }
+
+    from envmgr.worker.env_cache import hold_for_use
+
+    with hold_for_use(cache, other.name):
+        fixed = envmgr_here("verify", "--fix", env=world)
+    assert fixed.returncode == 1, fixed.stderr  # the env in use stays, said so
+    assert f"removed {lock.env_id}" in fixed.stdout and f"kept {other.name}: in use" in fixed.stdout
+    assert "removed 3 changed package layers" in fixed.stdout
+    assert not first.prefix.exists() and other.is_dir()
+    assert (other / rel).read_bytes().endswith(b"# changed by a task\n")  # its own links
+    assert envmgr_here("verify", env=world).returncode == 0  # the layers that were left
+    again = hydrate(lock.env_id, store, cache, platform="linux-64")
+    assert again.layers_fetched == 3
+    assert (again.prefix / rel).read_bytes() == original
+    assert (again.prefix / gone_rel).is_file()
+    assert envmgr_here("verify", env=world).returncode == 0
 
 
 def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):

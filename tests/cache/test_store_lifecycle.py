@@ -12,7 +12,7 @@ import time
 
 import pytest
 from _helpers import envmgr_here, run_envmgr, s3_env
-from _shapes import documented_shapes, problems
+from _shapes import shaped
 
 from envmgr.cache.layout import (
     archive_key,
@@ -31,7 +31,6 @@ from envmgr.cache.names import set_alias
 from envmgr.cache.store import RECORD_BYTES
 
 DAY = 86400.0
-SHAPES = documented_shapes()
 
 
 def _stamp(seconds_ago: float) -> str:
@@ -183,12 +182,6 @@ def test_an_incomplete_upload_without_a_lease_goes_after_a_day(tmp_path):
     old = time.time() - 2 * DAY
     os.utime(store.root / archive_key("linux-64", IDS["b"]), (old, old))
     assert [e.env_id for e in plan_gc(scan(store), older_than=90 * DAY).remove] == [IDS["b"]]
-
-
-def shaped(command: str, text: str) -> dict:
-    data = json.loads(text)
-    assert problems(data, SHAPES[command]) == [], (command, data)
-    return data
 
 
 def test_store_commands_on_s3_as_a_user_runs_them(world, s3_server, s3_bucket, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from _helpers import envmgr_here, run_envmgr
-from _shapes import documented_shapes, problems
+from _shapes import documented_shapes, shaped
 from typer.testing import CliRunner
 
 from envmgr.cache.local import LocalStore
@@ -31,12 +31,6 @@ def sub(*args: str, env: dict[str, str] | None = None) -> Any:
 def invoke(*args: str) -> Any:
     """The command in this process; an ``EnvmgrError`` comes back as ``result.exception``."""
     return CliRunner().invoke(app, list(args))
-
-
-def shaped(command: str, text: str) -> dict[str, Any]:
-    data = json.loads(text)
-    assert problems(data, SHAPES[command]) == [], (command, data)
-    return data
 
 
 def test_the_readme_documents_a_shape_for_every_json_command():

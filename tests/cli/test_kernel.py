@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from _helpers import run_envmgr
-from _shapes import documented_shapes, problems
+from _shapes import shaped
 
 from fixtures.pypi_index import PypiIndexServer
 from fixtures.wheels import fetch_kernel_wheels, fetch_wheels
@@ -52,12 +52,6 @@ finally:
     client.stop_channels()
     manager.shutdown_kernel(now=True)
 """
-
-
-def shaped(command: str, text: str) -> dict:
-    data = json.loads(text)
-    assert problems(data, documented_shapes()[command]) == [], data
-    return data
 
 
 @pytest.fixture(scope="module")
