@@ -53,7 +53,7 @@ class Mirror(Protocol):
     """Places each member an extractor wrote into a second tree as well (a host's layer is
     unpacked into its cache and into the env being assembled from it in one pass)."""
 
-    def file(self, name: str, source: str, data: bytes | None) -> None:
+    def file(self, name: str, source: str, data: bytes | memoryview | None) -> None:
         """*name* was written at *source*; *data* is its content when it was read whole."""
 
     def symlink(self, name: str, link: str) -> None:
@@ -261,13 +261,13 @@ class _Tree:
         self.make_dir(parent)
 
 
-def write_file(target: Path | str, data: bytes | IO[bytes], mode: int) -> None:
+def write_file(target: Path | str, data: bytes | memoryview | IO[bytes], mode: int) -> None:
     """Create *target* with its final *mode* and write *data*: one open, the writes, one
     close (no buffered file object, whose isatty/lseek probes and a chmod after would cost
     three more system calls per file; *mode* is already within the umask and owner-rw)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        if isinstance(data, bytes):
+        if isinstance(data, bytes | memoryview):
             _write_all(fd, data)
         else:
             while chunk := data.read(READ_SIZE):
@@ -276,7 +276,7 @@ def write_file(target: Path | str, data: bytes | IO[bytes], mode: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -457,10 +457,12 @@ def _from_layers(
                 fetched += new
                 layer = jobs[job]
                 assembly.add(layer, directory, mirrored=new and layer.env_id in mirrored)
+            assembly.settle()
             assembly.add(manifest, last.result())
             relocations, linked, copied = assembly.finish(manifest)
         except BaseException:
             stop.set()
+            assembly.abandon()
             if last is not None:
                 last.cancel()
             for pending in jobs:

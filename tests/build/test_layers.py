@@ -141,6 +141,79 @@ def test_a_layered_env_is_the_env_one_install_makes(mixed_lock, tmp_path):
     assert ran.stdout.strip() == str(hydrated.prefix), ran.stderr
 
 
+def _helpers_started(monkeypatch) -> list:
+    """Every link helper a hydrate starts from now on."""
+    started: list = []
+    real = envmgr.worker.layers._LinkHelper.start
+
+    def start():
+        helper = real()
+        started.append(helper)
+        return helper
+
+    monkeypatch.setattr(envmgr.worker.layers._LinkHelper, "start", staticmethod(start))
+    return started
+
+
+def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_path, monkeypatch):
+    """The links of the layers a hydrate fetches are made by a helper process once there are
+    many (here: from the first file on), else in this process: the same env either way,
+    each file a link to its layer's copy; a helper that dies at once, or that says it
+    failed, leaves its links to this process."""
+    store = _layered_store(mixed_lock, tmp_path)
+    started = _helpers_started(monkeypatch)
+    trees, counts = {}, {}
+    dying = "import sys; sys.exit(3)"
+    failing = "import sys; sys.stdin.buffer.read(); sys.stdout.write('0 0 18')"  # EXDEV
+    for name, files, child in (  # names of one length: the binary prefix pads to it
+        ("here", 10**9, None),
+        ("help", 0, None),
+        ("dies", 0, dying),
+        ("fail", 0, failing),
+    ):
+        monkeypatch.setattr(envmgr.worker.layers, "_HELPER_FILES", files)
+        if child is not None:
+            monkeypatch.setattr(envmgr.worker.layers, "_HELPER", child)
+        result = hydrate(mixed_lock.env_id, store, tmp_path / name, platform="linux-64")
+        trees[name] = _tree(result.prefix, (PLACEHOLDER,))
+        counts[name] = (result.layers_fetched, result.linked, result.copied)
+        numpy_init = next(result.prefix.rglob("numpy/__init__.py"))
+        assert numpy_init.stat().st_nlink == 2, name  # the env's and its layer's
+    assert trees["help"] == trees["here"] == trees["dies"] == trees["fail"]
+    assert counts["help"] == counts["here"] == counts["dies"] == counts["fail"]
+    assert counts["here"][1] > 4000
+    assert len(started) == 3 and all(h.proc.returncode is not None for h in started)
+    assert [h.proc.returncode for h in started] == [0, 3, 0]
+
+
+def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path, monkeypatch):
+    """An env directory on another file system than the layers (a cache whose envs/ is a
+    link to a tmpfs): the helper's first link fails with EXDEV, and every file is copied
+    here instead."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's temp dir")
+    import tempfile
+
+    lock = locks["small"]
+    store = _layered_store(lock, tmp_path)
+    started = _helpers_started(monkeypatch)
+    monkeypatch.setattr(envmgr.worker.layers, "_HELPER_FILES", 0)
+    elsewhere = Path(tempfile.mkdtemp(prefix="envmgr-test-envs-", dir="/dev/shm"))
+    try:
+        cache = tmp_path / "host"
+        cache.mkdir()
+        (cache / "envs").symlink_to(elsewhere)
+        result = hydrate(lock.env_id, store, cache, platform="linux-64")
+        assert result.linked == 0 and result.copied > 100
+        assert started and started[0].proc.returncode == 0
+        code = "import tabulate, six; print('ok')"
+        ran = subprocess.run([result.python, "-c", code], capture_output=True, text=True)
+        assert ran.stdout == "ok\n", ran.stderr
+    finally:
+        shutil.rmtree(elsewhere)
+
+
 def test_two_packages_writing_one_path_assemble_as_one_install(locks, tmp_path):
     """The clobbering pair: the shared path holds what one install gives (the first
     package's), and each package's layer is the layer it has alone."""
@@ -509,7 +582,9 @@ class _Trickle(io.RawIOBase):
         super().close()
 
 
-def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, tmp_path):
+def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(
+    locks, tmp_path, monkeypatch
+):
     """Ctrl-C while the layers trickle in (python's alone would take half an hour): the
     hydrate stops at the downloads' next read, not when they end (before, it waited for
     them: here 20 s, when the trickle ends), and leaves no env, no layer, no temp dir."""
@@ -530,6 +605,8 @@ def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, t
         os.kill(os.getpid(), signal.SIGINT)
 
     cache = tmp_path / "host"
+    monkeypatch.setattr(envmgr.worker.layers, "_HELPER_FILES", 0)  # a helper from the start
+    started = _helpers_started(monkeypatch)
     # As at a terminal, even when the suite was started in the background (SIGINT ignored).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, ctrl_c)
@@ -545,6 +622,7 @@ def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(locks, t
     assert not (cache / "envs" / lock.env_id).exists()
     layers = cache / "layers"
     assert [p.name for p in layers.iterdir() if p.name != ".locks"] == []
+    assert all(helper.proc.returncode is not None for helper in started)  # none left running
 
 
 def test_a_large_layer_comes_down_over_ranged_streams(
