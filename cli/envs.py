@@ -332,6 +332,8 @@ def verify_command(
     envs = list_envs(cache_dir()) if bad else []
     users = {c.layer_id: sorted(e.env_id for e in envs if c.layer_id in e.layers) for c in bad}
     removed, busy, dropped = drop_layers(cache_dir(), users) if fix and bad else ([], [], [])
+    # With --fix, what is left: an env a command runs in, a layer a hydrate assembles from.
+    kept = [c.layer_id for c in bad if c.layer_id not in dropped] if fix else []
     if as_json:
         emit_json(
             {
@@ -354,7 +356,7 @@ def verify_command(
                 "removed_layers": dropped,
             }
         )
-        if bad and (not fix or busy):
+        if bad and (not fix or busy or kept):
             raise typer.Exit(1)
         return
     for check in bad:
@@ -367,6 +369,8 @@ def verify_command(
         typer.echo(f"removed {env.env_id}")
     for env in busy:
         typer.echo(f"kept {env.env_id}: in use by a running command; run --fix again after it")
+    for layer_id in kept:
+        typer.echo(f"kept layer {layer_id}: a hydrate is linking from it; run --fix again after it")
     if dropped:
         what = "layer" if len(dropped) == 1 else "layers"
         typer.echo(f"removed {len(dropped)} changed package {what}; a hydrate fetches it again")
@@ -382,7 +386,7 @@ def verify_command(
             hint="`envmgr verify --fix` removes them and the envs linking to them; give such "
             "tasks ENVMGR_LINK=copy",
         )
-    if busy:
+    if busy or kept:
         raise typer.Exit(1)
 
 

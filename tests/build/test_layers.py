@@ -453,14 +453,22 @@ def test_verify_names_a_file_written_through_a_link_and_fix_fetches_it_again(loc
     }
 
     from envmgr.worker.env_cache import hold_for_use
+    from envmgr.worker.layers import using_layers
 
-    with hold_for_use(cache, other.name):
+    # An env a command runs in, and a layer a hydrate links from, stay; both are said.
+    with hold_for_use(cache, other.name), using_layers(cache, [layers["six"]]):
         fixed = envmgr_here("verify", "--fix", env=world)
-    assert fixed.returncode == 1, fixed.stderr  # the env in use stays, said so
+    assert fixed.returncode == 1, fixed.stderr
     assert f"removed {lock.env_id}" in fixed.stdout and f"kept {other.name}: in use" in fixed.stdout
-    assert "removed 3 changed package layers" in fixed.stdout
+    assert f"kept layer {layers['six']}: a hydrate is linking from it" in fixed.stdout
+    assert "removed 2 changed package layers" in fixed.stdout
     assert not first.prefix.exists() and other.is_dir()
     assert (other / rel).read_bytes().endswith(b"# changed by a task\n")  # its own links
+    assert envmgr_here("verify", env=world).returncode == 1  # six's layer is still changed
+    done = envmgr_here("verify", "--fix", env=world)
+    assert done.returncode == 0, done.stdout
+    assert f"removed {other.name}" in done.stdout
+    assert "removed 1 changed package layer;" in done.stdout
     assert envmgr_here("verify", env=world).returncode == 0  # the layers that were left
     again = hydrate(lock.env_id, store, cache, platform="linux-64")
     assert again.layers_fetched == 3
