@@ -392,7 +392,11 @@ class _LinkHelper:
 
     @classmethod
     def start(cls) -> _LinkHelper | None:
-        """A helper, or ``None`` when none can start (no interpreter to run it)."""
+        """A helper, or ``None`` when none can start: no interpreter to run it (this process
+        may be embedded in a program that is no python, whose ``sys.executable`` is that
+        program)."""
+        if not Path(sys.executable or "-").name.startswith(("python", "pypy")):
+            return None
         try:
             return cls()
         except (OSError, ValueError):

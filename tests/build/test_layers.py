@@ -184,6 +184,12 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
     assert counts["here"][1] > 4000
     assert len(started) == 3 and all(h.proc.returncode is not None for h in started)
     assert [h.proc.returncode for h in started] == [0, 3, 0]
+    # Embedded in a program that is no python, whose sys.executable is that program.
+    monkeypatch.setattr(sys, "executable", "/opt/app/bin/uwsgi")
+    assert envmgr.worker.layers._LinkHelper.start() is None
+    result = hydrate(mixed_lock.env_id, store, tmp_path / "uwsg", platform="linux-64")
+    assert (result.layers_fetched, result.linked, result.copied) == counts["here"]
+    assert len(started) > 4 and all(helper is None for helper in started[3:])
 
 
 def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path, monkeypatch):
