@@ -324,7 +324,8 @@ def verify_command(
 
     Envs share their layers' files through hard links, read-only; root ignores that, so a
     task running as root that writes into its env's files changes every env linking to
-    them. Exit 1 when a layer changed (and, with --fix, an env linking to it is in use).
+    them. Exit 1 when a layer changed (with --fix: when an env linking to it is in use, or
+    a hydrate is linking from it).
     """
 
     checks = check_layers(cache_dir())
@@ -372,8 +373,8 @@ def verify_command(
     for layer_id in kept:
         typer.echo(f"kept layer {layer_id}: a hydrate is linking from it; run --fix again after it")
     if dropped:
-        what = "layer" if len(dropped) == 1 else "layers"
-        typer.echo(f"removed {len(dropped)} changed package {what}; a hydrate fetches it again")
+        what, it = ("layer", "it") if len(dropped) == 1 else ("layers", "them")
+        typer.echo(f"removed {len(dropped)} changed package {what}; a hydrate fetches {it} again")
     if not bad:
         if not STATE.quiet:
             what = "layer" if len(checks) == 1 else "layers"

@@ -376,8 +376,8 @@ class _LinkHelper:
     Each ``link(2)`` made here gives up the GIL and takes it back, a handover whenever a
     thread unpacking another layer waits for it: torch's 35,000 links cost 107,000 futex
     calls against one archive's 47,000. The helper makes them off this process's GIL while
-    the other layers unpack (torch from loopback on 2 cores, 6 rounds: 2.85 s against
-    2.95 s, one archive 2.76 s). It only links; what it could not link (another file system,
+    the other layers unpack (torch from loopback on 2 cores, 6 rounds: 2.84 s against
+    3.00 s, one archive 2.75 s). It only links; what it could not link (another file system,
     a full disk) is placed here, by :class:`_Linker`, with its errors."""
 
     def __init__(self) -> None:
