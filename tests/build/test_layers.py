@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -190,6 +191,34 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
     result = hydrate(mixed_lock.env_id, store, tmp_path / "uwsg", platform="linux-64")
     assert (result.layers_fetched, result.linked, result.copied) == counts["here"]
     assert len(started) > 4 and all(helper is None for helper in started[3:])
+
+
+def test_the_link_helper_ends_when_its_hydrate_is_killed(tmp_path):
+    """kill -9 of a hydrate leaves no link helper behind: its input ends, and it stops."""
+    code = (
+        "import sys, time; from envmgr.worker.layers import _LinkHelper\n"
+        "helper = _LinkHelper.start(); print(helper.proc.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        helper = int(parent.stdout.readline())  # type: ignore[union-attr]
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        stat_file = Path(f"/proc/{helper}/stat")
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
+                    time.sleep(0.05)
+                    continue
+            break  # gone, or a zombie nobody reaped: it ended
+        else:
+            os.kill(helper, signal.SIGKILL)  # ours: the test's own grandchild
+            pytest.fail("the link helper outlived its hydrate by 10 s")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
 
 
 def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path, monkeypatch):
