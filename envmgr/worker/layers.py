@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import threading
 import time
@@ -251,21 +250,13 @@ def _check_layer(directory: Path) -> LayerCheck:
         return LayerCheck(directory.name, "", (), (), (), unreadable=True)
     changed: list[str] = []
     present: set[str] = set()
-    todo = [(str(directory), "")]
-    while todo:
-        here, rel = todo.pop()
-        with os.scandir(here) as entries:
-            for entry in entries:
-                key = f"{rel}{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append((entry.path, f"{key}/"))
-                    continue
-                if not rel and entry.name in (COMPLETE, LAYER_MANIFEST):
-                    continue
-                present.add(key)
-                written_since = entry.stat(follow_symlinks=False).st_mtime_ns > written
-                if written_since and entry.is_file(follow_symlinks=False):
-                    changed.append(key)
+    for key, entry in _layer_entries(directory):
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        present.add(key)
+        written_since = entry.stat(follow_symlinks=False).st_mtime_ns > written
+        if written_since and entry.is_file(follow_symlinks=False):
+            changed.append(key)
     listed = set(manifest.paths)
     return LayerCheck(
         directory.name,
@@ -381,6 +372,8 @@ class _LinkHelper:
     a full disk) is placed here, by :class:`_Linker`, with its errors."""
 
     def __init__(self) -> None:
+        import subprocess  # noqa: PLC0415 - only a large hydrate needs it, not a worker's start
+
         self.sent: list[tuple[str, str, list[str]]] = []
         self.broken = False
         self.proc = subprocess.Popen(
@@ -431,8 +424,9 @@ class _LinkHelper:
         words = said.split()
         made = 0
         if code == 0 and 1 <= len(words) <= 3 and all(word.isdigit() for word in words):
-            made = min(int(words[0]), sum(len(names) for _s, _d, names in self.sent))
-            if len(words) == 1 and made == sum(len(names) for _s, _d, names in self.sent):
+            total = sum(len(names) for _source, _dest, names in self.sent)
+            made = min(int(words[0]), total)
+            if len(words) == 1 and made == total:
                 return made, []
         pairs = [(f"{s}/{n}", f"{d}/{n}") for s, d, names in self.sent for n in names]
         return made, pairs[made:]
@@ -498,31 +492,39 @@ def _replace_with_symlink(link: str, target: str) -> None:
     os.symlink(link, target)
 
 
+def _layer_entries(directory: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every directory, file and link below the layer *directory* with its path relative to
+    it, a directory before what it holds; not the layer's own markers. str paths and
+    scandir (its entries know their type): this runs once per file of an env, 35,000 times
+    for torch."""
+    todo = [(str(directory), "")]
+    while todo:
+        here, rel = todo.pop()
+        with os.scandir(here) as entries:
+            for entry in entries:
+                key = f"{rel}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    yield key, entry
+                    todo.append((entry.path, f"{key}/"))
+                elif rel or entry.name not in (COMPLETE, LAYER_MANIFEST):
+                    yield key, entry
+
+
 def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> list[str]:
     """Every directory, file and link of *source* into *dest* (files by *linker*; those in
     *copy* always copied); returns the files and links placed (relative paths)."""
     placed: list[str] = []
-    # str paths and scandir (its entries know their type): this runs once per file of an
-    # env, 35,000 times for torch.
-    todo = [(str(source), str(dest), "")]
-    while todo:
-        here, there, rel = todo.pop()
-        with os.scandir(here) as entries:
-            for entry in entries:
-                key = f"{rel}{entry.name}"
-                target = f"{there}/{entry.name}"
-                if entry.is_dir(follow_symlinks=False):
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(target, 0o755)
-                    todo.append((entry.path, target, f"{key}/"))
-                    continue
-                if not rel and entry.name in (COMPLETE, LAYER_MANIFEST):
-                    continue
-                placed.append(key)
-                if entry.is_symlink():
-                    _replace_with_symlink(os.readlink(entry.path), target)
-                else:
-                    linker.place(entry.path, target, key in copy)
+    for key, entry in _layer_entries(source):
+        target = f"{dest}/{key}"
+        if entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(target, 0o755)
+            continue
+        placed.append(key)
+        if entry.is_symlink():
+            _replace_with_symlink(os.readlink(entry.path), target)
+        else:
+            linker.place(entry.path, target, key in copy)
     return placed
 
 
