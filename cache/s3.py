@@ -230,8 +230,11 @@ class S3Store:
                 bound = wanted if wanted is not None else limit
                 # A whole object in 64 KiB reads: a cut loses at most the read in progress, and
                 # the retry resumes from the bytes in hand (1 MiB reads often had none). A
-                # ranged part in 1 MiB reads: a throttled torch hydrate took 0.96x the time.
-                step = 1 << 16 if wanted is None else 1 << 20
+                # ranged part in one read, into one bytes object that is handed on as it is: in
+                # 1 MiB reads joined at the end, 175 MB of torch's layer took 0.48 s of CPU on
+                # loopback against one stream's 0.22 s. A cut loses the part's bytes in hand
+                # (at most 8 MiB).
+                step = 1 << 16 if wanted is None else max(1, wanted - got)
                 for chunk in body.iter_chunks(step):
                     chunks.append(chunk)
                     got += len(chunk)
@@ -445,6 +448,7 @@ class _RangedReader(io.RawIOBase):
         self.next_submit = 0
         self.next_read = 0
         self.data = b""  # the part being read, from self.offset on
+        self.view = memoryview(self.data)
         self.offset = 0
 
     def readable(self) -> bool:
@@ -468,9 +472,15 @@ class _RangedReader(io.RawIOBase):
         target[: len(data)] = data
         return len(data)
 
+    def readall(self) -> bytes:
+        parts = []
+        while data := self.read(1 << 30):
+            parts.append(data)
+        return b"".join(parts)
+
     def read(self, size: int | None = -1) -> bytes:
-        """Up to *size* bytes of the current part; a whole part is handed on as it came,
-        uncopied (``RawIOBase.read`` would copy it twice)."""
+        """Up to *size* bytes of the current part, uncopied: the whole part as it came, or a
+        memoryview of it (``RawIOBase.read`` would copy it twice)."""
         if size is None or size < 0:
             return self.readall()
         if self.offset >= len(self.data):
@@ -478,14 +488,15 @@ class _RangedReader(io.RawIOBase):
                 return b""
             self._fill()
             self.data, self.offset = self.pending.pop(self.next_read).result(), 0
+            self.view = memoryview(self.data)
             self.next_read += 1
             self._fill()
         if self.offset == 0 and size >= len(self.data):
             self.offset = len(self.data)
             return self.data
-        data = self.data[self.offset : self.offset + size]
+        data = self.view[self.offset : self.offset + size]
         self.offset += len(data)
-        return data
+        return data  # type: ignore[return-value]
 
     def close(self) -> None:
         if not self.closed:

@@ -346,7 +346,7 @@ class CheckedFrames:
         self.number = 0
         self.error: ArchiveError | None = None
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> bytes | memoryview:
         chunks = self.manifest.chunks
         if self.number >= len(chunks):
             if self.source.read(1):
@@ -369,8 +369,13 @@ class CheckedFrames:
         return frame
 
 
-def _read_exact(source: IO[bytes], size: int) -> bytes:
-    parts = []
+def _read_exact(source: IO[bytes], size: int) -> bytes | memoryview:
+    """*size* bytes of *source* (fewer at its end); what one read gave is handed on uncopied."""
+    first = source.read(size)
+    if len(first) >= size or not first:
+        return first
+    parts = [first]
+    size -= len(first)
     while size > 0:
         data = source.read(size)
         if not data:
