@@ -39,7 +39,7 @@ from envmgr.cli._targets import (
     expand_env_id,
     load_target,
 )
-from envmgr.config import cache_dir, load
+from envmgr.config import load
 from envmgr.errors import EnvmgrError
 from envmgr.ids import is_env_id, is_id_prefix
 from envmgr.platforms import host_platform
@@ -265,14 +265,33 @@ def run_command(
         fail(f"cannot run {command[0]!r} in env {prefix.name}: {exc.strerror}", code=127)
 
 
+def _host_cache() -> Path:
+    """This host's env cache, for a command that reads or trims it: one that is missing is
+    empty, but one that is there and not a directory is a wrong setting, not an empty cache
+    (`ls` printed nothing and `verify` checked 0 layers, exit 0)."""
+    config = load()
+    path = Path(config.values["cache_dir"])
+    if path.exists() and not path.is_dir():
+        source = config.sources["cache_dir"]
+        if source == "ENVMGR_CACHE_DIR":
+            fix = "point ENVMGR_CACHE_DIR at a directory"
+        elif source == "default":
+            fix = "move that file away, or set ENVMGR_CACHE_DIR to a directory"
+        else:
+            fix = f"set cache_dir in {source} to a directory"
+        raise EnvmgrError(f"the env cache {path} (from {source}) is not a directory", hint=fix)
+    return path
+
+
 def ls_command(as_json: JsonOpt = False) -> None:
     """List the envs in this host's env cache, most recently used first."""
 
-    envs = list_envs(cache_dir())
+    cache = _host_cache()
+    envs = list_envs(cache)
     if as_json:
         emit_json(
             {
-                "cache_dir": str(cache_dir()),
+                "cache_dir": str(cache),
                 "envs": [
                     {
                         "env_id": e.env_id,
@@ -328,17 +347,18 @@ def verify_command(
     a hydrate is linking from it).
     """
 
-    checks = check_layers(cache_dir())
+    cache = _host_cache()
+    checks = check_layers(cache)
     bad = [check for check in checks if not check.intact]
-    envs = list_envs(cache_dir()) if bad else []
+    envs = list_envs(cache) if bad else []
     users = {c.layer_id: sorted(e.env_id for e in envs if c.layer_id in e.layers) for c in bad}
-    removed, busy, dropped = drop_layers(cache_dir(), users) if fix and bad else ([], [], [])
+    removed, busy, dropped = drop_layers(cache, users) if fix and bad else ([], [], [])
     # With --fix, what is left: an env a command runs in, a layer a hydrate assembles from.
     kept = [c.layer_id for c in bad if c.layer_id not in dropped] if fix else []
     if as_json:
         emit_json(
             {
-                "cache_dir": str(cache_dir()),
+                "cache_dir": str(cache),
                 "layers_checked": len(checks),
                 "changed": [
                     {
@@ -382,7 +402,7 @@ def verify_command(
         return
     if not fix:
         raise EnvmgrError(
-            f"{len(bad)} of {len(checks)} package layers in {cache_dir()} changed since they "
+            f"{len(bad)} of {len(checks)} package layers in {cache} changed since they "
             "were unpacked (a task running as root wrote into its env?)",
             hint="`envmgr verify --fix` removes them and the envs linking to them; give such "
             "tasks ENVMGR_LINK=copy",
@@ -406,7 +426,7 @@ def gc_command(
         age = parse_age(older_than) if older_than else None
     except ValueError as exc:
         fail(str(exc))
-    removed, busy, layers = gc(cache_dir(), max_size=size, older_than=age, dry_run=dry_run)
+    removed, busy, layers = gc(_host_cache(), max_size=size, older_than=age, dry_run=dry_run)
     freed = sum(e.size for e in removed) + sum(size for _layer, size in layers)
     if as_json:
         emit_json(

@@ -212,3 +212,33 @@ def test_quiet_and_verbose_after_the_command_count_as_before_it(world, tmp_path)
         "-q",
     ]
     assert _globals_first(["export", "--", "-q"]) == ["export", "--", "-q"]
+
+
+def test_an_env_cache_that_is_a_file_is_a_wrong_setting_not_an_empty_cache(tmp_path):
+    """`ls`, `verify` and `gc` printed nothing (or "0 package layers checked") and exited 0
+    when the cache dir was a file; each setting it can come from is named with its fix."""
+    a_file = tmp_path / "envmgr"
+    a_file.write_text("")
+    config = tmp_path / "config.toml"
+    config.write_text(f'cache_dir = "{a_file}"\n')
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ENVMGR_", "XDG_"))}
+    sources = {
+        "ENVMGR_CACHE_DIR": ({"ENVMGR_CACHE_DIR": str(a_file)}, "point ENVMGR_CACHE_DIR at a"),
+        str(config): ({"ENVMGR_CONFIG": str(config)}, f"set cache_dir in {config} to a"),
+        "default": (
+            {"XDG_CACHE_HOME": str(tmp_path)},
+            "move that file away, or set ENVMGR_CACHE_DIR to a",
+        ),
+    }
+    for source, (extra, fix) in sources.items():
+        env = {**base, "ENVMGR_CONFIG": str(tmp_path / "none.toml"), **extra}
+        for args in (["ls"], ["verify"], ["verify", "--fix"], ["gc", "--older-than", "1d"]):
+            result = envmgr_here(*args, env=env)
+            assert result.returncode == 1, (source, args, result.stdout)
+            assert result.stderr.splitlines() == [
+                f"envmgr: error: the env cache {a_file} (from {source}) is not a directory "
+                f"({fix} directory)"
+            ], (source, args)
+        assert a_file.read_text() == ""
+    missing = {**base, "ENVMGR_CACHE_DIR": str(tmp_path / "not-yet")}
+    assert envmgr_here("ls", env=missing).returncode == 0  # a cache not made yet is empty
