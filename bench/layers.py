@@ -16,12 +16,16 @@ from pip's find-links): ``ds`` (numpy, pandas, scipy, scikit-learn, matplotlib, 
   each through a proxy that gives every connection 15 MB/s and 30 ms before its first byte;
 - **first import** of torch after a layered hydrate, against the same import warm.
 
-Hydrated envs stay on disk until the run ends (about 25 GB with ``--repeat 3``): on ext4
-every file created within a minute of deleting many others costs a scan of the freed inodes
-(``recently_deleted`` in the kernel), which took 65% of a hydrate's CPU here and made each
-row depend on what the row before it deleted. ``--torch-host DIR`` puts the torch rows' host
-caches under *DIR* instead and deletes each after its row: on a tmpfs (``/dev/shm``) the
-rows measure envmgr's work without the disk's (the same rows on ext4 swung 2x between runs).
+Where the hosts are matters as much as what envmgr does. On an ext4 file system *without a
+journal*, every file created within a minute or five of deleting many others costs a scan of
+the freed inodes (``recently_deleted`` in the kernel): on this machine's root file system,
+creating 20,000 small files took 5-6 s of CPU after such deletions, against 0.3 s on a
+journaled ext4 and 0.2 s on tmpfs. It took 65% of a torch hydrate's CPU there, made each row
+depend on what the row before it deleted, and flattered host reuse (its cold side creates
+35,000 inodes, the reused side few). So ``--host-dir DIR`` puts every hydrate's host cache
+(host reuse, torch) under *DIR*, each deleted after its row, and the run warns when the
+hosts are on an ext4 without a journal. Without it they go in the run's temp dir and stay
+until the run ends (about 25 GB with ``--repeat 3``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -87,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only-torch", action="store_true", help="only the torch hydrate rows")
     parser.add_argument(
-        "--torch-host",
+        "--host-dir",
         type=Path,
         default=None,
-        help="where the torch rows' host caches go, each deleted after its row "
+        help="where every hydrate's host cache goes, each deleted after its row "
         "(default: the run's temp dir, kept to its end)",
     )
     args = parser.parse_args(argv)
@@ -101,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         launch(Path(tmp) / "s3") as s3,
     ):
         work = Path(tmp)
+        hosts, keep = (args.host_dir, False) if args.host_dir else (work / "hosts", True)
+        hosts.mkdir(parents=True, exist_ok=True)
+        device = _unjournaled_ext4(hosts)
+        kept = "kept to the end" if keep else "each deleted after its row"
+        print(f"host caches under {hosts} ({kept})")
+        if device:
+            print(
+                f"  warning: {hosts} is on {device}, an ext4 without a journal: files created "
+                "soon after deletions cost a scan of the freed inodes; give --host-dir on "
+                "another file system (a journaled one, or tmpfs)"
+            )
         client = s3.client()
         client.create_bucket(Bucket="bench")
         aws = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint_url,
@@ -120,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_torch:
             _build(locks["torch"], "s3://bench/three", client, layers=True)
             _build(locks["torch"], "s3://bench/two", client, layers=False)
-            _torch(locks["torch"].env_id, args.torch_host or work, repeat, aws, slow,
-                   keep=args.torch_host is None)  # fmt: skip
+            _torch(locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep)
             proxy.stop()
             return 0
         # Store: the three envs as layers in one store, and as one archive each.
@@ -165,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         cold_tab, reuse = Row("ds + tabulate, cold host"), Row("ds + tabulate, host holds ds")
         shown = {}
         for i in range(repeat):
-            timed(cold_tab, _bootstrap(url, locks["ds+tab"].env_id, work / f"tab{i}"), aws)
-            warm = work / f"reuse{i}"
+            cold = hosts / f"tab{i}"
+            timed(cold_tab, _bootstrap(url, locks["ds+tab"].env_id, cold), aws)
+            warm = hosts / f"reuse{i}"
             subprocess_run(_bootstrap(url, locks["ds"].env_id, warm), aws)
             shown = json.loads(timed(reuse, _bootstrap(url, locks["ds+tab"].env_id, warm), aws))
+            if not keep:
+                shutil.rmtree(cold)
+                shutil.rmtree(warm)
         print(f"\nhost reuse (medians of {repeat})")
         print(f"  {cold_tab.what:<40} {cold_tab.w:8.2f} s")
         print(f"  {reuse.what:<40} {reuse.w:8.2f} s  {reuse.w / cold_tab.w:.3f}x (goal <= 0.25x)")
@@ -178,11 +197,35 @@ def main(argv: list[str] | None = None) -> int:
             f"written (relocated copies, the env layer) {layers.get('copied')}"
         )
 
-        _torch(locks["torch"].env_id, args.torch_host or work, repeat, aws, slow,
-               keep=args.torch_host is None)  # fmt: skip
+        _torch(locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep)
         proxy.stop()
     print(f"\nload at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
+
+
+def _unjournaled_ext4(path: Path) -> str | None:
+    """The device of the file system *path* is on when that is an ext4 without a journal
+    (Linux), else ``None``."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    found = ("", "", "")
+    for line in mounts:
+        device, point, kind = [*line.split(), "", "", ""][:3]
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(found[1]):
+            found = (device, point, kind)
+    device, _point, kind = found
+    if kind != "ext4":
+        return None
+    try:
+        task = Path(f"/sys/fs/ext4/{Path(device).name}/journal_task").read_text()
+    except OSError:
+        return None
+    return device if task.strip() == "<none>" else None
 
 
 def _torch(
@@ -197,11 +240,6 @@ def _torch(
     """Cold hydrate of torch: layers against one archive, loopback and throttled; the first
     import after a layered hydrate against the same import warm. Each host cache is made
     under *host*, and deleted after its row unless *keep*."""
-    import shutil
-
-    host.mkdir(parents=True, exist_ok=True)
-    kept = "kept to the end" if keep else "each deleted after its row"
-    print(f"\ntorch host caches under {host} ({kept})")
     rows = {
         ("3", "loop"): Row("torch, layers, loopback"),
         ("2", "loop"): Row("torch, one archive, loopback"),
