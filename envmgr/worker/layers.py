@@ -362,7 +362,10 @@ except OSError:
 
 
 class _LinkHelper:
-    """A child process that makes an env's links to the layers this hydrate published.
+    """A child process that makes an env's links to the host's layers, while this process
+    unpacks the layers it fetches or walks the ones the host held (ds + tabulate on a host
+    holding ds, 8 rounds: 0.44 s against 0.48 s with ds's 15,400 links made here, 0.54 s
+    against 0.61 s on a journaled ext4).
 
     Each ``link(2)`` made here gives up the GIL and takes it back, a handover whenever a
     thread unpacking another layer waits for it: torch's 35,000 links cost 107,000 futex
@@ -510,10 +513,14 @@ def _layer_entries(directory: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
                     yield key, entry
 
 
-def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> list[str]:
-    """Every directory, file and link of *source* into *dest* (files by *linker*; those in
-    *copy* always copied); returns the files and links placed (relative paths)."""
+def _merge(
+    source: Path, dest: Path, linker: _Linker, copy: frozenset[str]
+) -> tuple[list[str], list[str]]:
+    """Every directory and link of *source* into *dest*, and its files in *copy* copied (or
+    every file, when *linker* does not link); returns the files and links placed (relative
+    paths) and, of those, the files still to link."""
     placed: list[str] = []
+    to_link: list[str] = []
     for key, entry in _layer_entries(source):
         target = f"{dest}/{key}"
         if entry.is_dir(follow_symlinks=False):
@@ -523,9 +530,11 @@ def _merge(source: Path, dest: Path, linker: _Linker, copy: frozenset[str]) -> l
         placed.append(key)
         if entry.is_symlink():
             _replace_with_symlink(os.readlink(entry.path), target)
+        elif linker.link and key not in copy:
+            to_link.append(key)
         else:
             linker.place(entry.path, target, key in copy)
-    return placed
+    return placed, to_link
 
 
 class _Mirror:
@@ -585,7 +594,8 @@ class Assembly:
         self.relocations: dict[str, Relocation] = {}
         self._mirrors: dict[str, _Mirror] = {}
         self._helper: _LinkHelper | None = None
-        self._to_link = 0  # files of layers this hydrate fetched, linked or to link
+        self._settled = False
+        self._to_link = 0  # files of layers linked or to link
 
     def mirror(self, layer: Manifest) -> _Mirror:
         """What the unpack of *layer* into the host's cache tells of each file it writes."""
@@ -595,9 +605,9 @@ class Assembly:
 
     def add(self, layer: Manifest, directory: Path, *, mirrored: bool = False) -> None:
         """*layer* (published in *directory*) into the env: the files its :meth:`mirror`
-        noted are linked (by a helper process once this hydrate has fetched
-        :data:`_HELPER_FILES` of them, see :class:`_LinkHelper`; call :meth:`settle` before
-        the env layer), or every file when it was not mirrored."""
+        noted, or when it was not mirrored the files its directory holds, are linked (by a
+        helper process once this env has :data:`_HELPER_FILES` of them to link, see
+        :class:`_LinkHelper`; call :meth:`settle` before the env layer)."""
         own = {r.path: r for r in layer.relocations}
         mirror = self._mirrors.pop(layer.env_id, None)
         if mirrored and mirror is not None and mirror.names:
@@ -605,13 +615,21 @@ class Assembly:
         if not mirrored:
             # What a layer places replaces what came before, relocation entry included: a
             # relocation must never write through a link into a shared file.
-            for key in _merge(directory, self.dest, self.linker, frozenset(own)):
+            placed, to_link = _merge(directory, self.dest, self.linker, frozenset(own))
+            for key in placed:
                 self.relocations.pop(key, None)
+            if to_link:
+                self._link(str(directory), to_link)
         self.relocations.update(own)
 
     def _link(self, source: str, names: list[str]) -> None:
         self._to_link += len(names)
-        if self._helper is None and self.linker.link and self._to_link >= _HELPER_FILES:
+        if (
+            self._helper is None
+            and not self._settled
+            and self.linker.link
+            and self._to_link >= _HELPER_FILES
+        ):
             self._helper = _LinkHelper.start()
         if self._helper is not None:
             self._helper.send(source, str(self.dest), names)
@@ -623,6 +641,7 @@ class Assembly:
         """Wait for the helper's links; place here what it could not link (a link across
         file systems is a copy, a full disk an ``OSError``)."""
         helper, self._helper = self._helper, None
+        self._settled = True  # what comes after (the env layer) is linked here, in order
         if helper is None:
             return
         made, left = helper.finish()

@@ -157,10 +157,10 @@ def _helpers_started(monkeypatch) -> list:
 
 
 def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_path, monkeypatch):
-    """The links of the layers a hydrate fetches are made by a helper process once there are
-    many (here: from the first file on), else in this process: the same env either way,
-    each file a link to its layer's copy; a helper that dies at once, or that says it
-    failed, leaves its links to this process."""
+    """The links of an env's layers are made by a helper process once there are many (here:
+    from the first file on), else in this process: the same env either way, each file a
+    link to its layer's copy, whether the hydrate fetched the layers or the host held them;
+    a helper that dies at once, or that says it failed, leaves its links to this process."""
     store = _layered_store(mixed_lock, tmp_path)
     started = _helpers_started(monkeypatch)
     trees, counts = {}, {}
@@ -180,17 +180,23 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
         counts[name] = (result.layers_fetched, result.linked, result.copied)
         numpy_init = next(result.prefix.rglob("numpy/__init__.py"))
         assert numpy_init.stat().st_nlink == 2, name  # the env's and its layer's
+        # The host keeps the layers: the same env again is made from them alone.
+        shutil.rmtree(result.prefix)
+        again = hydrate(mixed_lock.env_id, store, tmp_path / name, platform="linux-64")
+        assert _tree(again.prefix, (PLACEHOLDER,)) == trees[name], name
+        assert (again.layers_fetched, again.linked, again.copied) == (0, *counts[name][1:])
+        assert numpy_init.stat().st_nlink == 2, name
     assert trees["help"] == trees["here"] == trees["dies"] == trees["fail"]
     assert counts["help"] == counts["here"] == counts["dies"] == counts["fail"]
     assert counts["here"][1] > 4000
-    assert len(started) == 3 and all(h.proc.returncode is not None for h in started)
-    assert [h.proc.returncode for h in started] == [0, 3, 0]
+    assert len(started) == 6 and all(h.proc.returncode is not None for h in started)
+    assert [h.proc.returncode for h in started] == [0, 0, 3, 3, 0, 0]
     # Embedded in a program that is no python, whose sys.executable is that program.
     monkeypatch.setattr(sys, "executable", "/opt/app/bin/uwsgi")
     assert envmgr.worker.layers._LinkHelper.start() is None
     result = hydrate(mixed_lock.env_id, store, tmp_path / "uwsg", platform="linux-64")
     assert (result.layers_fetched, result.linked, result.copied) == counts["here"]
-    assert len(started) > 4 and all(helper is None for helper in started[3:])
+    assert len(started) > 7 and all(helper is None for helper in started[6:])
 
 
 def test_the_link_helper_ends_when_its_hydrate_is_killed(tmp_path):
