@@ -180,9 +180,15 @@ def hydrate(
             _check_gpu(manifest, env_id)
         if link is None:
             link = os.environ.get("ENVMGR_LINK", "hardlink") != "copy"
+        # A cold start here: `store gc` keeps used envs. The marker goes up while the env
+        # comes down (written after the publish, it was one more round trip per cold start).
+        marking = threading.Thread(
+            target=record_use, args=(store, platform, env_id), name="envmgr-use", daemon=True
+        )
+        marking.start()
         fetched, linked, copied = _fetch_and_publish(store, manifest, final, progress, link=link)
 
-    record_use(store, platform, env_id)  # a cold start here: `store gc` keeps used envs
+    marking.join()
     return Hydrated(
         prefix=final,
         env_id=env_id,

@@ -343,3 +343,31 @@ def test_a_store_record_that_never_ends_is_one_line_and_publishes_nothing(
             lines = err.strip().splitlines()
             assert len(lines) == 1 and key in lines[0] and said in lines[0], err
             assert not env_dir(cache, lock.env_id).exists()
+
+
+def test_a_cold_hydrate_leaves_its_use_marker_and_a_read_only_store_still_hydrates(
+    local_store, lock, tmp_path
+):
+    """`store gc` keeps an env a worker started from: each cold hydrate writes its use marker
+    (while the env comes down); a store the worker may only read (a read-only role) costs
+    the marker, never the hydrate. A warm hydrate writes nothing."""
+    from envmgr.cache.layout import used_key
+    from envmgr.cache.usage import read_use
+
+    used = used_key(lock.platform, lock.env_id)
+    local_store.delete(used)
+    hydrate(lock.env_id, local_store, tmp_path / "cold", platform=lock.platform)
+    at = read_use(local_store.get(used))
+    assert at.endswith("Z") and len(at) == 20
+    local_store.delete(used)
+    hydrate(lock.env_id, local_store, tmp_path / "cold", platform=lock.platform)  # warm
+    assert not local_store.exists(used)
+
+    class ReadOnly(LocalStore):
+        def put(self, key: str, data: bytes) -> None:
+            raise PermissionError(13, "Access Denied", key)
+
+    read_only = ReadOnly(local_store.root)
+    result = hydrate(lock.env_id, read_only, tmp_path / "other", platform=lock.platform)
+    assert result.downloaded and (result.prefix / COMPLETE).is_file()
+    assert not local_store.exists(used)
