@@ -66,11 +66,20 @@ class S3Store:
         self._url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.threads = threads
         self._client = client
+        self._own_client = client is not None
         self._endpoint = endpoint_url
 
     @property
     def url(self) -> str:
         return self._url
+
+    def reopen_args(self) -> dict[str, Any] | None:
+        """What opens this store in another process (its URL, endpoint and threads; the
+        AWS settings come from the environment there too), or ``None`` when it was given a
+        client of its own."""
+        if self._own_client:
+            return None
+        return {"url": self._url, "endpoint": self._endpoint, "threads": self.threads}
 
     @property
     def client(self) -> Any:
@@ -498,16 +507,35 @@ class _RangedReader(io.RawIOBase):
         self.offset += len(data)
         return data  # type: ignore[return-value]
 
+    def abort(self) -> None:
+        """Stop this reader from another thread: no part is fetched from now on (a part
+        being fetched still ends when its bytes come)."""
+        for future in list(self.pending.values()):
+            future.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
         if not self.closed:
-            for future in self.pending.values():
-                future.cancel()
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.abort()
         super().close()
 
 
 class _Absent(Exception):  # noqa: N818 - internal signal: the first GET found no object
     pass
+
+
+class _Aborted(Exception):  # noqa: N818 - internal signal: the reader was stopped
+    pass
+
+
+def _shut(body: Any) -> None:
+    """Wake a read of *body* that waits on the network in another thread: its socket is
+    shut down for reading (urllib3 2.3 and later can; with an older one the read ends when
+    its bytes come)."""
+    shutdown = getattr(getattr(body, "_raw_stream", body), "shutdown", None)
+    if callable(shutdown):
+        with contextlib.suppress(Exception):
+            shutdown()
 
 
 class _StreamReader(io.RawIOBase):
@@ -525,9 +553,16 @@ class _StreamReader(io.RawIOBase):
         self.etag: str | None = None
         self.body: Any = None
         self.attempt = 0
+        self.aborted = False
 
     def readable(self) -> bool:
         return True
+
+    def abort(self) -> None:
+        """Stop this reader from another thread: a read waiting on the network ends at
+        once, and this and every later read raises ``StoreError`` (never retried)."""
+        self.aborted = True
+        _shut(self.body)
 
     def _open(self) -> None:
         extra: dict[str, str] = {}
@@ -560,10 +595,14 @@ class _StreamReader(io.RawIOBase):
     def _retrying(self, step: Callable[[], _T]) -> _T:
         while True:
             try:
+                if self.aborted:
+                    raise _Aborted
                 return step()
             except Exception as exc:
                 self._drop_body()
                 store = self.store
+                if self.aborted:
+                    raise StoreError(store.url, self.key, "the read was stopped") from None
                 if store._missing(exc) and self.etag is None:
                     raise _Absent from None
                 if store._missing(exc) or store._changed(exc):

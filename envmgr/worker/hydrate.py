@@ -65,6 +65,7 @@ from envmgr.worker.env_cache import (
     lock_path,
     touch,
 )
+from envmgr.worker.layer_process import LayerJob, LayerProcess, wanted
 from envmgr.worker.layers import (
     Assembly,
     LayerLookups,
@@ -265,6 +266,40 @@ class _StoppedError(Exception):
     """A download given up because the hydrate it serves failed or was interrupted."""
 
 
+class _Stop(threading.Event):
+    """Set when a hydrate failed or was interrupted: its downloads give up at their next
+    read, and a read that waits on the network is woken (its source's ``abort``, where it
+    has one): at 100 kB/s, one 8 MiB frame would keep Ctrl-C waiting 80 s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sources: set[Any] = set()
+        self._guard = threading.Lock()
+
+    def watch(self, source: Any) -> None:
+        with self._guard:
+            self._sources.add(source)
+        if self.is_set():
+            _abort(source)
+
+    def forget(self, source: Any) -> None:
+        with self._guard:
+            self._sources.discard(source)
+
+    def set(self) -> None:
+        super().set()
+        with self._guard:
+            sources = list(self._sources)
+        for source in sources:
+            _abort(source)
+
+
+def _abort(source: Any) -> None:
+    abort = getattr(source, "abort", None)
+    if callable(abort):
+        abort()
+
+
 class _Hashing:
     """Counts (and for format 1, hashes) what the extractor reads; format 2's frames are
     each checked against their own hash, which covers every byte."""
@@ -373,11 +408,12 @@ def _from_layers(
     ids = [ref.layer_id for ref in manifest.layers]
     # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop at
     # their next read instead of finishing a layer nobody waits for.
-    stop = threading.Event()
+    stop = _Stop()
     assembly = Assembly(tmp, link=link)
     mirrored: set[str] = set()  # layers placed in the env while this hydrate unpacked them
     env_layer = tmp.with_name(f"{tmp.name}-envlayer")
     shutil.rmtree(env_layer, ignore_errors=True)
+    child: LayerProcess | None = None  # a second process for the largest layers
     with contextlib.ExitStack() as scope:
         scope.enter_context(using_layers(cache_dir, ids))  # gc leaves them alone from here
         task = scope.enter_context(
@@ -397,6 +433,9 @@ def _from_layers(
             if (layer := held_layer(cache_dir, ref)) is not None
         }
         missing = [ref for ref in manifest.layers if ref.layer_id not in held]
+        installed = sum(hints.get(ref.layer_id, 0) for ref in missing)
+        if wanted(len(missing), installed):  # started first: its imports take 0.3 s
+            child = LayerProcess.start(store)
         refs = sorted(missing, key=lambda ref: -hints[ref.layer_id]) if hints else []
         probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
         reads = [*probes, *(ref for ref in refs if ref not in probes)] or missing
@@ -420,6 +459,16 @@ def _from_layers(
             key = layer_archive_key(layer.env_id)
             streams = _streams_for(layer.size, far=far)
             mirror = assembly.mirror(layer)
+            if child is not None:
+                placed = child.fetch(LayerJob(layer, key, into, tmp, what, streams), task)
+                if placed is not None:
+                    mirror.names.extend(placed.names)
+                    assembly.linker.count_copies(placed.copied)
+                    if placed.mirrored:
+                        mirrored.add(layer.env_id)
+                    return
+                if stop.is_set():
+                    raise _StoppedError
             if _download(
                 store,
                 key,
@@ -469,6 +518,8 @@ def _from_layers(
         except BaseException:
             stop.set()
             assembly.abandon()
+            if child is not None:
+                child.kill()
             if last is not None:
                 last.cancel()
             for pending in jobs:
@@ -476,6 +527,8 @@ def _from_layers(
             raise
         finally:
             pool.shutdown(wait=True)
+            if child is not None:
+                child.close()
             shutil.rmtree(env_layer, ignore_errors=True)
         (tmp / LAYERS).write_text("".join(f"{layer}\n" for layer in ids))
         relocate_files(
@@ -570,7 +623,12 @@ def _download(
             f"{what}: the manifest is in {store.url} but the archive {key} is not",
             hint="run `envmgr build` again",
         )
-    with source:
+    if isinstance(stop, _Stop):
+        stop.watch(source)
+    with contextlib.ExitStack() as scope:
+        scope.enter_context(source)
+        if isinstance(stop, _Stop):
+            scope.callback(stop.forget, source)
         hashing = _Hashing(source, task, digest=not manifest.chunks, stop=stop)
         mirrored = False
         try:

@@ -459,6 +459,11 @@ class _Linker:
         self.copied = 0
         self._count = threading.Lock()
 
+    def count_copies(self, copied: int) -> None:
+        """*copied* more files were copied into the env (by a layer process)."""
+        with self._count:
+            self.copied += copied
+
     def place(
         self, source: str, target: str, copy: bool, data: bytes | memoryview | None = None
     ) -> None:

@@ -1,0 +1,270 @@
+"""The layer process: a second process that fetches a large hydrate's layers beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from _helpers import s3_env
+
+import envmgr.worker.layer_process
+from envmgr.build.once import BuildOptions, build_and_store
+from envmgr.cache.local import LocalStore
+from envmgr.cache.s3 import S3Store
+from envmgr.worker.env_cache import COMPLETE, env_dir
+from envmgr.worker.hydrate import HashMismatchError, hydrate
+from envmgr.worker.layer_process import LayerProcess, wanted
+from fixtures.tcp_proxy import FaultProxy, Faults
+
+
+@pytest.fixture(scope="module")
+def layered(mixed_lock, tmp_path_factory) -> LocalStore:
+    """The mixed env built as layers into a local store."""
+    home = tmp_path_factory.mktemp("layered")
+    store = LocalStore(home / "store")
+    build_and_store(mixed_lock, BuildOptions(store=store, cache_dir=home / "c"))
+    return store
+
+
+def _tree(prefix: Path) -> dict[str, str]:
+    """Each file and link under *prefix*: its bytes (the prefix taken out), its mode and
+    whether it is linked (to its layer) or the env's own."""
+    found = {}
+    for path in sorted(prefix.rglob("*")):
+        rel = path.relative_to(prefix).as_posix()
+        if path.is_symlink():
+            found[rel] = f"-> {path.readlink()}"
+        elif path.is_file():
+            data = path.read_bytes().replace(str(prefix).encode(), b"<prefix>")
+            info = path.stat()
+            shared = "linked" if info.st_nlink > 1 else "own"
+            found[rel] = f"{hashlib.sha256(data).hexdigest()[:16]} {info.st_mode:o} {shared}"
+    return found
+
+
+def _children(monkeypatch) -> list:
+    """Each job the hydrates hand to a layer process from now on, with what came back."""
+    seen: list = []
+    real = LayerProcess.fetch
+
+    def fetch(self, job, task):
+        placed = real(self, job, task)
+        seen.append((job.layer.layer.package.split()[1], placed))
+        return placed
+
+    monkeypatch.setattr(LayerProcess, "fetch", fetch)
+    return seen
+
+
+def test_a_large_hydrate_starts_a_layer_process_only_where_it_pays(monkeypatch):
+    monkeypatch.delenv("ENVMGR_LAYER_PROCESS", raising=False)
+    assert wanted(30, 700 << 20) and not wanted(30, 100 << 20) and not wanted(0, 700 << 20)
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "0")
+    assert not wanted(30, 700 << 20)
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "1")
+    assert wanted(1, 0) and not wanted(0, 0)
+    monkeypatch.setattr(envmgr.worker.layer_process, "workers", lambda: 1)
+    assert not wanted(30, 700 << 20)  # one core: nothing to share
+    # A store it cannot open the same (given its own client), or no python to run it.
+    assert LayerProcess.start(S3Store("s3://b/p", client=object())) is None
+    monkeypatch.setattr(sys, "executable", "/opt/app/bin/uwsgi")
+    assert LayerProcess.start(LocalStore(Path("/nonexistent-store"))) is None
+
+
+def test_a_layer_process_makes_the_env_this_process_makes(
+    mixed_lock, layered, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """From a local store and from S3: the env, its links and its counts are the same
+    whether the layer process fetched some of its layers or this process fetched all."""
+    for name, value in s3_env(s3_server).items():
+        monkeypatch.setenv(name, value)
+    s3 = S3Store(f"s3://{s3_bucket}/p", endpoint_url=s3_server.endpoint_url)
+    for key in layered.list(""):
+        s3.put(key, layered.get(key) or b"")
+    seen = _children(monkeypatch)
+    for store in (layered, s3):
+        made = {}
+        for mode in ("0", "1"):  # host dirs of one length: the binary prefix pads to it
+            monkeypatch.setenv("ENVMGR_LAYER_PROCESS", mode)
+            result = hydrate(
+                mixed_lock.env_id, store, tmp_path / f"{store.url[:2]}{mode}", platform="linux-64"
+            )
+            made[mode] = (_tree(result.prefix), result.layers_fetched, result.linked, result.copied)
+        assert made["0"] == made["1"], store.url
+        assert made["1"][1] == 8 and made["1"][2] > 4000
+        assert any(placed is not None for _package, placed in seen), seen
+        seen.clear()
+
+
+def test_a_lying_layer_fails_the_same_in_the_layer_process(
+    mixed_lock, layered, tmp_path, monkeypatch
+):
+    """A flipped byte in the largest layer, fetched by the layer process: the same error
+    line as here, nothing published, the process gone; the repaired store hydrates."""
+    store = LocalStore(tmp_path / "store")
+    for key in layered.list(""):
+        store.put(key, layered.get(key) or b"")
+    layers = [k for k in store.list("layers/") if k.endswith(".tar.zst")]
+    largest = max(layers, key=store.size)
+    good = store.get(largest) or b""
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    store.put(largest, bytes(bad))
+    said = {}
+    started: list = []
+    real_start = LayerProcess.start
+
+    def start(store_):
+        child = real_start(store_)
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(LayerProcess, "start", staticmethod(start))
+    for mode in ("0", "1"):
+        monkeypatch.setenv("ENVMGR_LAYER_PROCESS", mode)
+        cache = tmp_path / f"host{mode}"
+        with pytest.raises(HashMismatchError) as failed:
+            hydrate(mixed_lock.env_id, store, cache, platform="linux-64")
+        said[mode] = str(failed.value)
+        assert not env_dir(cache, mixed_lock.env_id).exists()
+        assert not list((cache / "layers").glob(".tmp-*"))
+        assert not list((cache / "envs").glob(".tmp-*"))
+    assert said["0"] == said["1"] and largest in said["1"]
+    assert len(started) == 1 and started[0].proc.returncode is not None
+    store.put(largest, good)
+    assert hydrate(mixed_lock.env_id, store, tmp_path / "host1", platform="linux-64").downloaded
+
+
+def test_a_layer_process_that_dies_leaves_its_layers_to_the_hydrate(
+    mixed_lock, layered, tmp_path, monkeypatch
+):
+    """A process that cannot start, one that dies on its first layer after writing part of
+    it, and one that answers nonsense: the hydrate fetches their layers itself, and the env
+    is the one it makes alone (host dirs of one length: the binary prefix pads to it)."""
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "0")
+    alone = hydrate(mixed_lock.env_id, layered, tmp_path / "solo", platform="linux-64")
+    expected = (_tree(alone.prefix), alone.layers_fetched, alone.linked, alone.copied)
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "1")
+    seen = _children(monkeypatch)
+    half = (
+        "import json, pathlib, sys\n"
+        "sys.stdin.readline(); job = json.loads(sys.stdin.readline())\n"
+        "into = pathlib.Path(job['into']); (into / 'lib').mkdir(parents=True)\n"
+        "(into / 'lib' / 'half').write_bytes(b'x'); sys.exit(9)\n"
+    )
+    nonsense = "import sys\nsys.stdin.readline(); sys.stdin.readline()\nprint('{\"done\": 1}')\n"
+    for name, code in (
+        ("nopy", "import sys; sys.exit(3)"),
+        ("half", half),
+        ("what", nonsense),
+    ):
+        monkeypatch.setattr(envmgr.worker.layer_process, "_CHILD", code)
+        result = hydrate(mixed_lock.env_id, layered, tmp_path / name, platform="linux-64")
+        got = (_tree(result.prefix), result.layers_fetched, result.linked, result.copied)
+        assert got == expected, name
+        assert seen and all(placed is None for _package, placed in seen), name
+        seen.clear()
+
+
+def test_the_layer_process_ends_when_its_hydrate_is_killed(tmp_path):
+    """kill -9 of a hydrate leaves no layer process behind: its input ends, and it exits."""
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "from envmgr.cache.local import LocalStore\n"
+        "from envmgr.worker.layer_process import LayerProcess\n"
+        f"child = LayerProcess.start(LocalStore(Path({str(tmp_path)!r})))\n"
+        "print(child.proc.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        time.sleep(0.5)  # past its imports, waiting for a job
+        parent.kill()
+        parent.wait()
+        assert _ends(child, 10), "the layer process outlived its hydrate by 10 s"
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
+
+
+def _ends(pid: int, within: float) -> bool:
+    """Whether process *pid* (a grandchild of the test) ends within *within* seconds; if
+    not, it is killed."""
+    deadline = time.monotonic() + within
+    stat_file = Path(f"/proc/{pid}/stat")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
+                time.sleep(0.05)
+                continue
+        return True  # gone, or a zombie nobody reaped: it ended
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def _child_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            words = (task / "children").read_text().split()
+            if words:
+                return int(words[0])
+    return None
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["here", "layer-process"])
+def test_ctrl_c_stops_a_hydrate_and_its_layer_process(
+    process, mixed_lock, layered, s3_server, s3_bucket, tmp_path
+):
+    """Ctrl-C at a terminal while the layers come through a proxy at 100 kB/s per
+    connection (whole, they would take minutes; one 8 MiB frame, 80 s): the reads waiting
+    on the network are woken, a layer process ignores the signal and is stopped by its
+    hydrate, both are gone within seconds, and nothing is published."""
+    s3 = S3Store(f"s3://{s3_bucket}/p", client=s3_server.client())
+    for key in layered.list(""):
+        s3.put(key, layered.get(key) or b"")
+    upstream = urlsplit(s3_server.endpoint_url)
+    cache = tmp_path / "host"
+    with FaultProxy((str(upstream.hostname), int(upstream.port or 80))) as proxy:
+        proxy.faults = Faults(bandwidth=100e3)
+        env = {**os.environ, **s3_env(s3_server), "AWS_ENDPOINT_URL": proxy.url}
+        env["ENVMGR_LAYER_PROCESS"] = "1" if process else "0"
+        args = ["--store", s3.url, "--env-id", mixed_lock.env_id, "--cache-dir", str(cache)]
+        hydrating = subprocess.Popen(
+            [sys.executable, "-m", "envmgr.bootstrap", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group, as a shell's foreground job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            child = None
+            while time.monotonic() < deadline and not list(cache.glob("layers/.tmp-*")):
+                time.sleep(0.05)  # until layers are being unpacked
+            child = _child_of(hydrating.pid)
+            assert (child is not None) == process
+            time.sleep(1.5)  # the layer process past its imports, reading its layer
+            assert hydrating.poll() is None
+            sent = time.monotonic()
+            os.killpg(hydrating.pid, signal.SIGINT)
+            _out, err = hydrating.communicate(timeout=30)
+            stopped = time.monotonic() - sent
+        finally:
+            if hydrating.poll() is None:
+                os.killpg(hydrating.pid, signal.SIGKILL)
+                hydrating.wait()
+    assert hydrating.returncode != 0 and stopped < 3, (stopped, err)
+    assert child is None or _ends(child, 2), "the layer process outlived Ctrl-C"
+    assert not (env_dir(cache, mixed_lock.env_id) / COMPLETE).exists()
+    assert not [p for p in (cache / "layers").iterdir() if p.name != ".locks"]
