@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -212,6 +214,18 @@ class S3Store:
         ``ENVMGR_S3_RETRIES`` (default 5) times with backoff; then ``StoreError``. A whole
         object of more than *limit* bytes is refused before its body is read, or as soon as
         more arrives than its declared length said."""
+        return self._get(key, byte_range, limit, None)
+
+    def _get(
+        self,
+        key: str,
+        byte_range: tuple[int, int] | None,
+        limit: int | None,
+        watch: _RangedReader | None,
+    ) -> bytes | None:
+        """:meth:`get`, each body it reads shown to *watch* (a ranged reader, whose
+        :meth:`~_RangedReader.abort` shuts it down); once *watch* is aborted, a read that
+        fails raises ``StoreError`` at once."""
         full = self._key(key)
         first, last = byte_range if byte_range else (0, None)
         wanted = None if last is None else last - first + 1
@@ -232,6 +246,8 @@ class S3Store:
                 answer = self.client.get_object(Bucket=self.bucket, Key=full, **extra)
                 etag = etag or answer.get("ETag")
                 body = answer["Body"]
+                if watch is not None:
+                    watch.reading(body)
                 declared = int(answer.get("ContentLength") or 0)
                 if wanted is None and limit is not None and declared > limit:
                     body.close()
@@ -260,6 +276,8 @@ class S3Store:
             except StoreError:
                 raise
             except Exception as exc:
+                if watch is not None and watch.aborted:
+                    raise StoreError(self.url, key, "the read was stopped") from None
                 if self._missing(exc) and etag is None:
                     return None
                 if self._changed(exc):
@@ -459,12 +477,26 @@ class _RangedReader(io.RawIOBase):
         self.data = b""  # the part being read, from self.offset on
         self.view = memoryview(self.data)
         self.offset = 0
+        self.aborted = False
+        self._bodies: dict[int, Any] = {}  # being read by the pool, by thread
+        self._guard = threading.Lock()
 
     def readable(self) -> bool:
         return True
 
+    def reading(self, body: Any) -> None:
+        """A part's body is being read (shut down at once if this reader is aborted)."""
+        with self._guard:
+            self._bodies[threading.get_ident()] = body
+        if self.aborted:
+            _shut(body)
+
     def _fetch(self, index: int) -> bytes:
-        data = self.store.get(self.key, self.parts[index])
+        try:
+            data = self.store._get(self.key, self.parts[index], None, self)
+        finally:
+            with self._guard:
+                self._bodies.pop(threading.get_ident(), None)
         if data is None or len(data) != self.parts[index][1] - self.parts[index][0] + 1:
             raise StoreError(self.store.url, self.key, "object changed or vanished while read")
         return data
@@ -496,7 +528,7 @@ class _RangedReader(io.RawIOBase):
             if self.next_read >= len(self.parts) or size == 0:
                 return b""
             self._fill()
-            self.data, self.offset = self.pending.pop(self.next_read).result(), 0
+            self.data, self.offset = self._part(self.pending.pop(self.next_read)), 0
             self.view = memoryview(self.data)
             self.next_read += 1
             self._fill()
@@ -507,9 +539,23 @@ class _RangedReader(io.RawIOBase):
         self.offset += len(data)
         return data  # type: ignore[return-value]
 
+    def _part(self, future: Future[bytes]) -> bytes:
+        """The part *future* fetches; ``StoreError`` soon after the reader is aborted."""
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                if self.aborted:
+                    raise StoreError(self.store.url, self.key, "the read was stopped") from None
+
     def abort(self) -> None:
-        """Stop this reader from another thread: no part is fetched from now on (a part
-        being fetched still ends when its bytes come)."""
+        """Stop this reader from another thread: no part is fetched from now on, and the
+        parts being fetched are woken (their sockets shut down, see :func:`_shut`)."""
+        self.aborted = True
+        with self._guard:
+            bodies = list(self._bodies.values())
+        for body in bodies:
+            _shut(body)
         for future in list(self.pending.values()):
             future.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)

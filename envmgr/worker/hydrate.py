@@ -21,7 +21,6 @@ store, boto3; it sits on every task's start path.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,19 +29,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from envmgr.archive.extract import Mirror
 from envmgr.archive.frames import workers
 from envmgr.archive.manifest import (
-    ArchiveError,
-    ChunkDigestError,
     LayerRef,
     Manifest,
     WriteError,
 )
 from envmgr.archive.relocate import relocate, relocate_files
-from envmgr.archive.unpack import unpack
 from envmgr.cache.layout import (
     archive_key,
     env_lock_key,
@@ -52,11 +47,11 @@ from envmgr.cache.layout import (
 )
 from envmgr.cache.store import Store, StoreError
 from envmgr.cache.usage import record_use
-from envmgr.errors import EnvmgrError
 from envmgr.fs import file_lock
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
 from envmgr.platforms import host_platform
-from envmgr.progress import Progress, Task, tracked
+from envmgr.progress import Progress, tracked
+from envmgr.worker.download import HashMismatchError, HydrateError, Stop, StoppedError, download
 from envmgr.worker.env_cache import (
     COMPLETE,
     LAYERS,
@@ -82,14 +77,6 @@ __all__ = ["BuildMissing", "HashMismatchError", "HydrateError", "Hydrated", "hyd
 #: manifest; *progress* sees the build. A caller with a full envmgr passes one to
 #: :func:`hydrate` (see :func:`envmgr.build.once.build_missing`); workers normally only hydrate.
 BuildMissing = Callable[[str, EnvId, "Progress | None"], Manifest]
-
-
-class HydrateError(EnvmgrError):
-    """An env could not be hydrated; names the env, the store and what to do."""
-
-
-class HashMismatchError(HydrateError):
-    """The downloaded archive does not match its manifest's sha256."""
 
 
 class Hydrated(NamedTuple):
@@ -262,80 +249,6 @@ def _manifest(
     return build_missing(platform, env_id, progress)
 
 
-class _StoppedError(Exception):
-    """A download given up because the hydrate it serves failed or was interrupted."""
-
-
-class _Stop(threading.Event):
-    """Set when a hydrate failed or was interrupted: its downloads give up at their next
-    read, and a read that waits on the network is woken (its source's ``abort``, where it
-    has one): at 100 kB/s, one 8 MiB frame would keep Ctrl-C waiting 80 s."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._sources: set[Any] = set()
-        self._guard = threading.Lock()
-
-    def watch(self, source: Any) -> None:
-        with self._guard:
-            self._sources.add(source)
-        if self.is_set():
-            _abort(source)
-
-    def forget(self, source: Any) -> None:
-        with self._guard:
-            self._sources.discard(source)
-
-    def set(self) -> None:
-        super().set()
-        with self._guard:
-            sources = list(self._sources)
-        for source in sources:
-            _abort(source)
-
-
-def _abort(source: Any) -> None:
-    abort = getattr(source, "abort", None)
-    if callable(abort):
-        abort()
-
-
-class _Hashing:
-    """Counts (and for format 1, hashes) what the extractor reads; format 2's frames are
-    each checked against their own hash, which covers every byte."""
-
-    def __init__(
-        self,
-        source: IO[bytes],
-        task: Task | None,
-        *,
-        digest: bool = True,
-        stop: threading.Event | None = None,
-    ) -> None:
-        self.source = source
-        self.digest = hashlib.sha256()
-        self.hashing = digest
-        self.size = 0
-        self.task = task
-        self.stop = stop
-
-    def read(self, size: int = -1) -> bytes:
-        if self.stop is not None and self.stop.is_set():
-            raise _StoppedError
-        data = self.source.read(size)
-        if self.hashing:
-            self.digest.update(data)
-        self.size += len(data)
-        if self.task is not None:
-            self.task.advance(len(data))
-        return data
-
-    def readinto(self, target: Any) -> int:
-        data = self.read(len(target))
-        target[: len(data)] = data
-        return len(data)
-
-
 def _check_length(manifest: Manifest, final: Path) -> None:
     binary = any(r.mode == "binary" for r in manifest.relocations)
     if binary and len(str(final)) > len(manifest.build_prefix):
@@ -367,7 +280,7 @@ def _fetch_and_publish(
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
             task = _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
             with task as tracker:
-                _download(store, key, manifest, tmp, tracker, f"env {manifest.env_id}")
+                download(store, key, manifest, tmp, tracker, f"env {manifest.env_id}")
             relocate(tmp, manifest, str(final))
         (tmp / COMPLETE).write_text(complete_marker(manifest.sha256, manifest.cuda))
         tmp.rename(final)
@@ -408,7 +321,7 @@ def _from_layers(
     ids = [ref.layer_id for ref in manifest.layers]
     # Set when the assembly fails or Ctrl-C arrives: the downloads still running stop at
     # their next read instead of finishing a layer nobody waits for.
-    stop = _Stop()
+    stop = Stop()
     assembly = Assembly(tmp, link=link)
     mirrored: set[str] = set()  # layers placed in the env while this hydrate unpacked them
     env_layer = tmp.with_name(f"{tmp.name}-envlayer")
@@ -468,8 +381,8 @@ def _from_layers(
                         mirrored.add(layer.env_id)
                     return
                 if stop.is_set():
-                    raise _StoppedError
-            if _download(
+                    raise StoppedError
+            if download(
                 store,
                 key,
                 layer,
@@ -485,7 +398,7 @@ def _from_layers(
 
         def fetch_env_layer() -> Path:
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
-            _download(store, key, manifest, env_layer, task, f"env {manifest.env_id}", stop=stop)
+            download(store, key, manifest, env_layer, task, f"env {manifest.env_id}", stop=stop)
             return env_layer
 
         pool = ThreadPoolExecutor(
@@ -596,76 +509,3 @@ def _streams_for(size: int, *, far: bool) -> int:
         most = min(most, workers() // 2)
     streams = min(most, size // step) if size >= 2 * step else 0
     return streams if streams > 1 else 0
-
-
-def _download(
-    store: Store,
-    key: str,
-    manifest: Manifest,
-    dest: Path,
-    task: Task | None,
-    what: str,
-    *,
-    streams: int = 0,
-    read_only: bool = False,
-    stop: threading.Event | None = None,
-    mirror: Mirror | None = None,
-) -> bool:
-    """Stream the archive *key* through its checks into *dest* (made here), over *streams*
-    ranged reads where the store has them, its files *read_only* if asked, giving up at the
-    next read once *stop* is set; *what* names it in errors ("env …", "layer …"). Returns
-    whether *mirror* was told of every file (see :func:`envmgr.archive.unpack.unpack`).
-    Raises ``HydrateError`` (absent), ``HashMismatchError``, ``ArchiveError``,
-    ``StoreError``, ``WriteError``."""
-    source = store.open(key, streams=streams)
-    if source is None:
-        raise HydrateError(
-            f"{what}: the manifest is in {store.url} but the archive {key} is not",
-            hint="run `envmgr build` again",
-        )
-    if isinstance(stop, _Stop):
-        stop.watch(source)
-    with contextlib.ExitStack() as scope:
-        scope.enter_context(source)
-        if isinstance(stop, _Stop):
-            scope.callback(stop.forget, source)
-        hashing = _Hashing(source, task, digest=not manifest.chunks, stop=stop)
-        mirrored = False
-        try:
-            mirrored = unpack(
-                hashing,  # type: ignore[arg-type]
-                dest,
-                manifest,
-                read_only=read_only,
-                mirror=mirror,
-            )
-        except ChunkDigestError as exc:
-            raise HashMismatchError(
-                f"{what}: the archive {key} in {store.url} does not match "
-                f"its manifest ({exc.message}); nothing was published",
-                hint="rebuild it with `envmgr build` or restore the object",
-            ) from None
-        except ArchiveError:
-            if manifest.chunks:  # each frame was checked before it was decoded
-                raise
-            # A damaged download usually breaks the stream first: say so if the bytes
-            # do not match, which is the actionable cause.
-            while hashing.read(1 << 20):
-                pass
-            if hashing.digest.hexdigest() == manifest.sha256:
-                raise
-        while hashing.read(1 << 20):  # the tar end padding the extractor left unread
-            pass
-        got = hashing.digest.hexdigest() if hashing.hashing else manifest.sha256
-        if got != manifest.sha256 or hashing.size != manifest.size:
-            differs = (
-                f"sha256 {got[:16]}…, want {manifest.sha256[:16]}…"
-                if got != manifest.sha256
-                else f"{hashing.size} bytes, want {manifest.size}"
-            )
-            raise HashMismatchError(
-                f"{what}: the archive {key} in {store.url} does not match "
-                f"its manifest ({differs}); nothing was published",
-                hint="rebuild it with `envmgr build` or restore the object",
-            )
-    return mirrored

@@ -40,6 +40,8 @@ from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import Store
 from envmgr.errors import EnvmgrError
 from envmgr.progress import Task
+from envmgr.worker.download import download
+from envmgr.worker.layers import _Linker, _Mirror
 
 __all__ = ["LayerJob", "LayerProcess", "Placed", "wanted"]
 
@@ -282,17 +284,13 @@ class _Reads:
 
 
 def _run(store: Store, job: dict[str, Any], say: Any) -> None:
-    # Imported here: hydrate imports this module.
-    from envmgr.worker.hydrate import _download  # noqa: PLC0415
-    from envmgr.worker.layers import _Linker, _Mirror  # noqa: PLC0415
-
     reads = _Reads(say)
     try:
         layer = Manifest.from_dict(job["layer"], where=job["what"])
         linker = _Linker(link=True)
         copy = frozenset(r.path for r in layer.relocations)
         mirror = _Mirror(job["dest"], linker, copy)
-        mirrored = _download(
+        mirrored = download(
             store,
             job["key"],
             layer,

@@ -211,23 +211,30 @@ def _ends(pid: int, within: float) -> bool:
     return False
 
 
-def _child_of(pid: int) -> int | None:
+def _layer_process_of(pid: int) -> int | None:
+    """The layer process process *pid* started (not its link helper), if any."""
     with contextlib.suppress(OSError, ValueError):
         for task in Path(f"/proc/{pid}/task").iterdir():
-            words = (task / "children").read_text().split()
-            if words:
-                return int(words[0])
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"layer_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        return int(child)
     return None
 
 
-@pytest.mark.parametrize("process", [False, True], ids=["here", "layer-process"])
+@pytest.mark.parametrize(
+    ("process", "parts"),
+    [(False, ""), (True, ""), (False, "4")],
+    ids=["here", "layer-process", "ranged-parts"],
+)
 def test_ctrl_c_stops_a_hydrate_and_its_layer_process(
-    process, mixed_lock, layered, s3_server, s3_bucket, tmp_path
+    process, parts, mixed_lock, layered, s3_server, s3_bucket, tmp_path
 ):
     """Ctrl-C at a terminal while the layers come through a proxy at 100 kB/s per
     connection (whole, they would take minutes; one 8 MiB frame, 80 s): the reads waiting
-    on the network are woken, a layer process ignores the signal and is stopped by its
-    hydrate, both are gone within seconds, and nothing is published."""
+    on the network (one stream per layer, or parallel ranged parts) are woken, a layer
+    process ignores the signal and is stopped by its hydrate, both are gone within
+    seconds, and nothing is published."""
     s3 = S3Store(f"s3://{s3_bucket}/p", client=s3_server.client())
     for key in layered.list(""):
         s3.put(key, layered.get(key) or b"")
@@ -237,6 +244,7 @@ def test_ctrl_c_stops_a_hydrate_and_its_layer_process(
         proxy.faults = Faults(bandwidth=100e3)
         env = {**os.environ, **s3_env(s3_server), "AWS_ENDPOINT_URL": proxy.url}
         env["ENVMGR_LAYER_PROCESS"] = "1" if process else "0"
+        env["ENVMGR_S3_PARTS"] = parts
         args = ["--store", s3.url, "--env-id", mixed_lock.env_id, "--cache-dir", str(cache)]
         hydrating = subprocess.Popen(
             [sys.executable, "-m", "envmgr.bootstrap", *args],
@@ -252,7 +260,7 @@ def test_ctrl_c_stops_a_hydrate_and_its_layer_process(
             child = None
             while time.monotonic() < deadline and not list(cache.glob("layers/.tmp-*")):
                 time.sleep(0.05)  # until layers are being unpacked
-            child = _child_of(hydrating.pid)
+            child = _layer_process_of(hydrating.pid)
             assert (child is not None) == process
             time.sleep(1.5)  # the layer process past its imports, reading its layer
             assert hydrating.poll() is None
