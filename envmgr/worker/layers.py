@@ -325,6 +325,9 @@ def with_layer(
 _HELPER_FILES = 2048
 #: Links per message to the helper.
 _HELPER_BATCH = 1024
+#: The pipe to the helper holds this much (Linux's default most for a process that is not
+#: root, ``/proc/sys/fs/pipe-max-size``).
+_PIPE_BYTES = 1 << 20
 
 #: The helper: reads batches (a 4-byte length, then NUL-separated: a layer's directory, the
 #: env's, and names in them), links each name (one already in the env is replaced: a later
@@ -385,6 +388,11 @@ class _LinkHelper:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
+        # Room for every name of a large env: with the default 64 KiB, a batch waited for
+        # the helper's links before this process could walk the next layer (ds + tabulate
+        # on a host holding ds: 0.054 s of its 0.44 s in the writes).
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)  # type: ignore[union-attr]
 
     @classmethod
     def start(cls) -> _LinkHelper | None:
