@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
-__all__ = ["NULL", "Progress", "Task", "Unit", "tracked"]
+__all__ = ["NULL", "NullTask", "Progress", "Task", "Unit", "tracked"]
 
 #: What a task counts: bytes (shown with sizes and rates), items (``n/total``), or nothing
 #: (a phase such as a solve: a spinner and the time it took).
@@ -40,7 +40,9 @@ class Progress(Protocol):
         """A detail worth showing with ``-v``."""
 
 
-class _NullTask:
+class NullTask:
+    """A task that shows nothing (subclass it to hear of one thing only)."""
+
     def advance(self, amount: int = 1) -> None:
         pass
 
@@ -56,7 +58,7 @@ class _NullTask:
 
 class _NullProgress:
     def task(self, description: str, *, total: int | None = None, unit: Unit = "bytes") -> Task:
-        return _NullTask()
+        return NullTask()
 
     def note(self, message: str) -> None:
         pass

@@ -240,3 +240,22 @@ def run_bootstrap(
         env=dict(env) if env is not None else None,
         check=False,
     )
+
+
+def process_ends(pid: int, within: float) -> bool:
+    """Whether process *pid* (a grandchild of the test: a hydrate's helper) ends within
+    *within* seconds; one that does not is killed."""
+    import contextlib
+    import signal
+    import time
+
+    deadline = time.monotonic() + within
+    stat_file = Path(f"/proc/{pid}/stat")
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
+                time.sleep(0.05)
+                continue
+        return True  # gone, or a zombie nobody reaped: it ended
+    os.kill(pid, signal.SIGKILL)  # the test's own grandchild
+    return False

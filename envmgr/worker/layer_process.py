@@ -39,9 +39,9 @@ from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import Store
 from envmgr.errors import EnvmgrError
-from envmgr.progress import Task
+from envmgr.progress import NullTask, Task
 from envmgr.worker.download import download
-from envmgr.worker.layers import _Linker, _Mirror
+from envmgr.worker.layers import _Linker, _Mirror, end_child
 
 __all__ = ["LayerJob", "LayerProcess", "Placed", "wanted"]
 
@@ -217,12 +217,7 @@ class LayerProcess:
         """Stop it now (the hydrate failed or was interrupted, or the child misbehaved): a
         thread waiting for its answer hears its output end."""
         self.gone = True
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()  # type: ignore[union-attr]
+        end_child(self.proc)
 
 
 def _classes(root: type[BaseException]) -> dict[str, type[BaseException]]:
@@ -256,7 +251,7 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return {"type": "EnvmgrError", "message": f"the layer process failed: {exc!r}"}
 
 
-class _Reads:
+class _Reads(NullTask):
     """The child's progress: bytes read, said once per :data:`_REPORT`."""
 
     def __init__(self, say: Any) -> None:
@@ -272,15 +267,6 @@ class _Reads:
         if self.pending:
             self.say({"read": self.pending})
             self.pending = 0
-
-    def set_total(self, total: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def fail(self) -> None:
-        pass
 
 
 def _run(store: Store, job: dict[str, Any], say: Any) -> None:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from envmgr.archive.extract import write_file
 from envmgr.archive.frames import workers
@@ -42,6 +42,9 @@ from envmgr.fs import file_lock, read_small
 from envmgr.ids import check_under, is_env_id, parse_layer_id
 from envmgr.worker.env_cache import COMPLETE, layer_use_lock
 
+if TYPE_CHECKING:
+    import subprocess
+
 __all__ = [
     "FAR",
     "LAYER_MANIFEST",
@@ -49,6 +52,7 @@ __all__ = [
     "LayerCheck",
     "LayerLookups",
     "check_layers",
+    "end_child",
     "fetch_layer_manifests",
     "held_layer",
     "layer_dir",
@@ -444,12 +448,19 @@ class _LinkHelper:
 
     def kill(self) -> None:
         """Stop it now (the hydrate failed or was interrupted)."""
+        end_child(self.proc)
+
+
+def end_child(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the child process *proc* (the link helper, the layer process), reap it and
+    close its pipes."""
+    with contextlib.suppress(OSError):
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
         with contextlib.suppress(OSError):
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()  # type: ignore[union-attr]
+            if stream is not None:
+                stream.close()
 
 
 def _copy(source: str, target: str) -> None:

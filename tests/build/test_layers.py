@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -18,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from _helpers import envmgr_here, fixture_options
+from _helpers import envmgr_here, fixture_options, process_ends
 from _shapes import shaped
 
 import envmgr.build.layers
@@ -210,17 +209,7 @@ def test_the_link_helper_ends_when_its_hydrate_is_killed(tmp_path):
         helper = int(parent.stdout.readline())  # type: ignore[union-attr]
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        stat_file = Path(f"/proc/{helper}/stat")
-        while time.monotonic() < deadline:
-            with contextlib.suppress(FileNotFoundError):
-                if stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
-                    time.sleep(0.05)
-                    continue
-            break  # gone, or a zombie nobody reaped: it ended
-        else:
-            os.kill(helper, signal.SIGKILL)  # ours: the test's own grandchild
-            pytest.fail("the link helper outlived its hydrate by 10 s")
+        assert process_ends(helper, 10), "the link helper outlived its hydrate by 10 s"
     finally:
         parent.kill()
         parent.wait()

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from _helpers import s3_env
+from _helpers import process_ends, s3_env
 
 import envmgr.worker.layer_process
 from envmgr.build.once import BuildOptions, build_and_store
@@ -189,26 +189,11 @@ def test_the_layer_process_ends_when_its_hydrate_is_killed(tmp_path):
         time.sleep(0.5)  # past its imports, waiting for a job
         parent.kill()
         parent.wait()
-        assert _ends(child, 10), "the layer process outlived its hydrate by 10 s"
+        assert process_ends(child, 10), "the layer process outlived its hydrate by 10 s"
     finally:
         parent.kill()
         parent.wait()
         parent.stdout.close()  # type: ignore[union-attr]
-
-
-def _ends(pid: int, within: float) -> bool:
-    """Whether process *pid* (a grandchild of the test) ends within *within* seconds; if
-    not, it is killed."""
-    deadline = time.monotonic() + within
-    stat_file = Path(f"/proc/{pid}/stat")
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if stat_file.read_text().rpartition(")")[2].split()[0] != "Z":
-                time.sleep(0.05)
-                continue
-        return True  # gone, or a zombie nobody reaped: it ended
-    os.kill(pid, signal.SIGKILL)
-    return False
 
 
 def _layer_process_of(pid: int) -> int | None:
@@ -273,6 +258,6 @@ def test_ctrl_c_stops_a_hydrate_and_its_layer_process(
                 os.killpg(hydrating.pid, signal.SIGKILL)
                 hydrating.wait()
     assert hydrating.returncode != 0 and stopped < 3, (stopped, err)
-    assert child is None or _ends(child, 2), "the layer process outlived Ctrl-C"
+    assert child is None or process_ends(child, 2), "the layer process outlived Ctrl-C"
     assert not (env_dir(cache, mixed_lock.env_id) / COMPLETE).exists()
     assert not [p for p in (cache / "layers").iterdir() if p.name != ".locks"]
