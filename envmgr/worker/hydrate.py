@@ -376,7 +376,7 @@ def _from_layers(
                 placed = child.fetch(LayerJob(layer, key, into, tmp, what, streams), task)
                 if placed is not None:
                     mirror.names.extend(placed.names)
-                    assembly.linker.count_copies(placed.copied)
+                    assembly.linker.count(placed.linked, placed.copied)
                     if placed.mirrored:
                         mirrored.add(layer.env_id)
                     return

@@ -478,9 +478,11 @@ class _Linker:
         self.copied = 0
         self._count = threading.Lock()
 
-    def count_copies(self, copied: int) -> None:
-        """*copied* more files were copied into the env (by a layer process)."""
+    def count(self, linked: int, copied: int) -> None:
+        """*linked* and *copied* more files were placed in the env (by a helper, by a layer
+        process)."""
         with self._count:
+            self.linked += linked
             self.copied += copied
 
     def place(

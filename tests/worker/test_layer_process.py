@@ -16,6 +16,7 @@ import pytest
 from _helpers import process_ends, s3_env
 
 import envmgr.worker.layer_process
+import envmgr.worker.layers
 from envmgr.build.once import BuildOptions, build_and_store
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
@@ -83,7 +84,11 @@ def test_a_layer_process_makes_the_env_this_process_makes(
     mixed_lock, layered, s3_server, s3_bucket, tmp_path, monkeypatch
 ):
     """From a local store and from S3: the env, its links and its counts are the same
-    whether the layer process fetched some of its layers or this process fetched all."""
+    whether the layer process fetched some of its layers, all of them (one layer thread,
+    which finds it free each time), or this process fetched all. With the helper's
+    threshold lowered to 1,000 files, python's layer and numpy's are linked by the child's
+    own link helper as they unpack."""
+    monkeypatch.setattr(envmgr.worker.layers, "_HELPER_FILES", 1000)
     for name, value in s3_env(s3_server).items():
         monkeypatch.setenv(name, value)
     s3 = S3Store(f"s3://{s3_bucket}/p", endpoint_url=s3_server.endpoint_url)
@@ -92,15 +97,22 @@ def test_a_layer_process_makes_the_env_this_process_makes(
     seen = _children(monkeypatch)
     for store in (layered, s3):
         made = {}
-        for mode in ("0", "1"):  # host dirs of one length: the binary prefix pads to it
+        # Host dirs of one length: the binary prefix pads to it.
+        for mode, streams in (("0", ""), ("1", ""), ("1", "1")):
             monkeypatch.setenv("ENVMGR_LAYER_PROCESS", mode)
-            result = hydrate(
-                mixed_lock.env_id, store, tmp_path / f"{store.url[:2]}{mode}", platform="linux-64"
-            )
-            made[mode] = (_tree(result.prefix), result.layers_fetched, result.linked, result.copied)
-        assert made["0"] == made["1"], store.url
+            monkeypatch.setenv("ENVMGR_LAYER_STREAMS", streams)
+            host = tmp_path / f"{store.url[:2]}{mode}{streams or 'x'}"
+            result = hydrate(mixed_lock.env_id, store, host, platform="linux-64")
+            got = (_tree(result.prefix), result.layers_fetched, result.linked, result.copied)
+            made[mode + streams] = got
+        assert made["0"] == made["1"] == made["11"], store.url
         assert made["1"][1] == 8 and made["1"][2] > 4000
-        assert any(placed is not None for _package, placed in seen), seen
+        took = [(package, placed) for package, placed in seen if placed is not None]
+        assert len(took) > 8, seen  # some of the first hydrate's, all 8 of the last one's
+        last = dict(took[-8:])
+        for package in ("python", "numpy"):
+            assert last[package].names == [] and last[package].linked > 1000, last[package]
+        assert last["pip"].names and last["pip"].linked == 0, last["pip"]
         seen.clear()
 
 
