@@ -159,7 +159,8 @@ def test_a_layer_process_that_dies_leaves_its_layers_to_the_hydrate(
     mixed_lock, layered, tmp_path, monkeypatch
 ):
     """A process that cannot start, one that dies on its first layer after writing part of
-    it, and one that answers nonsense: the hydrate fetches their layers itself, and the env
+    it, and two that answer nonsense (a result without names, a count of bytes read that is
+    no number): the hydrate fetches their layers itself, and the env
     is the one it makes alone (host dirs of one length: the binary prefix pads to it)."""
     monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "0")
     alone = hydrate(mixed_lock.env_id, layered, tmp_path / "solo", platform="linux-64")
@@ -173,10 +174,15 @@ def test_a_layer_process_that_dies_leaves_its_layers_to_the_hydrate(
         "(into / 'lib' / 'half').write_bytes(b'x'); sys.exit(9)\n"
     )
     nonsense = "import sys\nsys.stdin.readline(); sys.stdin.readline()\nprint('{\"done\": 1}')\n"
+    bad_read = (  # then waits: the hydrate must see it is wrong
+        "import sys, time\nsys.stdin.readline(); sys.stdin.readline()\n"
+        'print(\'{"read": "x"}\', flush=True); time.sleep(60)\n'
+    )
     for name, code in (
         ("nopy", "import sys; sys.exit(3)"),
         ("half", half),
         ("what", nonsense),
+        ("read", bad_read),
     ):
         monkeypatch.setattr(envmgr.worker.layer_process, "_CHILD", code)
         result = hydrate(mixed_lock.env_id, layered, tmp_path / name, platform="linux-64")
