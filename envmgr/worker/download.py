@@ -83,7 +83,7 @@ class _Hashing:
         task: Task | None,
         *,
         digest: bool = True,
-        stop: threading.Event | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.source = source
         self.digest = hashlib.sha256()
@@ -119,7 +119,7 @@ def download(
     *,
     streams: int = 0,
     read_only: bool = False,
-    stop: threading.Event | None = None,
+    stop: Stop | None = None,
     mirror: Mirror | None = None,
 ) -> bool:
     """Stream the archive *key* through its checks into *dest* (made here), over *streams*
@@ -134,11 +134,11 @@ def download(
             f"{what}: the manifest is in {store.url} but the archive {key} is not",
             hint="run `envmgr build` again",
         )
-    if isinstance(stop, Stop):
+    if stop is not None:
         stop.watch(source)
     with contextlib.ExitStack() as scope:
         scope.enter_context(source)
-        if isinstance(stop, Stop):
+        if stop is not None:
             scope.callback(stop.forget, source)
         hashing = _Hashing(source, task, digest=not manifest.chunks, stop=stop)
         mirrored = False

@@ -349,6 +349,8 @@ def _from_layers(
         installed = sum(hints.get(ref.layer_id, 0) for ref in missing)
         if wanted(len(missing), installed):  # started first: its imports take 0.3 s
             child = LayerProcess.start(store)
+            if child is not None:  # ended however this hydrate ends (kill() first on errors)
+                scope.callback(child.close)
         refs = sorted(missing, key=lambda ref: -hints[ref.layer_id]) if hints else []
         probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
         reads = [*probes, *(ref for ref in refs if ref not in probes)] or missing
@@ -440,8 +442,6 @@ def _from_layers(
             raise
         finally:
             pool.shutdown(wait=True)
-            if child is not None:
-                child.close()
             shutil.rmtree(env_layer, ignore_errors=True)
         (tmp / LAYERS).write_text("".join(f"{layer}\n" for layer in ids))
         relocate_files(

@@ -21,7 +21,7 @@ from envmgr.build.once import BuildOptions, build_and_store
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.worker.env_cache import COMPLETE, env_dir
-from envmgr.worker.hydrate import HashMismatchError, hydrate
+from envmgr.worker.hydrate import HashMismatchError, HydrateError, hydrate
 from envmgr.worker.layer_process import LayerProcess, wanted
 from fixtures.tcp_proxy import FaultProxy, Faults
 
@@ -153,6 +153,33 @@ def test_a_lying_layer_fails_the_same_in_the_layer_process(
     assert len(started) == 1 and started[0].proc.returncode is not None
     store.put(largest, good)
     assert hydrate(mixed_lock.env_id, store, tmp_path / "host1", platform="linux-64").downloaded
+
+
+def test_a_hydrate_that_fails_before_its_downloads_ends_its_layer_process(
+    mixed_lock, layered, tmp_path, monkeypatch
+):
+    """The layers' manifests gone from the store: the hydrate fails with its one line at
+    the first manifest it reads, before any layer is handed over, and the layer process it
+    had started ends with it."""
+    store = LocalStore(tmp_path / "store")
+    for key in layered.list(""):
+        if not (key.startswith("layers/") and key.endswith("manifest.json")):
+            store.put(key, layered.get(key) or b"")
+    started: list = []
+    real_start = LayerProcess.start
+
+    def start(store_):
+        child = real_start(store_)
+        started.append(child)
+        return child
+
+    monkeypatch.setattr(LayerProcess, "start", staticmethod(start))
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "1")
+    cache = tmp_path / "host"
+    with pytest.raises(HydrateError, match="is not in"):
+        hydrate(mixed_lock.env_id, store, cache, platform="linux-64")
+    assert len(started) == 1 and started[0].proc.returncode is not None
+    assert not env_dir(cache, mixed_lock.env_id).exists()
 
 
 def test_a_layer_process_that_dies_leaves_its_layers_to_the_hydrate(
