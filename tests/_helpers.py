@@ -259,3 +259,22 @@ def process_ends(pid: int, within: float) -> bool:
         return True  # gone, or a zombie nobody reaped: it ended
     os.kill(pid, signal.SIGKILL)  # the test's own grandchild
     return False
+
+
+def outlives_its_parent(code: str, *, settle: float = 0.0) -> bool:
+    """Whether the process that ``python -c code`` starts (the code prints its pid, then
+    sleeps) outlives that python killed with -9 by 10 s (*settle*: seconds to wait before
+    the kill)."""
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())  # type: ignore[union-attr]
+        time.sleep(settle)
+        parent.kill()
+        parent.wait()
+        return not process_ends(child, 10)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
