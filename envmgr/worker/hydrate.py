@@ -169,12 +169,14 @@ def hydrate(
         if link is None:
             link = os.environ.get("ENVMGR_LINK", "hardlink") != "copy"
         # A cold start here: `store gc` keeps used envs. The marker goes up while the env
-        # comes down (written after the publish, it was one more round trip per cold start).
+        # comes down (written after the publish, it was one more round trip per cold start),
+        # its thread started once the layer process is forked (a fork wants no threads).
         marking = threading.Thread(
             target=record_use, args=(store, platform, env_id), name="envmgr-use", daemon=True
         )
-        marking.start()
-        fetched, linked, copied = _fetch_and_publish(store, manifest, final, progress, link=link)
+        fetched, linked, copied = _fetch_and_publish(
+            store, manifest, final, progress, link=link, started=marking.start
+        )
 
     marking.join()
     return Hydrated(
@@ -266,17 +268,20 @@ def _fetch_and_publish(
     progress: Progress | None = None,
     *,
     link: bool = True,
+    started: Callable[[], None] = lambda: None,
 ) -> tuple[int, int, int]:
     """Fetch, verify, relocate and publish the env at *final*; returns (layers fetched,
-    files linked, files copied), all 0 for format 1 and 2."""
+    files linked, files copied), all 0 for format 1 and 2. *started* is called once, before
+    the download, when other threads may start."""
     _check_length(manifest, final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     counts = (0, 0, 0)
     try:
         if manifest.layers:
-            counts = _from_layers(store, manifest, final, tmp, progress, link=link)
+            counts = _from_layers(store, manifest, final, tmp, progress, link=link, started=started)
         else:
+            started()
             key = archive_key(manifest.platform, manifest.env_id, manifest.codec)
             task = _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
             with task as tracker:
@@ -312,10 +317,12 @@ def _from_layers(
     progress: Progress | None,
     *,
     link: bool,
+    started: Callable[[], None],
 ) -> tuple[int, int, int]:
     """Assemble the format-3 env *manifest* in *tmp* for *final*: its layers from the host's
     layer cache (fetched there first when missing, several at once), then its env layer;
-    returns (layers fetched, files linked, files copied)."""
+    returns (layers fetched, files linked, files copied). *started* is called once the
+    layer process is forked."""
     cache_dir = final.parent.parent
     hints = _size_hints(manifest)
     ids = [ref.layer_id for ref in manifest.layers]
@@ -347,10 +354,11 @@ def _from_layers(
         }
         missing = [ref for ref in manifest.layers if ref.layer_id not in held]
         installed = sum(hints.get(ref.layer_id, 0) for ref in missing)
-        if wanted(len(missing), installed):  # started first: its imports take 0.3 s
+        if wanted(len(missing), installed):  # first: forked before any thread starts
             child = LayerProcess.start(store)
             if child is not None:  # ended however this hydrate ends (kill() first on errors)
                 scope.callback(child.close)
+        started()
         refs = sorted(missing, key=lambda ref: -hints[ref.layer_id]) if hints else []
         probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
         reads = [*probes, *(ref for ref in refs if ref not in probes)] or missing

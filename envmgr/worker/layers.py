@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import IO, NamedTuple, Protocol
 
 from envmgr.archive.extract import write_file
 from envmgr.archive.frames import workers
@@ -42,13 +42,11 @@ from envmgr.fs import file_lock, read_small
 from envmgr.ids import check_under, is_env_id, parse_layer_id
 from envmgr.worker.env_cache import COMPLETE, layer_use_lock
 
-if TYPE_CHECKING:
-    import subprocess
-
 __all__ = [
     "FAR",
     "LAYER_MANIFEST",
     "Assembly",
+    "Child",
     "LayerCheck",
     "LayerLookups",
     "check_layers",
@@ -451,7 +449,18 @@ class _LinkHelper:
         end_child(self.proc)
 
 
-def end_child(proc: subprocess.Popen[bytes]) -> None:
+class Child(Protocol):
+    """What :func:`end_child` needs of a child: a ``subprocess.Popen``, or a forked one."""
+
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+def end_child(proc: Child) -> None:
     """Kill the child process *proc* (the link helper, the layer process), reap it and
     close its pipes."""
     with contextlib.suppress(OSError):

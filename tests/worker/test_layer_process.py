@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +50,14 @@ def _tree(prefix: Path) -> dict[str, str]:
             shared = "linked" if info.st_nlink > 1 else "own"
             found[rel] = f"{hashlib.sha256(data).hexdigest()[:16]} {info.st_mode:o} {shared}"
     return found
+
+
+@pytest.fixture(autouse=True)
+def _started_anew(monkeypatch):
+    """This test process may run threads (pytest-xdist's): its hydrates start their layer
+    process as a new interpreter, never by a fork. Forked ones run in a python of their
+    own (:func:`_hydrate_apart`)."""
+    monkeypatch.setattr(envmgr.worker.layer_process, "_forkable", lambda: False)
 
 
 def _children(monkeypatch) -> list:
@@ -217,26 +226,151 @@ def test_a_layer_process_that_dies_leaves_its_layers_to_the_hydrate(
         seen.clear()
 
 
-def test_the_layer_process_ends_when_its_hydrate_is_killed(tmp_path):
-    """kill -9 of a hydrate leaves no layer process behind: its input ends, and it exits."""
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "new-interpreter"])
+def test_the_layer_process_ends_when_its_hydrate_is_killed(forked, tmp_path):
+    """kill -9 of a hydrate leaves no layer process behind, forked or started anew: its
+    input ends, and it exits."""
     code = (
         "import sys, time; from pathlib import Path\n"
+        "import envmgr.worker.layer_process as lp\n"
+        f"assert lp._forkable() is True; lp._forkable = lambda: {forked}\n"
         "from envmgr.cache.local import LocalStore\n"
-        "from envmgr.worker.layer_process import LayerProcess\n"
-        f"child = LayerProcess.start(LocalStore(Path({str(tmp_path)!r})))\n"
+        f"child = lp.LayerProcess.start(LocalStore(Path({str(tmp_path)!r})))\n"
+        f"assert isinstance(child.proc, lp._Forked) is {forked}\n"
         "print(child.proc.pid, flush=True); time.sleep(60)"
     )
     # Waited past its imports, for a job.
     assert not outlives_its_parent(code, settle=0.5), "the layer process outlived its hydrate"
 
 
+_APART = """
+import json, os, sys, threading
+from pathlib import Path
+import envmgr.worker.layer_process as lp
+from envmgr.cache.local import LocalStore
+from envmgr.cache.s3 import S3Store
+from envmgr.worker.hydrate import hydrate
+
+url, env_id, host, how = sys.argv[1:5]
+alone = lp._forkable()
+forks, took = [], []
+real_fork, real_fetch = lp._fork, lp.LayerProcess.fetch
+
+def fork(store):
+    forks.append(real_fork(store))
+    return forks[-1]
+
+def fetch(self, job, task):
+    placed = real_fetch(self, job, task)
+    if placed is not None:
+        took.append(job.layer.layer.package.split()[1])
+    return placed
+
+def die(store, job, say):  # the child's first layer: part of it written, then it is gone
+    (Path(job["into"]) / "lib").mkdir(parents=True)
+    (Path(job["into"]) / "lib" / "half").write_bytes(b"x")
+    os._exit(9)
+
+lp._fork, lp.LayerProcess.fetch = fork, fetch
+if how == "die":
+    lp._run = die
+if how == "thread":  # another thread running: no fork
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+store = S3Store(url) if url.startswith("s3://") else LocalStore(Path(url))
+said = {"alone": alone}
+try:
+    got = hydrate(env_id, store, Path(host), platform="linux-64")
+    said.update(prefix=str(got.prefix), counts=[got.layers_fetched, got.linked, got.copied])
+except Exception as exc:
+    said.update(error=str(exc), type=type(exc).__name__)
+said.update(forks=len(forks), ended=[f.returncode is not None for f in forks], took=took)
+print(json.dumps(said))
+"""
+
+
+def _hydrate_apart(store: str, env_id: str, host: Path, how: str = "", **env: str) -> dict:
+    """A hydrate with ``ENVMGR_LAYER_PROCESS=1`` in a python of its own, where nothing
+    else runs, so its layer process is forked: what it made, how many it forked, whether
+    they ended, and the layers they took (*how*: ``die``, each forked child dies on its
+    first layer; ``thread``, a thread runs beside it)."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _APART, store, env_id, str(host), how],
+        env={**os.environ, "ENVMGR_LAYER_PROCESS": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(ran.stdout.splitlines()[-1])
+
+
+def test_a_forked_layer_process_makes_the_env_this_process_makes(
+    mixed_lock, layered, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """A hydrate in a python where nothing else runs forks its layer process; from a local
+    store and from S3 it makes the env this process makes alone, its links and counts the
+    same, and the child ends with the hydrate. With a thread running, nothing is forked,
+    and the env is the same."""
+    s3 = S3Store(f"s3://{s3_bucket}/f", client=s3_server.client())
+    for key in layered.list(""):
+        s3.put(key, layered.get(key) or b"")
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "0")
+    alone = hydrate(mixed_lock.env_id, layered, tmp_path / "solo", platform="linux-64")
+    expected = (_tree(alone.prefix), [alone.layers_fetched, alone.linked, alone.copied])
+    aws = s3_env(s3_server)
+    for host, store, how in (
+        ("loca", str(layered.root), ""),
+        ("s3ss", s3.url, ""),
+        ("thrd", str(layered.root), "thread"),
+    ):
+        said = _hydrate_apart(store, mixed_lock.env_id, tmp_path / host, how, **aws)
+        assert said["alone"] and "error" not in said, said
+        assert (_tree(Path(said["prefix"])), said["counts"]) == expected, host
+        if how == "thread":
+            assert said["forks"] == 0 and said["took"], said  # started anew, and used
+        else:
+            assert said["forks"] == 1 and said["ended"] == [True] and said["took"], said
+
+
+def test_a_forked_layer_process_that_fails_leaves_the_same_env_or_error(
+    mixed_lock, layered, tmp_path, monkeypatch
+):
+    """A forked child that dies on its first layer after writing part of it: the hydrate
+    fetches the layer itself and makes the same env. A flipped byte in the largest layer,
+    fetched by a forked child: the line this process says, nothing published."""
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "0")
+    alone = hydrate(mixed_lock.env_id, layered, tmp_path / "solo", platform="linux-64")
+    said = _hydrate_apart(str(layered.root), mixed_lock.env_id, tmp_path / "dies", "die")
+    assert said["forks"] == 1 and said["took"] == [] and "error" not in said, said
+    assert (_tree(Path(said["prefix"])), said["counts"]) == (
+        _tree(alone.prefix),
+        [alone.layers_fetched, alone.linked, alone.copied],
+    )
+    store = LocalStore(tmp_path / "store")
+    for key in layered.list(""):
+        store.put(key, layered.get(key) or b"")
+    largest = max((k for k in store.list("layers/") if k.endswith(".tar.zst")), key=store.size)
+    bad = bytearray(store.get(largest) or b"")
+    bad[len(bad) // 2] ^= 0xFF
+    store.put(largest, bytes(bad))
+    with pytest.raises(HashMismatchError) as here:
+        hydrate(mixed_lock.env_id, store, tmp_path / "here", platform="linux-64")
+    said = _hydrate_apart(str(store.root), mixed_lock.env_id, tmp_path / "lies")
+    assert said["forks"] == 1 and said["ended"] == [True], said
+    assert (said["type"], said["error"]) == ("HashMismatchError", str(here.value))
+    assert not env_dir(tmp_path / "lies", mixed_lock.env_id).exists()
+    assert not list((tmp_path / "lies" / "layers").glob(".tmp-*"))
+
+
 def _layer_process_of(pid: int) -> int | None:
-    """The layer process process *pid* started (not its link helper), if any."""
+    """The layer process process *pid* started (not its link helper), if any: forked, it
+    runs *pid*'s command line."""
     with contextlib.suppress(OSError, ValueError):
+        parent = Path(f"/proc/{pid}/cmdline").read_bytes()
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
                 with contextlib.suppress(OSError):
-                    if b"layer_process" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    if Path(f"/proc/{child}/cmdline").read_bytes() == parent:
                         return int(child)
     return None
 
