@@ -51,6 +51,7 @@ from envmgr.fs import file_lock
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
 from envmgr.platforms import host_platform
 from envmgr.progress import Progress, tracked
+from envmgr.worker.assembly import Assembly
 from envmgr.worker.download import HashMismatchError, HydrateError, Stop, StoppedError, download
 from envmgr.worker.env_cache import (
     COMPLETE,
@@ -62,7 +63,6 @@ from envmgr.worker.env_cache import (
 )
 from envmgr.worker.layer_process import LayerJob, LayerProcess, wanted
 from envmgr.worker.layers import (
-    Assembly,
     LayerLookups,
     held_layer,
     layer_streams,

@@ -48,9 +48,8 @@ from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import Store
 from envmgr.errors import EnvmgrError
 from envmgr.progress import NullTask, Task
-from envmgr.worker import layers
-from envmgr.worker.download import download
-from envmgr.worker.layers import (
+from envmgr.worker import assembly
+from envmgr.worker.assembly import (
     _HELPER_BATCH,
     Child,
     _Linker,
@@ -58,6 +57,7 @@ from envmgr.worker.layers import (
     _Mirror,
     end_child,
 )
+from envmgr.worker.download import download
 
 __all__ = ["LayerJob", "LayerProcess", "Placed", "wanted"]
 
@@ -141,7 +141,7 @@ def _forkable() -> bool:
 
 class _Forked:
     """A forked layer process, with what :class:`LayerProcess` and
-    :func:`~envmgr.worker.layers.end_child` use of a ``subprocess.Popen``."""
+    :func:`~envmgr.worker.assembly.end_child` use of a ``subprocess.Popen``."""
 
     def __init__(self, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
         self.pid = pid
@@ -256,7 +256,7 @@ class LayerProcess:
                     "what": job.what,
                     "streams": job.streams,
                     # Read here, where tests lower it, and passed on.
-                    "helper_files": layers._HELPER_FILES,
+                    "helper_files": assembly._HELPER_FILES,
                 }
             )
             answer = self._answer(task)

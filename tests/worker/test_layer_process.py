@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 from _helpers import outlives_its_parent, process_ends, s3_env
 
+import envmgr.worker.assembly
 import envmgr.worker.layer_process
-import envmgr.worker.layers
 from envmgr.build.once import BuildOptions, build_and_store
 from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
@@ -111,7 +111,7 @@ def test_a_layer_process_makes_the_env_this_process_makes(
     which finds it free each time), or this process fetched all. With the helper's
     threshold lowered to 1,000 files, python's layer and numpy's are linked by the child's
     own link helper as they unpack."""
-    monkeypatch.setattr(envmgr.worker.layers, "_HELPER_FILES", 1000)
+    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 1000)
     for name, value in s3_env(s3_server).items():
         monkeypatch.setenv(name, value)
     s3 = S3Store(f"s3://{s3_bucket}/p", endpoint_url=s3_server.endpoint_url)
