@@ -13,7 +13,9 @@ from pip's find-links): ``ds`` (numpy, pandas, scipy, scikit-learn, matplotlib, 
   against ds's cold build, with the bytes uploaded besides manifests;
 - **host reuse**: ds + tabulate hydrated on a host that holds ds, against the same cold;
 - **cold hydrate** of torch on an empty host: layers against one archive on loopback, and
-  each through a proxy that gives every connection 15 MB/s and 30 ms before its first byte;
+  each through a proxy that gives every connection 15 MB/s and 30 ms before its first byte,
+  with the CPU the store and the proxy spent on each (they share the hydrate's cores here,
+  which S3 and a real network do not) and the throttled side's total against loopback's;
 - **first import** of torch after a layered hydrate, against the same import warm.
 
 Where the hosts are matters as much as what envmgr does. On an ext4 file system *without a
@@ -33,11 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,6 +81,29 @@ def _build(lock, url: str, client, *, layers: bool) -> float:  # noqa: ANN001
     start = time.monotonic()
     build_and_store(lock, options)
     return time.monotonic() - start
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of process *pid* and the processes under it (Linux's ``/proc``; 0 where
+    there is none): the store's launcher and its ``weed``."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        here = todo.pop()
+        try:
+            fields = Path(f"/proc/{here}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{here}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _self_cpu() -> float:
+    """This process's CPU seconds: while a hydrate runs, its proxy's threads are all it does."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _bootstrap(url: str, env_id: str, cache: Path) -> list[str]:
@@ -136,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_torch:
             _build(locks["torch"], "s3://bench/three", client, layers=True)
             _build(locks["torch"], "s3://bench/two", client, layers=False)
-            _torch(locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep)
+            _torch(
+                locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep, store_pid=s3.process.pid
+            )
             proxy.stop()
             return 0
         # Store: the three envs as layers in one store, and as one archive each.
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             f"written (relocated copies, the env layer) {layers.get('copied')}"
         )
 
-        _torch(locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep)
+        _torch(locks["torch"].env_id, hosts, repeat, aws, slow, keep=keep, store_pid=s3.process.pid)
         proxy.stop()
     print(f"\nload at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
@@ -236,10 +265,13 @@ def _torch(
     slow: dict[str, str],
     *,
     keep: bool,
+    store_pid: int,
 ) -> None:
     """Cold hydrate of torch: layers against one archive, loopback and throttled; the first
     import after a layered hydrate against the same import warm. Each host cache is made
-    under *host*, and deleted after its row unless *keep*."""
+    under *host*, and deleted after its row unless *keep*. The CPU the store (the process
+    *store_pid* and its ``weed``) and the proxy spend on each hydrate is printed beside it:
+    on this machine they share the hydrate's cores, which a real network and S3 do not."""
     rows = {
         ("3", "loop"): Row("torch, layers, loopback"),
         ("2", "loop"): Row("torch, one archive, loopback"),
@@ -251,6 +283,8 @@ def _torch(
     # 1.5 GB a hydrate wrote, a first import is slower whatever the format; this row says how
     # much of the layered row's gap is the disk's, not the links'.
     first2 = Row("first `import torch` after a one-archive hydrate")
+    served: dict[tuple[str, str], list[float]] = {key: [] for key in rows}
+    relayed: dict[tuple[str, str], list[float]] = {key: [] for key in rows}
     for i in range(repeat):
         order = list(rows) if i % 2 == 0 else list(reversed(rows))
         for fmt, net in order:
@@ -258,7 +292,10 @@ def _torch(
             shutil.rmtree(target, ignore_errors=True)
             store = "s3://bench/three" if fmt == "3" else "s3://bench/two"
             network = slow if net == "slow" else aws
+            before = _tree_cpu(store_pid), _self_cpu()
             out = json.loads(timed(rows[fmt, net], _bootstrap(store, torch, target), network))
+            served[fmt, net].append(_tree_cpu(store_pid) - before[0])
+            relayed[fmt, net].append(_self_cpu() - before[1])
             if (fmt, net) == ("3", "loop"):
                 timed(first, [out["python"], "-c", "import torch"])
                 timed(again, [out["python"], "-c", "import torch"])
@@ -268,11 +305,20 @@ def _torch(
                 shutil.rmtree(target)
     print(f"\ncold hydrate of torch, empty host (medians of {repeat}, order alternating)")
     base = rows["3", "loop"]
-    for row in rows.values():
-        print(f"  {row.what:<40} {row.w:8.2f} s wall {row.c:7.2f} s cpu  {row.w / base.w:.2f}x")
+    host_cpu = {}
+    for key, row in rows.items():
+        store_cpu, proxy_cpu = median(served[key]), median(relayed[key])
+        host_cpu[key] = row.c + store_cpu + proxy_cpu
+        print(f"  {row.what:<40} {row.w:8.2f} s wall {row.c:7.2f} s cpu  {row.w / base.w:.2f}x"
+              f"   store {store_cpu:.2f} s, proxy {proxy_cpu:.2f} s cpu")  # fmt: skip
     print(
         f"  goals: layers / one archive on loopback {base.w / rows['2', 'loop'].w:.2f}x "
         f"(<= 1.0x); layers throttled / loopback {rows['3', 'slow'].w / base.w:.2f}x (<= 1.25x)"
+    )
+    print(
+        "  CPU of hydrate + store + proxy, all on this host's cores: layers throttled "
+        f"{host_cpu['3', 'slow']:.2f} s / loopback {host_cpu['3', 'loop']:.2f} s = "
+        f"{host_cpu['3', 'slow'] / host_cpu['3', 'loop']:.2f}x"
     )
     print(
         f"  {first.what}: {first.w:.2f} s, warm {again.w:.2f} s: "
