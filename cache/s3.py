@@ -2,28 +2,44 @@
 
 botocore with the default credential chain; the endpoint comes from ``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL`` (both read by botocore itself) or the explicit *endpoint_url*. Large files
-go up as multipart uploads; a reader (:meth:`S3Store.open`, what hydrate streams from; see
-:mod:`envmgr.cache.s3_reads`) is one GET stream, resumed from the first missing byte when it
-breaks, or N parallel ranged GETs (the streams the caller asks for, or ``ENVMGR_S3_PARTS=N``).
-Requests are retried with backoff (botocore's ``standard`` mode). ``put_if_absent`` is a
-conditional ``PutObject`` with ``If-None-Match: *``, which S3 and SeaweedFS enforce atomically.
+go up as multipart uploads; a reader (:meth:`S3Store.open`, what hydrate streams from) is one
+GET stream, resumed from the first missing byte when it breaks, or N parallel ranged GETs (the
+streams the caller asks for, or ``ENVMGR_S3_PARTS=N``). Requests are retried with backoff
+(botocore's ``standard`` mode, and :mod:`envmgr.cache.s3_errors` for reads).
+``put_if_absent`` is a conditional ``PutObject`` with ``If-None-Match: *``, which S3 and
+SeaweedFS enforce atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from envmgr.cache.s3_reads import RangedReader, ShortReadError, StreamReader, back_off, retries
+from envmgr.cache.s3_errors import (
+    ShortReadError,
+    back_off,
+    changed,
+    error_code,
+    explain,
+    missing,
+    retries,
+    setting_hint,
+    transient,
+)
 from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
 
 __all__ = ["S3Store"]
 
 _MiB = 1024 * 1024
+_T = TypeVar("_T")
 
 
 def _s3_loader(session: Any) -> Any:
@@ -118,7 +134,7 @@ class S3Store:
                 # The AWS settings themselves: no request was sent, so none is retried.
                 text = " ".join(str(exc).split())[:200]
                 raise StoreError(
-                    self.url, "-", f"cannot make an S3 client: {text}", hint=_setting_hint(exc)
+                    self.url, "-", f"cannot make an S3 client: {text}", hint=setting_hint(exc)
                 ) from None
         return self._client
 
@@ -128,53 +144,10 @@ class S3Store:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    @staticmethod
-    def _transient(exc: Exception) -> bool:
-        """A broken connection, a timeout, a short read or a 5xx/429 answer: worth another
-        try. Any other answer from the server (403, 404, 400, …) is not, nor a client that
-        could not be made."""
-        if isinstance(exc, StoreError) or type(exc).__name__ in _NEVER_TRANSIENT:
-            return False  # trying again cannot help: say so at once
-        response = getattr(exc, "response", None)
-        if not response:
-            return True
-        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        return status >= 500 or status == 429
-
-    @staticmethod
-    def _changed(exc: Exception) -> bool:
-        code = _code(exc, "")
-        return code in ("PreconditionFailed", "412")
-
     def _fail(self, key: str, exc: Exception, detail: str = "") -> StoreError:
         if isinstance(exc, StoreError):  # the client could not be made: said already
             return exc
-        code = _code(exc, type(exc).__name__)
-        cause = code
-        hint = None
-        if getattr(exc, "response", None) is None and not _is_botocore(exc):
-            # Not an answer of the server: a response cut short or garbled on the way
-            # (boto3 then fails reading a field it expects, e.g. KeyError 'UploadId').
-            text = " ".join(str(exc).split())[:120]
-            cause = (
-                f"a cut or malformed response ({type(exc).__name__}{': ' if text else ''}{text})"
-            )
-            hint = "the connection to the S3 endpoint broke mid-answer; check the network"
-        if code in (
-            "AccessDenied",
-            "403",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "NoCredentialsError",
-        ):
-            hint = "check the credentials and their permissions on this bucket"
-        elif code in ("NoSuchBucket",):
-            hint = "create the bucket or fix the store URL"
-        elif code in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
-            hint = "the S3 endpoint did not answer; check AWS_ENDPOINT_URL and the network"
-        elif code == "EndpointResolutionError":  # botocore's words say which setting
-            cause = f"{code}: {' '.join(str(exc).split())[:200]}"
-            hint = _setting_hint(exc)
+        cause, hint = explain(exc)
         endpoint = getattr(getattr(self._client, "meta", None), "endpoint_url", "?")
         return StoreError(
             self.url,
@@ -193,11 +166,6 @@ class S3Store:
         if credentials is None:
             return "nowhere (no credentials found)"
         return str(getattr(credentials, "method", "unknown"))
-
-    @staticmethod
-    def _missing(exc: Exception) -> bool:
-        code = _code(exc, "")
-        return code in ("NoSuchKey", "404", "NotFound")
 
     def _transfer(self) -> Any:
         """boto3's managed transfer (multipart, parallel parts) over this store's client."""
@@ -230,11 +198,11 @@ class S3Store:
         key: str,
         byte_range: tuple[int, int] | None,
         limit: int | None,
-        watch: RangedReader | None,
+        watch: _RangedReader | None,
     ) -> bytes | None:
         """:meth:`get`, each body it reads shown to *watch* (a ranged reader, whose
-        :meth:`~envmgr.cache.s3_reads.RangedReader.abort` shuts it down); once *watch* is
-        aborted, a read that fails raises ``StoreError`` at once."""
+        :meth:`~_RangedReader.abort` shuts it down); once *watch* is aborted, a read that
+        fails raises ``StoreError`` at once."""
         full = self._key(key)
         first, last = byte_range if byte_range else (0, None)
         wanted = None if last is None else last - first + 1
@@ -287,13 +255,13 @@ class S3Store:
             except Exception as exc:
                 if watch is not None and watch.aborted:
                     raise StoreError(self.url, key, "the read was stopped") from None
-                if self._missing(exc) and etag is None:
+                if missing(exc) and etag is None:
                     return None
-                if self._changed(exc):
+                if changed(exc):
                     raise StoreError(
                         self.url, key, "the object changed while it was read"
                     ) from None
-                if not self._transient(exc) or attempt >= retries():
+                if not transient(exc) or attempt >= retries():
                     detail = f" after {attempt + 1} attempts ({got} bytes read)" if attempt else ""
                     raise self._fail(key, exc, detail) from None
                 attempt += 1
@@ -311,7 +279,7 @@ class S3Store:
         try:
             self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
         except Exception as exc:
-            code = _code(exc, "")
+            code = error_code(exc, "")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 return False
             raise self._fail(key, exc) from None
@@ -331,7 +299,7 @@ class S3Store:
             with self._transfer() as transfer:
                 transfer.download_file(self.bucket, full, str(path))
         except Exception as exc:
-            if self._missing(exc):
+            if missing(exc):
                 return False
             raise self._fail(key, exc) from None
         return True
@@ -342,10 +310,10 @@ class S3Store:
             size = self.size(key)
             if size is None:
                 return None
-            return cast(IO[bytes], RangedReader(self, key, size, threads=parts))
+            return cast(IO[bytes], _RangedReader(self, key, size, threads=parts))
         # One stream needs no HEAD first: the GET's answer says the size (one request fewer
         # per layer, each a round trip on a slow link).
-        reader = StreamReader(self, key)
+        reader = _StreamReader(self, key)
         if not reader.start():
             return None
         return cast(IO[bytes], reader)
@@ -359,9 +327,9 @@ class S3Store:
             try:
                 return int(self.client.head_object(Bucket=self.bucket, Key=full)["ContentLength"])
             except Exception as exc:
-                if self._missing(exc):
+                if missing(exc):
                     return None
-                if not self._transient(exc) or attempt >= retries():
+                if not transient(exc) or attempt >= retries():
                     detail = f" after {attempt + 1} attempts" if attempt else ""
                     raise self._fail(key, exc, detail) from None
                 attempt += 1
@@ -375,7 +343,7 @@ class S3Store:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=full)
         except Exception as exc:
-            if not self._missing(exc):
+            if not missing(exc):
                 raise self._fail(key, exc) from None
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -399,39 +367,6 @@ class S3Store:
         yield from sorted(found)
 
 
-def _setting_hint(exc: Exception) -> str:
-    """What to fix when botocore cannot make a client out of the AWS settings."""
-    name = type(exc).__name__
-    if name == "ProfileNotFound":
-        return "AWS_PROFILE names a profile that is not in the AWS config; fix or unset it"
-    if name in ("InvalidRegionError", "NoRegionError"):
-        return "set AWS_REGION (or AWS_DEFAULT_REGION) to a region name such as us-east-1"
-    if "endpoint" in str(exc).lower():
-        return (
-            "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, or endpoint_url in the AWS config) "
-            "must be a URL such as http://host:9000"
-        )
-    return "check the AWS settings: AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL, ~/.aws/config"
-
-
-def _is_botocore(exc: Exception) -> bool:
-    """A botocore or boto3 error (its name says what failed: EndpointConnectionError, ...)."""
-    return type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer")
-
-
-def _code(exc: Exception, default: str) -> str:
-    """The S3 error code of a botocore error (*default* when the server never answered)."""
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", default))
-
-
-#: botocore errors that no retry can fix (configuration, not the network).
-_NEVER_TRANSIENT = frozenset(
-    {"NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ParamValidationError",
-     "InvalidRegionError", "UnknownServiceError", "ProfileNotFound", "EndpointResolutionError"}
-)  # fmt: skip
-
-
 def _parts() -> int:
     """``ENVMGR_S3_PARTS``: parallel ranged GETs per reader (0, the default: one stream, which
     on loopback was faster than 8 parts with half the CPU)."""
@@ -439,3 +374,246 @@ def _parts() -> int:
         return max(0, int(os.environ.get("ENVMGR_S3_PARTS", "0")))
     except ValueError:
         return 0
+
+
+class _RangedReader(io.RawIOBase):
+    """Reads an object in order while a pool fetches the next parts with ranged GETs.
+
+    At most ``window`` parts are in flight or buffered, so memory stays bounded; each part is
+    retried by botocore. Closing it cancels what is still pending.
+    """
+
+    def __init__(
+        self,
+        store: S3Store,
+        key: str,
+        size: int,
+        *,
+        part: int = 8 * _MiB,
+        window: int = 0,
+        threads: int = 0,
+    ) -> None:
+        super().__init__()
+        self.store, self.key, self.total, self.part = store, key, size, part
+        threads = threads or store.threads
+        self.window = window or threads * 2
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="envmgr-s3-get")
+        self.parts = [(start, min(start + part, size) - 1) for start in range(0, size, part)]
+        self.pending: dict[int, Future[bytes]] = {}
+        self.next_submit = 0
+        self.next_read = 0
+        self.data = b""  # the part being read, from self.offset on
+        self.view = memoryview(self.data)
+        self.offset = 0
+        self.aborted = False
+        self._bodies: dict[int, Any] = {}  # being read by the pool, by thread
+        self._guard = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def reading(self, body: Any) -> None:
+        """A part's body is being read (shut down at once if this reader is aborted)."""
+        with self._guard:
+            self._bodies[threading.get_ident()] = body
+        if self.aborted:
+            _shut(body)
+
+    def _fetch(self, index: int) -> bytes:
+        try:
+            data = self.store._get(self.key, self.parts[index], None, self)
+        finally:
+            with self._guard:
+                self._bodies.pop(threading.get_ident(), None)
+        if data is None or len(data) != self.parts[index][1] - self.parts[index][0] + 1:
+            raise StoreError(self.store.url, self.key, "object changed or vanished while read")
+        return data
+
+    def _fill(self) -> None:
+        while (
+            self.next_submit < len(self.parts) and self.next_submit - self.next_read < self.window
+        ):
+            self.pending[self.next_submit] = self.pool.submit(self._fetch, self.next_submit)
+            self.next_submit += 1
+
+    def readinto(self, target: Any) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts = []
+        while data := self.read(1 << 30):
+            parts.append(data)
+        return b"".join(parts)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to *size* bytes of the current part, uncopied: the whole part as it came, or a
+        memoryview of it (``RawIOBase.read`` would copy it twice)."""
+        if size is None or size < 0:
+            return self.readall()
+        if self.offset >= len(self.data):
+            if self.next_read >= len(self.parts) or size == 0:
+                return b""
+            self._fill()
+            self.data, self.offset = self._part(self.pending.pop(self.next_read)), 0
+            self.view = memoryview(self.data)
+            self.next_read += 1
+            self._fill()
+        if self.offset == 0 and size >= len(self.data):
+            self.offset = len(self.data)
+            return self.data
+        data = self.view[self.offset : self.offset + size]
+        self.offset += len(data)
+        return data  # type: ignore[return-value]
+
+    def _part(self, future: Future[bytes]) -> bytes:
+        """The part *future* fetches; ``StoreError`` soon after the reader is aborted."""
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                if self.aborted:
+                    raise StoreError(self.store.url, self.key, "the read was stopped") from None
+
+    def abort(self) -> None:
+        """Stop this reader from another thread: no part is fetched from now on, and the
+        parts being fetched are woken (their sockets shut down, see :func:`_shut`)."""
+        self.aborted = True
+        with self._guard:
+            bodies = list(self._bodies.values())
+        for body in bodies:
+            _shut(body)
+        for future in list(self.pending.values()):
+            future.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.abort()
+        super().close()
+
+
+class _Absent(Exception):  # noqa: N818 - internal signal: the first GET found no object
+    pass
+
+
+class _Aborted(Exception):  # noqa: N818 - internal signal: the reader was stopped
+    pass
+
+
+def _shut(body: Any) -> None:
+    """Wake a read of *body* that waits on the network in another thread: its socket is
+    shut down for reading (urllib3 2.3 and later can; with an older one the read ends when
+    its bytes come)."""
+    shutdown = getattr(getattr(body, "_raw_stream", body), "shutdown", None)
+    if callable(shutdown):
+        with contextlib.suppress(Exception):
+            shutdown()
+
+
+class _StreamReader(io.RawIOBase):
+    """Reads an object with one GET stream; :meth:`start` sends the GET, whose answer gives
+    the object's size. When the stream breaks (a reset, a timeout, a short body, a 5xx), it
+    goes on from the first byte not yet read with a ranged GET pinned to the first answer's
+    ETag, up to ``ENVMGR_S3_RETRIES`` times with backoff, as :meth:`S3Store.get` does; an
+    object that changes meanwhile is an error, never a mix."""
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        super().__init__()
+        self.store, self.key = store, key
+        self.total = 0  # set by the first answer
+        self.offset = 0
+        self.etag: str | None = None
+        self.body: Any = None
+        self.attempt = 0
+        self.aborted = False
+
+    def readable(self) -> bool:
+        return True
+
+    def abort(self) -> None:
+        """Stop this reader from another thread: a read waiting on the network ends at
+        once, and this and every later read raises ``StoreError`` (never retried)."""
+        self.aborted = True
+        _shut(self.body)
+
+    def _open(self) -> None:
+        extra: dict[str, str] = {}
+        if self.offset:
+            extra["Range"] = f"bytes={self.offset}-"
+        if self.etag:
+            extra["IfMatch"] = self.etag
+        answer = self.store.client.get_object(
+            Bucket=self.store.bucket, Key=self.store._key(self.key), **extra
+        )
+        if self.etag is None:
+            self.total = int(answer["ContentLength"])
+            self.etag = answer.get("ETag") or ""
+        self.body = answer["Body"]
+
+    def start(self) -> bool:
+        """Send the first GET (retried like a read); ``False`` when there is no object."""
+        try:
+            self._retrying(self._open)
+        except _Absent:
+            return False
+        return True
+
+    def _drop_body(self) -> None:
+        body, self.body = self.body, None
+        if body is not None:
+            with contextlib.suppress(Exception):  # a broken stream may fail to close too
+                body.close()
+
+    def _retrying(self, step: Callable[[], _T]) -> _T:
+        while True:
+            try:
+                if self.aborted:
+                    raise _Aborted
+                return step()
+            except Exception as exc:
+                self._drop_body()
+                store = self.store
+                if self.aborted:
+                    raise StoreError(store.url, self.key, "the read was stopped") from None
+                if missing(exc) and self.etag is None:
+                    raise _Absent from None
+                if missing(exc) or changed(exc):
+                    raise StoreError(
+                        store.url, self.key, "the object changed or vanished while it was read"
+                    ) from None
+                if not transient(exc) or self.attempt >= retries():
+                    detail = f" after {self.attempt + 1} attempts ({self.offset} bytes read)"
+                    raise store._fail(self.key, exc, detail if self.attempt else "") from None
+                self.attempt += 1
+                back_off(self.attempt)
+
+    def _read(self, size: int) -> bytes:
+        if self.body is None:
+            self._open()
+        data: bytes = self.body.read(min(size, self.total - self.offset))
+        if not data:
+            raise ShortReadError(f"{self.offset} of {self.total} bytes")
+        return data
+
+    def readinto(self, target: Any) -> int:
+        data = self.read(len(target))
+        target[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to *size* bytes as the stream gives them, without the two copies of
+        ``RawIOBase.read`` (into a buffer, then out of it)."""
+        if size is None or size < 0:
+            return self.readall()
+        if self.offset >= self.total or size == 0:
+            return b""
+        data = self._retrying(lambda: self._read(size))
+        self.offset += len(data)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self._drop_body()
+        super().close()

@@ -676,7 +676,7 @@ def test_a_large_layer_comes_down_over_ranged_streams(
     lock = locks["small"]
     manifest = build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c")).manifest
     ranged: dict[str, int] = {}
-    real = envmgr.cache.s3.RangedReader
+    real = envmgr.cache.s3._RangedReader
 
     def spy(store_, key, size, *, threads, **more):
         ranged[key] = threads
@@ -689,7 +689,7 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         at_once.append(far)
         return real_streams(far)
 
-    monkeypatch.setattr(envmgr.cache.s3, "RangedReader", spy)
+    monkeypatch.setattr(envmgr.cache.s3, "_RangedReader", spy)
     monkeypatch.setattr(envmgr.worker.hydrate, "layer_streams", spy_streams)
     hydrated = hydrate(lock.env_id, store, tmp_path / "host", platform="linux-64")
     sizes = {
