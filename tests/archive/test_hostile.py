@@ -10,6 +10,7 @@ import json
 import os
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -46,11 +47,14 @@ _WORDS = st.sampled_from(
 _TEXT = st.one_of(st.text(max_size=200), st.lists(_WORDS, max_size=40).map("".join))
 
 
-def _file(text: str, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    path = folder / name
-    path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    return path
+@contextlib.contextmanager
+def _file(text: str, name: str) -> Iterator[Path]:
+    """*text* as a file named *name*, in a directory removed afterwards (one per example:
+    hypothesis runs hundreds, and a function-scoped tmp_path would be shared by them)."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as folder:
+        path = Path(folder) / name
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        yield path
 
 
 @FUZZ
@@ -108,17 +112,20 @@ def test_spec_file_readers_raise_only_envmgr_errors(text):
         (read_requirements, "requirements.txt"),
         (read_pyproject, "pyproject.toml"),
     ):
-        with contextlib.suppress(EnvmgrError):
-            reader(_file(text, name))
+        with _file(text, name) as path, contextlib.suppress(EnvmgrError):
+            reader(path)
 
 
 @FUZZ
 @given(_TEXT)
 def test_lock_and_explicit_readers_raise_only_their_errors(text):
-    with contextlib.suppress(LockError):
-        read_conda_lock(_file(text, "conda-lock.yml"))
-    with contextlib.suppress(ExplicitFileError):
-        _parse_explicit(_file("@EXPLICIT\n" + text, "explicit.txt"))
+    with _file(text, "conda-lock.yml") as path, contextlib.suppress(LockError):
+        read_conda_lock(path)
+    with (
+        _file("@EXPLICIT\n" + text, "explicit.txt") as path,
+        contextlib.suppress(ExplicitFileError),
+    ):
+        _parse_explicit(path)
 
 
 _NAMES = st.lists(
@@ -169,9 +176,9 @@ def test_the_extractor_never_writes_outside_its_target(members, codec):
 
     raw = _tar(members)
     packed = zstandard.ZstdCompressor().compress(raw) if codec == "zst" else gzip.compress(raw)
-    root = Path(tempfile.mkdtemp(prefix="fuzz-x-"))
     manifest = archive_manifest(packed, codec, len(members), 10_000)
-    _unpack_stays_inside(packed, root, manifest)
+    with tempfile.TemporaryDirectory(prefix="fuzz-x-") as root:
+        _unpack_stays_inside(packed, Path(root), manifest)
 
 
 def _unpack_stays_inside(packed: bytes, root: Path, manifest: Manifest) -> None:
@@ -198,9 +205,9 @@ def test_the_parallel_extractor_never_writes_outside_its_target(members, cuts, c
     as continuations or not, extracted by several threads with links made last."""
     raw = _tar(members)
     packed, chunks = framed(raw, [512 * c for c in cuts], [False, *conts, *[False] * 4])
-    root = Path(tempfile.mkdtemp(prefix="fuzz-p-"))
     manifest = archive_manifest(packed, "zst", len(members), 10_000, chunks=chunks)
-    _unpack_stays_inside(packed, root, manifest)
+    with tempfile.TemporaryDirectory(prefix="fuzz-p-") as root:
+        _unpack_stays_inside(packed, Path(root), manifest)
 
 
 def _packed(members) -> bytes:

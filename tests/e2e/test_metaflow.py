@@ -41,7 +41,8 @@ def runs(conda_channel, pypi_index, tmp_path_factory):
     """Run the flow twice and return both outputs: the second time with a narrower foreach
     (a parameter; no step's spec changes, so no env may be solved or built again)."""
     home = tmp_path_factory.mktemp("mf")
-    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url)
+    (home / "tmp").mkdir()
+    env = _flow_env(home, conda_channel.url, PIP_INDEX_URL=pypi_index.url, TMPDIR=str(home / "tmp"))
     outputs = []
     for width in ("10", "2"):
         run = ["run", "--max-workers", "4", "--width", width]
@@ -137,6 +138,13 @@ def test_a_foreach_of_ten_tasks_hydrates_once(runs):
     assert len(fans) == 10 and len({prefix for prefix, _ in fans}) == 1
     envs = [p for p in (home / "cache" / "envs").iterdir() if len(p.name) == 32]
     assert len(envs) == 4  # start/join/end share the base env; fan, fetch, mixed
+
+
+def test_runs_leave_nothing_in_the_temp_dir(runs):
+    """The envs file for the code package lives as long as the run's process, not longer
+    (a file per run once collected in /tmp)."""
+    home, _env, _outputs = runs
+    assert sorted(p.name for p in (home / "tmp").iterdir()) == []
 
 
 def test_second_run_solves_and_builds_nothing(runs):

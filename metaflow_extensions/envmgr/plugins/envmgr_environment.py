@@ -166,6 +166,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         self.envmgr_envs: dict[str, dict[str, Any]] = {}
         self._pythons: dict[str, str] = {}
         self._package_file: str | None = None
+        self._package_dir: tempfile.TemporaryDirectory[str] | None = None
         self._datastore = ""
 
     def validate_environment(self, echo: Any, datastore_type: str) -> None:
@@ -301,9 +302,13 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         self._write_package_file()
 
     def _write_package_file(self) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-            json.dump(self.envmgr_envs, handle)
-        self._package_file = handle.name
+        # The code package reads this file whenever Metaflow makes it; the directory goes when
+        # this environment does, or when the process exits, so no run leaves a file behind.
+        if self._package_dir is None:
+            self._package_dir = tempfile.TemporaryDirectory(prefix="envmgr-package-")
+        path = Path(self._package_dir.name) / _PACKAGE_FILE
+        path.write_text(json.dumps(self.envmgr_envs), encoding="utf-8")
+        self._package_file = str(path)
 
     def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
         """Steps with ``name=`` run in that named env's env for their platform, as it is;
