@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -253,7 +252,9 @@ step = sys.argv[3]
 print(json.dumps({"log": lines, "envs": environment.envmgr_envs,
                   "commands": environment.bootstrap_commands(step, "s3"),
                   "executable": environment.executable(step),
-                  "package": [[src, arc] for src, arc, _ in environment.add_to_package()]}))
+                  # the contents: the envs file goes when this process does
+                  "package": [[open(src, encoding="utf-8").read(), arc]
+                              for src, arc, _ in environment.add_to_package()]}))
 """
 REMOTE_FLOW = Path(__file__).resolve().parents[2] / "fixtures" / "flows" / "remoteflow.py"
 
@@ -298,9 +299,9 @@ def test_a_kubernetes_step_on_graviton_gets_a_linux_aarch64_env_its_pod_runs(
     # qemu), an empty HOME, only S3 reachable. It detects its own platform.
     sandbox = tmp_path / "pod"
     sandbox.mkdir()
-    for source, arcname in remote["package"]:
+    for text, arcname in remote["package"]:
         (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, sandbox / arcname)
+        (sandbox / arcname).write_text(text, encoding="utf-8")
     import sysconfig
 
     python = worker_python(conda_channel.path, tmp_path / "arm64", [sysconfig.get_path("purelib")])

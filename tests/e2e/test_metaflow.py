@@ -6,7 +6,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +167,9 @@ environment.init_environment(lambda line: None)
 step = sys.argv[2]
 print(json.dumps({"commands": environment.bootstrap_commands(step, "s3"),
                   "executable": environment.executable(step),
-                  "package": [[src, arc] for src, arc, _ in environment.add_to_package()]}))
+                  # the contents: the envs file goes when this process does
+                  "package": [[open(src, encoding="utf-8").read(), arc]
+                              for src, arc, _ in environment.add_to_package()]}))
 """
 
 
@@ -198,9 +199,9 @@ def test_remote_bootstrap_commands_run_in_a_bare_sandbox(
     # python has boto3 and zstandard but not envmgr: the bootstrap comes in the code package.
     sandbox = tmp_path / "pod"
     sandbox.mkdir()
-    for source, arcname in remote["package"]:  # what the code package holds
+    for text, arcname in remote["package"]:  # what the code package holds
         (sandbox / arcname).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, sandbox / arcname)
+        (sandbox / arcname).write_text(text, encoding="utf-8")
     _python, worker = bare_worker(tmp_path, aws)
     script = " && ".join(
         [
