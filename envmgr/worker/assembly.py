@@ -132,18 +132,18 @@ class _LinkHelper:
             try:
                 self.proc.stdin.write(len(data).to_bytes(4, "little") + data)  # type: ignore[union-attr]
                 self.proc.stdin.flush()  # type: ignore[union-attr]
-            except OSError:
-                self.broken = True  # it died: finish() says to place them all here
+            except (OSError, ValueError):  # it died, or kill() closed its pipe under us
+                self.broken = True  # finish() says to place them all here
 
     def finish(self) -> tuple[int, list[tuple[str, str]]]:
         """Wait for the helper; returns (links it made, the pairs still to place). A helper
         that died or said nothing readable leaves every pair to place again (placing a link
         that is there already replaces it)."""
         said = b""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self.proc.stdin.write(bytes(4))  # type: ignore[union-attr]
             self.proc.stdin.close()  # type: ignore[union-attr]
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             said = self.proc.stdout.read(256)  # type: ignore[union-attr]
             self.proc.stdout.close()  # type: ignore[union-attr]
         code = self.proc.wait()
@@ -175,12 +175,14 @@ class Child(Protocol):
 
 def end_child(proc: Child) -> None:
     """Kill the child process *proc* (the link helper, the layer process), reap it and
-    close its pipes."""
+    close its pipes. Another thread may be writing to them or closing them too: a buffered
+    pipe closed under a thread's flush says ``ValueError`` (CPython frees its buffer), which
+    is no error here."""
     with contextlib.suppress(OSError):
         proc.kill()
     proc.wait()
     for stream in (proc.stdin, proc.stdout):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if stream is not None:
                 stream.close()
 

@@ -439,14 +439,15 @@ def _from_layers(
             assembly.add(manifest, last.result())
             relocations, linked, copied = assembly.finish(manifest)
         except BaseException:
-            stop.set()
-            assembly.abandon()
-            if child is not None:
-                child.kill()
-            if last is not None:
-                last.cancel()
-            for pending in jobs:
-                pending.cancel()
+            # The error raised is the one that stopped the hydrate, whatever stopping the
+            # rest raises (a pipe closed under a thread that writes to it, in CI once).
+            _quietly(
+                stop.set,
+                assembly.abandon,
+                *([child.kill] if child is not None else []),
+                *([last.cancel] if last is not None else []),
+                *(pending.cancel for pending in jobs),
+            )
             raise
         finally:
             pool.shutdown(wait=True)
@@ -456,6 +457,14 @@ def _from_layers(
             tmp, relocations, manifest.build_prefix, str(final), f"env {manifest.env_id}"
         )
     return fetched, linked, copied
+
+
+def _quietly(*steps: Callable[[], object]) -> None:
+    """Run each of *steps* whatever those before it raised: cleanup after an error, which
+    must never replace that error."""
+    for step in steps:
+        with contextlib.suppress(Exception):
+            step()
 
 
 def _size_hints(manifest: Manifest) -> dict[str, int]:

@@ -236,7 +236,7 @@ class LayerProcess:
         try:
             self.proc.stdin.write(json.dumps(message).encode() + b"\n")  # type: ignore[union-attr]
             self.proc.stdin.flush()  # type: ignore[union-attr]
-        except OSError:
+        except (OSError, ValueError):  # it died, or kill() closed its pipe under us
             self.gone = True
 
     def fetch(self, job: LayerJob, task: Task | None) -> Placed | None:
@@ -302,14 +302,14 @@ class LayerProcess:
 
     def close(self) -> None:
         """End the child after its last job: its input ends, and it exits."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self.proc.stdin.close()  # type: ignore[union-attr]
         try:
             self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
             self.kill()
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             self.proc.stdout.close()  # type: ignore[union-attr]
 
     def kill(self) -> None:
@@ -436,9 +436,10 @@ def _run(store: Store, job: dict[str, Any], say: Any) -> None:
         reads.flush()
         done = {"mirrored": mirrored, "names": mirror.names}
         say({"done": {**done, "linked": linker.linked, "copied": linker.copied}})
-    except BaseException as exc:  # every failure goes to the hydrate
+    except BaseException as exc:  # every failure goes to the hydrate, as it was
         if mirror is not None:
-            mirror.kill()
+            with contextlib.suppress(Exception):
+                mirror.kill()
         say({"error": _error(exc)})
 
 

@@ -139,20 +139,26 @@ def test_a_layer_process_makes_the_env_this_process_makes(
         seen.clear()
 
 
+def _flipped(layered: LocalStore, root: Path) -> tuple[LocalStore, str, bytes]:
+    """A copy of *layered* at *root* whose largest layer has one byte flipped: the store,
+    that layer's key and its good bytes."""
+    store = LocalStore(root)
+    for key in layered.list(""):
+        store.put(key, layered.get(key) or b"")
+    largest = max((k for k in store.list("layers/") if k.endswith(".tar.zst")), key=store.size)
+    good = store.get(largest) or b""
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    store.put(largest, bytes(bad))
+    return store, largest, good
+
+
 def test_a_lying_layer_fails_the_same_in_the_layer_process(
     mixed_lock, layered, tmp_path, monkeypatch
 ):
     """A flipped byte in the largest layer, fetched by the layer process: the same error
     line as here, nothing published, the process gone; the repaired store hydrates."""
-    store = LocalStore(tmp_path / "store")
-    for key in layered.list(""):
-        store.put(key, layered.get(key) or b"")
-    layers = [k for k in store.list("layers/") if k.endswith(".tar.zst")]
-    largest = max(layers, key=store.size)
-    good = store.get(largest) or b""
-    bad = bytearray(good)
-    bad[len(bad) // 2] ^= 0xFF
-    store.put(largest, bytes(bad))
+    store, largest, good = _flipped(layered, tmp_path / "store")
     said = {}
     started = _started(monkeypatch)
     for mode in ("0", "1"):
@@ -168,6 +174,35 @@ def test_a_lying_layer_fails_the_same_in_the_layer_process(
     assert len(started) == 1 and started[0].proc.returncode is not None
     store.put(largest, good)
     assert hydrate(mixed_lock.env_id, store, tmp_path / "host1", platform="linux-64").downloaded
+
+
+def test_stopping_the_rest_never_replaces_the_error_that_stopped_the_hydrate(
+    mixed_lock, layered, tmp_path, monkeypatch
+):
+    """Once in CI, a flipped byte failed a hydrate with ``ValueError: PyMemoryView_FromBuffer():
+    info->buf must not be NULL``: a pipe closed while another thread flushed it, as the
+    hydrate stopped its helpers. Whatever stopping them raises, the error is the hash's,
+    and the layer process and the link helper still end."""
+    store, _largest, _good = _flipped(layered, tmp_path / "store")
+    started = _started(monkeypatch)
+    real_kill, real_abandon = LayerProcess.kill, envmgr.worker.assembly.Assembly.abandon
+
+    def kill(self):
+        real_kill(self)
+        raise ValueError("PyMemoryView_FromBuffer(): info->buf must not be NULL")
+
+    def abandon(self):
+        real_abandon(self)
+        raise ValueError("flush of closed file")
+
+    monkeypatch.setattr(LayerProcess, "kill", kill)
+    monkeypatch.setattr(envmgr.worker.assembly.Assembly, "abandon", abandon)
+    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 0)  # a helper from the start
+    monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "1")
+    with pytest.raises(HashMismatchError):
+        hydrate(mixed_lock.env_id, store, tmp_path / "host", platform="linux-64")
+    assert len(started) == 1 and started[0].proc.returncode is not None
+    assert not env_dir(tmp_path / "host", mixed_lock.env_id).exists()
 
 
 def test_a_hydrate_that_fails_before_its_downloads_ends_its_layer_process(
@@ -282,7 +317,8 @@ try:
     got = hydrate(env_id, store, Path(host), platform="linux-64")
     said.update(prefix=str(got.prefix), counts=[got.layers_fetched, got.linked, got.copied])
 except Exception as exc:
-    said.update(error=str(exc), type=type(exc).__name__)
+    import traceback
+    said.update(error=str(exc), type=type(exc).__name__, trace=traceback.format_exc())
 said.update(forks=len(forks), ended=[f.returncode is not None for f in forks], took=took)
 print(json.dumps(said))
 """
@@ -346,18 +382,12 @@ def test_a_forked_layer_process_that_fails_leaves_the_same_env_or_error(
         _tree(alone.prefix),
         [alone.layers_fetched, alone.linked, alone.copied],
     )
-    store = LocalStore(tmp_path / "store")
-    for key in layered.list(""):
-        store.put(key, layered.get(key) or b"")
-    largest = max((k for k in store.list("layers/") if k.endswith(".tar.zst")), key=store.size)
-    bad = bytearray(store.get(largest) or b"")
-    bad[len(bad) // 2] ^= 0xFF
-    store.put(largest, bytes(bad))
+    store, _largest, _good = _flipped(layered, tmp_path / "store")
     with pytest.raises(HashMismatchError) as here:
         hydrate(mixed_lock.env_id, store, tmp_path / "here", platform="linux-64")
     said = _hydrate_apart(str(store.root), mixed_lock.env_id, tmp_path / "lies")
     assert said["forks"] == 1 and said["ended"] == [True], said
-    assert (said["type"], said["error"]) == ("HashMismatchError", str(here.value))
+    assert (said["type"], said["error"]) == ("HashMismatchError", str(here.value)), said
     assert not env_dir(tmp_path / "lies", mixed_lock.env_id).exists()
     assert not list((tmp_path / "lies" / "layers").glob(".tmp-*"))
 
