@@ -244,7 +244,7 @@ def _install(
 def _alone(ref: LayerRef, staging: Path) -> Iterator[Path]:
     """A build prefix of *ref*'s own beside *staging* (its file lock held), removed after."""
     prefix = staging.parent / f"{ref.layer_id}_{'p' * (len(staging.name) - 33)}"
-    with file_lock(staging.parent / f"{ref.layer_id}.lock"):
+    with file_lock(staging.parent / f"{ref.layer_id}.lock", remove=True):
         try:
             yield prefix
         finally:

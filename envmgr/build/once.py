@@ -306,7 +306,7 @@ def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
         ) from None
     # Two builders of one env on one host (different stores) share the prefix path: take
     # turns. The kernel drops the lock if the holder dies.
-    with file_lock(prefix.parent / f"{lock.env_id}.lock"):
+    with file_lock(prefix.parent / f"{lock.env_id}.lock", remove=True):
         return _build_in(lock, options, prefix)
 
 

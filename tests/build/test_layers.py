@@ -264,6 +264,8 @@ def test_a_layer_is_the_same_bytes_whatever_env_and_host_built_it(
         store = LocalStore(tmp_path / host / "store")
         options = BuildOptions(store=store, cache_dir=tmp_path / host / "cache")
         manifest = build_and_store(lock, options).manifest
+        # Nothing stays in the build root, no prefix and no lock of an env or a layer.
+        assert sorted(p.name for p in (tmp_path / f"root-{host}").iterdir()) == []
         digests.append(
             {
                 ref.layer_id: hashlib.sha256(store.get(layer_archive_key(ref.layer_id)) or b"")
