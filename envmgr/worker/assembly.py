@@ -4,8 +4,8 @@
 (read-only: a task cannot change another env's files through its own), except the files that
 hold the prefix, which are copied and relocated, and everything when links are impossible
 (another file system) or not wanted (``link=False``). A layer this hydrate fetches tells of
-each file as it is unpacked (its :class:`_Mirror`), and its files are linked once it is
-published (by a helper process when there are many, :class:`_LinkHelper`); one the host had
+each file as it is unpacked (its :class:`EnvMirror`), and its files are linked once it is
+published (by a helper process when there are many, :class:`LinkHelper`); one the host had
 is walked. The env layer, unpacked apart, goes last and wins; the manifest's ``removes`` are
 taken away.
 
@@ -29,17 +29,26 @@ from envmgr.archive.extract import write_file
 from envmgr.archive.manifest import ArchiveError, Manifest, Relocation
 from envmgr.worker.layers import layer_entries
 
-__all__ = ["Assembly", "Child", "end_child"]
+__all__ = [
+    "HELPER_BATCH",
+    "HELPER_FILES",
+    "Assembly",
+    "Child",
+    "EnvMirror",
+    "LinkHelper",
+    "Linker",
+    "end_child",
+]
 
 #: Errors of ``link(2)`` that mean "copy instead": another file system, too many links, a
 #: file system without hard links.
 _NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 #: Once a hydrate has fetched this many files to link, their links are made by a helper
-#: process (:class:`_LinkHelper`).
-_HELPER_FILES = 2048
+#: process (:class:`LinkHelper`).
+HELPER_FILES = 2048
 #: Links per message to the helper.
-_HELPER_BATCH = 1024
+HELPER_BATCH = 1024
 #: The pipe to the helper holds this much (Linux's default most for a process that is not
 #: root, ``/proc/sys/fs/pipe-max-size``).
 _PIPE_BYTES = 1 << 20
@@ -79,7 +88,7 @@ except OSError:
 """
 
 
-class _LinkHelper:
+class LinkHelper:
     """A child process that makes an env's links to the host's layers, while this process
     unpacks the layers it fetches or walks the ones the host held (ds + tabulate on a host
     holding ds, 8 rounds: 0.44 s against 0.48 s with ds's 15,400 links made here, 0.54 s
@@ -90,7 +99,7 @@ class _LinkHelper:
     calls against one archive's 47,000. The helper makes them off this process's GIL while
     the other layers unpack (torch from loopback on 2 cores, 6 rounds: 2.84 s against
     3.00 s, one archive 2.75 s). It only links; what it could not link (another file system,
-    a full disk) is placed here, by :class:`_Linker`, with its errors."""
+    a full disk) is placed here, by :class:`Linker`, with its errors."""
 
     def __init__(self) -> None:
         import subprocess  # noqa: PLC0415 - only a large hydrate needs it, not a worker's start
@@ -110,7 +119,7 @@ class _LinkHelper:
             fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)  # type: ignore[union-attr]
 
     @classmethod
-    def start(cls) -> _LinkHelper | None:
+    def start(cls) -> LinkHelper | None:
         """A helper, or ``None`` when none can start: no interpreter to run it (this process
         may be embedded in a program that is no python, whose ``sys.executable`` is that
         program)."""
@@ -125,10 +134,10 @@ class _LinkHelper:
         """Link ``source/NAME`` as ``dest/NAME`` for each of *names* (one join and one
         encode here per batch: building 35,000 path pairs here held the GIL for 0.2 s)."""
         self.sent.append((source, dest, names))
-        for at in range(0, len(names), _HELPER_BATCH):
+        for at in range(0, len(names), HELPER_BATCH):
             if self.broken:
                 return
-            data = os.fsencode("\0".join([source, dest, *names[at : at + _HELPER_BATCH]]))
+            data = os.fsencode("\0".join([source, dest, *names[at : at + HELPER_BATCH]]))
             try:
                 self.proc.stdin.write(len(data).to_bytes(4, "little") + data)  # type: ignore[union-attr]
                 self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -192,7 +201,7 @@ def _copy(source: str, target: str) -> None:
     os.chmod(target, stat.S_IMODE(os.lstat(source).st_mode) | 0o200)
 
 
-class _Linker:
+class Linker:
     """Puts a layer's files into an env: links, or copies once links fail (or are off).
     Threads that unpack layers share it."""
 
@@ -246,7 +255,7 @@ def _replace_with_symlink(link: str, target: str) -> None:
 
 
 def _merge(
-    source: Path, dest: Path, linker: _Linker, copy: frozenset[str]
+    source: Path, dest: Path, linker: Linker, copy: frozenset[str]
 ) -> tuple[list[str], list[str]]:
     """Every directory and link of *source* into *dest*, and its files in *copy* copied (or
     every file, when *linker* does not link); returns the files and links placed (relative
@@ -269,7 +278,7 @@ def _merge(
     return placed, to_link
 
 
-class _Mirror:
+class EnvMirror:
     """Hears of a layer's files while the layer is unpacked into the host's cache (an
     :class:`envmgr.archive.extract.Mirror`), so a layer fetched by this hydrate is never
     walked again (torch's 14,600 files took 0.3-0.4 s to walk after its layer arrived): a
@@ -277,7 +286,7 @@ class _Mirror:
     that wrote it; a file to link is noted in :attr:`names` and linked once the layer is
     published, by :meth:`Assembly.add`."""
 
-    def __init__(self, root: str, linker: _Linker, copy: frozenset[str]) -> None:
+    def __init__(self, root: str, linker: Linker, copy: frozenset[str]) -> None:
         self.root = root
         self.linker = linker
         self.copy = copy
@@ -322,24 +331,24 @@ class Assembly:
     def __init__(self, dest: Path, *, link: bool = True) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         self.dest = dest
-        self.linker = _Linker(link)
+        self.linker = Linker(link)
         self.relocations: dict[str, Relocation] = {}
-        self._mirrors: dict[str, _Mirror] = {}
-        self._helper: _LinkHelper | None = None
+        self._mirrors: dict[str, EnvMirror] = {}
+        self._helper: LinkHelper | None = None
         self._settled = False
         self._to_link = 0  # files of layers linked or to link
 
-    def mirror(self, layer: Manifest) -> _Mirror:
+    def mirror(self, layer: Manifest) -> EnvMirror:
         """What the unpack of *layer* into the host's cache tells of each file it writes."""
-        made = _Mirror(str(self.dest), self.linker, frozenset(r.path for r in layer.relocations))
+        made = EnvMirror(str(self.dest), self.linker, frozenset(r.path for r in layer.relocations))
         self._mirrors[layer.env_id] = made
         return made
 
     def add(self, layer: Manifest, directory: Path, *, mirrored: bool = False) -> None:
         """*layer* (published in *directory*) into the env: the files its :meth:`mirror`
         noted, or when it was not mirrored the files its directory holds, are linked (by a
-        helper process once this env has :data:`_HELPER_FILES` of them to link, see
-        :class:`_LinkHelper`; call :meth:`settle` before the env layer)."""
+        helper process once this env has :data:`HELPER_FILES` of them to link, see
+        :class:`LinkHelper`; call :meth:`settle` before the env layer)."""
         own = {r.path: r for r in layer.relocations}
         mirror = self._mirrors.pop(layer.env_id, None)
         if mirrored and mirror is not None and mirror.names:
@@ -360,9 +369,9 @@ class Assembly:
             self._helper is None
             and not self._settled
             and self.linker.link
-            and self._to_link >= _HELPER_FILES
+            and self._to_link >= HELPER_FILES
         ):
-            self._helper = _LinkHelper.start()
+            self._helper = LinkHelper.start()
         if self._helper is not None:
             self._helper.send(source, str(self.dest), names)
             return

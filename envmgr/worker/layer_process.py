@@ -50,11 +50,11 @@ from envmgr.errors import EnvmgrError
 from envmgr.progress import NullTask, Task
 from envmgr.worker import assembly
 from envmgr.worker.assembly import (
-    _HELPER_BATCH,
+    HELPER_BATCH,
     Child,
-    _Linker,
-    _LinkHelper,
-    _Mirror,
+    EnvMirror,
+    Linker,
+    LinkHelper,
     end_child,
 )
 from envmgr.worker.download import download
@@ -256,7 +256,7 @@ class LayerProcess:
                     "what": job.what,
                     "streams": job.streams,
                     # Read here, where tests lower it, and passed on.
-                    "helper_files": assembly._HELPER_FILES,
+                    "helper_files": assembly.HELPER_FILES,
                 }
             )
             answer = self._answer(task)
@@ -368,7 +368,7 @@ class _Reads(NullTask):
             self.pending = 0
 
 
-class _HelpedMirror(_Mirror):
+class _HelpedMirror(EnvMirror):
     """The child's mirror: the files to link go to a link helper of the child's own in
     batches as they are written, linked from the layer's temp directory (a link names the
     inode, which the layer's publish, a rename of that directory, keeps). Handed back to
@@ -376,12 +376,12 @@ class _HelpedMirror(_Mirror):
     layer (0.2 s through a throttled link). Without a helper the names go back."""
 
     def __init__(
-        self, root: str, linker: _Linker, copy: frozenset[str], source: str, helped: bool
+        self, root: str, linker: Linker, copy: frozenset[str], source: str, helped: bool
     ) -> None:
         super().__init__(root, linker, copy)
         self.source = source
         # A helper costs a process start: only for a layer of many files.
-        self.helper = _LinkHelper.start() if helped else None
+        self.helper = LinkHelper.start() if helped else None
         self._batch: list[str] = []
         self._guard = threading.Lock()
 
@@ -392,7 +392,7 @@ class _HelpedMirror(_Mirror):
         self._parent(f"{self.root}/{name}")
         with self._guard:
             self._batch.append(name)
-            if len(self._batch) >= _HELPER_BATCH:
+            if len(self._batch) >= HELPER_BATCH:
                 self.helper.send(self.source, self.root, self._batch)
                 self._batch = []
 
@@ -417,7 +417,7 @@ def _run(store: Store, job: dict[str, Any], say: Any) -> None:
     mirror: _HelpedMirror | None = None
     try:
         layer = Manifest.from_dict(job["layer"], where=job["what"])
-        linker = _Linker(link=True)
+        linker = Linker(link=True)
         copy = frozenset(r.path for r in layer.relocations)
         helped = layer.files >= int(job["helper_files"])
         mirror = _HelpedMirror(job["dest"], linker, copy, job["into"], helped)

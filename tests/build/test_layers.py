@@ -145,14 +145,14 @@ def test_a_layered_env_is_the_env_one_install_makes(mixed_lock, tmp_path):
 def _helpers_started(monkeypatch) -> list:
     """Every link helper a hydrate starts from now on."""
     started: list = []
-    real = envmgr.worker.assembly._LinkHelper.start
+    real = envmgr.worker.assembly.LinkHelper.start
 
     def start():
         helper = real()
         started.append(helper)
         return helper
 
-    monkeypatch.setattr(envmgr.worker.assembly._LinkHelper, "start", staticmethod(start))
+    monkeypatch.setattr(envmgr.worker.assembly.LinkHelper, "start", staticmethod(start))
     return started
 
 
@@ -172,7 +172,7 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
         ("dies", 0, dying),
         ("fail", 0, failing),
     ):
-        monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", files)
+        monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", files)
         if child is not None:
             monkeypatch.setattr(envmgr.worker.assembly, "_HELPER", child)
         result = hydrate(mixed_lock.env_id, store, tmp_path / name, platform="linux-64")
@@ -193,7 +193,7 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
     assert [h.proc.returncode for h in started] == [0, 0, 3, 3, 0, 0]
     # Embedded in a program that is no python, whose sys.executable is that program.
     monkeypatch.setattr(sys, "executable", "/opt/app/bin/uwsgi")
-    assert envmgr.worker.assembly._LinkHelper.start() is None
+    assert envmgr.worker.assembly.LinkHelper.start() is None
     result = hydrate(mixed_lock.env_id, store, tmp_path / "uwsg", platform="linux-64")
     assert (result.layers_fetched, result.linked, result.copied) == counts["here"]
     assert len(started) > 7 and all(helper is None for helper in started[6:])
@@ -202,8 +202,8 @@ def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_
 def test_the_link_helper_ends_when_its_hydrate_is_killed(tmp_path):
     """kill -9 of a hydrate leaves no link helper behind: its input ends, and it stops."""
     code = (
-        "import sys, time; from envmgr.worker.assembly import _LinkHelper\n"
-        "helper = _LinkHelper.start(); print(helper.proc.pid, flush=True); time.sleep(60)"
+        "import sys, time; from envmgr.worker.assembly import LinkHelper\n"
+        "helper = LinkHelper.start(); print(helper.proc.pid, flush=True); time.sleep(60)"
     )
     assert not outlives_its_parent(code), "the link helper outlived its hydrate"
 
@@ -220,7 +220,7 @@ def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path
     lock = locks["small"]
     store = _layered_store(lock, tmp_path)
     started = _helpers_started(monkeypatch)
-    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 0)
+    monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", 0)
     elsewhere = Path(tempfile.mkdtemp(prefix="envmgr-test-envs-", dir="/dev/shm"))
     try:
         cache = tmp_path / "host"
@@ -637,7 +637,7 @@ def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(
         os.kill(os.getpid(), signal.SIGINT)
 
     cache = tmp_path / "host"
-    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 0)  # a helper from the start
+    monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", 0)  # a helper from the start
     started = _helpers_started(monkeypatch)
     # As at a terminal, even when the suite was started in the background (SIGINT ignored).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -111,7 +111,7 @@ def test_a_layer_process_makes_the_env_this_process_makes(
     which finds it free each time), or this process fetched all. With the helper's
     threshold lowered to 1,000 files, python's layer and numpy's are linked by the child's
     own link helper as they unpack."""
-    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 1000)
+    monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", 1000)
     for name, value in s3_env(s3_server).items():
         monkeypatch.setenv(name, value)
     s3 = S3Store(f"s3://{s3_bucket}/p", endpoint_url=s3_server.endpoint_url)
@@ -197,7 +197,7 @@ def test_stopping_the_rest_never_replaces_the_error_that_stopped_the_hydrate(
 
     monkeypatch.setattr(LayerProcess, "kill", kill)
     monkeypatch.setattr(envmgr.worker.assembly.Assembly, "abandon", abandon)
-    monkeypatch.setattr(envmgr.worker.assembly, "_HELPER_FILES", 0)  # a helper from the start
+    monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", 0)  # a helper from the start
     monkeypatch.setenv("ENVMGR_LAYER_PROCESS", "1")
     with pytest.raises(HashMismatchError):
         hydrate(mixed_lock.env_id, store, tmp_path / "host", platform="linux-64")
