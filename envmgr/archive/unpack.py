@@ -155,11 +155,13 @@ def _zstd_reader(source: IO[bytes]) -> Any:
 
 
 class _ZstdProcess:
-    """``zstd -dc`` fed from *source* by a thread; reads its stdout."""
+    """``zstd -dc`` fed from *source* by a thread; reads its stdout. What zstd says on
+    stderr goes into the error, not onto this process's stderr."""
 
     def __init__(self, source: IO[bytes]) -> None:
         import shutil as _shutil  # noqa: PLC0415
         import subprocess  # noqa: PLC0415
+        import tempfile  # noqa: PLC0415
         import threading  # noqa: PLC0415
 
         program = _shutil.which("zstd")
@@ -169,8 +171,10 @@ class _ZstdProcess:
                 "the zstd program is installed",
                 hint="pip install zstandard",
             )
+        # A file, not a pipe: zstd can never block on what it says.
+        self.said = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
         self.process = subprocess.Popen(
-            [program, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [program, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.said
         )
         stdin = self.process.stdin
         self.error: BaseException | None = None
@@ -200,7 +204,15 @@ class _ZstdProcess:
             self.process.stdout.close()  # type: ignore[union-attr]
             self.thread.join()
             code = self.process.wait()
-        if self.error is not None:
+            self.said.seek(0)
+            said = " ".join(self.said.read(1024).decode(errors="replace").split())
+            self.said.close()
+        # zstd that stopped on a damaged stream breaks the feeder's pipe: its exit is the
+        # cause. Any other feeder error (the source's: a frame that lies) comes first.
+        if self.error is not None and not (code != 0 and isinstance(self.error, BrokenPipeError)):
             raise self.error
         if code != 0:
-            raise ArchiveError(f"zstd failed with exit code {code} (damaged archive?)")
+            raise ArchiveError(
+                f"damaged archive: zstd failed with exit code {code}"
+                + (f" ({said[:300]})" if said else "")
+            )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from _helpers import archive_manifest, framed
 
+import envmgr.archive.unpack
 from envmgr.archive.manifest import ArchiveError, Chunk, ChunkDigestError, Manifest
 from envmgr.archive.pack import pack, scan_relocations
 from envmgr.archive.unpack import unpack
@@ -248,6 +249,24 @@ def test_a_worker_without_zstandard_reads_format_2_through_the_zstd_program(
         unpack(io.BytesIO(bytes(broken)), tmp_path / "broken", manifest)
     with pytest.raises(ArchiveError, match="longer than its manifest"):
         unpack(io.BytesIO(data + b"x"), tmp_path / "long", manifest)
+
+
+def test_a_stream_the_zstd_program_refuses_is_one_error_and_nothing_on_stderr(
+    tree, tmp_path, monkeypatch, capfd
+):
+    """A worker without zstandard, a format-1 archive whose zstd header is damaged: zstd
+    stops at once and the feeder's pipe breaks. The error is zstd's exit and its words, not
+    ``[Errno 32] Broken pipe``, and zstd prints nothing of its own."""
+    monkeypatch.setattr(envmgr.archive.unpack, "_zstandard", lambda: None)
+    data, manifest = _packed(tree, chunk_size=None)
+    broken = bytearray(data)
+    broken[1] ^= 0xFF  # the magic number
+    broken += bytes(1 << 20)  # more than a pipe holds: the feeder is still writing
+    with pytest.raises(ArchiveError) as refused:
+        unpack(io.BytesIO(bytes(broken)), tmp_path / "env", manifest)
+    assert "zstd failed with exit code" in str(refused.value), refused.value
+    assert "Broken pipe" not in str(refused.value)
+    assert capfd.readouterr().err == ""
 
 
 def test_a_format_1_env_still_hydrates(tree, tmp_path):
