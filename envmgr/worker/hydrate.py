@@ -336,9 +336,6 @@ def _from_layers(
     child: LayerProcess | None = None  # a second process for the largest layers
     with contextlib.ExitStack() as scope:
         scope.enter_context(using_layers(cache_dir, ids))  # gc leaves them alone from here
-        task = scope.enter_context(
-            _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
-        )
         # A layer this host holds comes with the manifest it was checked against; only the
         # others' are read from the store. The largest layers start first (torch's is 44% of
         # its env: started in install order, it began last and ended 1.5 s after the rest).
@@ -359,6 +356,11 @@ def _from_layers(
             if child is not None:  # ended however this hydrate ends (kill() first on errors)
                 scope.callback(child.close)
         started()
+        # After the fork: off a terminal, the CLI's progress line waits on a timer thread,
+        # and with it running the layer process would be a new interpreter (0.3 s of CPU).
+        task = scope.enter_context(
+            _tracking(progress, f"hydrate {manifest.env_id[:12]}", manifest.size)
+        )
         refs = sorted(missing, key=lambda ref: -hints[ref.layer_id]) if hints else []
         probes = list(dict.fromkeys([refs[0], refs[-1]])) if refs else []
         reads = [*probes, *(ref for ref in refs if ref not in probes)] or missing

@@ -278,6 +278,44 @@ def test_the_layer_process_ends_when_its_hydrate_is_killed(forked, tmp_path):
     assert not outlives_its_parent(code, settle=0.5), "the layer process outlived its hydrate"
 
 
+_CLI = """
+import sys
+import envmgr.worker.layer_process as lp
+from envmgr.cli import main
+
+real_fork = lp._fork
+def fork(store):
+    forked = real_fork(store)
+    print("layer process forked", file=sys.stderr, flush=True)  # main() ends with os._exit
+    return forked
+lp._fork = fork
+sys.argv = ["envmgr", *sys.argv[1:]]
+main()
+"""
+
+
+def test_envmgr_hydrate_off_a_terminal_forks_its_layer_process(mixed_lock, layered, tmp_path):
+    """``envmgr hydrate > log``: its progress line waits on a timer thread, which once made
+    every CLI hydrate start its layer process as a new interpreter (0.3 s of CPU). The
+    timer now starts after the fork."""
+    ran = subprocess.run(
+        [sys.executable, "-c", _CLI, "hydrate", mixed_lock.env_id, "--store", layered.url],
+        env={
+            **os.environ,
+            "ENVMGR_LAYER_PROCESS": "1",
+            "ENVMGR_CACHE_DIR": str(tmp_path / "host"),
+            "ENVMGR_PROGRESS_AFTER": "30",  # a timer that is still waiting at the fork
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stderr.count("layer process forked") == 1, ran.stderr[-2000:]
+    assert ran.stdout.strip().endswith("/bin/python")
+
+
 _APART = """
 import json, os, sys, threading
 from pathlib import Path
