@@ -165,7 +165,7 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
         #: step -> {"store", "spec_id", "envs": {platform: env_id}}
         self.envmgr_envs: dict[str, dict[str, Any]] = {}
         self._pythons: dict[str, str] = {}
-        self._package_file: str | None = None
+        #: Holds the envs file for the code package once written (see _write_package_file).
         self._package_dir: tempfile.TemporaryDirectory[str] | None = None
         self._datastore = ""
 
@@ -308,7 +308,6 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
             self._package_dir = tempfile.TemporaryDirectory(prefix="envmgr-package-")
         path = Path(self._package_dir.name) / _PACKAGE_FILE
         path.write_text(json.dumps(self.envmgr_envs), encoding="utf-8")
-        self._package_file = str(path)
 
     def _named_envs(self, names: dict[str, str], store_url: str, echo: Any) -> None:
         """Steps with ``name=`` run in that named env's env for their platform, as it is;
@@ -342,8 +341,9 @@ class CondaEnvironment(MetaflowEnvironment):  # type: ignore[misc]
 
     def add_to_package(self) -> list[tuple[str, str, Any]]:
         files = list(super().add_to_package())
-        if self._package_file:
-            files.append((self._package_file, _PACKAGE_FILE, ContentType.OTHER_CONTENT))
+        if self._package_dir is not None:
+            written = str(Path(self._package_dir.name) / _PACKAGE_FILE)
+            files.append((written, _PACKAGE_FILE, ContentType.OTHER_CONTENT))
             files += _bootstrap_sources()
         return files
 
