@@ -159,6 +159,7 @@ class _ZstdProcess:
     stderr goes into the error, not onto this process's stderr."""
 
     def __init__(self, source: IO[bytes]) -> None:
+        import contextlib  # noqa: PLC0415
         import shutil as _shutil  # noqa: PLC0415
         import subprocess  # noqa: PLC0415
         import tempfile  # noqa: PLC0415
@@ -186,7 +187,9 @@ class _ZstdProcess:
             except BaseException as exc:  # reported when the reader finishes
                 self.error = exc
             finally:
-                stdin.close()  # type: ignore[union-attr]
+                # zstd may have stopped already: a broken pipe here is said by its exit.
+                with contextlib.suppress(OSError):
+                    stdin.close()  # type: ignore[union-attr]
 
         self.thread = threading.Thread(target=feed, daemon=True)
         self.thread.start()
