@@ -22,6 +22,7 @@ __all__ = [
     "error_prefix",
     "fail",
     "json_asked",
+    "size_text",
     "tell",
     "warn_bad_names",
     "writing_output",
@@ -38,6 +39,14 @@ STATE = _State()
 
 def emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def size_text(size: int) -> str:
+    """*size* bytes as people read them: ``87.6 kB``, ``36.9 MB``."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def warn_bad_names(bad: Iterable[BadName]) -> None:

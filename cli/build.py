@@ -13,7 +13,7 @@ import typer
 from envmgr.build.once import BuildOptions, BuildOutcome, build_and_store, read_stored_lock
 from envmgr.cache import Store
 from envmgr.cache.names import step_envs
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, size_text
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -150,6 +150,9 @@ def _build_all(
             "platform": lock.platform,
             "status": "built",
             "size": None,
+            "uploaded": 0,
+            "layers": 0,
+            "layers_built": 0,
             "seconds": 0.0,
             "spec_id": resolved.get(lock.env_id, (lock.spec_id, False))[0],
             "lock_cached": resolved.get(lock.env_id, ("", True))[1],
@@ -158,7 +161,10 @@ def _build_all(
         done[key] = outcome
         row.update(
             status=outcome.status,
-            size=outcome.manifest.size,
+            size=outcome.size,
+            uploaded=outcome.uploaded,
+            layers=len(outcome.manifest.layers),
+            layers_built=outcome.layers_built,
             seconds=round(outcome.seconds, 3),
             link_scripts=list(outcome.manifest.link_scripts),
         )
@@ -249,8 +255,21 @@ def build(
             "present": "already in the store, uploaded nothing",
             "waited": "built by another process",
         }[str(row["status"])]
+        if row["status"] == "built" and row["layers"]:
+            state = _layers_built(row["layers_built"], row["layers"], int(row["uploaded"]))
         size = int(row["size"] or 0) / 1e6
         typer.echo(
             f"{label:<24} {row['platform']:<14} env {row['env_id'][:12]}  "
             f"{size:8.1f} MB  {state}  {row['seconds']:.2f}s"
         )
+
+
+def _layers_built(built: int, layers: int, uploaded: int) -> str:
+    """What a layered build made: its new package layers among the env's, and the bytes."""
+    if built == layers:
+        made = f"built its {layers} package layers"
+    elif built:
+        made = f"built {built} of its {layers} package layers (the rest were stored)"
+    else:
+        made = f"built on its {layers} stored package layers"
+    return f"{made}, uploaded {size_text(uploaded)}"

@@ -11,7 +11,7 @@ import typer
 
 from envmgr.build.once import build_and_store, build_missing
 from envmgr.cache.names import is_name
-from envmgr.cli._common import STATE, emit_json, fail
+from envmgr.cli._common import STATE, emit_json, fail, size_text
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -46,10 +46,12 @@ from envmgr.platforms import host_platform
 from envmgr.resolve.resolution_cache import require_locked, resolve_specs
 from envmgr.worker.env_cache import (
     COMPLETE,
+    LocalEnv,
     drop_layers,
     env_dir,
     exec_in_env,
     gc,
+    held_layers,
     list_envs,
     open_use_lock,
     parse_age,
@@ -284,10 +286,16 @@ def _host_cache() -> Path:
 
 
 def ls_command(as_json: JsonOpt = False) -> None:
-    """List the envs in this host's env cache, most recently used first."""
+    """List the envs in this host's env cache, most recently used first, each with its
+    size: its own files and the package layers it links to, which other envs may share."""
 
     cache = _host_cache()
     envs = list_envs(cache)
+    layers = held_layers(cache)
+
+    def linked(env: LocalEnv) -> int:
+        return sum(layers.get(layer, 0) for layer in env.layers)
+
     if as_json:
         emit_json(
             {
@@ -297,17 +305,28 @@ def ls_command(as_json: JsonOpt = False) -> None:
                         "env_id": e.env_id,
                         "prefix": str(e.prefix),
                         "size": e.size,
+                        "layers": len(e.layers),
+                        "layers_size": linked(e),
                         "last_used": e.last_used,
                         "steps": list(e.steps),
                     }
                     for e in envs
                 ],
+                "layers": {"count": len(layers), "size": sum(layers.values())},
             }
         )
         return
     for e in envs:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-        typer.echo(f"{e.env_id}  {e.size / 1e6:9.1f} MB  {used}  {', '.join(e.steps)}")
+        size = size_text(e.size + linked(e))
+        typer.echo(f"{e.env_id}  {size:>9}  {used}  {', '.join(e.steps)}")
+    if layers:
+        own = sum(e.size for e in envs)
+        typer.echo(
+            f"{len(envs)} envs: {size_text(own + sum(layers.values()))} on disk, "
+            f"{size_text(sum(layers.values()))} of it in {len(layers)} package layers "
+            "they share"
+        )
 
 
 def _problem(check: LayerCheck) -> str:

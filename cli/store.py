@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from envmgr.cache.lifecycle import collect, collect_layers, plan_gc, scan
-from envmgr.cli._common import STATE, emit_json, fail, warn_bad_names
+from envmgr.cli._common import STATE, emit_json, fail, size_text, warn_bad_names
 from envmgr.cli._help import TidyCommand, TidyGroup
 from envmgr.cli._inputs import JsonOpt, StoreOpt, configured_store
 from envmgr.config import load
@@ -26,13 +26,6 @@ def _contents(store: str | None) -> StoreContents:
     contents = scan(configured_store(load(flags={"store": store}), reading=True))
     warn_bad_names(contents.bad_names)
     return contents
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _when(stamp: str) -> str:
@@ -73,7 +66,7 @@ def ls_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     for env in envs:
         state = "" if env.state == "complete" else f"  [{env.state}]"
         typer.echo(
-            f"{env.env_id[:12]}  {env.platform:<14} {_size(env.size + env.layer_size):>9}  "
+            f"{env.env_id[:12]}  {env.platform:<14} {size_text(env.size + env.layer_size):>9}  "
             f"built {_when(env.created)}  used {_when(env.last_used)}  "
             f"{', '.join(env.names)}{state}".rstrip()
         )
@@ -124,15 +117,15 @@ def du_command(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
             }
         )
         return
-    typer.echo(f"{contents.url}: {_size(grand)}")
+    typer.echo(f"{contents.url}: {size_text(grand)}")
     lines = [("envs", rows["envs"]), *((f"  {p}", t) for p, t in platforms.items())]
     lines += [("named envs", rows["named"]), ("incomplete envs", rows["incomplete"])]
     lines += [("package layers", layers), ("locks", locks), ("other files", other)]
     for label, row in lines:
-        typer.echo(f"{label:<20} {row['count']:>6}  {_size(row['size']):>9}")
+        typer.echo(f"{label:<20} {row['count']:>6}  {size_text(row['size']):>9}")
     if layers["listed"] > layers["size"]:
         typer.echo(
-            f"{'':<20} {'':>6}  (the envs list {_size(layers['listed'])} of layers: "
+            f"{'':<20} {'':>6}  (the envs list {size_text(layers['listed'])} of layers: "
             f"{layers['listed'] / max(layers['size'], 1):.1f}x what is stored)"
         )
     typer.echo(f"{'names':<20} {contents.names:>6}")
@@ -202,20 +195,20 @@ def gc_command(
     verb = "would remove" if dry_run else "removed"
     for env in removed:
         typer.echo(
-            f"{verb} {env.env_id[:12]} {env.platform} ({_size(env.size)}, built "
+            f"{verb} {env.env_id[:12]} {env.platform} ({size_text(env.size)}, built "
             f"{_when(env.created)}, used {_when(env.last_used)})"
         )
     for lease in plan.stale_leases:
         typer.echo(f"{verb} the {_lease_line(lease)} of {lease.env_id[:12]}")
     if layers:
-        size = _size(sum(layer.size for layer in layers))
+        size = size_text(sum(layer.size for layer in layers))
         typer.echo(f"{verb} {len(layers)} package layers no env lists ({size})")
     reasons = [k.reason for k in plan.kept]
     kept = ", ".join(
         f"{reasons.count(r)} {r}" for r in ("named", "recent", "building") if r in reasons
     )
     typer.echo(
-        f"{'would free' if dry_run else 'freed'} {_size(freed)} in {store_obj.url}"
+        f"{'would free' if dry_run else 'freed'} {size_text(freed)} in {store_obj.url}"
         + (f"; kept {kept}" if kept else "")
     )
 

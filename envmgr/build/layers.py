@@ -60,7 +60,7 @@ from envmgr.platforms import host_platform
 from envmgr.progress import NULL, tracked
 from envmgr.worker.layers import fetch_layer_manifests
 
-__all__ = ["LAYER_FORMAT", "build_layers", "bytecode_tag", "layer_id", "layer_refs"]
+__all__ = ["LAYER_FORMAT", "LayeredBuild", "build_layers", "bytecode_tag", "layer_id", "layer_refs"]
 
 #: Bumped whenever a change of envmgr changes what a layer holds for the same inputs.
 LAYER_FORMAT = 1
@@ -135,10 +135,23 @@ def layer_refs(lock: PlatformLock, bytecode: str) -> list[tuple[LockedPackage, L
     ]
 
 
-def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> Manifest:
-    """Store every layer of *lock* that the store lacks and the env layer, then return the
-    env's format-3 manifest (the caller stores it last). *staging* is this env's build
-    prefix (the caller holds its file lock); it is removed on the way out.
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LayeredBuild:
+    """What :func:`build_layers` stored: the env's manifest and what it cost."""
+
+    manifest: Manifest
+    #: Bytes of the package layers the env lists (what a host holding none downloads,
+    #: besides the env layer).
+    layer_bytes: int
+    #: Package layers this builder built and uploaded, and their bytes with the env layer's.
+    built: int
+    uploaded: int
+
+
+def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> LayeredBuild:
+    """Store every layer of *lock* that the store lacks and the env layer; the env's
+    format-3 manifest (the caller stores it last) and what was uploaded. *staging* is this
+    env's build prefix (the caller holds its file lock); it is removed on the way out.
 
     Raises ``BuildError``, ``ArchiveError`` (a stored layer manifest that lies) or a store
     error."""
@@ -146,9 +159,15 @@ def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> Ma
     tag = bytecode_tag(lock, options)
     pairs = layer_refs(lock, tag)
     known = fetch_layer_manifests(store, [ref for _pkg, ref in pairs])
-    _ensure_layers(lock, options, pairs, known, staging)
+    built = _ensure_layers(lock, options, pairs, known, staging)
     layers = {layer: manifest for layer, manifest in known.items() if manifest is not None}
-    return _store_env_layer(lock, options, pairs, layers, staging)
+    manifest = _store_env_layer(lock, options, pairs, layers, staging)
+    return LayeredBuild(
+        manifest=manifest,
+        layer_bytes=sum(layers[ref.layer_id].size for _p, ref in pairs),
+        built=len(built),
+        uploaded=manifest.size + sum(layer.size for layer in built.values()),
+    )
 
 
 def _ensure_layers(
@@ -157,11 +176,13 @@ def _ensure_layers(
     pairs: list[tuple[LockedPackage, LayerRef]],
     known: dict[str, Manifest | None],
     staging: Path,
-) -> None:
+) -> dict[str, Manifest]:
     """Fill *known* until every layer is in the store: build those whose lease this builder
-    takes, wait for those another builder holds (taking over a lease nobody renews)."""
+    takes, wait for those another builder holds (taking over a lease nobody renews). Returns
+    the manifests of the layers built here, by layer id."""
     store = options.store
     holder = options.holder or new_holder()
+    built: dict[str, Manifest] = {}
     watches: dict[str, LeaseWatch] = {}
     deadline = time.monotonic() + options.wait_timeout
     delay = options.poll_seconds
@@ -185,7 +206,9 @@ def _ensure_layers(
                 known.update(fetch_layer_manifests(store, [r for _p, r in mine]))
                 todo = [(p, r) for p, r in mine if known[r.layer_id] is None]
                 if todo:
-                    known.update(_build_batch(lock, options, todo, staging))
+                    made = _build_batch(lock, options, todo, staging)
+                    built.update(made)
+                    known.update(made)
             continue
         if time.monotonic() > deadline:
             raise BuildError(
@@ -208,6 +231,7 @@ def _ensure_layers(
         time.sleep(delay)
         delay = min(delay * 1.5, 10.0, max(options.lease_seconds / 6, 0.05))
         known.update(fetch_layer_manifests(store, [r for _p, r in missing]))
+    return built
 
 
 def _install(

@@ -57,6 +57,7 @@ from envmgr.locks.lock import (
 from envmgr.progress import Progress, tracked
 from envmgr.worker.env_cache import pack_dir_prefix, sweep_dead_pack_dirs
 from envmgr.worker.hydrate import BuildMissing
+from envmgr.worker.layers import fetch_layer_manifests
 
 if TYPE_CHECKING:
     from envmgr.build.prefix import Prefix, conda_records, create_prefix
@@ -98,6 +99,13 @@ class BuildOutcome:
     status: Literal["built", "present", "waited"]
     manifest: Manifest
     seconds: float
+    #: Bytes a host holding nothing of the env downloads: its archive, or (format 3) its env
+    #: layer and every package layer it lists.
+    size: int = 0
+    #: Archive bytes this call put into the store (0 unless built), and (format 3) the
+    #: package layers it built of the env's ``len(manifest.layers)``.
+    uploaded: int = 0
+    layers_built: int = 0
 
 
 def build_prefix(env_id: str, root: str | None = None) -> Path:
@@ -264,15 +272,22 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
     store = options.store
     holder = options.holder or new_holder()
 
-    def done(status: Literal["built", "present", "waited"], manifest: Manifest) -> BuildOutcome:
-        if status == "present":
-            record_use(store, lock.platform, lock.env_id)  # asked for again: keep it in gc
+    def done(
+        status: Literal["built", "present", "waited"], made: _Built | Manifest
+    ) -> BuildOutcome:
+        if isinstance(made, Manifest):
+            if status == "present":
+                record_use(store, lock.platform, lock.env_id)  # asked for again: keep it in gc
+            made = _Built(manifest=made, layer_bytes=_layer_bytes(store, made))
         return BuildOutcome(
             env_id=lock.env_id,
             platform=lock.platform,
             status=status,
-            manifest=manifest,
+            manifest=made.manifest,
             seconds=time.monotonic() - start,
+            size=made.manifest.size + made.layer_bytes,
+            uploaded=made.uploaded,
+            layers_built=made.built,
         )
 
     watch = LeaseWatch(options.lease_seconds)
@@ -295,7 +310,26 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
             return done("built", _build(lock, options))
 
 
-def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Built:
+    """An env's manifest, its package layers' bytes, and what this builder uploaded of it."""
+
+    manifest: Manifest
+    layer_bytes: int = 0
+    built: int = 0
+    uploaded: int = 0
+
+
+def _layer_bytes(store: Store, manifest: Manifest) -> int:
+    """Bytes of the package layers *manifest* lists (0 for one archive), from their
+    manifests in the store."""
+    if not manifest.layers:
+        return 0
+    found = fetch_layer_manifests(store, manifest.layers).values()
+    return sum(layer.size for layer in found if layer is not None)
+
+
+def _build(lock: PlatformLock, options: BuildOptions) -> _Built:
     prefix = build_prefix(lock.env_id)
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -310,15 +344,20 @@ def _build(lock: PlatformLock, options: BuildOptions) -> Manifest:
         return _build_in(lock, options, prefix)
 
 
-def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manifest:
+def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> _Built:
     if prefix.exists():
         shutil.rmtree(prefix)
     if options.layers and options.codec == "zst":
         from envmgr.build.layers import build_layers  # noqa: PLC0415 - builds only
 
-        manifest = build_layers(lock, options, prefix)
-        _store_lock_and_manifest(lock, options, manifest)
-        return manifest
+        layered = build_layers(lock, options, prefix)
+        _store_lock_and_manifest(lock, options, layered.manifest)
+        return _Built(
+            manifest=layered.manifest,
+            layer_bytes=layered.layer_bytes,
+            built=layered.built,
+            uploaded=layered.uploaded,
+        )
     try:
         from envmgr.archive.pack import pack  # noqa: PLC0415 - builds only
         from envmgr.build.prefix import create_prefix, tree_size  # noqa: PLC0415
@@ -366,7 +405,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Manife
                     archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
                 )
         _store_lock_and_manifest(lock, options, manifest)
-        return manifest
+        return _Built(manifest=manifest, uploaded=manifest.size)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
 

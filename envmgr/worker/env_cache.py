@@ -36,6 +36,7 @@ __all__ = [
     "env_dir",
     "exec_in_env",
     "gc",
+    "held_layers",
     "hold_for_use",
     "list_envs",
     "lock_path",
@@ -309,7 +310,7 @@ def gc(
     if not dry_run:
         sweep_dead_pack_dirs(cache_dir)
     envs = list_envs(cache_dir)
-    layers = {path.name: _size(path) for path in _layer_dirs(cache_dir)}
+    layers = held_layers(cache_dir)
     users: dict[str, int] = {}
     for env in envs:
         for layer in env.layers:
@@ -333,6 +334,11 @@ def gc(
         else:
             busy.append(env)
     return removed, busy, ([] if dry_run else gc_layers(cache_dir))
+
+
+def held_layers(cache_dir: Path) -> dict[str, int]:
+    """The bytes of each layer this host's cache holds, by layer id."""
+    return {path.name: _size(path) for path in _layer_dirs(cache_dir)}
 
 
 def _layer_dirs(cache_dir: Path) -> list[Path]:

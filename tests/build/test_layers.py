@@ -285,8 +285,13 @@ def test_adding_a_package_builds_one_layer_and_the_host_links_the_rest(
     rest, read-only; ``gc`` keeps a layer while an env links to it."""
     small, more = locks["small"], locks["more"]
     options = BuildOptions(store=any_store, cache_dir=tmp_path / "build-cache")
-    build_and_store(small, options)
+    first_build = build_and_store(small, options)
     before = set(any_store.list(""))
+    sizes = {entry.key: entry.size for entry in any_store.entries("")}
+    archives = [key for key in sizes if key.endswith(".tar.zst")]
+    # What it cost: every archive it stored; what a host holding nothing downloads: the same.
+    assert (first_build.layers_built, len(first_build.manifest.layers)) == (4, 4)
+    assert first_build.uploaded == first_build.size == sum(sizes[key] for key in archives)
     installs = []
     real = envmgr.build.layers.create_prefix
 
@@ -298,6 +303,11 @@ def test_adding_a_package_builds_one_layer_and_the_host_links_the_rest(
     built = build_and_store(more, options)
     [colorama] = [ref for ref in built.manifest.layers if "colorama" in ref.package]
     assert installs == [["colorama"], []]  # its layer; the env layer's own install
+    assert built.layers_built == 1
+    assert built.uploaded == any_store.size(layer_archive_key(colorama.layer_id)) + (
+        any_store.size(archive_key("linux-64", more.env_id))
+    )
+    assert built.size == first_build.size - first_build.manifest.size + built.uploaded
     assert set(any_store.list("")) - before == {
         layer_archive_key(colorama.layer_id),
         layer_manifest_key(colorama.layer_id),
@@ -305,6 +315,9 @@ def test_adding_a_package_builds_one_layer_and_the_host_links_the_rest(
         f"envs/linux-64/{more.env_id}/conda-lock.yml",
         manifest_key("linux-64", more.env_id),
     }
+    again = build_and_store(more, options)
+    assert (again.status, again.uploaded, again.layers_built) == ("present", 0, 0)
+    assert again.size == built.size
 
     cache = tmp_path / "host"
     first = hydrate(small.env_id, any_store, cache, platform="linux-64")

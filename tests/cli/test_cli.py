@@ -68,11 +68,21 @@ def test_resolve_build_hydrate_ls_gc_json(world):
     assert again["envs"][0] == {**resolved["envs"][0], "cached": True, "seconds": ANY_FLOAT}
     built = shaped("build", invoke("build", *spec, "--json").stdout)
     assert built["envs"][0]["status"] == "built" and built["envs"][0]["lock_cached"] is True
+    # Its package layers, all new here: what it uploaded is what a host downloads.
+    row = built["envs"][0]
+    assert row["layers_built"] == row["layers"] >= 3 and row["uploaded"] == row["size"] > 1e6
     hydrated = shaped("hydrate", sub("hydrate", env_id, "--json", env=world).stdout)
     assert hydrated["downloaded"] is True and Path(hydrated["python"]).is_file()
     assert shaped("hydrate", invoke("hydrate", env_id, "--json").stdout)["downloaded"] is False
     listed = shaped("ls", invoke("ls", "--json").stdout)
     assert [e["env_id"] for e in listed["envs"]] == [env_id]
+    # Its files are nearly all links into its layers; the table adds the two.
+    [mine] = listed["envs"]
+    assert mine["layers"] == row["layers"] == listed["layers"]["count"]
+    assert mine["layers_size"] == listed["layers"]["size"] > 20 * mine["size"]
+    table = invoke("ls").stdout
+    assert f"{(mine['size'] + mine['layers_size']) / 1e6:.1f} MB" in table, table
+    assert f"in {row['layers']} package layers they share" in table, table
     assert shaped("ls", sub("ls", "--json", env=world).stdout) == listed
     dry = shaped("gc", sub("gc", "--max-size", "1K", "--dry-run", "--json", env=world).stdout)
     assert dry["removed"] == [env_id] and dry["freed"] > 0
