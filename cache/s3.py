@@ -35,6 +35,7 @@ from envmgr.cache.s3_errors import (
     transient,
 )
 from envmgr.cache.store import RECORD_BYTES, Entry, StoreError, check_key, too_large
+from envmgr.knobs import env_int
 
 __all__ = ["S3Store"]
 
@@ -82,6 +83,7 @@ class S3Store:
         self._own_client = client is not None
         self._endpoint = endpoint_url
         self._session: Any = None
+        retries(), _parts()  # their variables checked now: a bad value is a clear error
 
     @property
     def url(self) -> str:
@@ -368,12 +370,10 @@ class S3Store:
 
 
 def _parts() -> int:
-    """``ENVMGR_S3_PARTS``: parallel ranged GETs per reader (0, the default: one stream, which
-    on loopback was faster than 8 parts with half the CPU)."""
-    try:
-        return max(0, int(os.environ.get("ENVMGR_S3_PARTS", "0")))
-    except ValueError:
-        return 0
+    """``ENVMGR_S3_PARTS``: parallel ranged GETs per reader, 0 to 64 (0, the default: one
+    stream, or what the caller asks for; on loopback one stream was faster than 8 parts with
+    half the CPU)."""
+    return env_int("ENVMGR_S3_PARTS", 0, low=0, high=64)
 
 
 class _RangedReader(io.RawIOBase):

@@ -10,10 +10,10 @@ only: the worker's S3 store imports it.
 
 from __future__ import annotations
 
-import os
 import time
 
 from envmgr.cache.store import StoreError
+from envmgr.knobs import env_int
 
 __all__ = [
     "ShortReadError",
@@ -123,8 +123,7 @@ def back_off(attempt: int) -> None:
 
 
 def retries() -> int:
-    """``ENVMGR_S3_RETRIES``: further tries of a read or HEAD that broke (default 5)."""
-    try:
-        return max(0, int(os.environ.get("ENVMGR_S3_RETRIES", "5")))
-    except ValueError:
-        return 5
+    """``ENVMGR_S3_RETRIES``: further tries of a read or HEAD that broke, 0 to 100 (default
+    5). :class:`~envmgr.cache.s3.S3Store` reads it when made, so a bad value stops a command
+    at its start, not at its first broken read."""
+    return env_int("ENVMGR_S3_RETRIES", 5, low=0, high=100)

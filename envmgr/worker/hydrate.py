@@ -49,6 +49,7 @@ from envmgr.cache.store import Store, StoreError
 from envmgr.cache.usage import record_use
 from envmgr.fs import file_lock
 from envmgr.ids import EnvId, check_under, parse_env_id, parse_platform
+from envmgr.knobs import env_choice
 from envmgr.platforms import host_platform
 from envmgr.progress import Progress, tracked
 from envmgr.worker.assembly import Assembly
@@ -61,7 +62,7 @@ from envmgr.worker.env_cache import (
     lock_path,
     touch,
 )
-from envmgr.worker.layer_process import LayerJob, LayerProcess, wanted
+from envmgr.worker.layer_process import LayerJob, LayerProcess, process_mode, wanted
 from envmgr.worker.layers import (
     LayerLookups,
     held_layer,
@@ -135,6 +136,8 @@ def hydrate(
     cannot run it (no GPU, or too old), unless ``ENVMGR_ALLOW_CPU=1``.
 
     Raises ``BadIdError`` (before touching anything) when *env_id* or *platform* is not one,
+    ``SettingError`` (before reading or writing anything, unless the env is here) when a
+    variable that tunes the fetch holds a value it does not take,
     ``HydrateError`` (no archive and no lock, relocation impossible, a manifest of another
     env), ``HashMismatchError``, ``ArchiveError`` (unsafe archive) or ``StoreError``.
     """
@@ -148,6 +151,10 @@ def hydrate(
         return Hydrated(
             prefix=final, env_id=env_id, downloaded=False, seconds=time.monotonic() - start
         )
+    # What tunes the fetch is checked before anything is read or written, not halfway.
+    if link is None:
+        link = env_choice("ENVMGR_LINK", ("hardlink", "copy"), "hardlink") == "hardlink"
+    layer_streams(), process_mode()
     _check_writable(cache_dir, lock_path(cache_dir, env_id))
     with file_lock(lock_path(cache_dir, env_id)):
         if (final / COMPLETE).is_file():  # published while we waited for the lock
@@ -166,8 +173,6 @@ def hydrate(
             ) from None
         if check_gpu:
             _check_gpu(manifest, env_id)
-        if link is None:
-            link = os.environ.get("ENVMGR_LINK", "hardlink") != "copy"
         # A cold start here: `store gc` keeps used envs. The marker goes up while the env
         # comes down (written after the publish, it was one more round trip per cold start),
         # its thread started once the layer process is forked (a fork wants no threads).

@@ -47,6 +47,7 @@ from envmgr.cache.local import LocalStore
 from envmgr.cache.s3 import S3Store
 from envmgr.cache.store import Store
 from envmgr.errors import EnvmgrError
+from envmgr.knobs import env_choice
 from envmgr.progress import NullTask, Task
 from envmgr.worker import assembly
 from envmgr.worker.assembly import (
@@ -59,7 +60,7 @@ from envmgr.worker.assembly import (
 )
 from envmgr.worker.download import download
 
-__all__ = ["LayerJob", "LayerProcess", "Placed", "wanted"]
+__all__ = ["LayerJob", "LayerProcess", "Placed", "process_mode", "wanted"]
 
 #: Missing layers holding at least this many installed bytes start a child
 #: (``ENVMGR_LAYER_PROCESS``: ``0`` never, ``1`` for any missing layer). Started as a new
@@ -77,11 +78,17 @@ _CHILD = (
 )
 
 
+def process_mode() -> str:
+    """``ENVMGR_LAYER_PROCESS``: ``0`` (never a child), ``1`` (for any missing layer) or
+    ``auto`` (the default); raises ``SettingError`` for anything else."""
+    return env_choice("ENVMGR_LAYER_PROCESS", ("0", "1", "auto"), "auto")
+
+
 def wanted(missing: int, installed: int) -> bool:
     """Whether a hydrate with *missing* layers to fetch, which install *installed* bytes
     (0: not known), should start a child: never on one core, nor where
     ``ENVMGR_LAYER_PROCESS=0``."""
-    setting = os.environ.get("ENVMGR_LAYER_PROCESS", "")
+    setting = process_mode()
     if setting == "0" or workers() < 2 or not missing:
         return False
     return setting == "1" or installed >= _PROCESS_BYTES

@@ -714,7 +714,7 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         for ref in manifest.layers
     }
     assert ranged == {k: min(4, s >> 20) for k, s in sizes.items() if s >= 2 << 20} != {}
-    assert at_once == [False]
+    assert at_once[-1] is False  # the last ask is the pool's (the first checks the setting)
     ran = subprocess.run([hydrated.python, "-c", "import tabulate"], capture_output=True)
     assert ran.returncode == 0, ran.stderr
 
@@ -725,7 +725,7 @@ def test_a_large_layer_comes_down_over_ranged_streams(
         far = envmgr.cache.s3.S3Store(url, client=s3_server.client(proxy.url))
         hydrate(lock.env_id, far, tmp_path / "far-host", platform="linux-64")
     assert ranged == {k: min(8, s >> 19) for k, s in sizes.items() if s >= 1 << 20} != {}
-    assert at_once == [False, True]
+    assert at_once[-1] is True
     assert real_streams(True) == min(8, 4 * real_streams(False))
 
 
