@@ -465,6 +465,7 @@ def gc_command(
             typer.echo(f"kept {e.env_id}: in use by a running command")
         if layers:
             typer.echo(
-                f"removed {len(layers)} package layers no env links to "
-                f"({sum(size for _layer, size in layers) / 1e6:.1f} MB)"
+                f"{verb} {len(layers)} package layers no env "
+                f"{'would link' if dry_run else 'links'} to "
+                f"({size_text(sum(size for _layer, size in layers))})"
             )

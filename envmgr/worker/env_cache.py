@@ -306,7 +306,8 @@ def gc(
     """Remove envs unused for *older_than* seconds, then least recently used ones until the
     total (envs' own files and the layers) is at most *max_size*, then the layers no
     remaining env links to, and the temp dirs of killed builders. Returns (envs removed,
-    envs kept because in use, layers removed with their bytes); a dry run lists no layers."""
+    envs kept because in use, layers removed with their bytes); a dry run removes nothing
+    and returns what it would remove (a layer a hydrate is assembling from is kept then)."""
     if not dry_run:
         sweep_dead_pack_dirs(cache_dir)
     envs = list_envs(cache_dir)
@@ -333,7 +334,9 @@ def gc(
                     total -= layers.get(layer, 0)
         else:
             busy.append(env)
-    return removed, busy, ([] if dry_run else gc_layers(cache_dir))
+    if dry_run:
+        return removed, busy, sorted((k, v) for k, v in layers.items() if not users.get(k))
+    return removed, busy, gc_layers(cache_dir)
 
 
 def held_layers(cache_dir: Path) -> dict[str, int]:

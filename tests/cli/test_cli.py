@@ -85,7 +85,10 @@ def test_resolve_build_hydrate_ls_gc_json(world):
     assert f"in {row['layers']} package layers they share" in table, table
     assert shaped("ls", sub("ls", "--json", env=world).stdout) == listed
     dry = shaped("gc", sub("gc", "--max-size", "1K", "--dry-run", "--json", env=world).stdout)
-    assert dry["removed"] == [env_id] and dry["freed"] > 0
+    assert dry["removed"] == [env_id] and len(dry["removed_layers"]) == mine["layers"]
+    assert dry["freed"] == mine["size"] + mine["layers_size"]  # what the dry run would free
+    told = sub("gc", "--max-size", "1K", "--dry-run", env=world).stdout
+    assert f"would remove {mine['layers']} package layers no env would link to" in told, told
     assert shaped("gc", invoke("gc", "--older-than", "1d", "--json").stdout)["removed"] == []
 
 
