@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from boto3.s3.transfer import TransferConfig
@@ -48,3 +52,40 @@ def test_conditional_put_rejects_the_second_writer(s3_server: RunningS3, s3_buck
 def test_buckets_are_fresh_per_test(s3_server: RunningS3, s3_bucket: str):
     listing = s3_server.client().list_objects_v2(Bucket=s3_bucket)
     assert listing.get("KeyCount", 0) == 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_killed_session_leaves_no_server_running(tmp_path):
+    """A test session killed outright never stops its servers: each launcher stops, with its
+    weed, once the process that started it is gone."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from fixtures.s3_server import launch\n"
+        "with launch(Path(sys.argv[1])) as s3:\n"
+        "    print(s3.process.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    session = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "s3")],
+        stdout=subprocess.PIPE, text=True, cwd=root,
+    )  # fmt: skip
+    assert session.stdout is not None
+    launcher = int(session.stdout.readline())
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    assert len(children) == 1  # weed
+    session.kill()
+    session.wait()
+    session.stdout.close()
+    deadline = time.monotonic() + 15
+    while (_alive(launcher) or _alive(int(children[0]))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(launcher) and not _alive(int(children[0]))
