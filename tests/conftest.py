@@ -36,6 +36,36 @@ class CondaChannel:
         return self.path.as_uri()
 
 
+#: The modules that take a worker a minute or more, by their paths under ``tests/``: they run
+#: first. pytest-xdist hands out whole modules (``--dist loadscope``, so each module fixture is
+#: made once) in collection order, and one of these collected last left the other worker idle
+#: for up to a minute at the end.
+_LONGEST_FIRST = (
+    "e2e/test_cross.py",
+    "build/test_layers.py",
+    "e2e/test_metaflow.py",
+    "cli/test_cli.py",
+    "build/test_build.py",
+    "e2e/test_faults.py",
+    "worker/test_hydrate.py",
+    "worker/test_layer_process.py",
+    "test_readme.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    here = Path(__file__).parent
+
+    def module_rank(item: pytest.Item) -> int:
+        try:
+            return rank.get(item.path.relative_to(here).as_posix(), len(rank))
+        except ValueError:
+            return len(rank)
+
+    items.sort(key=module_rank)  # stable: the rest keep their order
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Compile the code under test once, as an installed package has it compiled.
 
