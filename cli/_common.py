@@ -22,6 +22,7 @@ __all__ = [
     "error_prefix",
     "fail",
     "json_asked",
+    "layers_built_text",
     "size_text",
     "tell",
     "warn_bad_names",
@@ -47,6 +48,17 @@ def size_text(size: int) -> str:
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} B"
+
+
+def layers_built_text(built: int, layers: int, uploaded: int) -> str:
+    """What a layered build made: its new package layers among the env's, and the bytes."""
+    if built == layers:
+        made = f"built its {layers} package layers"
+    elif built:
+        made = f"built {built} of its {layers} package layers (the rest were stored)"
+    else:
+        made = f"built on its {layers} stored package layers"
+    return f"{made}, uploaded {size_text(uploaded)}"
 
 
 def warn_bad_names(bad: Iterable[BadName]) -> None:

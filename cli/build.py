@@ -13,7 +13,7 @@ import typer
 from envmgr.build.once import BuildOptions, BuildOutcome, build_and_store, read_stored_lock
 from envmgr.cache import Store
 from envmgr.cache.names import step_envs
-from envmgr.cli._common import STATE, emit_json, fail, size_text
+from envmgr.cli._common import STATE, emit_json, fail, layers_built_text
 from envmgr.cli._inputs import (
     ChannelOpt,
     CondaSpecs,
@@ -256,20 +256,9 @@ def build(
             "waited": "built by another process",
         }[str(row["status"])]
         if row["status"] == "built" and row["layers"]:
-            state = _layers_built(row["layers_built"], row["layers"], int(row["uploaded"]))
+            state = layers_built_text(row["layers_built"], row["layers"], int(row["uploaded"]))
         size = int(row["size"] or 0) / 1e6
         typer.echo(
             f"{label:<24} {row['platform']:<14} env {row['env_id'][:12]}  "
             f"{size:8.1f} MB  {state}  {row['seconds']:.2f}s"
         )
-
-
-def _layers_built(built: int, layers: int, uploaded: int) -> str:
-    """What a layered build made: its new package layers among the env's, and the bytes."""
-    if built == layers:
-        made = f"built its {layers} package layers"
-    elif built:
-        made = f"built {built} of its {layers} package layers (the rest were stored)"
-    else:
-        made = f"built on its {layers} stored package layers"
-    return f"{made}, uploaded {size_text(uploaded)}"

@@ -153,6 +153,9 @@ def test_second_run_solves_and_builds_nothing(runs):
     assert len(lines) == 4
     assert all("(cached lock, stored already)" in line for line in lines), lines
     assert any("solved, built" in line for line in first.splitlines())
+    # Layered: each line says how many of its package layers the run built and the bytes.
+    layered = re.compile(r"\(solved, built (its \d+|\d+ of its \d+|on its \d+ stored) package ")
+    assert all(layered.search(line) for line in first.splitlines() if "solved, built" in line)
 
 
 _ENVIRONMENT = """

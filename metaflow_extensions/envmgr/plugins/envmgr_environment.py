@@ -74,12 +74,9 @@ def built_line(row: dict[str, Any]) -> str:
         "waited": "built by another process",
     }[row["status"]]
     if row["status"] == "built" and row.get("layers"):
-        from envmgr.cli._common import size_text
+        from envmgr.cli._common import layers_built_text
 
-        state = (
-            f"built {row['layers_built']} of its {row['layers']} package layers, "
-            f"uploaded {size_text(int(row['uploaded']))}"
-        )
+        state = layers_built_text(row["layers_built"], row["layers"], int(row["uploaded"]))
     lock_state = "cached lock" if row["lock_cached"] else "solved"
     return (
         f"envmgr: {', '.join(row['steps'])}: {row['platform']} env "
