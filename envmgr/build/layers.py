@@ -39,7 +39,7 @@ from envmgr import __version__
 from envmgr.archive.manifest import LayerRef, Manifest
 from envmgr.archive.pack import pack
 from envmgr.build.bytecode import bytecode_python, python_xy
-from envmgr.build.options import BuildOptions
+from envmgr.build.options import BuildOptions, Stored
 from envmgr.build.owners import Owners, find_owners, package_key
 from envmgr.build.placeholder import PLACEHOLDER
 from envmgr.build.prefix import create_prefix, tree_size
@@ -60,7 +60,7 @@ from envmgr.platforms import host_platform
 from envmgr.progress import NULL, tracked
 from envmgr.worker.layers import fetch_layer_manifests
 
-__all__ = ["LAYER_FORMAT", "LayeredBuild", "build_layers", "bytecode_tag", "layer_id", "layer_refs"]
+__all__ = ["LAYER_FORMAT", "build_layers", "bytecode_tag", "layer_id", "layer_refs"]
 
 #: Bumped whenever a change of envmgr changes what a layer holds for the same inputs.
 LAYER_FORMAT = 1
@@ -135,20 +135,7 @@ def layer_refs(lock: PlatformLock, bytecode: str) -> list[tuple[LockedPackage, L
     ]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class LayeredBuild:
-    """What :func:`build_layers` stored: the env's manifest and what it cost."""
-
-    manifest: Manifest
-    #: Bytes of the package layers the env lists (what a host holding none downloads,
-    #: besides the env layer).
-    layer_bytes: int
-    #: Package layers this builder built and uploaded, and their bytes with the env layer's.
-    built: int
-    uploaded: int
-
-
-def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> LayeredBuild:
+def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> Stored:
     """Store every layer of *lock* that the store lacks and the env layer; the env's
     format-3 manifest (the caller stores it last) and what was uploaded. *staging* is this
     env's build prefix (the caller holds its file lock); it is removed on the way out.
@@ -162,7 +149,7 @@ def build_layers(lock: PlatformLock, options: BuildOptions, staging: Path) -> La
     built = _ensure_layers(lock, options, pairs, known, staging)
     layers = {layer: manifest for layer, manifest in known.items() if manifest is not None}
     manifest = _store_env_layer(lock, options, pairs, layers, staging)
-    return LayeredBuild(
+    return Stored(
         manifest=manifest,
         layer_bytes=sum(layers[ref.layer_id].size for _p, ref in pairs),
         built=len(built),

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from envmgr import __version__
 from envmgr.archive.manifest import Manifest
-from envmgr.build.options import BuildOptions
+from envmgr.build.options import BuildOptions, Stored
 from envmgr.build.placeholder import BUILD_PREFIX_LENGTH
 from envmgr.cache import Store, StoreError
 from envmgr.cache.layout import archive_key, env_lock_key, lease_key, manifest_key
@@ -273,12 +273,12 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
     holder = options.holder or new_holder()
 
     def done(
-        status: Literal["built", "present", "waited"], made: _Built | Manifest
+        status: Literal["built", "present", "waited"], made: Stored | Manifest
     ) -> BuildOutcome:
         if isinstance(made, Manifest):
             if status == "present":
                 record_use(store, lock.platform, lock.env_id)  # asked for again: keep it in gc
-            made = _Built(manifest=made, layer_bytes=_layer_bytes(store, made))
+            made = Stored(manifest=made, layer_bytes=_layer_bytes(store, made))
         return BuildOutcome(
             env_id=lock.env_id,
             platform=lock.platform,
@@ -310,16 +310,6 @@ def build_and_store(lock: PlatformLock, options: BuildOptions) -> BuildOutcome:
             return done("built", _build(lock, options))
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Built:
-    """An env's manifest, its package layers' bytes, and what this builder uploaded of it."""
-
-    manifest: Manifest
-    layer_bytes: int = 0
-    built: int = 0
-    uploaded: int = 0
-
-
 def _layer_bytes(store: Store, manifest: Manifest) -> int:
     """Bytes of the package layers *manifest* lists (0 for one archive), from their
     manifests in the store."""
@@ -329,7 +319,7 @@ def _layer_bytes(store: Store, manifest: Manifest) -> int:
     return sum(layer.size for layer in found if layer is not None)
 
 
-def _build(lock: PlatformLock, options: BuildOptions) -> _Built:
+def _build(lock: PlatformLock, options: BuildOptions) -> Stored:
     prefix = build_prefix(lock.env_id)
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -344,20 +334,15 @@ def _build(lock: PlatformLock, options: BuildOptions) -> _Built:
         return _build_in(lock, options, prefix)
 
 
-def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> _Built:
+def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> Stored:
     if prefix.exists():
         shutil.rmtree(prefix)
     if options.layers and options.codec == "zst":
         from envmgr.build.layers import build_layers  # noqa: PLC0415 - builds only
 
-        layered = build_layers(lock, options, prefix)
-        _store_lock_and_manifest(lock, options, layered.manifest)
-        return _Built(
-            manifest=layered.manifest,
-            layer_bytes=layered.layer_bytes,
-            built=layered.built,
-            uploaded=layered.uploaded,
-        )
+        stored = build_layers(lock, options, prefix)
+        _store_lock_and_manifest(lock, options, stored.manifest)
+        return stored
     try:
         from envmgr.archive.pack import pack  # noqa: PLC0415 - builds only
         from envmgr.build.prefix import create_prefix, tree_size  # noqa: PLC0415
@@ -405,7 +390,7 @@ def _build_in(lock: PlatformLock, options: BuildOptions, prefix: Path) -> _Built
                     archive_key(lock.platform, lock.env_id, options.codec), archive, task.advance
                 )
         _store_lock_and_manifest(lock, options, manifest)
-        return _Built(manifest=manifest, uploaded=manifest.size)
+        return Stored(manifest=manifest, uploaded=manifest.size)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
 

@@ -1,7 +1,8 @@
-"""How to build: the one options object that travels from the CLI through the builder.
+"""How to build: the one options object that travels from the CLI through the builder, and
+what a build stored.
 
 Apart from :mod:`envmgr.build.once` so that the stages it calls (:mod:`envmgr.build.layers`)
-take it without importing the module that calls them.
+take and return them without importing the module that calls them.
 """
 
 from __future__ import annotations
@@ -10,14 +11,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envmgr.archive.manifest import Codec
+from envmgr.archive.manifest import Codec, Manifest
 from envmgr.build.bytecode import BytecodeSource
 from envmgr.cache import Store
 from envmgr.cache.lease import LEASE_SECONDS
 from envmgr.platforms import Platform
 from envmgr.progress import NULL, Progress
 
-__all__ = ["BuildOptions"]
+__all__ = ["BuildOptions", "Stored"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stored:
+    """What a build stored: the env's manifest, the bytes of the package layers it lists
+    (what a host holding none of them downloads besides the env's own archive), and what
+    this builder made of it: package layers built, archive bytes uploaded."""
+
+    manifest: Manifest
+    layer_bytes: int = 0
+    built: int = 0
+    uploaded: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
