@@ -60,6 +60,24 @@ def locks(conda_channel, pypi_index, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def layered_store(tmp_path_factory):
+    """``layered_store(lock, tmp_path)``: a local store under *tmp_path* holding *lock*'s env
+    as layers. Built once per lock in this module, then copied (a copy, not links: tests
+    damage their store's files), for the tests whose subject is the hydrate, not the build."""
+    built: dict[str, Path] = {}
+
+    def make(lock, tmp_path) -> LocalStore:
+        if lock.env_id not in built:
+            home = tmp_path_factory.mktemp("layered")
+            build_and_store(lock, BuildOptions(store=LocalStore(home / "store"), cache_dir=home))
+            built[lock.env_id] = home / "store"
+        shutil.copytree(built[lock.env_id], tmp_path / "store")
+        return LocalStore(tmp_path / "store")
+
+    return make
+
+
 def _tree(root: Path, prefixes: tuple[str, ...]) -> dict[str, str]:
     """Every file and link below *root* as it would compare across prefixes: *root* and each
     of *prefixes* (same-length build prefixes in bytecode) replaced by a token; conda-meta's
@@ -156,12 +174,14 @@ def _helpers_started(monkeypatch) -> list:
     return started
 
 
-def test_the_link_helper_makes_the_env_the_links_made_here_make(mixed_lock, tmp_path, monkeypatch):
+def test_the_link_helper_makes_the_env_the_links_made_here_make(
+    mixed_lock, tmp_path, monkeypatch, layered_store
+):
     """The links of an env's layers are made by a helper process once there are many (here:
     from the first file on), else in this process: the same env either way, each file a
     link to its layer's copy, whether the hydrate fetched the layers or the host held them;
     a helper that dies at once, or that says it failed, leaves its links to this process."""
-    store = _layered_store(mixed_lock, tmp_path)
+    store = layered_store(mixed_lock, tmp_path)
     started = _helpers_started(monkeypatch)
     trees, counts = {}, {}
     dying = "import sys; sys.exit(3)"
@@ -208,7 +228,9 @@ def test_the_link_helper_ends_when_its_hydrate_is_killed(tmp_path):
     assert not outlives_its_parent(code), "the link helper outlived its hydrate"
 
 
-def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path, monkeypatch):
+def test_links_across_file_systems_become_copies_with_the_helper(
+    locks, tmp_path, monkeypatch, layered_store
+):
     """An env directory on another file system than the layers (a cache whose envs/ is a
     link to a tmpfs): the helper's first link fails with EXDEV, and every file is copied
     here instead."""
@@ -218,7 +240,7 @@ def test_links_across_file_systems_become_copies_with_the_helper(locks, tmp_path
     import tempfile
 
     lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
+    store = layered_store(lock, tmp_path)
     started = _helpers_started(monkeypatch)
     monkeypatch.setattr(envmgr.worker.assembly, "HELPER_FILES", 0)
     elsewhere = Path(tempfile.mkdtemp(prefix="envmgr-test-envs-", dir="/dev/shm"))
@@ -390,17 +412,11 @@ def test_concurrent_hydrates_on_one_host_fetch_each_layer_once(locks, tmp_path):
     assert len(layer_reads) == len(set(layer_reads)) == 5  # python, pip, tabulate, six, colorama
 
 
-def _layered_store(lock, tmp_path) -> LocalStore:
-    store = LocalStore(tmp_path / "store")
-    build_and_store(lock, BuildOptions(store=store, cache_dir=tmp_path / "c"))
-    return store
-
-
-def _held_small(locks, tmp_path):
+def _held_small(locks, layered_store, tmp_path):
     """The small env layered into a store and hydrated on a host: (lock, store, host cache,
     the hydrate's result, layer id by package name in install order)."""
     lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
+    store = layered_store(lock, tmp_path)
     cache = tmp_path / "host"
     first = hydrate(lock.env_id, store, cache, platform="linux-64")
     manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
@@ -408,11 +424,13 @@ def _held_small(locks, tmp_path):
     return lock, store, cache, first, layers
 
 
-def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(locks, tmp_path):
+def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stores(
+    locks, tmp_path, layered_store
+):
     """A held layer's kept manifest that is not JSON, that names another layer, or that is
     a link to ``/dev/zero`` is not trusted: that layer's manifest is read from the store (the
     layer itself is not fetched again), and the env is the same."""
-    lock, store, cache, first, layers = _held_small(locks, tmp_path)
+    lock, store, cache, first, layers = _held_small(locks, layered_store, tmp_path)
     kept = {name: cache / "layers" / layer_id / LAYER_MANIFEST for name, layer_id in layers.items()}
     before = _tree(first.prefix, ())
     kept["tabulate"].write_text("{not json")
@@ -436,13 +454,15 @@ def test_a_held_layer_whose_kept_manifest_is_damaged_is_checked_against_the_stor
     assert _tree(again.prefix, ()) == before
 
 
-def test_verify_names_a_file_written_through_a_link_and_fix_fetches_it_again(locks, tmp_path):
+def test_verify_names_a_file_written_through_a_link_and_fix_fetches_it_again(
+    locks, tmp_path, layered_store
+):
     """Root ignores read-only modes: a task that writes into its env's linked file writes
     into the layer and every env linking it. ``envmgr verify`` names the layer, the file
     and the envs, exit 1; ``--fix`` removes them (not an env in use) and the next hydrate
     has the original bytes; a file gone from a layer, one added, and a kept manifest that
     is unreadable are named too."""
-    lock, store, cache, first, layers = _held_small(locks, tmp_path)
+    lock, store, cache, first, layers = _held_small(locks, layered_store, tmp_path)
     world = {**os.environ, "ENVMGR_CACHE_DIR": str(cache)}
     clean = envmgr_here("verify", env=world)
     assert (clean.returncode, clean.stderr) == (0, ""), clean.stderr
@@ -514,12 +534,12 @@ def test_verify_names_a_file_written_through_a_link_and_fix_fetches_it_again(loc
     assert envmgr_here("verify", env=world).returncode == 0
 
 
-def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):
+def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path, layered_store):
     """A FIFO would block its reader forever: as a layer's kept manifest, that layer's
     manifest is read from the store; as a layer's COMPLETE marker, the layer is fetched
     again; as an env's layer list, `envmgr ls` and gc still list the env. The FIFOs are made
     under tmp_path, and only ever unlinked."""
-    lock, store, cache, first, layers = _held_small(locks, tmp_path)
+    lock, store, cache, first, layers = _held_small(locks, layered_store, tmp_path)
     before = _tree(first.prefix, ())
     (cache / "layers" / layers["six"] / LAYER_MANIFEST).unlink()
     os.mkfifo(cache / "layers" / layers["six"] / LAYER_MANIFEST)
@@ -535,11 +555,11 @@ def test_a_host_file_that_is_a_fifo_is_not_waited_on(locks, tmp_path):
     assert [env.layers for env in list_envs(cache)] == [tuple(layers.values())]
 
 
-def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
+def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path, layered_store):
     """A layer's manifest swapped for another package's, a layer gone, a relocation entry
     that climbs out: one clear error each, no env and no layer published."""
     lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
+    store = layered_store(lock, tmp_path)
     manifest = json.loads(store.get(manifest_key("linux-64", lock.env_id)) or b"")
     layers = {ref[1].split()[1]: ref[0] for ref in manifest["layers"]}
     python, tabulate = layers["python"], layers["tabulate"]
@@ -565,13 +585,15 @@ def test_a_store_that_lies_about_a_layer_publishes_nothing(locks, tmp_path):
     assert hydrate(lock.env_id, store, cache, platform="linux-64").layers_fetched == 4
 
 
-def test_the_largest_layer_downloads_before_the_other_manifests_are_read(locks, tmp_path):
+def test_the_largest_layer_downloads_before_the_other_manifests_are_read(
+    locks, tmp_path, layered_store
+):
     """The env manifest's package sizes say which layer is largest: its manifest is read
     (with the smallest's, whose time says whether the store is far) and its download starts
     before the other layers' manifests are read. An env manifest without package sizes (an
     older builder's) has every manifest read first, and gives the same env."""
     lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
+    store = layered_store(lock, tmp_path)
     key = manifest_key("linux-64", lock.env_id)
     manifest = json.loads(store.get(key) or b"")
     sizes = manifest["package_sizes"]
@@ -628,13 +650,13 @@ class _Trickle(io.RawIOBase):
 
 
 def test_ctrl_c_stops_a_layered_hydrate_without_finishing_its_downloads(
-    locks, tmp_path, monkeypatch
+    locks, tmp_path, monkeypatch, layered_store
 ):
     """Ctrl-C while the layers trickle in (python's alone would take half an hour): the
     hydrate stops at the downloads' next read, not when they end (before, it waited for
     them: here 20 s, when the trickle ends), and leaves no env, no layer, no temp dir."""
     lock = locks["small"]
-    store = _layered_store(lock, tmp_path)
+    store = layered_store(lock, tmp_path)
     real_open = store.open
     until = time.monotonic() + 20
 
