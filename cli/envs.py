@@ -321,11 +321,10 @@ def ls_command(as_json: JsonOpt = False) -> None:
         size = size_text(e.size + linked(e))
         typer.echo(f"{e.env_id}  {size:>9}  {used}  {', '.join(e.steps)}")
     if layers:
-        own = sum(e.size for e in envs)
+        shared = sum(layers.values())
         typer.echo(
-            f"{len(envs)} envs: {size_text(own + sum(layers.values()))} on disk, "
-            f"{size_text(sum(layers.values()))} of it in {len(layers)} package layers "
-            "they share"
+            f"{len(envs)} envs: {size_text(sum(e.size for e in envs) + shared)} on disk, "
+            f"{size_text(shared)} of it in {len(layers)} package layers they share"
         )
 
 
